@@ -1,0 +1,46 @@
+"""shmdirty: QEMU's RCU-protected dirty-page bitmap in POSIX shared memory.
+
+The public surface, named once (DESIGN.md section 3).
+"""
+
+from .dirty import (
+    DIRTY_CLIENTS_ALL,
+    DIRTY_CLIENTS_NOCODE,
+    DIRTY_MEMORY_BLOCK_SIZE,
+    DIRTY_MEMORY_CODE,
+    DIRTY_MEMORY_MIGRATION,
+    DIRTY_MEMORY_NUM,
+    DIRTY_MEMORY_VGA,
+    CoordinatorGone,
+    DirtyMemory,
+    DirtySnapshot,
+)
+from .errors import (
+    BadInput,
+    CorruptSegment,
+    GraceTimeout,
+    NoReaderSlot,
+    NotCoordinator,
+    ShmDirtyError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIRTY_CLIENTS_ALL",
+    "DIRTY_CLIENTS_NOCODE",
+    "DIRTY_MEMORY_BLOCK_SIZE",
+    "DIRTY_MEMORY_CODE",
+    "DIRTY_MEMORY_MIGRATION",
+    "DIRTY_MEMORY_NUM",
+    "DIRTY_MEMORY_VGA",
+    "BadInput",
+    "CoordinatorGone",
+    "CorruptSegment",
+    "DirtyMemory",
+    "DirtySnapshot",
+    "GraceTimeout",
+    "NoReaderSlot",
+    "NotCoordinator",
+    "ShmDirtyError",
+]

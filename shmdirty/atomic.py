@@ -1,0 +1,372 @@
+"""Hardware atomics on 64-bit words of shared buffers.
+
+This is the only module that talks to the `atomics` package.  Two backends
+give identical results:
+
+- ``fast``: patomic's compiled op table (the C functions behind every
+  `atomics` view) called as cffi function pointers, with cffi pointer
+  arithmetic for the address.  About 0.3 us per op.
+- ``public``: the package's public ``atomicview`` API, one view per op.
+  About 25 us per op; used when the internals are not the ones the fast
+  path was verified on (atomics 1.0.3), or when ``SHMDIRTY_ATOMICS=public``.
+
+A word is named by a cffi ``char *`` pointer (``Words.ptr(offset)``) so hot
+paths do their address arithmetic once.  Every function takes an explicit
+C11 memory order; callers say in a comment why they need it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import cffi
+
+# C11 memory orders, with patomic's numbering (memory_order_consume unused).
+RELAXED = 0
+ACQUIRE = 2
+RELEASE = 3
+ACQ_REL = 4
+SEQ_CST = 5
+
+_ORDERS = (RELAXED, ACQUIRE, RELEASE, ACQ_REL, SEQ_CST)
+WORD = 8
+MASK64 = (1 << 64) - 1
+VERIFIED_ATOMICS_VERSION = "1.0.3"
+
+ffi = cffi.FFI()
+
+Ptr = Any  # a cffi `char *` to an 8-byte aligned word
+
+
+class _Scratch(threading.local):
+    """Per-thread argument / result cells: cffi releases the GIL during a
+    call, so a shared cell could be overwritten by another thread."""
+
+    def __init__(self) -> None:
+        self.cell = ffi.new("uint64_t[3]")
+
+
+_scratch = _Scratch()
+
+
+class _Backend:
+    name = "abstract"
+
+    def load(self, p: Ptr, order: int) -> int:
+        raise NotImplementedError
+
+    def store(self, p: Ptr, value: int, order: int) -> None:
+        raise NotImplementedError
+
+    def exchange(self, p: Ptr, value: int, order: int) -> int:
+        raise NotImplementedError
+
+    def compare_exchange(
+        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
+    ) -> tuple[bool, int]:
+        raise NotImplementedError
+
+    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
+        raise NotImplementedError
+
+    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
+        raise NotImplementedError
+
+    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
+        raise NotImplementedError
+
+    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
+        raise NotImplementedError
+
+    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
+        raise NotImplementedError
+
+
+class _FastBackend(_Backend):
+    """patomic's op table for 8-byte words, called through cffi."""
+
+    name = "fast"
+
+    def __init__(self) -> None:
+        from atomics._impl.patomic import Patomic  # the verified internals
+
+        ops = Patomic.ops(WORD)
+
+        def fn(ctype_fp: Any, sig: str) -> Any:
+            address = ctypes.cast(ctype_fp, ctypes.c_void_p).value
+            if not address:
+                raise RuntimeError(f"patomic has no {sig} for 8-byte words")
+            return ffi.cast(sig, address)
+
+        fetch = "void(*)(void *, void *, int, void *)"
+        self._load = fn(ops.fp_load, "void(*)(void *, int, void *)")
+        self._store = fn(ops.fp_store, "void(*)(void *, void *, int)")
+        self._xchg = fn(ops.xchg_ops.fp_exchange, fetch)
+        self._cmpxchg = fn(
+            ops.xchg_ops.fp_cmpxchg_strong, "int(*)(void *, void *, void *, int, int)"
+        )
+        self._fetch_or = fn(ops.binary_ops.fp_fetch_or, fetch)
+        self._fetch_and = fn(ops.binary_ops.fp_fetch_and, fetch)
+        self._fetch_add = fn(ops.unsigned_ops.fp_fetch_add, fetch)
+        self._test_set = fn(ops.bitwise_ops.fp_test_set, "int(*)(void *, int, int)")
+        self._test_reset = fn(ops.bitwise_ops.fp_test_reset, "int(*)(void *, int, int)")
+        # The bound C functions, for hot paths that call them directly.
+        self.c_test_set = self._test_set
+        self.c_test_reset = self._test_reset
+
+    def load(self, p: Ptr, order: int) -> int:
+        c = _scratch.cell
+        self._load(p, order, c)
+        return int(c[0])
+
+    def store(self, p: Ptr, value: int, order: int) -> None:
+        c = _scratch.cell
+        c[0] = value
+        self._store(p, c, order)
+
+    def _fetch(self, f: Any, p: Ptr, value: int, order: int) -> int:
+        c = _scratch.cell
+        c[0] = value
+        f(p, c, order, c + 1)
+        return int(c[1])
+
+    def exchange(self, p: Ptr, value: int, order: int) -> int:
+        return self._fetch(self._xchg, p, value, order)
+
+    def compare_exchange(
+        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
+    ) -> tuple[bool, int]:
+        c = _scratch.cell
+        c[0] = expected
+        c[1] = desired
+        ok = self._cmpxchg(p, c, c + 1, succ, fail)
+        return bool(ok), int(c[0])
+
+    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
+        return self._fetch(self._fetch_or, p, value, order)
+
+    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
+        return self._fetch(self._fetch_and, p, value, order)
+
+    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
+        return self._fetch(self._fetch_add, p, value & MASK64, order)
+
+    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
+        return bool(self._test_set(p, bit, order))
+
+    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
+        return bool(self._test_reset(p, bit, order))
+
+
+class _PublicBackend(_Backend):
+    """The same operations through ``atomics.atomicview``, one view per op."""
+
+    name = "public"
+
+    def __init__(self) -> None:
+        import atomics
+
+        self._atomics = atomics
+        self._orders = {o: atomics.MemoryOrder(o) for o in _ORDERS}
+
+    def _view(self, p: Ptr) -> Any:
+        return self._atomics.atomicview(buffer=ffi.buffer(p, WORD), atype=self._atomics.UINT)
+
+    def load(self, p: Ptr, order: int) -> int:
+        with self._view(p) as v:
+            return int(v.load(self._orders[order]))
+
+    def store(self, p: Ptr, value: int, order: int) -> None:
+        with self._view(p) as v:
+            v.store(value, self._orders[order])
+
+    def exchange(self, p: Ptr, value: int, order: int) -> int:
+        with self._view(p) as v:
+            return int(v.exchange(value, self._orders[order]))
+
+    def compare_exchange(
+        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
+    ) -> tuple[bool, int]:
+        with self._view(p) as v:
+            r = v.cmpxchg_strong(expected, desired, self._orders[succ], self._orders[fail])
+            return bool(r.success), int(r.expected)
+
+    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
+        with self._view(p) as v:
+            return int(v.bin_fetch_or(value, self._orders[order]))
+
+    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
+        with self._view(p) as v:
+            return int(v.bin_fetch_and(value, self._orders[order]))
+
+    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
+        with self._view(p) as v:
+            return int(v.fetch_add(value & MASK64, self._orders[order]))
+
+    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
+        with self._view(p) as v:
+            return bool(v.bit_test_set(bit, self._orders[order]))
+
+    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
+        with self._view(p) as v:
+            return bool(v.bit_test_reset(bit, self._orders[order]))
+
+
+def _pick_backend() -> _Backend:
+    if os.environ.get("SHMDIRTY_ATOMICS") == "public":
+        return _PublicBackend()
+    try:
+        import atomics
+
+        version = getattr(atomics, "__version__", None)
+        if version is None:
+            from importlib.metadata import version as _v
+
+            version = _v("atomics")
+        if version != VERIFIED_ATOMICS_VERSION:
+            raise RuntimeError(f"atomics {version}, fast path verified on "
+                               f"{VERIFIED_ATOMICS_VERSION}")
+        return _FastBackend()
+    except Exception as exc:  # internals moved: stay correct, get slower
+        warnings.warn(
+            f"shmdirty: atomics fast path unavailable ({exc}); using the public "
+            "atomicview API (about 50x slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _PublicBackend()
+
+
+backend: _Backend = _pick_backend()
+
+
+def use_backend(name: str) -> _Backend:
+    """Switch this process to the ``fast`` or ``public`` backend (tests, perf)."""
+    global backend, load, store, exchange, compare_exchange
+    global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
+    if name not in ("fast", "public"):
+        raise ValueError(f"atomics backend {name!r} is not 'fast' or 'public'")
+    backend = _FastBackend() if name == "fast" else _PublicBackend()
+    _bind()
+    return backend
+
+
+def _bind() -> None:
+    global load, store, exchange, compare_exchange
+    global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
+    load = backend.load
+    store = backend.store
+    exchange = backend.exchange
+    compare_exchange = backend.compare_exchange
+    fetch_or = backend.fetch_or
+    fetch_and = backend.fetch_and
+    fetch_add = backend.fetch_add
+    bit_test_set = backend.bit_test_set
+    bit_test_reset = backend.bit_test_reset
+
+
+load: Callable[[Ptr, int], int]
+store: Callable[[Ptr, int, int], None]
+exchange: Callable[[Ptr, int, int], int]
+compare_exchange: Callable[[Ptr, int, int, int, int], tuple[bool, int]]
+fetch_or: Callable[[Ptr, int, int], int]
+fetch_and: Callable[[Ptr, int, int], int]
+fetch_add: Callable[[Ptr, int, int], int]
+bit_test_set: Callable[[Ptr, int, int], bool]
+bit_test_reset: Callable[[Ptr, int, int], bool]
+_bind()
+
+# A word no other process sees: a seq_cst read-modify-write on it is a full
+# fence (a locked instruction on x86-64, a barrier pair on AArch64).
+_fence_cell = ffi.new("uint64_t[2]")
+_fence_ptr = ffi.cast("char *", _fence_cell)
+
+
+def fence() -> None:
+    """A full memory fence (sequentially consistent)."""
+    backend.fetch_add(_fence_ptr, 0, SEQ_CST)
+
+
+class Words:
+    """The 64-bit words of one writable buffer, addressed by byte offset.
+
+    Holds a cffi reference to the buffer: call ``release()`` before the
+    buffer's owner is closed, or the close raises BufferError.
+    """
+
+    def __init__(self, buffer: Any) -> None:
+        mv = memoryview(buffer)
+        if mv.readonly:
+            raise ValueError("atomic words need a writable buffer")
+        self.size = mv.nbytes
+        mv.release()
+        self._cbuf: Any = ffi.from_buffer("char[]", buffer, True)
+        self.base: Ptr = ffi.cast("char *", self._cbuf)
+        if int(ffi.cast("uintptr_t", self.base)) % WORD:
+            self.release()
+            raise ValueError("buffer is not 8-byte aligned")
+
+    def ptr(self, offset: int) -> Ptr:
+        """A pointer to the word at ``offset``; ValueError if unaligned or outside."""
+        if self._cbuf is None:
+            raise ValueError("atomic words used after release()")
+        if not isinstance(offset, int) or offset % WORD or not 0 <= offset <= self.size - WORD:
+            raise ValueError(
+                f"word offset {offset!r} is not an 8-byte aligned offset in [0, {self.size - WORD}]"
+            )
+        return self.base + offset
+
+    # Checked conveniences: each validates the offset before touching memory.
+    def load(self, offset: int, order: int = ACQUIRE) -> int:
+        return load(self.ptr(offset), order)
+
+    def store(self, offset: int, value: int, order: int = RELEASE) -> None:
+        store(self.ptr(offset), _u64(value), order)
+
+    def exchange(self, offset: int, value: int, order: int = ACQ_REL) -> int:
+        return exchange(self.ptr(offset), _u64(value), order)
+
+    def compare_exchange(
+        self, offset: int, expected: int, desired: int,
+        succ: int = ACQ_REL, fail: int = ACQUIRE,
+    ) -> tuple[bool, int]:
+        return compare_exchange(self.ptr(offset), _u64(expected), _u64(desired), succ, fail)
+
+    def fetch_or(self, offset: int, value: int, order: int = ACQ_REL) -> int:
+        return fetch_or(self.ptr(offset), _u64(value), order)
+
+    def fetch_and(self, offset: int, value: int, order: int = ACQ_REL) -> int:
+        return fetch_and(self.ptr(offset), _u64(value), order)
+
+    def fetch_add(self, offset: int, value: int, order: int = ACQ_REL) -> int:
+        return fetch_add(self.ptr(offset), _u64(value), order)
+
+    def bit_test_set(self, offset: int, bit: int, order: int = ACQ_REL) -> bool:
+        return bit_test_set(self.ptr(offset), _bit(bit), order)
+
+    def bit_test_reset(self, offset: int, bit: int, order: int = ACQ_REL) -> bool:
+        return bit_test_reset(self.ptr(offset), _bit(bit), order)
+
+    def release(self) -> None:
+        """Drop the reference to the buffer (idempotent)."""
+        if self._cbuf is not None:
+            ffi.release(self._cbuf)
+            self._cbuf = None
+            self.base = None
+
+
+def _u64(value: int) -> int:
+    if not isinstance(value, int) or not 0 <= value <= MASK64:
+        raise ValueError(f"value {value!r} is not an unsigned 64-bit integer")
+    return value
+
+
+def _bit(bit: int) -> int:
+    if not isinstance(bit, int) or not 0 <= bit < 64:
+        raise ValueError(f"bit {bit!r} is not in [0, 63]")
+    return bit

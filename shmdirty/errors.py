@@ -1,0 +1,32 @@
+"""The exceptions shmdirty raises; each also subclasses the matching built-in."""
+
+from __future__ import annotations
+
+
+class ShmDirtyError(Exception):
+    """Base of every shmdirty error."""
+
+
+class BadInput(ShmDirtyError, ValueError):
+    """An address, length, client, mask, dtype or size outside what the map allows."""
+
+
+class NotCoordinator(ShmDirtyError, PermissionError):
+    """A coordinator-only call made by a process that is not the coordinator."""
+
+
+class NoReaderSlot(ShmDirtyError, RuntimeError):
+    """Every reader slot of the map is claimed by a live process."""
+
+
+class GraceTimeout(ShmDirtyError, TimeoutError):
+    """A grace period or a request did not complete in time."""
+
+
+class CorruptSegment(ShmDirtyError, OSError):
+    """A segment is missing, too small, of another layout version, or not ours."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"shared memory segment {name!r}: {why}")
+        self.segment = name
+        self.why = why

@@ -1,0 +1,118 @@
+"""Byte offsets of every shared word, in one place.
+
+Every segment opens with a 64-byte prefix (magic, layout version, kind,
+size).  A change to anything in this file bumps LAYOUT_VERSION; attaching to
+a segment of another version raises CorruptSegment.
+"""
+
+from __future__ import annotations
+
+LAYOUT_VERSION = 1
+MAGIC = int.from_bytes(b"SHMDIRTY", "little")
+CACHE_LINE = 64
+WORD = 8
+PREFIX = "shmdirty-"
+
+# Segment kinds.
+KIND_HEADER = 1
+KIND_TABLE = 2
+KIND_BLOCK = 3
+KIND_RAM = 4
+KIND_NAMES = {KIND_HEADER: "header", KIND_TABLE: "table", KIND_BLOCK: "block",
+              KIND_RAM: "ram"}
+
+# --- prefix, first cache line of every segment ------------------------------
+P_MAGIC = 0      # written last by the creator (release), checked on attach (acquire)
+P_VERSION = 8    # written once before the magic
+P_KIND = 16      # written once before the magic
+P_SIZE = 24      # the segment's size in bytes, written once before the magic
+P_ARG0 = 32      # kind-specific: block -> client; table -> generation
+P_ARG1 = 40      # kind-specific: block -> block id
+PREFIX_BYTES = CACHE_LINE
+
+# --- header segment ---------------------------------------------------------
+# Immutable after creation (written before the magic, plain reads are fine).
+H_PAGE_BITS = 64
+H_BLOCK_PAGES = 72
+H_TCG = 80
+H_MAX_READERS = 88
+# Each mutable word below has a cache line of its own (no false sharing).
+H_GENERATION = 128   # coordinator stores (seq_cst) after the table is complete;
+                     # every op loads it (seq_cst) after entering its section
+H_GP = 192           # grace-period counter: synchronize fetch_adds (seq_cst),
+                     # readers load it when they enter a section
+H_COORD = 256        # coordinator's owner word (pid | start << 22); adopt CASes it
+H_REQUEST = 320      # largest RAM size requested by request_extend (CAS max),
+                     # read by the coordinator's serve loop (acquire)
+H_RAM_SIZE = 384     # published RAM size: coordinator stores (release) after
+                     # the table that holds it; requesters load (acquire)
+H_NEXT_BLOCK = 448   # next unused block id: coordinator only (survives adoption)
+H_SLOTS = 512        # reader slots start here, one cache line each
+HEADER_FIXED = H_SLOTS
+
+# --- reader slot (one cache line) -------------------------------------------
+S_OWNER = 0   # 0 when free, else owner word; claimed/freed by CAS (acq_rel)
+S_CTR = 8     # 0 outside a section, else the grace-period counter the reader
+              # saw when it entered: reader stores it (seq_cst), waiters load it
+SLOT_BYTES = CACHE_LINE
+
+
+def header_size(max_readers: int) -> int:
+    return H_SLOTS + SLOT_BYTES * max_readers
+
+
+def slot_offset(slot: int) -> int:
+    return H_SLOTS + SLOT_BYTES * slot
+
+
+# --- owner word: pid and kernel start time packed so one CAS claims both ----
+PID_BITS = 22  # Linux pid_max is at most 2**22
+
+
+def owner_word(pid: int, start_ticks: int) -> int:
+    return (start_ticks << PID_BITS) | pid
+
+
+def owner_pid(word: int) -> int:
+    return word & ((1 << PID_BITS) - 1)
+
+
+def owner_start(word: int) -> int:
+    return word >> PID_BITS
+
+
+# --- table segment: immutable once its generation is published --------------
+T_RAM_SIZE = 64
+T_NUM_BLOCKS = 72
+T_NUM_RAM_BLOCKS = 80
+T_BLOCK_IDS = 128    # uint64[DIRTY_MEMORY_NUM][num_blocks], then the RAM list
+                     # as uint64 (offset, size) pairs
+
+
+def table_size(clients: int, num_blocks: int, num_ram_blocks: int) -> int:
+    return T_BLOCK_IDS + WORD * (clients * num_blocks + 2 * num_ram_blocks)
+
+
+# --- block segment: the bitmap words of one (client, block) -----------------
+B_WORDS = CACHE_LINE  # bitmap word 0 starts at the second cache line
+
+
+def block_size(block_pages: int) -> int:
+    return B_WORDS + block_pages // 8
+
+
+# --- names ------------------------------------------------------------------
+def header_name(map_name: str) -> str:
+    return f"{PREFIX}{map_name}-hdr"
+
+
+def table_name(map_name: str, generation: int) -> str:
+    return f"{PREFIX}{map_name}-t{generation}"
+
+
+def block_name(map_name: str, block_id: int) -> str:
+    return f"{PREFIX}{map_name}-b{block_id}"
+
+
+def ram_name(map_name: str, index: int) -> str:
+    return f"{PREFIX}{map_name}-ram{index}"

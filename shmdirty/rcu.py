@@ -1,0 +1,419 @@
+"""Read-copy-update across processes: reader slots and grace periods.
+
+The protocol is QEMU's util/rcu.c and liburcu's, with processes for threads
+and shared-memory words for their variables:
+
+- ``gp`` is a 64-bit grace-period counter in the header.  It starts at 1 and
+  only grows, so it never wraps and one wait per grace period suffices.
+- Every reader process claims a slot: an owner word (pid and kernel start
+  time, one CAS) and ``ctr``.  ``ctr`` is 0 outside a read-side section, and
+  otherwise the value of ``gp`` the reader saw when its section began.
+- A grace period advances ``gp`` to ``target`` and waits until every claimed
+  slot holds 0 or a value >= ``target``: every section that began before the
+  advance has ended.  Concurrent grace periods overlap freely.
+
+Why it is safe (the Dekker pair): the updater publishes (seq_cst store), then
+advances ``gp`` and loads each ``ctr`` (seq_cst); a reader stores its ``ctr``
+(seq_cst) and only then loads the published word (seq_cst).  In the single
+total order of seq_cst operations, either the updater's load sees the
+reader's store (and waits for it), or the reader's load comes after the
+publication (and the reader never sees the old object).
+
+Two flavors share everything but section entry:
+
+- ``memb``: each outermost ``read_lock`` stores ``gp`` into ``ctr``;
+  ``read_unlock`` stores 0.  Nesting is process-local.
+- ``qsbr``: an online reader is always inside a section, except at
+  ``quiescent()`` (store the current ``gp`` if it moved) and while offline.
+
+A reader that dies inside a section must not stall anyone: a waiter checks
+the owner of a slot that holds it up, and a slot whose owner is gone, a
+zombie, or a different process reusing the pid (another start time) is
+reclaimed.
+
+A Rcu object serves one process: one slot per process per map, shared by
+every handle of that map in the process.  It is not for concurrent use by
+several threads of a process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import psutil
+
+from . import atomic, layout
+from .errors import GraceTimeout, NoReaderSlot
+from .segment import Segment
+
+FLAVORS = ("memb", "qsbr")
+_SPINS = 64                # busy checks before a waiter starts sleeping
+_SLEEP_MIN = 20e-6         # first back-off sleep (s)
+_SLEEP_MAX = 2e-3          # longest back-off sleep (s)
+_LIVENESS_EVERY = 5e-3     # how often a waiter checks owners of blocking slots (s)
+
+
+# --- process identity --------------------------------------------------------
+def start_ticks(pid: int) -> int | None:
+    """The kernel start time of ``pid`` in clock ticks since boot, or None.
+
+    Unlike psutil's create_time(), it does not move when the wall clock is
+    stepped, so it identifies a process exactly.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[19])  # field 22 of the whole line
+
+
+_me: tuple[int, int] | None = None
+
+
+def my_owner_word() -> int:
+    """The owner word of this process: its pid and start time, packed."""
+    global _me
+    pid = os.getpid()
+    if _me is None or _me[0] != pid:
+        ticks = start_ticks(pid)
+        assert ticks is not None
+        _me = (pid, layout.owner_word(pid, ticks))
+    return _me[1]
+
+
+def owner_alive(word: int) -> bool:
+    """Is the process recorded in an owner word still the same live process?"""
+    pid = layout.owner_pid(word)
+    if start_ticks(pid) != layout.owner_start(word):
+        return False  # gone, or the pid now belongs to another process
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+class ReaderInfo(NamedTuple):
+    slot: int
+    pid: int
+    alive: bool
+    epoch: int  # the slot's ctr: 0 outside a section
+
+
+# --- grace periods: shared by both flavors and by every process --------------
+class GracePeriods:
+    """Grace periods over the slots of one header segment."""
+
+    def __init__(self, header: Segment, max_readers: int) -> None:
+        self.header = header
+        self.max_readers = max_readers
+        w = header.words
+        self._gp = w.ptr(layout.H_GP)
+        self._owners = [w.ptr(layout.slot_offset(i) + layout.S_OWNER) for i in range(max_readers)]
+        self._ctrs = [w.ptr(layout.slot_offset(i) + layout.S_CTR) for i in range(max_readers)]
+        self._callbacks: deque[Callable[[], object]] = deque()
+        self._batch: deque[Callable[[], object]] = deque()
+        self._batch_token = 0
+
+    def counter(self) -> int:
+        """The current grace-period counter."""
+        return atomic.load(self._gp, atomic.SEQ_CST)
+
+    def start_poll(self) -> int:
+        """Start a grace period; the token polls True once it has elapsed."""
+        # seq_cst: orders everything this process did before (an unpublish)
+        # before the advance, and the advance before the slot loads that follow.
+        return atomic.fetch_add(self._gp, 1, atomic.SEQ_CST) + 1
+
+    def _blockers(self, token: int) -> list[tuple[int, int]]:
+        """(slot, owner) of every claimed slot whose section began before ``token``."""
+        found = []
+        for i in range(self.max_readers):
+            # seq_cst: the updater's half of the Dekker pair (see module doc).
+            ctr = atomic.load(self._ctrs[i], atomic.SEQ_CST)
+            if ctr == 0 or ctr >= token:
+                continue
+            # acquire: a free slot (0) means its last section's accesses are
+            # done, since unregister's release CAS came after them.
+            owner = atomic.load(self._owners[i], atomic.ACQUIRE)
+            if owner == 0:
+                continue
+            found.append((i, owner))
+        return found
+
+    def reclaim(self, slot: int, owner: int) -> bool:
+        """Free ``slot`` if ``owner`` still holds it and is dead. True if freed."""
+        if owner_alive(owner):
+            return False
+        # acq_rel CAS: only one reclaimer wins, and nobody else's claim is undone.
+        ok, _ = atomic.compare_exchange(
+            self._owners[slot], owner, 0, atomic.ACQ_REL, atomic.ACQUIRE
+        )
+        return ok
+
+    def poll(self, token: int, *, check_owners: bool = True) -> bool:
+        """Has a full grace period passed since ``start_poll()`` returned ``token``?"""
+        blockers = self._blockers(token)
+        if blockers and check_owners:
+            blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
+        return not blockers
+
+    def wait(self, token: int, timeout: float | None = None) -> None:
+        """Block until the grace period ``token`` has elapsed (see synchronize)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
+        sleep = _SLEEP_MIN
+        next_check = time.monotonic() + _LIVENESS_EVERY
+        while True:
+            blockers = self._blockers(token)
+            if not blockers:
+                return
+            now = time.monotonic()
+            if now >= next_check or (deadline is not None and now >= deadline):
+                blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
+                next_check = now + _LIVENESS_EVERY
+                if not blockers:
+                    continue
+                if deadline is not None and now >= deadline:
+                    who = ", ".join(f"slot {s} (pid {layout.owner_pid(o)})" for s, o in blockers)
+                    raise GraceTimeout(
+                        f"grace period {token} not complete after {timeout} s: "
+                        f"still waiting for reader {who} to leave its read-side section"
+                    )
+            if spins < _SPINS:
+                spins += 1
+                continue
+            # Back-off while readers finish; progress is re-checked above.
+            time.sleep(sleep)
+            sleep = min(sleep * 2, _SLEEP_MAX)
+
+    # --- call_rcu: written once for both flavors --------------------------------
+    def call_rcu(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in this process after a grace period (batched)."""
+        self._callbacks.append(fn)
+        self.run_callbacks()
+
+    def run_callbacks(self, block: bool = False, timeout: float | None = None) -> int:
+        """Run the callbacks whose grace period has passed; start the next
+        batch.  With ``block``, wait until every queued callback has run."""
+        ran = 0
+        while True:
+            if self._batch:
+                done = self.poll(self._batch_token)
+                if not done and block:
+                    self.wait(self._batch_token, timeout)
+                    done = True
+                if not done:
+                    return ran
+                while self._batch:
+                    self._batch.popleft()()
+                    ran += 1
+            if not self._callbacks:
+                return ran
+            # One grace period for every callback queued so far.
+            self._batch, self._callbacks = self._callbacks, deque()
+            self._batch_token = self.start_poll()
+
+    @property
+    def pending(self) -> int:
+        return len(self._callbacks) + len(self._batch)
+
+    def readers(self) -> list[ReaderInfo]:
+        """Every claimed slot: slot, pid, alive, epoch."""
+        out = []
+        for i in range(self.max_readers):
+            owner = atomic.load(self._owners[i], atomic.ACQUIRE)
+            if owner:
+                ctr = atomic.load(self._ctrs[i], atomic.ACQUIRE)
+                out.append(ReaderInfo(i, layout.owner_pid(owner), owner_alive(owner), ctr))
+        return out
+
+
+# --- the reader side ---------------------------------------------------------
+class Rcu:
+    """This process's reader slot in one map, and its grace periods."""
+
+    def __init__(self, header: Segment, max_readers: int, flavor: str = "memb") -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor {flavor!r} is not one of {FLAVORS}")
+        self.flavor = flavor
+        self.gp = GracePeriods(header, max_readers)
+        self.slot = -1
+        self.nesting = 0       # memb: process-local nesting depth
+        self.online = False    # qsbr: inside a section except at quiescent points
+        self._seen = 0         # qsbr: the gp value our slot holds
+        self._owner = my_owner_word()
+        self._gp_ptr = self.gp._gp
+        self._ctr = self._gp_ptr  # replaced by the slot's ctr on register
+        self._section_online = False  # qsbr: went online for one section
+        self._register()
+
+    # --- slots ------------------------------------------------------------------
+    def _register(self) -> None:
+        n = self.gp.max_readers
+        start = os.getpid() % n
+        for attempt in range(2):
+            for k in range(n):
+                i = (start + k) % n
+                # acq_rel: a claim orders after the previous owner's release.
+                ok, seen = atomic.compare_exchange(
+                    self.gp._owners[i], 0, self._owner, atomic.ACQ_REL, atomic.ACQUIRE
+                )
+                if ok or seen == self._owner:
+                    self.slot = i
+                    self._ctr = self.gp._ctrs[i]
+                    # A dead owner may have left ctr set; nobody else writes it now.
+                    atomic.store(self._ctr, 0, atomic.RELEASE)
+                    if self.flavor == "qsbr":
+                        self.thread_online()
+                    return
+            if attempt == 0:
+                for i in range(n):
+                    owner = atomic.load(self.gp._owners[i], atomic.ACQUIRE)
+                    if owner:
+                        self.gp.reclaim(i, owner)
+        pids = sorted({r.pid for r in self.gp.readers()})
+        raise NoReaderSlot(
+            f"all {n} reader slots are claimed by live processes {pids}; "
+            "close a handle or create the map with a larger max_readers"
+        )
+
+    def unregister(self) -> None:
+        """Leave: free the slot (idempotent).  Must be outside any section."""
+        if self.slot < 0:
+            return
+        # release: the slot reads 0 only after every access of ours.
+        atomic.store(self._ctr, 0, atomic.RELEASE)
+        atomic.compare_exchange(
+            self.gp._owners[self.slot], self._owner, 0, atomic.ACQ_REL, atomic.RELAXED
+        )
+        self.slot = -1
+        self.nesting = 0
+        self.online = False
+
+    # --- memb ---------------------------------------------------------------------
+    def read_lock(self) -> bool:
+        """Enter a read-side section; sections nest.  In qsbr an online reader
+        is already inside one; an offline one goes online for the section.
+        True when this call began a new section (published words must be
+        re-read)."""
+        began = False
+        if self.nesting == 0:
+            if self.flavor == "memb":
+                # relaxed: an old value only makes grace periods wait longer.
+                g = atomic.load(self._gp_ptr, atomic.RELAXED)
+                # seq_cst: the reader's half of the Dekker pair (module doc).
+                atomic.store(self._ctr, g, atomic.SEQ_CST)
+                began = True
+            elif not self.online:
+                self.thread_online()
+                self._section_online = began = True
+        self.nesting += 1
+        return began
+
+    def read_unlock(self) -> None:
+        """Leave a read-side section."""
+        if self.nesting <= 0:
+            raise RuntimeError("read_unlock without a matching read_lock")
+        self.nesting -= 1
+        if self.nesting == 0:
+            if self.flavor == "memb":
+                # release: every access of the section happens before a
+                # waiter that sees 0.
+                atomic.store(self._ctr, 0, atomic.RELEASE)
+            elif self._section_online:
+                self._section_online = False
+                self.thread_offline()
+
+    @contextmanager
+    def read_section(self) -> Iterator[None]:
+        """``with rcu.read_section():`` one read-side section."""
+        self.read_lock()
+        try:
+            yield
+        finally:
+            self.read_unlock()
+
+    # --- qsbr ---------------------------------------------------------------------
+    def thread_online(self) -> None:
+        """qsbr: become a reader that is always inside a section."""
+        g = atomic.load(self._gp_ptr, atomic.RELAXED)
+        # seq_cst: as read_lock, so loads of published words come after it.
+        atomic.store(self._ctr, g, atomic.SEQ_CST)
+        self._seen = g
+        self.online = True
+
+    def thread_offline(self) -> None:
+        """qsbr: stop being a reader until thread_online()."""
+        # release: as read_unlock.
+        atomic.store(self._ctr, 0, atomic.RELEASE)
+        self.online = False
+
+    def quiescent(self) -> bool:
+        """qsbr: a quiescent point.  Returns True if a grace period had
+        started (the caller re-reads published words); writes nothing else."""
+        if self.nesting:
+            raise RuntimeError("quiescent() inside a read-side section")
+        g = atomic.load(self._gp_ptr, atomic.SEQ_CST)
+        if g == self._seen or not self.online:
+            return False
+        # seq_cst: announce we hold no old reference, before re-reading
+        # published words.
+        atomic.store(self._ctr, g, atomic.SEQ_CST)
+        self._seen = g
+        return True
+
+    # --- grace periods ------------------------------------------------------------
+    def synchronize(self, timeout: float | None = None) -> None:
+        """Wait for a full grace period: every section begun before has ended.
+
+        TimeoutError (naming the slots and pids) after ``timeout`` seconds."""
+        self._check_outside("synchronize()")
+        was_online = self.flavor == "qsbr" and self.online
+        if was_online:
+            self.thread_offline()
+        try:
+            self.gp.wait(self.gp.start_poll(), timeout)
+        finally:
+            if was_online:
+                self.thread_online()
+
+    def _check_outside(self, what: str) -> None:
+        if self.nesting > 0:
+            raise RuntimeError(f"{what} inside a read-side section would wait for itself")
+
+    def start_poll(self) -> int:
+        """Start a grace period without waiting; see poll()."""
+        return self.gp.start_poll()
+
+    def poll(self, token: int) -> bool:
+        """True once a full grace period has passed since start_poll()."""
+        return self.gp.poll(token)
+
+    def call_rcu(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in this process after a grace period, in batches; queued
+        callbacks run as later calls find their grace period over, or at barrier()."""
+        self.gp.call_rcu(fn)
+
+    def barrier(self, timeout: float | None = None) -> None:
+        """Wait until every callback queued by this process has run."""
+        self._check_outside("barrier()")
+        was_online = self.flavor == "qsbr" and self.online
+        if was_online:
+            self.thread_offline()
+        try:
+            self.gp.run_callbacks(block=True, timeout=timeout)
+        finally:
+            if was_online:
+                self.thread_online()
+
+    def readers(self) -> list[ReaderInfo]:
+        """slot, pid, alive, epoch for every claimed slot."""
+        return self.gp.readers()
