@@ -161,8 +161,7 @@ class DirtyMemory:
         """Use create(), attach() or adopt()."""
         self.name = name
         self._shared = shared
-        self._rcu = shared.rcu
-        self.rcu = shared.rcu
+        self._rcu: Any = shared.rcu
         self.flavor = shared.rcu.flavor
         hdr = shared.header
         self.page_bits = hdr.words.load(layout.H_PAGE_BITS, atomic.RELAXED)
@@ -206,8 +205,13 @@ class DirtyMemory:
             raise BadInput(f"ram_size {ram_size:#x} must be a non-negative multiple of the "
                            f"page size {1 << page_bits:#x}")
         name = segment.new_map_name() if name is None else segment.check_map_name(name)
-        hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
-                             layout.KIND_HEADER)
+        try:
+            hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
+                                 layout.KIND_HEADER)
+        except FileExistsError:
+            raise FileExistsError(f"map {name!r} already exists (segment "
+                                  f"{layout.header_name(name)}): pick another name, or "
+                                  "attach to it") from None
         try:
             w = hdr.words
             # Nobody can read the header before seal(): relaxed stores.
@@ -316,19 +320,33 @@ class DirtyMemory:
         return (_unpickle, (self.name, self.flavor))
 
     # --- properties -----------------------------------------------------------
+    def _open_check(self) -> None:
+        # The header's words are unmapped once the last handle closes.
+        if self._closed:
+            raise ShmDirtyError(f"this handle of map {self.name} is closed")
+
+    @property
+    def rcu(self) -> Rcu:
+        """This process's RCU reader and grace periods for the map."""
+        self._open_check()
+        return self._rcu  # type: ignore[no-any-return]
+
     @property
     def ram_size(self) -> int:
         """The published RAM size (end of the last RAM block), in bytes."""
+        self._open_check()
         # acquire: pairs with the coordinator's release after publishing.
         return atomic.load(self._ram_ptr, atomic.ACQUIRE)
 
     @property
     def is_coordinator(self) -> bool:
+        self._open_check()
         return atomic.load(self._coord_ptr, atomic.ACQUIRE) == my_owner_word()
 
     @property
     def generation(self) -> int:
         """The published table generation."""
+        self._open_check()
         return atomic.load(self._gen_ptr, atomic.SEQ_CST)
 
     @property
@@ -348,7 +366,11 @@ class DirtyMemory:
             # seq_cst: after the slot store (the reader's half of the Dekker pair).
             g = atomic.load(self._gen_ptr, atomic.SEQ_CST)
             if g != self._gen:
-                self._load_table(g)
+                try:
+                    self._load_table(g)
+                except BaseException:
+                    self._rcu.read_unlock()
+                    raise
         return self._table
 
     def _end(self) -> None:
@@ -364,8 +386,6 @@ class DirtyMemory:
     @contextmanager
     def read_section(self) -> Iterator[None]:
         """One read-side section around many ops."""
-        if self._closed:
-            raise ShmDirtyError(f"map {self.name}: handle is closed")
         self._begin()
         try:
             yield
@@ -443,12 +463,12 @@ class DirtyMemory:
         return t, start >> self.page_bits, -(-(start + length) >> self.page_bits)
 
     def _page(self, t: Table, addr: Any) -> int:
-        addr = _index(addr, "address")
-        if not 0 <= addr < t.ram_size:
+        a = _index(addr, "address")
+        if not 0 <= a < t.ram_size:
             t = self._refresh()
-            if not 0 <= addr < t.ram_size:
-                raise BadInput(f"address {addr:#x} is outside guest RAM [0, {t.ram_size:#x})")
-        return addr >> self.page_bits
+            if not 0 <= a < t.ram_size:
+                raise BadInput(f"address {a:#x} is outside guest RAM [0, {t.ram_size:#x})")
+        return a >> self.page_bits
 
     def _walk(self, page: int, end: int) -> Iterator[tuple[int, int, int]]:
         return bitmap.walk(page, end, self.block_pages)
@@ -656,6 +676,7 @@ class DirtyMemory:
 
     # --- the coordinator ----------------------------------------------------------------
     def _require_coordinator(self, what: str) -> None:
+        self._open_check()
         coord = atomic.load(self._coord_ptr, atomic.ACQUIRE)
         if coord != my_owner_word():
             who = f"pid {layout.owner_pid(coord)}" if coord else "no process"
@@ -663,11 +684,11 @@ class DirtyMemory:
                                  f"this is pid {os.getpid()}: use request_extend() or adopt()")
 
     def _size(self, size: Any, what: str) -> int:
-        size = _index(size, what)
-        if size <= 0 or size % self.page_size:
-            raise BadInput(f"{what} {size:#x} must be a positive multiple of the page size "
+        n = _index(size, what)
+        if n <= 0 or n % self.page_size:
+            raise BadInput(f"{what} {n:#x} must be a positive multiple of the page size "
                            f"{self.page_size:#x}")
-        return size
+        return n
 
     def _publish(self, ram_blocks: list[tuple[int, int]]) -> None:
         """Build and publish the next table for ``ram_blocks``; the old one is
@@ -841,9 +862,9 @@ class DirtyMemory:
         """Leave: free this process's slot (with its last handle), unmap."""
         if self._closed:
             return
-        self._closed = True
         if self._rcu.nesting:
             raise ShmDirtyError(f"map {self.name}: close() inside a read-side section")
+        self._closed = True
         with _shared_lock:
             last = self._shared.refs == 1
             if last and self.is_coordinator:
@@ -854,6 +875,7 @@ class DirtyMemory:
                 # release: the next coordinator sees all we published.
                 atomic.compare_exchange(self._coord_ptr, my_owner_word(), 0,
                                         atomic.ACQ_REL, atomic.RELAXED)
+            self._rcu = _CLOSED
             self._blocks = []
             self._block_cache.clear()
             for seg in self._block_segs.values():
@@ -877,8 +899,26 @@ class DirtyMemory:
         self.close()
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"<DirtyMemory {self.name} closed>"
         return (f"<DirtyMemory {self.name} ram_size={self.ram_size:#x} "
                 f"generation={self._gen} flavor={self.flavor}>")
+
+
+class _Closed:
+    """Stands in for the Rcu of a closed handle: every op fails clearly."""
+
+    nesting = 0
+    flavor = "closed"
+
+    def read_lock(self) -> bool:
+        raise ShmDirtyError("this DirtyMemory handle is closed")
+
+    def __getattr__(self, name: str) -> Any:
+        raise ShmDirtyError("this DirtyMemory handle is closed")
+
+
+_CLOSED: Any = _Closed()
 
 
 def find_ram_offset(blocks: list[tuple[int, int]], size: int) -> int:

@@ -20,13 +20,13 @@ blocks does not use many descriptors.
 
 from __future__ import annotations
 
+import _posixshmem  # type: ignore[import-not-found]
 import mmap
 import os
 import re
 import secrets
 from typing import Any
 
-import _posixshmem  # type: ignore[import-not-found]
 import numpy as np
 
 from . import atomic, layout
