@@ -55,36 +55,25 @@ _scratch = _Scratch()
 
 
 class _Backend:
+    """One implementation of every op; each is a plain callable attribute."""
+
     name = "abstract"
+    load: Callable[[Ptr, int], int]
+    store: Callable[[Ptr, int, int], None]
+    exchange: Callable[[Ptr, int, int], int]
+    compare_exchange: Callable[[Ptr, int, int, int, int], tuple[bool, int]]
+    fetch_or: Callable[[Ptr, int, int], int]
+    fetch_and: Callable[[Ptr, int, int], int]
+    fetch_add: Callable[[Ptr, int, int], int]
+    bit_test_set: Callable[[Ptr, int, int], bool]
+    bit_test_reset: Callable[[Ptr, int, int], bool]
 
-    def load(self, p: Ptr, order: int) -> int:
-        raise NotImplementedError
+    store_load: Callable[[Ptr, int, Ptr], int]
 
-    def store(self, p: Ptr, value: int, order: int) -> None:
-        raise NotImplementedError
-
-    def exchange(self, p: Ptr, value: int, order: int) -> int:
-        raise NotImplementedError
-
-    def compare_exchange(
-        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
-    ) -> tuple[bool, int]:
-        raise NotImplementedError
-
-    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
-        raise NotImplementedError
-
-    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
-        raise NotImplementedError
-
-    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
-        raise NotImplementedError
-
-    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
-        raise NotImplementedError
-
-    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
-        raise NotImplementedError
+    def _store_load(self, p: Ptr, value: int, q: Ptr) -> int:
+        """store(p, value) then load(q), both seq_cst: the reader's Dekker half."""
+        self.store(p, value, SEQ_CST)
+        return self.load(q, SEQ_CST)
 
 
 class _FastBackend(_Backend):
@@ -119,48 +108,69 @@ class _FastBackend(_Backend):
         self.c_test_set = self._test_set
         self.c_test_reset = self._test_reset
 
-    def load(self, p: Ptr, order: int) -> int:
-        c = _scratch.cell
-        self._load(p, order, c)
-        return int(c[0])
+        # Plain closures, not methods: each op is one Python call around one
+        # C call.  The per-thread cell carries arguments and results.
+        scratch = _scratch
+        c_load, c_store, c_xchg = self._load, self._store, self._xchg
+        c_cmpxchg, c_or, c_and, c_add = (self._cmpxchg, self._fetch_or,
+                                         self._fetch_and, self._fetch_add)
+        c_set, c_reset = self._test_set, self._test_reset
 
-    def store(self, p: Ptr, value: int, order: int) -> None:
-        c = _scratch.cell
-        c[0] = value
-        self._store(p, c, order)
+        def load(p: Ptr, order: int) -> int:
+            c = scratch.cell
+            c_load(p, order, c)
+            return c[0]  # type: ignore[no-any-return]
 
-    def _fetch(self, f: Any, p: Ptr, value: int, order: int) -> int:
-        c = _scratch.cell
-        c[0] = value
-        f(p, c, order, c + 1)
-        return int(c[1])
+        def store(p: Ptr, value: int, order: int) -> None:
+            c = scratch.cell
+            c[0] = value
+            c_store(p, c, order)
 
-    def exchange(self, p: Ptr, value: int, order: int) -> int:
-        return self._fetch(self._xchg, p, value, order)
+        def store_load(p: Ptr, value: int, q: Ptr) -> int:
+            c = scratch.cell
+            c[0] = value
+            c_store(p, c, SEQ_CST)
+            c_load(q, SEQ_CST, c)
+            return c[0]  # type: ignore[no-any-return]
 
-    def compare_exchange(
-        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
-    ) -> tuple[bool, int]:
-        c = _scratch.cell
-        c[0] = expected
-        c[1] = desired
-        ok = self._cmpxchg(p, c, c + 1, succ, fail)
-        return bool(ok), int(c[0])
+        def fetcher(f: Any) -> Callable[[Ptr, int, int], int]:
+            def op(p: Ptr, value: int, order: int) -> int:
+                c = scratch.cell
+                c[0] = value
+                f(p, c, order, c + 1)
+                return c[1]  # type: ignore[no-any-return]
+            return op
 
-    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
-        return self._fetch(self._fetch_or, p, value, order)
+        def compare_exchange(p: Ptr, expected: int, desired: int, succ: int,
+                             fail: int) -> tuple[bool, int]:
+            c = scratch.cell
+            c[0] = expected
+            c[1] = desired
+            ok = c_cmpxchg(p, c, c + 1, succ, fail)
+            return bool(ok), c[0]
 
-    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
-        return self._fetch(self._fetch_and, p, value, order)
+        def fetch_add(p: Ptr, value: int, order: int) -> int:
+            c = scratch.cell
+            c[0] = value & MASK64
+            c_add(p, c, order, c + 1)
+            return c[1]  # type: ignore[no-any-return]
 
-    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
-        return self._fetch(self._fetch_add, p, value & MASK64, order)
+        def bit_test_set(p: Ptr, bit: int, order: int) -> bool:
+            return bool(c_set(p, bit, order))
 
-    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
-        return bool(self._test_set(p, bit, order))
+        def bit_test_reset(p: Ptr, bit: int, order: int) -> bool:
+            return bool(c_reset(p, bit, order))
 
-    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
-        return bool(self._test_reset(p, bit, order))
+        self.load = load
+        self.store = store
+        self.store_load = store_load
+        self.exchange = fetcher(c_xchg)
+        self.compare_exchange = compare_exchange
+        self.fetch_or = fetcher(c_or)
+        self.fetch_and = fetcher(c_and)
+        self.fetch_add = fetch_add
+        self.bit_test_set = bit_test_set
+        self.bit_test_reset = bit_test_reset
 
 
 class _PublicBackend(_Backend):
@@ -173,46 +183,56 @@ class _PublicBackend(_Backend):
 
         self._atomics = atomics
         self._orders = {o: atomics.MemoryOrder(o) for o in _ORDERS}
+        self.load = self._load
+        self.store = self._store
+        self.exchange = self._exchange
+        self.compare_exchange = self._compare_exchange
+        self.fetch_or = self._fetch_or
+        self.fetch_and = self._fetch_and
+        self.fetch_add = self._fetch_add
+        self.bit_test_set = self._bit_test_set
+        self.bit_test_reset = self._bit_test_reset
+        self.store_load = self._store_load
 
     def _view(self, p: Ptr) -> Any:
         return self._atomics.atomicview(buffer=ffi.buffer(p, WORD), atype=self._atomics.UINT)
 
-    def load(self, p: Ptr, order: int) -> int:
+    def _load(self, p: Ptr, order: int) -> int:
         with self._view(p) as v:
             return int(v.load(self._orders[order]))
 
-    def store(self, p: Ptr, value: int, order: int) -> None:
+    def _store(self, p: Ptr, value: int, order: int) -> None:
         with self._view(p) as v:
             v.store(value, self._orders[order])
 
-    def exchange(self, p: Ptr, value: int, order: int) -> int:
+    def _exchange(self, p: Ptr, value: int, order: int) -> int:
         with self._view(p) as v:
             return int(v.exchange(value, self._orders[order]))
 
-    def compare_exchange(
+    def _compare_exchange(
         self, p: Ptr, expected: int, desired: int, succ: int, fail: int
     ) -> tuple[bool, int]:
         with self._view(p) as v:
             r = v.cmpxchg_strong(expected, desired, self._orders[succ], self._orders[fail])
             return bool(r.success), int(r.expected)
 
-    def fetch_or(self, p: Ptr, value: int, order: int) -> int:
+    def _fetch_or(self, p: Ptr, value: int, order: int) -> int:
         with self._view(p) as v:
             return int(v.bin_fetch_or(value, self._orders[order]))
 
-    def fetch_and(self, p: Ptr, value: int, order: int) -> int:
+    def _fetch_and(self, p: Ptr, value: int, order: int) -> int:
         with self._view(p) as v:
             return int(v.bin_fetch_and(value, self._orders[order]))
 
-    def fetch_add(self, p: Ptr, value: int, order: int) -> int:
+    def _fetch_add(self, p: Ptr, value: int, order: int) -> int:
         with self._view(p) as v:
             return int(v.fetch_add(value & MASK64, self._orders[order]))
 
-    def bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
+    def _bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
         with self._view(p) as v:
             return bool(v.bit_test_set(bit, self._orders[order]))
 
-    def bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
+    def _bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
         with self._view(p) as v:
             return bool(v.bit_test_reset(bit, self._orders[order]))
 
@@ -257,10 +277,11 @@ def use_backend(name: str) -> _Backend:
 
 
 def _bind() -> None:
-    global load, store, exchange, compare_exchange
+    global load, store, store_load, exchange, compare_exchange
     global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
     load = backend.load
     store = backend.store
+    store_load = backend.store_load
     exchange = backend.exchange
     compare_exchange = backend.compare_exchange
     fetch_or = backend.fetch_or
@@ -272,6 +293,7 @@ def _bind() -> None:
 
 load: Callable[[Ptr, int], int]
 store: Callable[[Ptr, int, int], None]
+store_load: Callable[[Ptr, int, Ptr], int]
 exchange: Callable[[Ptr, int, int], int]
 compare_exchange: Callable[[Ptr, int, int, int, int], tuple[bool, int]]
 fetch_or: Callable[[Ptr, int, int], int]

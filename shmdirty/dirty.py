@@ -77,12 +77,15 @@ class Table:
 
 class _Shared:
     """What every handle of one map in this process shares: the header
-    mapping and the one reader slot (one slot per process)."""
+    mapping, the one reader slot (one slot per process), and the
+    coordinator lock (coordinating is per process: every handle of the
+    coordinator's process may publish)."""
 
     def __init__(self, header: Segment, rcu: Rcu) -> None:
         self.header = header
         self.rcu = rcu
         self.refs = 0
+        self.coord_lock = threading.RLock()
 
 
 _shared: dict[str, _Shared] = {}
@@ -175,11 +178,12 @@ class DirtyMemory:
         self._ram_ptr = hdr.words.ptr(layout.H_RAM_SIZE)
         self._next_block_ptr = hdr.words.ptr(layout.H_NEXT_BLOCK)
         self._gen = 0
+        self._seen = -1  # the rcu counter value this handle's table is checked against
         self._table = Table(0, 0, ((),) * DIRTY_MEMORY_NUM, ())
         self._blocks: list[list[Block | None]] = [[] for _ in range(DIRTY_MEMORY_NUM)]
         self._block_segs: dict[int, Segment] = {}
         self._block_cache: dict[int, Block] = {}
-        self._coord_lock = threading.RLock()
+        self._coord_lock = shared.coord_lock
         self._closed = False
         self._begin()  # the first table
         self._end()
@@ -295,7 +299,11 @@ class DirtyMemory:
     def adopt(cls, name: str) -> DirtyMemory:
         """Become the coordinator of ``name`` if its coordinator is dead (or
         has left).  NotCoordinator if it is alive or another process won."""
-        dm = cls.attach(name)
+        name = segment.check_map_name(name)
+        with _shared_lock:
+            sh = _shared.get(name)
+        # A process that reads the map already adopts in the flavor it reads in.
+        dm = cls.attach(name, flavor="memb" if sh is None else sh.rcu.flavor)
         try:
             mine = my_owner_word()
             coord = atomic.load(dm._coord_ptr, atomic.ACQUIRE)
@@ -361,16 +369,21 @@ class DirtyMemory:
 
     # --- sections and the table cache --------------------------------------------
     def _begin(self) -> Table:
-        """Enter a read-side section; return the table to use in it."""
-        if self._rcu.read_lock():
-            # seq_cst: after the slot store (the reader's half of the Dekker pair).
-            g = atomic.load(self._gen_ptr, atomic.SEQ_CST)
-            if g != self._gen:
-                try:
-                    self._load_table(g)
-                except BaseException:
-                    self._rcu.read_unlock()
-                    raise
+        """Enter a read-side section; return the table to use in it.
+
+        The generation is re-read only when the grace-period counter moved
+        since this handle last looked: the coordinator advances it after
+        every publication, and a table published but not yet followed by an
+        advance is one a grace period will still wait for us on."""
+        r = self._rcu
+        r.read_lock()
+        if r.seen != self._seen:
+            try:
+                self._refresh()
+            except BaseException:
+                r.read_unlock()
+                raise
+            self._seen = r.seen
         return self._table
 
     def _end(self) -> None:
@@ -394,9 +407,11 @@ class DirtyMemory:
 
     def quiescent(self) -> None:
         """qsbr: a quiescent point; the table is re-read if it may have moved."""
-        if self._rcu.quiescent():
+        r = self._rcu
+        if r.quiescent() or r.seen != self._seen:
             self._refresh()
-        if self._rcu.gp.pending:
+            self._seen = r.seen
+        if r.gp.pending:
             self._rcu.gp.run_callbacks()
 
     def _load_table(self, g: int) -> None:
@@ -460,7 +475,10 @@ class DirtyMemory:
             if start < 0 or start + length > t.ram_size or (length == 0 and start > t.ram_size):
                 raise BadInput(f"range [{start:#x}, {start:#x}+{length:#x}) is outside guest "
                                f"RAM [0, {t.ram_size:#x})")
-        return t, start >> self.page_bits, -(-(start + length) >> self.page_bits)
+        page = start >> self.page_bits
+        if length == 0:
+            return t, page, page  # an empty range, even inside a page (DESIGN.md)
+        return t, page, -(-(start + length) >> self.page_bits)
 
     def _page(self, t: Table, addr: Any) -> int:
         a = _index(addr, "address")
@@ -703,6 +721,7 @@ class DirtyMemory:
                            f"{self.block_pages} pages; at most {MAX_BLOCKS} are supported")
         ids = [list(t.block_ids[c]) for c in range(DIRTY_MEMORY_NUM)]
         made: list[tuple[int, Segment]] = []
+        made_table = False
         g = t.generation + 1
         tname = layout.table_name(self.name, g)
         try:
@@ -721,6 +740,7 @@ class DirtyMemory:
             tseg = Segment.create(tname, layout.table_size(DIRTY_MEMORY_NUM, need,
                                                            len(ram_blocks)),
                                   layout.KIND_TABLE, g)
+            made_table = True
             try:
                 w = tseg.words
                 w.store(layout.T_RAM_SIZE, ram_size, atomic.RELAXED)
@@ -737,13 +757,17 @@ class DirtyMemory:
             for _, seg in made:
                 seg.close()
                 segment.unlink(seg.name)
-            segment.unlink(tname)
+            if made_table:  # not a name someone else holds (FileExistsError)
+                segment.unlink(tname)
             raise
         for bid, seg in made:
             self._map_block(bid, seg)
         # The publication.  seq_cst: the updater's half of the Dekker pair; a
         # reader that loads g finds the sealed table and its sealed blocks.
         atomic.store(self._gen_ptr, g, atomic.SEQ_CST)
+        # Advance the grace-period counter: readers re-read the generation
+        # only when it moved (see _begin).
+        self._rcu.gp.start_poll()
         # release: request_extend() waiters that see the size see the table.
         atomic.store(self._ram_ptr, ram_size, atomic.RELEASE)
         self._set_table(Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks)))
@@ -838,19 +862,43 @@ class DirtyMemory:
         if req > self.ram_size:
             self.extend(req)
             grew = True
+        if req:
+            # Granted (or already met): withdraw it, so that RAM removed later
+            # is not grown back by a stale request.  A CAS: a larger request
+            # posted meanwhile stays for the next round.
+            atomic.compare_exchange(self._req_ptr, req, 0, atomic.ACQ_REL, atomic.RELAXED)
         if self._rcu.gp.pending:
             self._rcu.gp.run_callbacks()
         return grew
 
     def _reap_unreachable(self) -> None:
-        """After adoption: what the old coordinator left half done (tables
-        not current, blocks in no table) goes after a grace period."""
+        """After adoption: finish what the old coordinator left half done.
+
+        - A table newer than the published generation was never published,
+          so no reader can hold it: unlinked now (the next table takes its name).
+        - A generation published before the header's RAM size was stored: the
+          old coordinator may have died before marking that RAM dirty too; mark
+          it for every client (a spurious dirty page costs a copy, a missing one
+          loses data), then store the size.
+        - Older tables and blocks in no table go after a grace period."""
         t = self._refresh()
+        # acquire / release: as in _publish.
+        shown = atomic.load(self._ram_ptr, atomic.ACQUIRE)
+        if shown != t.ram_size:
+            if shown < t.ram_size:
+                self.set_dirty_range(shown, t.ram_size - shown, DIRTY_CLIENTS_ALL)
+            atomic.store(self._ram_ptr, t.ram_size, atomic.RELEASE)
         keep = {layout.header_name(self.name), layout.table_name(self.name, t.generation)}
         keep.update(layout.block_name(self.name, b) for ids in t.block_ids for b in ids)
-        stale = [n for n in segment.list_segments(self.name)
-                 if n not in keep and (n.rsplit("-", 1)[1][:1] in "tb")
-                 and n.rsplit("-", 1)[1][1:].isdigit()]
+        stale = []
+        for n in segment.list_segments(self.name):
+            role = n.rsplit("-", 1)[1]
+            if n in keep or role[:1] not in ("t", "b") or not role[1:].isdigit():
+                continue
+            if role[0] == "t" and int(role[1:]) > t.generation:
+                segment.unlink(n)
+            else:
+                stale.append(n)
 
         def reap() -> None:
             for n in stale:
@@ -864,7 +912,6 @@ class DirtyMemory:
             return
         if self._rcu.nesting:
             raise ShmDirtyError(f"map {self.name}: close() inside a read-side section")
-        self._closed = True
         with _shared_lock:
             last = self._shared.refs == 1
             if last and self.is_coordinator:
@@ -875,6 +922,7 @@ class DirtyMemory:
                 # release: the next coordinator sees all we published.
                 atomic.compare_exchange(self._coord_ptr, my_owner_word(), 0,
                                         atomic.ACQ_REL, atomic.RELAXED)
+            self._closed = True
             self._rcu = _CLOSED
             self._blocks = []
             self._block_cache.clear()

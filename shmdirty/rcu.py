@@ -21,7 +21,11 @@ publication (and the reader never sees the old object).
 
 Two flavors share everything but section entry:
 
-- ``memb``: each outermost ``read_lock`` stores ``gp`` into ``ctr``;
+- ``memb``: each outermost ``read_lock`` stores into ``ctr`` the value of
+  ``gp`` it saw last, then loads ``gp`` again (two seq_cst operations, where
+  QEMU loads first and stores second: the value stored may be one section
+  old, which only makes a grace period wait for that section, and the load
+  after the store tells the caller whether anything was published since).
   ``read_unlock`` stores 0.  Nesting is process-local.
 - ``qsbr``: an online reader is always inside a section, except at
   ``quiescent()`` (store the current ``gp`` if it moved) and while offline.
@@ -31,9 +35,10 @@ the owner of a slot that holds it up, and a slot whose owner is gone, a
 zombie, or a different process reusing the pid (another start time) is
 reclaimed.
 
-A Rcu object serves one process: one slot per process per map, shared by
-every handle of that map in the process.  It is not for concurrent use by
-several threads of a process.
+A Rcu object serves one process and claims a slot of its own (two Rcu
+objects never share one: their nesting is separate, and one's unregister
+would free the other's slot); DirtyMemory keeps one Rcu per map per process,
+shared by every handle.  It is not for concurrent use by several threads.
 """
 
 from __future__ import annotations
@@ -121,6 +126,12 @@ class GracePeriods:
         self._callbacks: deque[Callable[[], object]] = deque()
         self._batch: deque[Callable[[], object]] = deque()
         self._batch_token = 0
+        self._running = False  # run_callbacks is running a batch (re-entry guard)
+        # The newest token this process saw complete; every older one is
+        # complete too.  Keeps poll() monotonic: a section that begins after a
+        # token completed may store an older counter (memb stores the value
+        # it saw last) and would otherwise make the token poll False again.
+        self._completed = 0
 
     def counter(self) -> int:
         """The current grace-period counter."""
@@ -160,10 +171,15 @@ class GracePeriods:
 
     def poll(self, token: int, *, check_owners: bool = True) -> bool:
         """Has a full grace period passed since ``start_poll()`` returned ``token``?"""
+        if token <= self._completed:
+            return True
         blockers = self._blockers(token)
         if blockers and check_owners:
             blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
-        return not blockers
+        if blockers:
+            return False
+        self._completed = max(self._completed, token)
+        return True
 
     def wait(self, token: int, timeout: float | None = None) -> None:
         """Block until the grace period ``token`` has elapsed (see synchronize)."""
@@ -172,8 +188,11 @@ class GracePeriods:
         sleep = _SLEEP_MIN
         next_check = time.monotonic() + _LIVENESS_EVERY
         while True:
+            if token <= self._completed:
+                return
             blockers = self._blockers(token)
             if not blockers:
+                self._completed = max(self._completed, token)
                 return
             now = time.monotonic()
             if now >= next_check or (deadline is not None and now >= deadline):
@@ -203,6 +222,20 @@ class GracePeriods:
     def run_callbacks(self, block: bool = False, timeout: float | None = None) -> int:
         """Run the callbacks whose grace period has passed; start the next
         batch.  With ``block``, wait until every queued callback has run."""
+        if self._running:
+            # Called from a callback (its call_rcu): the pass under way starts
+            # the new callback's grace period once the current batch is done.
+            # Running on here would run a new batch before its grace period.
+            if block:
+                raise RuntimeError("barrier() inside an RCU callback would wait for itself")
+            return 0
+        self._running = True
+        try:
+            return self._run_callbacks(block, timeout)
+        finally:
+            self._running = False
+
+    def _run_callbacks(self, block: bool, timeout: float | None) -> int:
         ran = 0
         while True:
             if self._batch:
@@ -248,7 +281,8 @@ class Rcu:
         self.slot = -1
         self.nesting = 0       # memb: process-local nesting depth
         self.online = False    # qsbr: inside a section except at quiescent points
-        self._seen = 0         # qsbr: the gp value our slot holds
+        self._memb = flavor == "memb"
+        self.seen = 0          # the counter value last observed (set on register)
         self._owner = my_owner_word()
         self._gp_ptr = self.gp._gp
         self._ctr = self._gp_ptr  # replaced by the slot's ctr on register
@@ -263,14 +297,15 @@ class Rcu:
             for k in range(n):
                 i = (start + k) % n
                 # acq_rel: a claim orders after the previous owner's release.
-                ok, seen = atomic.compare_exchange(
+                ok, _ = atomic.compare_exchange(
                     self.gp._owners[i], 0, self._owner, atomic.ACQ_REL, atomic.ACQUIRE
                 )
-                if ok or seen == self._owner:
+                if ok:
                     self.slot = i
                     self._ctr = self.gp._ctrs[i]
                     # A dead owner may have left ctr set; nobody else writes it now.
                     atomic.store(self._ctr, 0, atomic.RELEASE)
+                    self.seen = atomic.load(self._gp_ptr, atomic.SEQ_CST)
                     if self.flavor == "qsbr":
                         self.thread_online()
                     return
@@ -299,24 +334,27 @@ class Rcu:
         self.online = False
 
     # --- memb ---------------------------------------------------------------------
-    def read_lock(self) -> bool:
+    def read_lock(self) -> None:
         """Enter a read-side section; sections nest.  In qsbr an online reader
         is already inside one; an offline one goes online for the section.
-        True when this call began a new section (published words must be
-        re-read)."""
-        began = False
-        if self.nesting == 0:
-            if self.flavor == "memb":
-                # relaxed: an old value only makes grace periods wait longer.
-                g = atomic.load(self._gp_ptr, atomic.RELAXED)
-                # seq_cst: the reader's half of the Dekker pair (module doc).
-                atomic.store(self._ctr, g, atomic.SEQ_CST)
-                began = True
-            elif not self.online:
-                self.thread_online()
-                self._section_online = began = True
-        self.nesting += 1
-        return began
+        Afterwards ``seen`` is the counter value this process last observed:
+        a caller that saw it change re-reads what it caches of published words."""
+        n = self.nesting
+        if n:
+            self.nesting = n + 1
+            return
+        if self.slot < 0:
+            raise RuntimeError("read_lock() after unregister(): this Rcu has no slot")
+        self.nesting = 1
+        if self._memb:
+            # Store the counter value last seen, then load the counter, both
+            # seq_cst: the reader's half of the Dekker pair (module doc).  The
+            # value stored may be old; that only makes a grace period wait
+            # for this section, and the next section stores the fresh one.
+            self.seen = atomic.store_load(self._ctr, self.seen, self._gp_ptr)
+        elif not self.online:
+            self.thread_online()
+            self._section_online = True
 
     def read_unlock(self) -> None:
         """Leave a read-side section."""
@@ -344,10 +382,12 @@ class Rcu:
     # --- qsbr ---------------------------------------------------------------------
     def thread_online(self) -> None:
         """qsbr: become a reader that is always inside a section."""
+        if self.slot < 0:
+            raise RuntimeError("thread_online() after unregister(): this Rcu has no slot")
         g = atomic.load(self._gp_ptr, atomic.RELAXED)
         # seq_cst: as read_lock, so loads of published words come after it.
         atomic.store(self._ctr, g, atomic.SEQ_CST)
-        self._seen = g
+        self.seen = g
         self.online = True
 
     def thread_offline(self) -> None:
@@ -362,12 +402,12 @@ class Rcu:
         if self.nesting:
             raise RuntimeError("quiescent() inside a read-side section")
         g = atomic.load(self._gp_ptr, atomic.SEQ_CST)
-        if g == self._seen or not self.online:
+        if g == self.seen or not self.online:
             return False
         # seq_cst: announce we hold no old reference, before re-reading
         # published words.
         atomic.store(self._ctr, g, atomic.SEQ_CST)
-        self._seen = g
+        self.seen = g
         return True
 
     # --- grace periods ------------------------------------------------------------

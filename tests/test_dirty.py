@@ -1,0 +1,476 @@
+"""DirtyMemory's own behaviour, one process at a time (plus a few spawned
+helpers where another process is the point): life cycle, RAM block
+placement and reuse, growth across block edges, the coordinator's rights,
+request_extend / serve, the tcg flag, snapshots, and what stays in /dev/shm.
+
+The accessors' semantics against a reference model are tests/test_dirty_model.py;
+bad input is tests/test_bad_input.py.  Blocks are small (64 to 1024 pages)
+so that growth and ranges cross block edges.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from typing import Any
+
+import dirty_workers as workers
+import numpy as np
+import pytest
+
+import shmdirty as sd
+from shmdirty import layout, segment
+
+pytestmark = pytest.mark.timeout(60)
+
+PB = 12
+PS = 1 << PB
+VGA, CODE, MIG = sd.DIRTY_MEMORY_VGA, sd.DIRTY_MEMORY_CODE, sd.DIRTY_MEMORY_MIGRATION
+CLIENTS = (VGA, CODE, MIG)
+
+
+# --- helpers ---------------------------------------------------------------------------
+def segs(name: str, role: str) -> list[str]:
+    """The map's segments of one role: ``b`` (blocks) or ``t`` (tables)."""
+    out = []
+    for n in segment.list_segments(name):
+        tail = n.rsplit("-", 1)[1]
+        if tail[:1] == role and tail[1:].isdigit():
+            out.append(n)
+    return out
+
+
+def clear_all(dm: sd.DirtyMemory) -> None:
+    """Make every page clean for every client."""
+    if dm.ram_size:
+        for c in CLIENTS:
+            dm.test_and_clear_dirty(0, dm.ram_size, c)
+
+
+@pytest.fixture
+def make(map_name: str) -> Any:
+    """create(..., name=map_name); destroyed (or closed) at teardown."""
+    made: list[sd.DirtyMemory] = []
+
+    def _make(ram_pages: int = 0, **kw: Any) -> sd.DirtyMemory:
+        dm = sd.DirtyMemory.create(ram_pages * PS, name=map_name, **kw)
+        made.append(dm)
+        return dm
+
+    yield _make
+    for dm in made:
+        try:
+            if not dm._closed and dm.is_coordinator:
+                dm.destroy()
+            else:
+                dm.close()
+        except Exception:
+            dm.close()
+
+
+def child_result(ctx: Any, target: Any, *args: Any, timeout: float = 30,
+                 children: list[Any] | None = None) -> Any:
+    """Run ``target(*args, conn)`` in a spawned child; its reported value."""
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, child))
+    p.start()
+    if children is not None:
+        children.append(p)
+    child.close()
+    assert parent.poll(timeout), f"{target.__name__} reported nothing in {timeout} s"
+    status, value = parent.recv()
+    p.join(timeout)
+    assert status == "ok", value
+    assert p.exitcode == 0
+    return value
+
+
+# --- life cycle ------------------------------------------------------------------------
+def test_create_attach_close_destroy(make: Any, map_name: str) -> None:
+    dm = make(5, block_pages=64)
+    assert (dm.name, dm.ram_size, dm.page_size, dm.block_pages) == (map_name, 5 * PS, PS, 64)
+    assert dm.is_coordinator
+    assert dm.ram_blocks() == [(0, 5 * PS)]
+    assert dm.all_dirty(0, 5 * PS, VGA)  # the first RAM block is new RAM
+    names = segment.list_segments(map_name)
+    assert layout.header_name(map_name) in names
+    assert len(segs(map_name, "b")) == 3            # one block per client
+    assert len(segs(map_name, "t")) >= 1
+
+    # A second handle in this process shares the slot and sees the same bits.
+    other = sd.DirtyMemory.attach(map_name)
+    assert other.name == map_name and other.ram_size == 5 * PS
+    dm.test_and_clear_dirty(0, 5 * PS, VGA)
+    other.set_dirty_flag(3 * PS + 7, VGA)
+    assert dm.get_dirty_flag(3 * PS, VGA) and not dm.get_dirty_flag(2 * PS, VGA)
+    assert len(dm.rcu.readers()) == 1
+    other.close()
+    other.close()  # idempotent
+    with pytest.raises(sd.ShmDirtyError):
+        other.get_dirty_flag(0, VGA)
+    assert dm.get_dirty_flag(3 * PS, VGA)          # the other handle is unaffected
+
+    # The accepted spelling "shmdirty-<name>" attaches to the same map.
+    again = sd.DirtyMemory.attach(layout.PREFIX + map_name)
+    assert again.name == map_name and again.get_dirty_flag(3 * PS, VGA)
+    again.close()
+
+    dm.destroy()
+    assert segment.list_segments(map_name) == []
+    with pytest.raises(sd.CorruptSegment):
+        sd.DirtyMemory.attach(map_name)
+
+
+def test_close_inside_a_section_refuses_and_keeps_the_handle(make: Any) -> None:
+    dm = make(4, block_pages=64)
+    other = sd.DirtyMemory.attach(dm.name)
+    with other.read_section(), pytest.raises(sd.ShmDirtyError):
+        other.close()
+    other.set_dirty_flag(0, VGA)          # still open: the failed close changed nothing
+    other.close()
+    assert len(dm.rcu.readers()) == 1
+
+
+def test_missing_map_is_a_corrupt_segment_naming_it(map_name: str) -> None:
+    for call in (lambda: sd.DirtyMemory.attach(map_name),
+                 lambda: sd.DirtyMemory.attach(map_name, flavor="qsbr"),
+                 lambda: sd.DirtyMemory.adopt(map_name)):
+        with pytest.raises(sd.CorruptSegment) as info:
+            call()
+        assert info.value.segment == layout.header_name(map_name)
+        assert layout.header_name(map_name) in str(info.value)
+        assert isinstance(info.value, OSError)
+    assert segment.list_segments(map_name) == []    # a failed attach creates nothing
+
+
+def test_destroy_leaves_nothing(make: Any, map_name: str, spawn_ctx: Any,
+                                children: list[Any]) -> None:
+    dm = make(70, block_pages=64)
+    for size in (3, 130, 1):
+        dm.ram_block_add(size * PS)
+    dm.ram_block_remove(70 * PS)
+    reader = sd.DirtyMemory.attach(map_name, flavor="memb")
+    reader.set_dirty_flag(0, VGA)
+    # A reader in another process that already left does not matter either.
+    workers_seen = child_result(spawn_ctx, workers.pickled_handle_child, dm, 1,
+                                children=children)
+    assert workers_seen["name"] == map_name
+    assert len(segs(map_name, "b")) == 3 * 4
+    dm.destroy()
+    assert segment.list_segments(map_name) == []
+    reader.close()
+    assert segment.list_segments(map_name) == []
+
+
+# --- RAM blocks --------------------------------------------------------------------------
+def test_ram_block_add_placement(make: Any) -> None:
+    """QEMU's find_ram_offset: the smallest gap that fits, else the end."""
+    dm = make(block_pages=64)
+    assert dm.ram_size == 0 and dm.ram_blocks() == []
+    sizes = {"A": 4, "B": 4, "C": 8, "D": 2, "E": 12}
+    at = {k: dm.ram_block_add(v * PS) for k, v in sizes.items()}
+    assert at == {"A": 0, "B": 4 * PS, "C": 8 * PS, "D": 16 * PS, "E": 18 * PS}
+    assert dm.ram_size == 30 * PS
+
+    dm.ram_block_remove(at["B"])        # gap [4, 8): 4 pages
+    dm.ram_block_remove(at["D"])        # gap [16, 18): 2 pages
+    assert dm.ram_size == 30 * PS
+    assert dm.ram_block_add(2 * PS) == 16 * PS      # fits both gaps: the smaller one
+    assert dm.ram_block_add(3 * PS) == 4 * PS       # only the 4-page gap fits
+    assert dm.ram_block_add(5 * PS) == 30 * PS      # no gap fits: the end
+    assert dm.ram_block_add(PS) == 7 * PS           # what is left of the 4-page gap
+    dm.ram_block_remove(0)                          # the space before the first block
+    assert dm.ram_block_add(4 * PS) == 0
+    assert dm.ram_blocks() == [(0, 4 * PS), (4 * PS, 3 * PS), (7 * PS, PS), (8 * PS, 8 * PS),
+                               (16 * PS, 2 * PS), (18 * PS, 12 * PS), (30 * PS, 5 * PS)]
+    assert dm.ram_size == 35 * PS
+
+    with pytest.raises(sd.BadInput):
+        dm.ram_block_remove(PS)                     # no RAM block starts there
+    with pytest.raises(ValueError):
+        dm.ram_block_add(PS + 1)                    # not a page multiple
+    assert dm.ram_size == 35 * PS and len(dm.ram_blocks()) == 7
+
+
+@pytest.mark.parametrize("block_pages", [64, 256, 1024])
+def test_readd_within_the_size_reuses_blocks(make: Any, map_name: str,
+                                             block_pages: int) -> None:
+    """The bitmap never shrinks, and RAM removed and added again within the
+    blocks it has makes no new block segment (QEMU's 2024 leak fix: the
+    number of blocks, not the old RAM size, decides what to allocate)."""
+    bp = block_pages
+    dm = make(bp + bp // 2, block_pages=bp)          # two blocks per client
+    tail = dm.ram_block_add(bp * PS)                 # [1.5, 2.5) blocks: three
+    assert len(segs(map_name, "b")) == 3 * 3
+    before = segs(map_name, "b")
+
+    dm.ram_block_remove(tail)                        # the RAM size shrinks ...
+    assert dm.ram_size == (bp + bp // 2) * PS
+    assert segs(map_name, "b") == before             # ... the bitmap does not
+    clear_all(dm)
+    assert dm.ram_block_add(bp * PS) == tail         # the same place again
+    assert segs(map_name, "b") == before             # no new block segment
+    for c in CLIENTS:                                # and it is new RAM: dirty
+        assert dm.all_dirty(tail, bp * PS, c)
+        assert not dm.get_dirty(0, tail, c)
+
+    dm.ram_block_remove(0)                           # a hole at the start
+    assert dm.ram_block_add(bp * PS) == 0            # fits the hole
+    assert dm.ram_block_add((bp // 2) * PS) == bp * PS
+    assert segs(map_name, "b") == before
+
+    # Past the blocks it has, only the missing blocks are made.
+    dm.ram_block_add(bp * PS)                        # ends at 3.5 blocks: four
+    after = segs(map_name, "b")
+    assert set(before) < set(after) and len(after) == 3 * 4
+
+
+@pytest.mark.parametrize("block_pages", [64, 128, 1024])
+def test_growth_across_block_edges(make: Any, map_name: str, block_pages: int) -> None:
+    bp = block_pages
+    dm = make(bp - 3, block_pages=bp)
+    clear_all(dm)
+    marks = {VGA: [0, bp - 5], CODE: [bp - 4], MIG: [1, bp - 4]}
+    for c, pages in marks.items():
+        for p in pages:
+            dm.set_dirty_flag(p * PS, c)
+    size = bp - 3
+    for new in (bp + 7, 2 * bp, 2 * bp + 1, 4 * bp + 63):   # across one, onto, past edges
+        gen = dm.generation
+        dm.extend(new * PS)
+        assert dm.generation > gen
+        assert dm.ram_size == new * PS
+        assert len(segs(map_name, "b")) == 3 * -(-new // bp)
+        for c in CLIENTS:
+            # The new RAM is dirty for every client, across the block edges ...
+            assert dm.all_dirty(size * PS, (new - size) * PS, c)
+            assert dm.range_includes_clean(size * PS, (new - size) * PS,
+                                           sd.DIRTY_CLIENTS_ALL) == 0
+            # ... and the old RAM kept exactly its bits (blocks did not move).
+            for p in range(bp - 3):
+                assert dm.get_dirty_flag(p * PS, c) == (p in marks[c]), (c, p)
+        clear_all(dm)
+        for c, pages in marks.items():
+            for p in pages:
+                dm.set_dirty_flag(p * PS, c)
+        size = new
+
+    # Ranges across edges: set, test, sync and clear.
+    lo, hi = bp - 2, 3 * bp + 2                       # spans four blocks
+    dm.set_dirty_range(lo * PS, (hi - lo) * PS, 1 << MIG | 1 << VGA)
+    assert dm.all_dirty(lo * PS, (hi - lo) * PS, MIG)
+    assert not dm.all_dirty((lo - 1) * PS, (hi - lo) * PS, MIG)
+    assert dm.range_includes_clean(lo * PS, (hi - lo) * PS, sd.DIRTY_CLIENTS_ALL) == 1 << CODE
+    dest = np.zeros(-(-dm.ram_size // PS) // 64 + 1, dtype=np.uint64)
+    newly = dm.sync_dirty_bitmap(dest, 0, dm.ram_size)
+    expect = set(range(lo, hi)) | set(marks[MIG])
+    assert newly == len(expect)
+    got = np.flatnonzero(np.unpackbits(dest.view(np.uint8), bitorder="little"))
+    assert set(got.tolist()) == expect
+    assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0   # taken: nothing new
+    assert not dm.get_dirty(0, dm.ram_size, MIG)
+    assert dm.test_and_clear_dirty((lo + 1) * PS, (hi - lo - 2) * PS, VGA)
+    assert dm.get_dirty_flag(lo * PS, VGA) and dm.get_dirty_flag((hi - 1) * PS, VGA)
+    assert not dm.get_dirty((lo + 1) * PS, (hi - lo - 2) * PS, VGA)
+
+
+def test_new_ram_is_dirty_for_all_clients(make: Any) -> None:
+    dm = make(64 + 10, block_pages=64)
+    clear_all(dm)
+    off = dm.ram_block_add(70 * PS)
+    assert off == 74 * PS
+    for c in CLIENTS:
+        assert dm.all_dirty(off, 70 * PS, c)
+        assert not dm.get_dirty(0, off, c)
+    assert dm.range_includes_clean(off, 70 * PS, sd.DIRTY_CLIENTS_ALL) == 0
+    assert dm.range_includes_clean(0, off + PS, sd.DIRTY_CLIENTS_ALL) == sd.DIRTY_CLIENTS_ALL
+    dest = np.zeros(4, dtype=np.uint64)
+    assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 70
+
+
+def test_extend_is_grow_only(make: Any, map_name: str) -> None:
+    dm = make(100, block_pages=64)
+    gen, blocks = dm.generation, segs(map_name, "b")
+    for smaller in (100 * PS, 99 * PS, PS):
+        dm.extend(smaller)
+        assert dm.ram_size == 100 * PS
+    assert dm.generation == gen and segs(map_name, "b") == blocks
+    assert dm.ram_blocks() == [(0, 100 * PS)]
+    with pytest.raises(ValueError):
+        dm.extend(0)
+    with pytest.raises(ValueError):
+        dm.extend(200 * PS + 1)
+    dm.extend(101 * PS)
+    assert dm.ram_size == 101 * PS and dm.ram_blocks() == [(0, 100 * PS), (100 * PS, PS)]
+
+
+# --- the coordinator's rights --------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_coordinator_calls_refused_elsewhere(make: Any, spawn_ctx: Any,
+                                             children: list[Any]) -> None:
+    dm = make(10, block_pages=64)
+    gen = dm.generation
+    got = child_result(spawn_ctx, workers.probe_not_coordinator, dm.name, children=children)
+    assert got["is_coordinator"] is False and got["ram_size"] == 10 * PS
+    for what in ("ram_block_add", "ram_block_remove", "extend", "serve", "destroy"):
+        assert got[what] is not None, f"{what} succeeded in a non-coordinator"
+        cls, not_coord, perm, msg = got[what]
+        assert not_coord and perm, (what, cls, msg)
+        assert f"pid {os.getpid()}" in msg, (what, msg)
+    assert got["ram_size_after"] == 10 * PS
+    # Nothing changed, nothing was removed.
+    assert dm.generation == gen and dm.ram_blocks() == [(0, 10 * PS)]
+    assert dm.get_dirty_flag(0, VGA) is True
+    assert len(segs(dm.name, "b")) == 3
+
+
+@pytest.mark.timeout(60)
+def test_pickled_handle_attaches_in_a_spawned_child(make: Any, spawn_ctx: Any,
+                                                    children: list[Any]) -> None:
+    dm = make(200, block_pages=64)
+    clear_all(dm)
+    got = child_result(spawn_ctx, workers.pickled_handle_child, dm, 130, children=children)
+    assert got["name"] == dm.name and got["ram_size"] == 200 * PS
+    assert got["is_coordinator"] is False and got["flavor"] == "memb"
+    assert got["seen"] is True
+    assert len(set(got["readers"])) == 2                 # the child had its own slot
+    assert dm.get_dirty_flag(130 * PS, VGA)
+    assert not dm.get_dirty(0, 130 * PS, VGA)
+    assert [r.pid for r in dm.rcu.readers()] == [os.getpid()]  # it left
+    # In this process unpickling gives another handle on the same map.
+    again = pickle.loads(pickle.dumps(dm))
+    assert again.name == dm.name and again.get_dirty_flag(130 * PS, VGA)
+    again.close()
+
+
+# --- request_extend and serve ----------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("event", ["multiprocessing", "threading"])
+def test_request_extend_granted_by_serve(make: Any, spawn_ctx: Any, children: list[Any],
+                                         event: str) -> None:
+    dm = make(64, block_pages=64)
+    clear_all(dm)
+    want = 64 * 3 + 5
+    parent, child = spawn_ctx.Pipe(duplex=False)
+    if event == "multiprocessing":
+        stop = spawn_ctx.Event()       # the child sets it when its request returned
+        p = spawn_ctx.Process(target=workers.request_extend_child,
+                              args=(dm.name, want * PS, 30.0, child, stop))
+        p.start()
+        children.append(p)
+        dm.serve(stop)                 # in this thread, until the child is done
+    else:
+        stop = threading.Event()
+        server = threading.Thread(target=dm.serve, args=(stop,))
+        server.start()
+        try:
+            p = spawn_ctx.Process(target=workers.request_extend_child,
+                                  args=(dm.name, want * PS, 30.0, child))
+            p.start()
+            children.append(p)
+            p.join(30)
+        finally:
+            stop.set()
+            server.join(10)
+        assert not server.is_alive()
+    child.close()
+    status, got = parent.recv()
+    p.join(10)
+    assert status == "ok", got
+    assert "error" not in got, got
+    assert got["ram_size"] >= want * PS
+    assert dm.ram_size == want * PS
+    # The grant is new RAM: dirty for all clients.
+    assert dm.all_dirty(64 * PS, (want - 64) * PS, MIG)
+    assert not dm.get_dirty(0, 64 * PS, MIG)
+    # A granted request is not granted again after the RAM shrinks.
+    dm.ram_block_remove(64 * PS)
+    assert dm.ram_size == 64 * PS
+    dm.serve_once()
+    assert dm.ram_size == 64 * PS
+
+
+@pytest.mark.timeout(60)
+def test_request_extend_times_out_naming_the_coordinator(make: Any, spawn_ctx: Any,
+                                                         children: list[Any]) -> None:
+    dm = make(64, block_pages=64)
+    got = child_result(spawn_ctx, workers.request_extend_child, dm.name, 200 * PS, 0.3,
+                       children=children)
+    assert got["timeout"] is True, got
+    assert got["error"] == "GraceTimeout"
+    assert f"pid {os.getpid()}" in got["message"], got["message"]
+    assert dm.ram_size == 64 * PS          # nobody served: nothing grew
+    # The request stays posted: the next serve grants it.
+    assert dm.serve_once() is True
+    assert dm.ram_size == 200 * PS
+
+
+def test_request_extend_by_the_coordinator_extends(make: Any) -> None:
+    dm = make(64, block_pages=64)
+    dm.request_extend(65 * PS, timeout=0)
+    assert dm.ram_size == 65 * PS
+
+
+# --- the tcg flag, snapshots ---------------------------------------------------------------------
+@pytest.mark.parametrize("tcg", [False, True])
+def test_lebitmap_sets_code_only_under_tcg(make: Any, tcg: bool) -> None:
+    dm = make(200, block_pages=64, tcg=tcg)
+    clear_all(dm)
+    bits = np.zeros(3, dtype=np.uint64)
+    bits[0] = 1 | 1 << 63
+    bits[2] = 1 << 5
+    dm.set_dirty_lebitmap(bits, 60 * PS, 140)          # pages 60, 123 and 193
+    for c in CLIENTS:
+        want = c != CODE or tcg
+        for p in (60, 123, 193):
+            assert dm.get_dirty_flag(p * PS, c) is want, (c, p)
+        assert not dm.get_dirty(0, 60 * PS, c)
+        assert not dm.get_dirty(61 * PS, 62 * PS, c)
+        assert not dm.get_dirty(194 * PS, 6 * PS, c)
+    dm.set_dirty_lebitmap(b"\x01", 0, 1)               # bytes are little-endian too
+    assert dm.get_dirty_flag(0, VGA) and dm.get_dirty_flag(0, CODE) is tcg
+
+
+def test_snapshot_and_clear_dirty(make: Any) -> None:
+    dm = make(300, block_pages=64)
+    clear_all(dm)
+    for p in (10, 63, 64, 130, 250):
+        dm.set_dirty_flag(p * PS, VGA)
+    dm.set_dirty_flag(130 * PS, MIG)
+    snap = dm.snapshot_and_clear_dirty(60 * PS, 80 * PS, VGA)     # pages [60, 140)
+    # The range is clean now for VGA; outside it and other clients untouched.
+    assert not dm.get_dirty(60 * PS, 80 * PS, VGA)
+    assert dm.get_dirty_flag(10 * PS, VGA) and dm.get_dirty_flag(250 * PS, VGA)
+    assert dm.get_dirty_flag(130 * PS, MIG)
+    # The snapshot answers for its range, across block edges.
+    assert snap.get_dirty(60 * PS, 80 * PS)
+    assert snap.get_dirty(63 * PS, PS) and snap.get_dirty(64 * PS, PS)
+    assert snap.get_dirty(130 * PS, PS)
+    assert not snap.get_dirty(65 * PS, 65 * PS)
+    assert not snap.get_dirty(131 * PS, 9 * PS)
+    assert not snap.get_dirty(60 * PS, 0)
+    with pytest.raises(ValueError):
+        snap.get_dirty(10 * PS, PS)                    # outside the snapshot
+    # Later writes do not change a snapshot.
+    dm.set_dirty_flag(100 * PS, VGA)
+    assert not snap.get_dirty(100 * PS, PS)
+    assert dm.snapshot_and_clear_dirty(60 * PS, 80 * PS, VGA).get_dirty(100 * PS, PS)
+
+
+# --- what stays in /dev/shm ---------------------------------------------------------------------
+def test_old_tables_unlinked_after_a_grace_period(make: Any, map_name: str) -> None:
+    dm = make(10, block_pages=64)
+    reader = sd.DirtyMemory.attach(map_name)
+    for i in range(12):
+        dm.extend(dm.ram_size + (37 + i) * PS)
+        off = dm.ram_block_add(3 * PS)
+        with reader.read_section():          # a reader keeps up with the tables
+            reader.set_dirty_flag(dm.ram_size - PS, VGA)
+        dm.ram_block_remove(off)
+    dm.rcu.barrier(timeout=10)
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    nblocks = -(-(dm.ram_size // PS + 3) // 64)
+    assert len(segs(map_name, "b")) == 3 * nblocks   # no block was lost or duplicated
+    reader.close()
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]

@@ -1,0 +1,61 @@
+"""RAM hot-plug: at given times, add a RAM block and ask the coordinator for it.
+
+For each ``(seconds after go, size)`` of the schedule: create and fill the
+segment of the next RAM block FIRST (at the current end of RAM, where
+``extend`` puts it), THEN ``request_extend`` and wait until the coordinator's
+serve loop has published it.  Nothing is added once ``ctl.stop`` is set
+(the guest is paused for stop-and-copy); a request already posted is seen
+through before the stopped event, so the final sync sees the block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from shmdirty import DirtyMemory, GraceTimeout
+
+from . import Control, worker
+from .guest import GuestRam
+
+REQUEST_POLL = 0.25   # seconds per request_extend attempt between abort checks
+
+
+@dataclass(frozen=True)
+class HotplugConfig:
+    schedule: tuple[tuple[float, int], ...] = ()   # (seconds after go, bytes)
+
+
+def main(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control) -> None:
+    """Entry point: hot-add RAM on schedule; then set the hot-plug stopped event."""
+    with worker("hotplug", ctl):
+        try:
+            _run(dm, cfg, ctl, GuestRam(dm.name, dm.page_bits))
+        finally:
+            if ctl.hotplug_stopped is not None:
+                ctl.hotplug_stopped.set()
+            dm.close()
+
+
+def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> None:
+    if not ctl.start("hotplug"):
+        return
+    t0 = time.monotonic()
+    for at, size in sorted(cfg.schedule):
+        if ctl.stop.wait(max(0.0, t0 + at - time.monotonic())):
+            ctl.report("hotplug_skipped", at=at, size=size)
+            continue
+        blocks = dm.ram_blocks()
+        offset = max(o + s for o, s in blocks)
+        t_ask = time.monotonic()
+        # The bytes are in shared memory once it is sealed; unmap our view.
+        ram.create_segment(len(blocks), offset, size, boot_fill=True).close()
+        while True:
+            try:
+                dm.request_extend(offset + size, timeout=REQUEST_POLL)
+                break
+            except GraceTimeout:
+                if ctl.abort.is_set():
+                    return
+        ctl.report("hotplug", at=at, size=size, offset=offset, ram_size=dm.ram_size,
+                   t_ask=t_ask, t_done=time.monotonic())
