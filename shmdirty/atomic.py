@@ -67,6 +67,12 @@ class _Backend:
     fetch_add: Callable[[Ptr, int, int], int]
     bit_test_set: Callable[[Ptr, int, int], bool]
     bit_test_reset: Callable[[Ptr, int, int], bool]
+    bit_test_set_raw: Callable[[Ptr, int, int], Any]  # bit_test_set minus the bool()
+    # For callers that own a cell (a cffi uint64_t[1] no other thread uses):
+    # store_cell(p, cell, order) stores cell[0]; load_cell(p, order, cell)
+    # loads into cell[0].  On the fast backend these are the C functions.
+    store_cell: Callable[[Ptr, Any, int], None]
+    load_cell: Callable[[Ptr, int, Any], None]
 
     store_load: Callable[[Ptr, int, Ptr], int]
 
@@ -104,9 +110,10 @@ class _FastBackend(_Backend):
         self._fetch_add = fn(ops.unsigned_ops.fp_fetch_add, fetch)
         self._test_set = fn(ops.bitwise_ops.fp_test_set, "int(*)(void *, int, int)")
         self._test_reset = fn(ops.bitwise_ops.fp_test_reset, "int(*)(void *, int, int)")
-        # The bound C functions, for hot paths that call them directly.
-        self.c_test_set = self._test_set
-        self.c_test_reset = self._test_reset
+        # The C functions themselves, for the hottest paths.
+        self.bit_test_set_raw = self._test_set
+        self.store_cell = self._store
+        self.load_cell = self._load
 
         # Plain closures, not methods: each op is one Python call around one
         # C call.  The per-thread cell carries arguments and results.
@@ -192,7 +199,13 @@ class _PublicBackend(_Backend):
         self.fetch_add = self._fetch_add
         self.bit_test_set = self._bit_test_set
         self.bit_test_reset = self._bit_test_reset
+        self.bit_test_set_raw = self._bit_test_set
         self.store_load = self._store_load
+        self.store_cell = lambda p, cell, order: self._store(p, int(cell[0]), order)
+
+        def load_cell(p: Ptr, order: int, cell: Any) -> None:
+            cell[0] = self._load(p, order)
+        self.load_cell = load_cell
 
     def _view(self, p: Ptr) -> Any:
         return self._atomics.atomicview(buffer=ffi.buffer(p, WORD), atype=self._atomics.UINT)
@@ -307,6 +320,11 @@ _bind()
 # fence (a locked instruction on x86-64, a barrier pair on AArch64).
 _fence_cell = ffi.new("uint64_t[2]")
 _fence_ptr = ffi.cast("char *", _fence_cell)
+
+
+def new_cell() -> Any:
+    """A private cffi uint64_t[1] for store_cell / load_cell."""
+    return ffi.new("uint64_t[1]")
 
 
 def fence() -> None:

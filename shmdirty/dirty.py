@@ -29,7 +29,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,7 @@ DIRTY_CLIENTS_ALL = (1 << DIRTY_MEMORY_NUM) - 1
 DIRTY_CLIENTS_NOCODE = DIRTY_CLIENTS_ALL & ~(1 << DIRTY_MEMORY_CODE)
 DIRTY_MEMORY_BLOCK_SIZE = 256 * 1024 * 8
 
+SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
 MAX_BLOCKS = 1 << 16        # blocks per client: bounds the table and the segment count
 _SERVE_POLL = 1e-3          # how often serve() looks for requests (s)
 _REQUEST_POLL = 2e-4        # how often request_extend() looks for the grant (s)
@@ -86,6 +87,7 @@ class _Shared:
         self.rcu = rcu
         self.refs = 0
         self.coord_lock = threading.RLock()
+        self.pool: list[int] = []  # coordinator: ids of retired blocks, zeroed, for reuse
 
 
 _shared: dict[str, _Shared] = {}
@@ -184,6 +186,10 @@ class DirtyMemory:
         self._block_segs: dict[int, Segment] = {}
         self._block_cache: dict[int, Block] = {}
         self._coord_lock = shared.coord_lock
+        self._set_bit = atomic.backend.bit_test_set_raw
+        # Whole blocks with at least this many dirty words are taken by a
+        # block swap and a grace period rather than word by word (coordinator).
+        self.swap_min_words = SWAP_MIN_WORDS
         self._closed = False
         self._begin()  # the first table
         self._end()
@@ -494,13 +500,25 @@ class DirtyMemory:
     # --- accessors -----------------------------------------------------------------
     def set_dirty_flag(self, addr: int, client: int) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
-        client = _client(client)
-        t = self._begin()
+        # The hottest op, written out: bitmap.set_bit() inlined, and a qsbr
+        # reader that is online with a current table skips section entry.
+        if client.__class__ is not int or not 0 <= client < DIRTY_MEMORY_NUM:
+            client = _client(client)
+        r = self._rcu
+        plain = r.online and r.seen == self._seen
+        t = self._table if plain else self._begin()
         try:
-            idx, bit = divmod(self._page(t, addr), self.block_pages)
-            bitmap.set_bit(self._block(client, idx), bit)
+            if addr.__class__ is int and 0 <= addr < t.ram_size:
+                page = addr >> self.page_bits
+            else:
+                page = self._page(t, addr)
+            idx, bit = divmod(page, self.block_pages)
+            b = self._blocks[client][idx] or self._block(client, idx)
+            # release: as bitmap.set_bit.
+            self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, atomic.RELEASE)
         finally:
-            self._end()
+            if not plain:
+                self._end()
 
     def get_dirty_flag(self, addr: int, client: int) -> bool:
         """Is the page holding ``addr`` dirty for ``client``?"""
@@ -565,16 +583,13 @@ class DirtyMemory:
     def test_and_clear_dirty(self, start: int, length: int, client: int) -> bool:
         """Clear [start, start+length) for ``client``; True if any page was dirty."""
         client = _client(client)
-        t = self._begin()
-        try:
-            t, page, end = self._range(t, start, length)
-            dirty = False
-            for idx, off, num in self._walk(page, end):
-                _, taken = bitmap.take(self._block(client, idx), off, num)
-                dirty = dirty or bool(taken.any())
-            return dirty
-        finally:
-            self._end()
+        dirty = False
+
+        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+            nonlocal dirty
+            dirty = dirty or bool(taken.any())
+        self._take(client, start, length, merge)
+        return dirty
 
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
@@ -608,22 +623,19 @@ class DirtyMemory:
             raise BadInput("dest must be a 1-D uint64 numpy array indexed by global page")
         if not dest.flags.writeable:
             raise BadInput("dest must be writeable")
-        t = self._begin()
-        try:
-            t, page, end = self._range(t, start, length)
+        newly = 0
+
+        def check(end: int) -> None:
             if end > len(dest) * 64:
                 raise BadInput(f"dest holds {len(dest) * 64} pages; the range ends at page {end}")
-            newly = 0
-            bw = self.block_pages >> 6
-            for idx, off, num in self._walk(page, end):
-                w0, taken = bitmap.take(self._block(DIRTY_MEMORY_MIGRATION, idx), off, num)
-                g0 = idx * bw + w0
-                d = dest[g0:g0 + len(taken)]
-                newly += bitmap.popcount(taken & ~d)
-                d |= taken
-            return newly
-        finally:
-            self._end()
+
+        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+            nonlocal newly
+            d = dest[g0:g0 + len(taken)]
+            newly += bitmap.popcount(taken & ~d)
+            d |= taken
+        self._take(DIRTY_MEMORY_MIGRATION, start, length, merge, check)
+        return newly
 
     def set_dirty_pages(self, pages: Any, client: int) -> None:
         """Mark a batch of page numbers (an integer numpy array) dirty."""
@@ -664,19 +676,70 @@ class DirtyMemory:
     def snapshot_and_clear_dirty(self, start: int, length: int, client: int) -> DirtySnapshot:
         """Take the dirty bits of the range for ``client`` into a snapshot."""
         client = _client(client)
+        snap: list[DirtySnapshot] = []
+
+        def check(end: int) -> None:
+            page = _index(start, "start") >> self.page_bits
+            words = np.zeros(((max(end, page + 1) - 1) >> 6) - (page >> 6) + 1, dtype=np.uint64)
+            snap.append(DirtySnapshot(self.page_bits, page, end, words))
+
+        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+            g0 -= snap[0]._page >> 6
+            snap[0]._words[g0:g0 + len(taken)] |= taken
+        self._take(client, start, length, merge, check)
+        return snap[0]
+
+    def _take(self, client: int, start: Any, length: Any,
+              merge: Callable[[int, np.ndarray[Any, np.dtype[np.uint64]]], None],
+              check: Callable[[int], None] | None = None) -> None:
+        """Take (read and clear) the bits of a range for ``client``, handing
+        each piece to ``merge(first global word, words)``.
+
+        Blocks the range covers only in part lose their bits word by word
+        (an atomic exchange / fetch_and per dirty word).  Blocks it covers
+        whole are swapped, when this is the coordinator outside any section
+        and they hold enough dirty words to pay for it: a new table puts a
+        zeroed block in their place, and after one grace period no writer
+        can reach the retired block, which is then read with plain numpy
+        and zeroed for reuse: no atomics at all."""
+        bp, bw = self.block_pages, self.block_pages >> 6
+        swap: list[int] = []
         t = self._begin()
         try:
             t, page, end = self._range(t, start, length)
-            base = page & ~63
-            words = np.zeros(((max(end, page + 1) - 1) >> 6) - (base >> 6) + 1, dtype=np.uint64)
-            bw = self.block_pages >> 6
-            for idx, off, num in self._walk(page, end):
+            if check is not None:
+                check(end)
+            pieces = list(self._walk(page, end))
+            whole = [idx for idx, _, num in pieces if num == bp]
+            if whole and self._rcu.nesting == 1:
+                dirty_words = sum(int(np.count_nonzero(self._block(client, i).words))
+                                  for i in whole)
+                if dirty_words >= self.swap_min_words and self.is_coordinator:
+                    swap = whole
+            for idx, off, num in pieces:
+                if num == bp and swap:
+                    continue
                 w0, taken = bitmap.take(self._block(client, idx), off, num)
-                g0 = idx * bw + w0 - (base >> 6)
-                words[g0:g0 + len(taken)] |= taken
-            return DirtySnapshot(self.page_bits, page, end, words)
+                merge(idx * bw + w0, taken)
         finally:
             self._end()
+        if swap:
+            for idx, block in zip(swap, self._swap_out(client, swap), strict=True):
+                merge(idx * bw, block.words)
+                block.words[:] = 0  # nobody can reach it: plain stores
+                self._shared.pool.append(block.block_id)
+
+    def _swap_out(self, client: int, idxs: list[int]) -> list[Block]:
+        """Coordinator: put zeroed blocks in place of ``client``'s blocks
+        ``idxs``; return the old ones once no writer can reach them."""
+        with self._coord_lock:
+            t = self._refresh()
+            retired = self._publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
+        # A grace period: every section that could have found the old blocks
+        # has ended, and its bit sets happen before our reads (the waiter's
+        # seq_cst slot loads pair with the readers' release unlocks).
+        self._rcu.synchronize()
+        return [self._map_block(b) for b in retired]
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
@@ -708,9 +771,15 @@ class DirtyMemory:
                            f"{self.page_size:#x}")
         return n
 
-    def _publish(self, ram_blocks: list[tuple[int, int]]) -> None:
+    def _publish(self, ram_blocks: list[tuple[int, int]],
+                 dirty: tuple[int, int] | None = None,
+                 swap: list[tuple[int, int]] = ()) -> list[int]:  # type: ignore[assignment]
         """Build and publish the next table for ``ram_blocks``; the old one is
-        unlinked after a grace period.  Nothing changes if this fails."""
+        unlinked after a grace period.  ``dirty`` (offset, size) is marked
+        dirty for every client before the table is published, so new RAM is
+        dirty even if this process dies right after.  Each (client, index)
+        of ``swap`` gets a zeroed block; the ids of the blocks it replaced
+        are returned.  Nothing changes if this fails."""
         t = self._refresh()
         ram_blocks = sorted(ram_blocks)
         ram_size = max((o + s for o, s in ram_blocks), default=0)
@@ -724,18 +793,39 @@ class DirtyMemory:
         made_table = False
         g = t.generation + 1
         tname = layout.table_name(self.name, g)
+        pool = self._shared.pool
+        taken_from_pool: list[int] = []
+        retired: list[int] = []
+
+        def fresh(c: int) -> int:
+            if pool:
+                taken_from_pool.append(pool.pop())
+                return taken_from_pool[-1]
+            # relaxed: only the coordinator allocates ids; the word lives in
+            # the header so an adopter goes on from it.
+            bid = atomic.fetch_add(self._next_block_ptr, 1, atomic.RELAXED)
+            seg = Segment.create(layout.block_name(self.name, bid),
+                                 layout.block_size(self.block_pages), layout.KIND_BLOCK, c, bid)
+            made.append((bid, seg))
+            seg.seal()
+            return bid
+
         try:
             for c in range(DIRTY_MEMORY_NUM):
                 for _ in range(t.num_blocks, need):
-                    # relaxed: only the coordinator allocates ids; the word
-                    # lives in the header so an adopter goes on from it.
-                    bid = atomic.fetch_add(self._next_block_ptr, 1, atomic.RELAXED)
-                    seg = Segment.create(layout.block_name(self.name, bid),
-                                         layout.block_size(self.block_pages),
-                                         layout.KIND_BLOCK, c, bid)
-                    made.append((bid, seg))
-                    seg.seal()
-                    ids[c].append(bid)
+                    ids[c].append(fresh(c))
+            for c, idx in swap:
+                retired.append(ids[c][idx])
+                ids[c][idx] = fresh(c)
+            for bid, seg in made:
+                self._map_block(bid, seg)
+            if dirty is not None:
+                # Before the publication: no reader can see the new blocks
+                # yet, and setting bits in blocks they can see is harmless.
+                for idx, off, num in self._walk(dirty[0] >> self.page_bits,
+                                                (dirty[0] + dirty[1]) >> self.page_bits):
+                    for c in range(DIRTY_MEMORY_NUM):
+                        bitmap.set_range(self._map_block(ids[c][idx]), off, num)
             flat = [b for c in ids for b in c]
             tseg = Segment.create(tname, layout.table_size(DIRTY_MEMORY_NUM, need,
                                                            len(ram_blocks)),
@@ -754,14 +844,15 @@ class DirtyMemory:
             finally:
                 tseg.close()
         except BaseException:
-            for _, seg in made:
+            pool.extend(taken_from_pool)
+            for bid, seg in made:
+                self._block_cache.pop(bid, None)
+                self._block_segs.pop(bid, None)
                 seg.close()
                 segment.unlink(seg.name)
             if made_table:  # not a name someone else holds (FileExistsError)
                 segment.unlink(tname)
             raise
-        for bid, seg in made:
-            self._map_block(bid, seg)
         # The publication.  seq_cst: the updater's half of the Dekker pair; a
         # reader that loads g finds the sealed table and its sealed blocks.
         atomic.store(self._gen_ptr, g, atomic.SEQ_CST)
@@ -773,6 +864,7 @@ class DirtyMemory:
         self._set_table(Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks)))
         old = layout.table_name(self.name, t.generation)
         self._rcu.call_rcu(lambda: segment.unlink(old))
+        return retired
 
     def ram_block_add(self, size: int) -> int:
         """Place a RAM block of ``size`` bytes (the smallest gap that fits,
@@ -782,7 +874,9 @@ class DirtyMemory:
         with self._coord_lock:
             blocks = list(self._refresh().ram_blocks)
             offset = find_ram_offset(blocks, size)
-            self._publish(blocks + [(offset, size)])
+            self._publish(blocks + [(offset, size)], dirty=(offset, size))
+            # Again after the publication: a sync of the old range may have
+            # taken the bits set before it.
             self.set_dirty_range(offset, size, DIRTY_CLIENTS_ALL)
         return offset
 
@@ -808,8 +902,9 @@ class DirtyMemory:
             t = self._refresh()
             if new_ram_size <= t.ram_size:
                 return
-            self._publish(list(t.ram_blocks) + [(t.ram_size, new_ram_size - t.ram_size)])
-            self.set_dirty_range(t.ram_size, new_ram_size - t.ram_size, DIRTY_CLIENTS_ALL)
+            added = (t.ram_size, new_ram_size - t.ram_size)
+            self._publish(list(t.ram_blocks) + [added], dirty=added)
+            self.set_dirty_range(*added, DIRTY_CLIENTS_ALL)
 
     def request_extend(self, new_ram_size: int, timeout: float | None = None) -> None:
         """Ask the coordinator to grow RAM to ``new_ram_size`` and wait until

@@ -282,6 +282,12 @@ class Rcu:
         self.nesting = 0       # memb: process-local nesting depth
         self.online = False    # qsbr: inside a section except at quiescent points
         self._memb = flavor == "memb"
+        # Hot path: this process's own cells and the C functions, called
+        # without a wrapper.
+        self._cell = atomic.new_cell()
+        self._zero = atomic.new_cell()
+        self._store_cell = atomic.backend.store_cell
+        self._load_cell = atomic.backend.load_cell
         self.seen = 0          # the counter value last observed (set on register)
         self._owner = my_owner_word()
         self._gp_ptr = self.gp._gp
@@ -351,7 +357,11 @@ class Rcu:
             # seq_cst: the reader's half of the Dekker pair (module doc).  The
             # value stored may be old; that only makes a grace period wait
             # for this section, and the next section stores the fresh one.
-            self.seen = atomic.store_load(self._ctr, self.seen, self._gp_ptr)
+            c = self._cell
+            c[0] = self.seen
+            self._store_cell(self._ctr, c, atomic.SEQ_CST)
+            self._load_cell(self._gp_ptr, atomic.SEQ_CST, c)
+            self.seen = c[0]
         elif not self.online:
             self.thread_online()
             self._section_online = True
@@ -362,10 +372,10 @@ class Rcu:
             raise RuntimeError("read_unlock without a matching read_lock")
         self.nesting -= 1
         if self.nesting == 0:
-            if self.flavor == "memb":
+            if self._memb:
                 # release: every access of the section happens before a
                 # waiter that sees 0.
-                atomic.store(self._ctr, 0, atomic.RELEASE)
+                self._store_cell(self._ctr, self._zero, atomic.RELEASE)
             elif self._section_online:
                 self._section_online = False
                 self.thread_offline()

@@ -143,7 +143,10 @@ class CopyingDirtyMemory(sd.DirtyMemory):
     the old blocks go after a grace period.  A writer still in a section on
     the old table writes into blocks no table references any more."""
 
-    def _publish(self, ram_blocks: list[tuple[int, int]]) -> None:
+    def _publish(self, ram_blocks: list[tuple[int, int]],
+                 dirty: tuple[int, int] | None = None,
+                 swap: Any = ()) -> list[int]:
+        assert not swap, "this test never takes whole blocks by swapping"
         t = self._refresh()
         ram_blocks = sorted(ram_blocks)
         ram_size = max((o + s for o, s in ram_blocks), default=0)
@@ -186,6 +189,7 @@ class CopyingDirtyMemory(sd.DirtyMemory):
             for n in old:
                 segment.unlink(n)
         self._rcu.call_rcu(free_old)
+        return []
 
 
 # --- no lost bits ------------------------------------------------------------------------------
