@@ -75,6 +75,26 @@ class _Backend:
     load_cell: Callable[[Ptr, int, Any], None]
 
     store_load: Callable[[Ptr, int, Ptr], int]
+    or_many: Callable[[Ptr, list[int], list[int], int], None]
+    take_many: Callable[[Ptr, list[int], list[int], int], list[int]]
+
+    def _or_many(self, base: Ptr, words: list[int], values: list[int], order: int) -> None:
+        """OR values[i] into word words[i] after ``base``, one atomic each."""
+        for w, v in zip(words, values, strict=True):
+            self.fetch_or(base + (w << 3), v, order)
+
+    def _take_many(self, base: Ptr, words: list[int], masks: list[int],
+                   order: int) -> list[int]:
+        """Take (return and clear) the bits masks[i] of word words[i]: an
+        exchange for a full mask, a fetch_and otherwise."""
+        out = []
+        for w, m in zip(words, masks, strict=True):
+            p = base + (w << 3)
+            if m == MASK64:
+                out.append(self.exchange(p, 0, order))
+            else:
+                out.append(self.fetch_and(p, ~m & MASK64, order) & m)
+        return out
 
     def _store_load(self, p: Ptr, value: int, q: Ptr) -> int:
         """store(p, value) then load(q), both seq_cst: the reader's Dekker half."""
@@ -106,6 +126,7 @@ class _FastBackend(_Backend):
             ops.xchg_ops.fp_cmpxchg_strong, "int(*)(void *, void *, void *, int, int)"
         )
         self._fetch_or = fn(ops.binary_ops.fp_fetch_or, fetch)
+        self._or = fn(ops.binary_ops.fp_or, "void(*)(void *, void *, int)")
         self._fetch_and = fn(ops.binary_ops.fp_fetch_and, fetch)
         self._fetch_add = fn(ops.unsigned_ops.fp_fetch_add, fetch)
         self._test_set = fn(ops.bitwise_ops.fp_test_set, "int(*)(void *, int, int)")
@@ -168,6 +189,30 @@ class _FastBackend(_Backend):
         def bit_test_reset(p: Ptr, bit: int, order: int) -> bool:
             return bool(c_reset(p, bit, order))
 
+        c_or_void = self._or
+
+        def or_many(base: Ptr, words: list[int], values: list[int], order: int) -> None:
+            c = ffi.new("uint64_t[1]")
+            for w, v in zip(words, values, strict=True):
+                c[0] = v
+                c_or_void(base + (w << 3), c, order)
+
+        def take_many(base: Ptr, words: list[int], masks: list[int], order: int) -> list[int]:
+            c = ffi.new("uint64_t[2]")
+            out = []
+            for w, m in zip(words, masks, strict=True):
+                if m == MASK64:
+                    c[0] = 0
+                    c_xchg(base + (w << 3), c, order, c + 1)
+                    out.append(c[1])
+                else:
+                    c[0] = ~m & MASK64
+                    c_and(base + (w << 3), c, order, c + 1)
+                    out.append(c[1] & m)
+            return out
+
+        self.or_many = or_many
+        self.take_many = take_many
         self.load = load
         self.store = store
         self.store_load = store_load
@@ -201,6 +246,8 @@ class _PublicBackend(_Backend):
         self.bit_test_reset = self._bit_test_reset
         self.bit_test_set_raw = self._bit_test_set
         self.store_load = self._store_load
+        self.or_many = self._or_many
+        self.take_many = self._take_many
         self.store_cell = lambda p, cell, order: self._store(p, int(cell[0]), order)
 
         def load_cell(p: Ptr, order: int, cell: Any) -> None:
@@ -290,11 +337,13 @@ def use_backend(name: str) -> _Backend:
 
 
 def _bind() -> None:
-    global load, store, store_load, exchange, compare_exchange
+    global load, store, store_load, exchange, compare_exchange, or_many, take_many
     global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
     load = backend.load
     store = backend.store
     store_load = backend.store_load
+    or_many = backend.or_many
+    take_many = backend.take_many
     exchange = backend.exchange
     compare_exchange = backend.compare_exchange
     fetch_or = backend.fetch_or
@@ -307,6 +356,8 @@ def _bind() -> None:
 load: Callable[[Ptr, int], int]
 store: Callable[[Ptr, int, int], None]
 store_load: Callable[[Ptr, int, Ptr], int]
+or_many: Callable[[Ptr, list[int], list[int], int], None]
+take_many: Callable[[Ptr, list[int], list[int], int], list[int]]
 exchange: Callable[[Ptr, int, int], int]
 compare_exchange: Callable[[Ptr, int, int, int, int], tuple[bool, int]]
 fetch_or: Callable[[Ptr, int, int], int]

@@ -123,11 +123,9 @@ def or_words(block: Block, w0: int, bits: np.ndarray[Any, np.dtype[np.uint64]]) 
     if len(full):
         cur[full] = ALL
         atomic.fence()
-    base = block.base + (w0 << 3)
-    fetch_or = atomic.fetch_or
-    for i in todo[bits[todo] != ALL].tolist():
-        # release: as set_bit.
-        fetch_or(base + (i << 3), int(bits[i]), atomic.RELEASE)
+    part = todo[bits[todo] != ALL]
+    # release: as set_bit.
+    atomic.or_many(block.base + (w0 << 3), part.tolist(), bits[part].tolist(), atomic.RELEASE)
 
 
 def or_sparse(block: Block, widx: np.ndarray[Any, np.dtype[np.intp]],
@@ -135,11 +133,8 @@ def or_sparse(block: Block, widx: np.ndarray[Any, np.dtype[np.intp]],
     """OR ``bits[i]`` into word ``widx[i]`` (distinct words); words whose
     bits are already set cost nothing."""
     todo = np.flatnonzero(bits & ~block.words[widx])
-    base = block.base
-    fetch_or = atomic.fetch_or
-    for w, b in zip(widx[todo].tolist(), bits[todo].tolist(), strict=True):
-        # release: as set_bit.
-        fetch_or(base + (w << 3), b, atomic.RELEASE)
+    # release: as set_bit.
+    atomic.or_many(block.base, widx[todo].tolist(), bits[todo].tolist(), atomic.RELEASE)
 
 
 def take(block: Block, first: int, count: int) -> tuple[int, np.ndarray[Any, np.dtype[np.uint64]]]:
@@ -150,17 +145,12 @@ def take(block: Block, first: int, count: int) -> tuple[int, np.ndarray[Any, np.
     w0, masks = range_masks(first, count)
     view = block.words[w0:w0 + len(masks)]
     taken = np.zeros(len(masks), dtype=np.uint64)
-    base = block.base + (w0 << 3)
-    exchange, fetch_and = atomic.exchange, atomic.fetch_and
-    for i in np.flatnonzero(view & masks).tolist():
-        m = int(masks[i])
-        p = base + (i << 3)
+    todo = np.flatnonzero(view & masks)
+    if len(todo):
         # acq_rel: acquire pairs with set_bit's release (the taker sees the
         # data written before the bit); release orders our earlier reads.
-        if m == 0xFFFF_FFFF_FFFF_FFFF:
-            taken[i] = exchange(p, 0, atomic.ACQ_REL)
-        else:
-            taken[i] = fetch_and(p, ~m & 0xFFFF_FFFF_FFFF_FFFF, atomic.ACQ_REL) & m
+        taken[todo] = atomic.take_many(block.base + (w0 << 3), todo.tolist(),
+                                       masks[todo].tolist(), atomic.ACQ_REL)
     return w0, taken
 
 

@@ -922,6 +922,20 @@ class DirtyMemory:
             if ok:
                 break
         deadline = None if timeout is None else time.monotonic() + timeout
+        # A qsbr reader waits offline: it must not hold up grace periods.
+        r = self._rcu
+        offline = r.flavor == "qsbr" and r.online and r.nesting == 0
+        if offline:
+            r.thread_offline()
+        try:
+            self._await_ram_size(new_ram_size, timeout, deadline)
+        finally:
+            if offline:
+                r.thread_online()
+        self._seen = -1  # re-read the table at the next op
+
+    def _await_ram_size(self, new_ram_size: int, timeout: float | None,
+                        deadline: float | None) -> None:
         next_check = 0.0
         while self.ram_size < new_ram_size:
             now = time.monotonic()
@@ -937,8 +951,6 @@ class DirtyMemory:
                     f"map {self.name}: coordinator pid {layout.owner_pid(coord)} did not grant "
                     f"RAM size {new_ram_size:#x} within {timeout} s (is it calling serve()?)")
             time.sleep(_REQUEST_POLL)
-        if self._rcu.nesting == 0 and self._rcu.flavor == "qsbr":
-            self._refresh()
 
     def serve(self, stop_event: Any = None) -> None:
         """Coordinator: grant request_extend() calls until ``stop_event`` is set."""

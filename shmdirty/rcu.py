@@ -101,6 +101,8 @@ def owner_alive(word: int) -> bool:
         return False  # gone, or the pid now belongs to another process
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.AccessDenied:
+        return True  # it exists with the right start time: never take a live slot
     except psutil.Error:
         return False
 
@@ -330,6 +332,8 @@ class Rcu:
         """Leave: free the slot (idempotent).  Must be outside any section."""
         if self.slot < 0:
             return
+        if self.nesting > 0:
+            raise RuntimeError("unregister() inside a read-side section")
         # release: the slot reads 0 only after every access of ours.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         atomic.compare_exchange(
