@@ -88,6 +88,9 @@ class _Shared:
         self.refs = 0
         self.coord_lock = threading.RLock()
         self.pool: list[int] = []  # coordinator: ids of retired blocks, zeroed, for reuse
+        # coordinator: (client, index, block id) retired by a take whose grace
+        # period did not finish; their bits go back (see _restore_unmerged)
+        self.unmerged: list[tuple[int, int, int]] = []
 
 
 _shared: dict[str, _Shared] = {}
@@ -711,10 +714,10 @@ class DirtyMemory:
                 check(end)
             pieces = list(self._walk(page, end))
             whole = [idx for idx, _, num in pieces if num == bp]
-            if whole and self._rcu.nesting == 1:
+            if whole and self._rcu.nesting == 1 and self.is_coordinator:
                 dirty_words = sum(int(np.count_nonzero(self._block(client, i).words))
                                   for i in whole)
-                if dirty_words >= self.swap_min_words and self.is_coordinator:
+                if dirty_words >= self.swap_min_words:
                     swap = whole
             for idx, off, num in pieces:
                 if num == bp and swap:
@@ -726,20 +729,48 @@ class DirtyMemory:
         if swap:
             for idx, block in zip(swap, self._swap_out(client, swap), strict=True):
                 merge(idx * bw, block.words)
-                block.words[:] = 0  # nobody can reach it: plain stores
-                self._shared.pool.append(block.block_id)
+                self._recycle(block)
 
     def _swap_out(self, client: int, idxs: list[int]) -> list[Block]:
         """Coordinator: put zeroed blocks in place of ``client``'s blocks
         ``idxs``; return the old ones once no writer can reach them."""
+        self._restore_unmerged()
         with self._coord_lock:
             t = self._refresh()
             retired = self._publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
+        pending = [(client, i, b) for i, b in zip(idxs, retired, strict=True)]
+        self._shared.unmerged.extend(pending)
         # A grace period: every section that could have found the old blocks
         # has ended, and its bit sets happen before our reads (the waiter's
-        # seq_cst slot loads pair with the readers' release unlocks).
+        # seq_cst slot loads pair with the readers' release unlocks).  If the
+        # wait is interrupted, the bits stay in `unmerged` and go back into
+        # the live blocks at the next take or close: nothing is lost.
         self._rcu.synchronize()
+        for p in pending:
+            self._shared.unmerged.remove(p)
         return [self._map_block(b) for b in retired]
+
+    def _recycle(self, block: Block) -> None:
+        block.words[:] = 0  # nobody can reach it: plain stores
+        self._shared.pool.append(block.block_id)
+
+    def _restore_unmerged(self, timeout: float | None = None) -> None:
+        """Put back the bits of blocks retired by a take whose grace period
+        was interrupted (they were taken by nobody)."""
+        if not self._shared.unmerged:
+            return
+        self._rcu.synchronize(timeout)
+        bw = self.block_pages >> 6
+        t = self._begin()
+        try:
+            for client, idx, bid in list(self._shared.unmerged):
+                old = self._map_block(bid)
+                if idx < t.num_blocks:
+                    bitmap.or_words(self._block(client, idx), 0, old.words[:bw].copy())
+                self._recycle(old)
+                self._shared.unmerged.remove((client, idx, bid))
+        finally:
+            self._end()
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
@@ -1023,6 +1054,7 @@ class DirtyMemory:
             last = self._shared.refs == 1
             if last and self.is_coordinator:
                 try:
+                    self._restore_unmerged(timeout=1.0)
                     self._rcu.barrier(timeout=1.0)
                 except GraceTimeout:
                     pass  # an adopter reaps what is left
@@ -1045,6 +1077,7 @@ class DirtyMemory:
             segment.unlink(n)
         self._rcu.gp._callbacks.clear()
         self._rcu.gp._batch.clear()
+        self._shared.unmerged.clear()
         self.close()
 
     def __enter__(self) -> DirtyMemory:

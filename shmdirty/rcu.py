@@ -399,8 +399,18 @@ class Rcu:
         if self.slot < 0:
             raise RuntimeError("thread_online() after unregister(): this Rcu has no slot")
         g = atomic.load(self._gp_ptr, atomic.RELAXED)
-        # seq_cst: as read_lock, so loads of published words come after it.
-        atomic.store(self._ctr, g, atomic.SEQ_CST)
+        while True:
+            # seq_cst: as read_lock, so loads of published words come after it.
+            atomic.store(self._ctr, g, atomic.SEQ_CST)
+            # seq_cst, after the store: as read_lock, ``seen`` must be a value
+            # loaded after it.  A grace period that advanced the counter
+            # between the load above and the store may have found the slot
+            # at 0 and ended; the caller must then see ``seen`` move and
+            # re-read what was published (a table may have retired blocks).
+            now = atomic.load(self._gp_ptr, atomic.SEQ_CST)
+            if now == g:
+                break
+            g = now
         self.seen = g
         self.online = True
 

@@ -1,0 +1,722 @@
+"""The RCU-native take (dirty.py ``_take`` / ``_swap_out``, issue 6).
+
+sync_dirty_bitmap, test_and_clear_dirty and snapshot_and_clear_dirty take
+the blocks a range covers whole by swapping a zeroed block in for each (a new
+table), waiting one grace period and reading the retired block with plain
+numpy; retired blocks are zeroed and pooled for reuse.  Here:
+
+- the swap gives exactly what the per-word path gives (results, dest,
+  what is left), for every kind of range; the pool recycles and hands out
+  zeroed blocks;
+- no bit is lost while spawned writers (memb sections, qsbr quiescent
+  points) dirty pages and the coordinator swaps in a loop and hot-adds RAM;
+  the same test catches a swap that skips the grace period;
+- the fallbacks: no swap inside a read-side section, below the threshold,
+  or in a process that is not the coordinator;
+- a reader parked in a section holds a swap back until it leaves (and its
+  late write is taken), and a SIGKILLed one does not hang it;
+- a qsbr reader coming back online while a swap completes writes into the
+  published block, not the retired one.
+
+No sleeps stand in for synchronisation: Events, Semaphores, pipes, joins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import dirty_workers
+import numpy as np
+import pytest
+import swap_workers as workers
+
+import shmdirty as sd
+from shmdirty import layout, segment
+
+pytestmark = pytest.mark.timeout(60)
+
+PB = 12
+PS = 1 << PB
+VGA, CODE, MIG = sd.DIRTY_MEMORY_VGA, sd.DIRTY_MEMORY_CODE, sd.DIRTY_MEMORY_MIGRATION
+CLIENTS = (VGA, CODE, MIG)
+FORCE = 0             # swap_min_words: every whole block is swapped
+FORBID = 10 ** 12     # swap_min_words: never swap
+WAIT = 30.0           # the longest any single wait may take before the test fails
+
+
+# --- helpers ---------------------------------------------------------------------------
+def segs(name: str, role: str) -> list[str]:
+    """The map's segments of one role: ``b`` (blocks) or ``t`` (tables)."""
+    out = []
+    for n in segment.list_segments(name):
+        tail = n.rsplit("-", 1)[1]
+        if tail[:1] == role and tail[1:].isdigit():
+            out.append(n)
+    return out
+
+
+def bits_of(words: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """One bool per bit of little-endian uint64 words."""
+    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8),
+                         bitorder="little").astype(bool)
+
+
+def bitmap_of(dm: sd.DirtyMemory, client: int) -> np.ndarray[Any, Any]:
+    """Every bit of ``client``'s blocks in the current table (past RAM too)."""
+    with dm.read_section():
+        n = dm.table.num_blocks
+        return np.concatenate([bits_of(dm._block(client, i).words.copy()) for i in range(n)])
+
+
+def forbid_swap(dm: sd.DirtyMemory) -> Any:
+    """A context in which ``dm`` never swaps."""
+
+    class _Ctx:
+        def __enter__(self) -> None:
+            self.saved = dm.swap_min_words
+            dm.swap_min_words = FORBID
+
+        def __exit__(self, *exc: object) -> None:
+            dm.swap_min_words = self.saved
+
+    return _Ctx()
+
+
+def clear_all(dm: sd.DirtyMemory) -> None:
+    with forbid_swap(dm):
+        for c in CLIENTS:
+            dm.test_and_clear_dirty(0, dm.ram_size, c)
+
+
+def child_result(ctx: Any, children: list[Any], target: Any, *args: Any) -> Any:
+    """Run ``target(*args, conn)`` in a spawned child; its reported value."""
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, child))
+    p.start()
+    children.append(p)
+    child.close()
+    assert parent.poll(WAIT), f"{target.__name__} reported nothing in {WAIT} s"
+    status, value = parent.recv()
+    p.join(WAIT)
+    assert status == "ok", value
+    assert p.exitcode == 0
+    return value
+
+
+# --- 1. the swap and the per-word path agree ---------------------------------------------
+OPS = ("sync", "test_and_clear", "snapshot")
+KINDS = ("whole", "part", "both", "all")
+
+
+def random_pattern(rng: np.random.Generator, nblocks: int, bp: int,
+                   ram_pages: int) -> np.ndarray[Any, Any]:
+    """Per client and block: clean, a few pages, 30 %, all, or random whole words."""
+    pat = np.zeros((len(CLIENTS), nblocks * bp), dtype=bool)
+    for c in CLIENTS:
+        for i in range(nblocks):
+            sl = pat[c, i * bp:(i + 1) * bp]
+            kind = int(rng.integers(5))
+            if kind == 1:
+                sl[rng.integers(bp, size=int(rng.integers(1, 4)))] = True
+            elif kind == 2:
+                sl[:] = rng.random(bp) < 0.3
+            elif kind == 3:
+                sl[:] = True
+            elif kind == 4:
+                sl[:] = np.repeat(rng.random(bp // 64) < 0.5, 64)
+    pat[:, ram_pages:] = False
+    return pat
+
+
+def random_range(rng: np.random.Generator, kind: str, bp: int,
+                 ram_pages: int) -> tuple[int, int, int, int]:
+    """(start, length) in bytes, not page aligned, and its page range [page, end):
+    ``whole`` blocks only, ``part`` of one block, ``both`` (from inside one
+    block over at least one whole block, to a block edge or into a partial
+    block), or ``all`` of RAM (whose last block is partial)."""
+    nwhole = ram_pages // bp
+    if kind == "whole":
+        k0 = int(rng.integers(nwhole))
+        page, end = k0 * bp, int(rng.integers(k0 + 1, nwhole + 1)) * bp
+    elif kind == "part":
+        k = int(rng.integers(-(-ram_pages // bp)))
+        lo, hi = k * bp, min((k + 1) * bp, ram_pages)
+        page = int(rng.integers(lo, hi))
+        end = int(rng.integers(page + 1, hi + 1))
+        if end - page == bp:       # that would be the whole block
+            end -= 1 if rng.random() < 0.5 else 0
+            page += 1 if end - page == bp else 0
+    elif kind == "both":
+        k0 = int(rng.integers(nwhole - 1))
+        page = k0 * bp + int(rng.integers(1, bp))
+        end = int(rng.integers((k0 + 2) * bp, ram_pages + 1))
+    else:
+        page, end = 0, ram_pages
+    # Bytes inside the first and last page still take the whole page.
+    start = page * PS + int(rng.integers(PS))
+    stop = max(end * PS - int(rng.integers(PS)), start + 1)
+    return start, stop - start, page, end
+
+
+def whole_blocks(page: int, end: int, bp: int) -> int:
+    return max(0, end // bp - -(-page // bp))
+
+
+@pytest.mark.parametrize("bp", [64, 256, 1024])
+def test_swap_and_per_word_take_agree(map_name: str, bp: int) -> None:
+    """Two maps with the same dirty bits, one always swapping and one never:
+    every taking accessor gives the same result, dest and remaining bitmaps,
+    equal to a plain model, over whole blocks, parts, and both."""
+    rng = np.random.default_rng(bp)
+    ram_pages = 4 * bp + 37            # 4 whole blocks and a partial fifth
+    nblocks = -(-ram_pages // bp)
+    dest_words = -(-ram_pages // 64) + 1
+    swap = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name + "s")
+    try:
+        word = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name + "w")
+    except BaseException:
+        swap.destroy()
+        raise
+    swap.swap_min_words, word.swap_min_words = FORCE, FORBID
+    cases = [(op, kind) for _ in range(5) for op in OPS for kind in KINDS]
+    try:
+        for trial, (op, kind) in enumerate(cases):
+            pat = random_pattern(rng, nblocks, bp, ram_pages)
+            for dm in (swap, word):
+                for c in CLIENTS:
+                    dm.test_and_clear_dirty(0, dm.ram_size, c)   # swaps in `swap`
+                    if pat[c].any():
+                        dm.set_dirty_pages(np.flatnonzero(pat[c]), c)
+                    assert np.array_equal(bitmap_of(dm, c), pat[c]), (trial, dm.name, c)
+            client = MIG if op == "sync" else int(rng.choice(CLIENTS))
+            start, length, page, end = random_range(rng, kind, bp, ram_pages)
+            why = (trial, op, kind, client, hex(start), hex(length), page, end)
+            dest0 = rng.integers(0, 1 << 63, size=dest_words, dtype=np.uint64)
+            dest0 &= rng.integers(0, 1 << 63, size=dest_words, dtype=np.uint64)
+
+            # The model.
+            taken = pat[client, page:end].copy()
+            expect_dest = bits_of(dest0)
+            newly = int(np.count_nonzero(taken & ~expect_dest[page:end]))
+            expect_dest[page:end] |= taken
+            pat[client, page:end] = False
+
+            out = {}
+            for dm in (swap, word):
+                g0 = dm.generation
+                if op == "sync":
+                    dest = dest0.copy()
+                    out[dm.name] = (dm.sync_dirty_bitmap(dest, start, length), dest)
+                elif op == "test_and_clear":
+                    out[dm.name] = (dm.test_and_clear_dirty(start, length, client), None)
+                else:
+                    snap = dm.snapshot_and_clear_dirty(start, length, client)
+                    out[dm.name] = (snap, snap._words.copy())
+                moved = dm.generation - g0
+                if dm is swap and whole_blocks(page, end, bp):
+                    assert moved == 1, why                      # it did swap
+                else:
+                    assert moved == 0, why
+                for c in CLIENTS:
+                    assert np.array_equal(bitmap_of(dm, c), pat[c]), (why, dm.name, c)
+
+            (a, a_words), (b, b_words) = out[swap.name], out[word.name]
+            if op == "sync":
+                assert a == b == newly, why
+                assert np.array_equal(a_words, b_words), why
+                assert np.array_equal(bits_of(a_words), expect_dest), why
+            elif op == "test_and_clear":
+                assert a is b is bool(taken.any()), why
+            else:
+                assert np.array_equal(a_words, b_words), why
+                held = bits_of(a_words)
+                off = page - (page & ~63)
+                assert np.array_equal(held[off:off + end - page], taken), why
+                assert not held[:off].any() and not held[off + end - page:].any(), why
+                for s in rng.integers(page, end, size=6).tolist():
+                    e = int(rng.integers(s + 1, end + 1))
+                    q = (s * PS + int(rng.integers(PS)), (e - s) * PS - PS + 1)
+                    exp = bool(taken[s - page:e - page].any())
+                    assert a.get_dirty(*q) is b.get_dirty(*q) is exp, (why, s, e)
+                assert a.get_dirty(start, length) is bool(taken.any()), why
+
+        # Length 0 takes nothing and swaps nothing.
+        for dm in (swap, word):
+            g0 = dm.generation
+            assert dm.sync_dirty_bitmap(np.zeros(dest_words, np.uint64), bp * PS, 0) == 0
+            assert dm.test_and_clear_dirty(bp * PS, 0, VGA) is False
+            assert dm.generation == g0
+    finally:
+        swap.destroy()
+        word.destroy()
+    assert segment.list_segments(map_name + "s") == segment.list_segments(map_name + "w") == []
+
+
+@pytest.mark.timeout(30)
+def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
+    """Many swapping takes (MIGRATION and VGA share the pool) leave at most
+    the table's blocks plus one take's worth of retired ones in /dev/shm;
+    retired blocks come back zeroed: a take after no writes finds nothing,
+    and blocks that growth takes from the pool hold only the new RAM's bits."""
+    bp, nwhole = 64, 8
+    ram_pages = nwhole * bp + 10
+    nblocks = nwhole + 1
+    rng = np.random.default_rng(5)
+    dm = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name)
+    try:
+        clear_all(dm)
+        dm.swap_min_words = FORCE
+        dest = np.zeros(-(-ram_pages // 64), dtype=np.uint64)
+        shadow = np.zeros(ram_pages, dtype=bool)
+        g0 = dm.generation
+        most = 0
+        for i in range(40):
+            pages = rng.integers(0, ram_pages, size=int(rng.integers(1, 200)))
+            dm.set_dirty_pages(pages, MIG)
+            dm.set_dirty_pages(pages[::2], VGA)
+            new = np.unique(pages[~shadow[pages]])
+            shadow[pages] = True
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == len(new), i
+            if i % 3 == 0:
+                assert dm.test_and_clear_dirty(0, dm.ram_size, VGA)
+            n = len(segs(map_name, "b"))
+            most = max(most, n)
+            assert n <= 3 * nblocks + nwhole, (i, n)
+            assert len(dm._shared.pool) <= nwhole
+            for bid in dm._shared.pool:
+                assert not dm._map_block(bid).words.any(), f"pooled block {bid} is dirty"
+        assert dm.generation - g0 >= 40 + 14                # every take swapped
+        assert most == 3 * nblocks + nwhole                 # one take's worth, no more
+        assert np.array_equal(bits_of(dest)[:ram_pages], shadow)
+
+        # No writes since: a swapping take finds nothing, in any client.
+        g1 = dm.generation
+        assert dm.sync_dirty_bitmap(np.zeros_like(dest), 0, dm.ram_size) == 0
+        assert dm.generation == g1 + 1
+        for c in CLIENTS:
+            assert not dm.test_and_clear_dirty(0, dm.ram_size, c)
+            assert not bitmap_of(dm, c).any()
+
+        # Growth takes its blocks from the pool (2 for each client: no new
+        # segment); they hold the new RAM's bits only, none past its end.
+        assert len(dm._shared.pool) == nwhole
+        dm.extend((ram_pages + 2 * bp) * PS)
+        assert len(dm._shared.pool) == nwhole - 6
+        assert len(segs(map_name, "b")) == 3 * (nblocks + 2) + nwhole - 6
+        for c in CLIENTS:
+            got = np.flatnonzero(bitmap_of(dm, c))
+            assert np.array_equal(got, np.arange(ram_pages, ram_pages + 2 * bp)), c
+        # The tables of all those generations go too.
+        dm.rcu.barrier(timeout=WAIT)
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    finally:
+        dm.destroy()
+    assert segment.list_segments(map_name) == []
+
+
+# --- 2 and 3. no lost bits while writers write and the coordinator swaps -----------------
+class Migration:
+    """The coordinator's side, as in tests/test_dirty_mp.py: the writers'
+    page limit is raised only after new RAM is published and its initial
+    dirty bits are taken into a scratch bitmap, so every MIGRATION bit below
+    the limit is one a writer set."""
+
+    def __init__(self, dm: sd.DirtyMemory, limit: Any) -> None:
+        self.dm = dm
+        self.limit = limit
+        self.dest = np.zeros(0, dtype=np.uint64)
+        self.scratch = np.zeros(0, dtype=np.uint64)
+
+    def _fit(self, ram_size: int) -> None:
+        words = -(-(ram_size >> PB) // 64)
+        if len(self.dest) < words:
+            self.dest = np.concatenate([self.dest, np.zeros(words - len(self.dest), np.uint64)])
+            self.scratch = np.zeros(words, dtype=np.uint64)
+
+    def open_up(self) -> None:
+        lo, hi = self.limit.value << PB, self.dm.ram_size
+        self._fit(hi)
+        if hi > lo:
+            self.dm.sync_dirty_bitmap(self.scratch, lo, hi - lo)
+            self.limit.value = hi >> PB
+
+    def sync(self) -> int:
+        hi = self.limit.value << PB
+        self._fit(hi)
+        return self.dm.sync_dirty_bitmap(self.dest, 0, hi)
+
+
+class Writers:
+    """Spawned ``dirty_workers.writer`` processes (memb: a section per batch;
+    qsbr: a quiescent point every ``quiescent_every`` ops)."""
+
+    def __init__(self, ctx: Any, children: list[Any], name: str, flavor: str, max_pages: int,
+                 limit: Any, seed: int, batch: int, quiescent_every: int, n: int = 2) -> None:
+        self.stop = ctx.Event()
+        self.progress = ctx.Semaphore(0)
+        self.conns, self.procs = [], []
+        for i in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=dirty_workers.writer,
+                            args=(name, flavor, seed * 100 + i, max_pages, batch,
+                                  quiescent_every, limit, self.stop, self.progress, child),
+                            name=f"writer-{i}")
+            p.start()
+            children.append(p)
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.wait(1)  # every writer has attached
+
+    def wait(self, batches: int = 1) -> None:
+        """Until the writers did ``batches`` more batches each (on average)."""
+        for _ in range(batches * len(self.procs)):
+            if not self.progress.acquire(timeout=WAIT):
+                for c in self.conns:
+                    if c.poll():
+                        status, value = c.recv()
+                        assert status == "ok", value
+                dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
+                raise AssertionError(f"writers made no progress in {WAIT} s; dead: {dead}")
+
+    def finish(self, max_pages: int) -> tuple[np.ndarray[Any, Any], int]:
+        """Stop; the union of the pages the writers set, and their op count."""
+        self.stop.set()
+        union = np.zeros(max_pages, dtype=bool)
+        ops = 0
+        for c, p in zip(self.conns, self.procs, strict=True):
+            assert c.poll(WAIT), f"{p.name} sent nothing"
+            status, value = c.recv()
+            assert status == "ok", value
+            n, packed = value
+            ops += n
+            union |= np.unpackbits(packed, count=max_pages).astype(bool)
+            p.join(WAIT)
+            assert p.exitcode == 0, (p.name, p.exitcode)
+        return np.flatnonzero(union), ops
+
+
+class NoGraceSwap(sd.DirtyMemory):
+    """BROKEN on purpose: publishes the swap table, then reads, zeroes and
+    pools the retired blocks at once, without waiting for a grace period.
+    A writer still in a section on the old table writes into a block that
+    was already read (its bit is zeroed, or pooled and handed out again as
+    some other block)."""
+
+    def _swap_out(self, client: int, idxs: list[int]) -> list[Any]:
+        with self._coord_lock:
+            t = self._refresh()
+            retired = self._publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
+        return [self._map_block(b) for b in retired]
+
+
+# Enough pages that most are written once or twice: a write lost in one
+# place is rarely hidden by another write of the same page.
+BP = 1024
+SYNCS = 40
+ADDS = (6, 15, 24, 33)       # a hot-add before these syncs
+BATCH, QUIESCENT_EVERY = 60, 20
+
+
+def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
+                  children: list[Any], seed: int) -> dict[str, int]:
+    """The test body: 2 writers; the coordinator syncs SYNCS times with the
+    swap forced and hot-adds RAM a few times; returns what the migration
+    bitmap lost (and holds extra) below the limit."""
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(1, 2 * BP, size=len(ADDS))
+    ram0 = 48 * BP + 17
+    max_pages = ram0 + int(steps.sum())
+    dm = cls.create(ram0 * PS, block_pages=BP, name=name)
+    try:
+        dm.swap_min_words = FORCE
+        limit = ctx.Value("q", 0)
+        mig = Migration(dm, limit)
+        mig.open_up()
+        ws = Writers(ctx, children, name, flavor, max_pages, limit, seed, BATCH, QUIESCENT_EVERY)
+        g0 = dm.generation
+        most_blocks = 0
+        for i in range(SYNCS):
+            ws.wait(1)                            # the writers are busy
+            if i in ADDS:
+                step = int(steps[ADDS.index(i)]) * PS
+                if i % 2:
+                    assert dm.ram_block_add(step) == dm.ram_size - step
+                else:
+                    dm.extend(dm.ram_size + step)
+                mig.open_up()
+            mig.sync()
+            most_blocks = max(most_blocks, len(segs(name, "b")))
+        swaps = dm.generation - g0 - len(ADDS)
+        ws.wait(2)
+        written, ops = ws.finish(max_pages)
+        mig.sync()
+        assert limit.value == dm.ram_size >> PB == max_pages
+        found = np.flatnonzero(bits_of(mig.dest)[:max_pages])
+        lost = np.setdiff1d(written, found)
+        extra = np.setdiff1d(found, written)
+        nblocks = -(-max_pages // BP)
+    finally:
+        dm.destroy()
+    assert segment.list_segments(name) == []
+    return {"written": len(written), "lost": len(lost), "extra": len(extra), "ops": ops,
+            "swaps": swaps, "blocks_max": most_blocks, "blocks_bound": 3 * nblocks + nblocks}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+@pytest.mark.parametrize("broken", [False, True], ids=["grace", "no-grace"])
+def test_no_lost_bits_while_swapping(map_name: str, spawn_ctx: Any, children: list[Any],
+                                     flavor: str, broken: bool) -> None:
+    cls = NoGraceSwap if broken else sd.DirtyMemory
+    attempts = []
+    for attempt in range(3 if broken else 1):
+        name = map_name if attempt == 0 else f"{map_name}r{attempt}"
+        try:
+            r = swap_and_sync(name, cls, flavor, spawn_ctx, children, seed=attempt + 1)
+        finally:
+            for n in segment.list_segments(name):
+                segment.unlink(n)
+        attempts.append(r)
+        print(f"{flavor} {'no-grace' if broken else 'grace'} attempt {attempt}: {r}")
+        if broken and r["lost"]:
+            break
+    r = attempts[-1]
+    assert r["written"] > 500 and r["ops"] > 0, r
+    assert r["swaps"] >= SYNCS, r                  # the syncs did swap
+    if broken:
+        assert r["lost"] > 0, f"the swap without a grace period was not caught: {attempts}"
+    else:
+        assert r["lost"] == 0, r
+        assert r["extra"] == 0, r                  # nothing but the writers' bits below the limit
+        assert r["blocks_max"] <= r["blocks_bound"], r
+
+
+# --- 4. the fallbacks -----------------------------------------------------------------------
+def test_no_swap_inside_a_section_or_below_the_threshold(map_name: str) -> None:
+    bp = 1024                                       # 16 words a block
+    ram_pages = 4 * bp + 10
+    dm = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name)
+    try:
+        clear_all(dm)
+        dm.swap_min_words = FORCE
+        rng = np.random.default_rng(11)
+        pages = np.unique(rng.integers(0, ram_pages, size=150))
+        words = -(-ram_pages // 64)
+        g0 = dm.generation
+
+        # Inside a section (nested too) the coordinator takes word by word.
+        with dm.read_section():
+            dm.set_dirty_pages(pages, MIG)
+            dest = np.zeros(words, dtype=np.uint64)
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == len(pages)
+            assert np.array_equal(np.flatnonzero(bits_of(dest)), pages)
+            with dm.read_section():
+                dm.set_dirty_pages(pages, MIG)
+                assert dm.test_and_clear_dirty(0, dm.ram_size, MIG)
+                dm.set_dirty_pages(pages, MIG)
+                snap = dm.snapshot_and_clear_dirty(0, dm.ram_size, MIG)
+                assert all(snap.get_dirty(int(p) * PS, PS) for p in pages)
+                assert dm.dirty_pages(MIG) == 0
+            assert dm.generation == g0
+        assert dm.generation == g0
+
+        # Outside, the same call swaps.
+        dm.set_dirty_pages(pages, MIG)
+        dest = np.zeros(words, dtype=np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == len(pages)
+        assert dm.generation == g0 + 1
+        assert np.array_equal(np.flatnonzero(bits_of(dest)), pages)
+
+        # The threshold counts dirty words of the whole blocks only.
+        dm.swap_min_words = 10
+        tail = np.arange(4 * bp, ram_pages)          # the partial block: not counted
+        for n, swaps in ((9, False), (10, True)):
+            first = rng.choice(4 * bp // 64, size=n, replace=False) * 64
+            mine = np.concatenate([first, first + 1, tail])
+            dm.set_dirty_pages(mine, MIG)
+            g = dm.generation
+            dest = np.zeros(words, dtype=np.uint64)
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == len(mine)
+            assert dm.generation == g + swaps, n
+            assert np.array_equal(np.flatnonzero(bits_of(dest)), np.sort(mine))
+            assert dm.dirty_pages(MIG) == 0
+    finally:
+        dm.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_non_coordinator_never_swaps(map_name: str, spawn_ctx: Any,
+                                     children: list[Any]) -> None:
+    bp = 64
+    ram_pages = 4 * bp + 10
+    dm = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name)
+    try:
+        clear_all(dm)
+        dm.swap_min_words = FORCE
+        g0 = dm.generation
+        pages = np.unique(np.random.default_rng(2).integers(0, ram_pages, size=200))
+        r = child_result(spawn_ctx, children, workers.non_coordinator_take, map_name, pages)
+        assert r["is_coordinator"] is False
+        assert r["generations"] == [g0] * 4, r["generations"]
+        assert r["synced"] == len(pages)
+        assert np.array_equal(np.flatnonzero(bits_of(r["dest"])), pages)
+        assert r["cleared"] is True and all(r["snap_any"]) and r["left"] == 0
+        assert dm.generation == g0
+        assert dm.dirty_pages(MIG) == 0
+    finally:
+        dm.destroy()
+
+
+# --- 5. a reader parked in a section --------------------------------------------------------
+class Parked:
+    """A spawned ``parked_reader`` and its Events."""
+
+    def __init__(self, ctx: Any, children: list[Any], name: str, page: int) -> None:
+        self.go_in, self.entered, self.release = ctx.Event(), ctx.Event(), ctx.Event()
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=workers.parked_reader,
+                                args=(name, self.go_in, self.entered, self.release, page, child))
+        self.proc.start()
+        children.append(self.proc)
+        child.close()
+
+    def park(self) -> None:
+        self.go_in.set()
+        assert self.entered.wait(WAIT), "the reader never entered its section"
+
+
+class SyncThread:
+    """A sync_dirty_bitmap of all RAM in a thread; ``finished`` when it returns.
+    Until then nothing else in this process may use the map's Rcu."""
+
+    def __init__(self, dm: sd.DirtyMemory, dest: np.ndarray[Any, Any]) -> None:
+        self.finished = threading.Event()
+        self.result: dict[str, Any] = {}
+        g0 = dm.generation
+
+        def run() -> None:
+            try:
+                self.result["newly"] = dm.sync_dirty_bitmap(dest, 0, dm.ram_size)
+            except BaseException as e:  # reported by the test
+                self.result["error"] = e
+            finally:
+                self.finished.set()
+
+        self.thread = threading.Thread(target=run, name="swapping-sync", daemon=True)
+        self.thread.start()
+        # The swap table is published first, then the grace period is waited for.
+        deadline = time.monotonic() + WAIT
+        while dm.generation == g0 and not self.finished.is_set():
+            assert time.monotonic() < deadline, "the sync never published its swap"
+            self.finished.wait(0.001)
+
+    def join(self) -> int:
+        assert self.finished.wait(WAIT), "the sync never finished"
+        self.thread.join(WAIT)
+        assert "error" not in self.result, self.result["error"]
+        return int(self.result["newly"])
+
+
+@pytest.mark.timeout(45)
+def test_parked_reader_holds_the_swap_back(map_name: str, spawn_ctx: Any,
+                                           children: list[Any]) -> None:
+    bp = 64
+    ram_pages = 4 * bp
+    late_a, late_b = 5, 2 * bp + 9             # pages in blocks the sync covers whole
+    dm = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name)
+    try:
+        clear_all(dm)
+        dm.swap_min_words = FORCE
+        a = Parked(spawn_ctx, children, map_name, late_a)
+        b = Parked(spawn_ctx, children, map_name, late_b)
+
+        # A reader inside a section holds the swap back; it writes into the
+        # block it entered with, now retired, before it leaves: the sync,
+        # which reads retired blocks only after the grace period, has it.
+        a.park()
+        g0 = dm.generation
+        dest = np.zeros(ram_pages // 64, dtype=np.uint64)
+        s = SyncThread(dm, dest)
+        assert dm.generation == g0 + 1
+        assert not s.finished.wait(0.3), "the swap did not wait for the parked reader"
+        a.release.set()
+        assert s.join() == 1
+        assert np.flatnonzero(bits_of(dest)).tolist() == [late_a]
+        assert a.conn.poll(WAIT)
+        status, value = a.conn.recv()
+        assert status == "ok", value
+        assert value["generation"] == g0         # it did write with the old table
+        a.proc.join(WAIT)
+        assert a.proc.exitcode == 0
+
+        # A reader SIGKILLed inside its section: its slot is reclaimed and
+        # the sync completes (the kill leaves a zombie until we join it).
+        b.park()
+        g1 = dm.generation
+        dest[:] = 0
+        s = SyncThread(dm, dest)
+        assert dm.generation == g1 + 1
+        assert not s.finished.wait(0.3), "the swap did not wait for the parked reader"
+        os.kill(b.proc.pid, signal.SIGKILL)
+        assert s.join() == 0
+        assert not dest.any()
+        assert b.proc.pid not in {r.pid for r in dm.rcu.readers()}
+        b.proc.join(WAIT)
+        assert b.proc.exitcode == -signal.SIGKILL
+        assert dm.dirty_pages(MIG) == 0
+        assert not dm.get_dirty_flag(late_b * PS, MIG)
+    finally:
+        dm.destroy()
+    assert segment.list_segments(map_name) == []
+
+
+# --- a qsbr reader coming back online --------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_qsbr_reader_back_online_does_not_write_a_retired_block(
+        map_name: str, spawn_ctx: Any, children: list[Any]) -> None:
+    """A qsbr reader that goes online loads the grace-period counter, then
+    stores it into its slot.  A swap that publishes and completes its grace
+    period between the two (the slot still reads 0: offline) must not leave
+    the reader on the old table: it would write into the retired block,
+    which was already read and pooled.  The write must be found."""
+    bp = 64
+    ram_pages = 4 * bp
+    page = bp + 3
+    dm = sd.DirtyMemory.create(ram_pages * PS, block_pages=bp, name=map_name)
+    try:
+        clear_all(dm)
+        ctx = spawn_ctx
+        loaded, go = ctx.Event(), ctx.Event()
+        conn, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=workers.online_after_swap,
+                        args=(map_name, page, loaded, go, child))
+        p.start()
+        children.append(p)
+        child.close()
+        assert loaded.wait(WAIT)                 # between its load and its store
+        dm.swap_min_words = FORCE
+        g0 = dm.generation
+        dest = np.zeros(ram_pages // 64, dtype=np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0   # swaps, grace period over
+        assert dm.generation == g0 + 1
+        go.set()
+        assert conn.poll(WAIT)
+        status, value = conn.recv()
+        assert status == "ok", value
+        p.join(WAIT)
+        assert p.exitcode == 0
+        print("qsbr reader back online:", value)
+        dm.swap_min_words = FORBID
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 1, (
+            f"the write went into a retired block: {value}")
+        assert np.flatnonzero(bits_of(dest)).tolist() == [page]
+        for bid in dm._shared.pool:
+            assert not dm._map_block(bid).words.any(), f"pooled block {bid} was written"
+    finally:
+        dm.destroy()
+    assert segment.list_segments(map_name) == []
