@@ -8,6 +8,10 @@ byte.  Exit codes: 0 identical, 1 different, 2 bad usage or not a map,
 3 a worker failed, 128 + signal number when interrupted (130 Ctrl-C,
 143 SIGTERM), after stopping the workers and removing every segment.
 
+The worker processes live in the top-level ``workers`` package; only the
+migrate path imports it (lazily), so ``inspect`` / ``ls`` / ``gc`` load
+nothing but the library.
+
 ``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``.  ``ls`` and
 ``gc`` never attach a map: they read the header's owner words directly, so
 they claim no reader slot and block nobody.  ``inspect`` attaches (a reader
@@ -20,14 +24,16 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_reports
+from multiprocessing.context import SpawnProcess
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -51,6 +57,9 @@ from .dirty import (
 from .errors import CorruptSegment, NoReaderSlot, ShmDirtyError
 from .rcu import GracePeriods, ReaderInfo, owner_alive
 from .segment import Segment
+
+if TYPE_CHECKING:
+    from workers.guest import GuestRam
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -123,6 +132,13 @@ def _positive_int(text: str) -> int:
     v = int(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return v
+
+
+def _count(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return v
 
 
@@ -383,15 +399,18 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
         _say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
         return EXIT_OK
     table = Table(box=None, pad_edge=False)
-    for col in ("map", "state", "coordinator", "readers", "RAM", "generation", "segments"):
+    table.add_column("map", no_wrap=True, min_width=max(len(s.name) for s in shown))
+    for col in ("state", "coordinator", "readers", "RAM", "generation", "segments"):
         table.add_column(col, no_wrap=True)
+    table.add_column("why", overflow="fold")
     for s in shown:
         alive = sum(r.alive for r in s.readers)
         coord = (f"pid {s.coordinator_pid}" + ("" if s.coordinator_alive else " (dead)")
                  if s.coordinator_pid else "-")
-        table.add_row(s.name, s.state if not s.why or s.state == "live" else f"{s.state}: {s.why}",
-                      coord, f"{alive} alive / {len(s.readers)}", fmt_bytes(s.ram_size),
-                      str(s.generation), str(len(s.segments)))
+        table.add_row(s.name, s.state, coord, f"{alive}/{len(s.readers)} alive",
+                      fmt_bytes(s.ram_size) if s.max_readers else "-",
+                      str(s.generation) if s.max_readers else "-", str(len(s.segments)),
+                      "" if s.state == "live" else s.why)
     out.print(table)
     return EXIT_OK
 
@@ -403,9 +422,10 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     for name in names:
         st = map_status(name)
         if st.state == "absent":
-            _error(out, f"{name!r} is not a map: no shmdirty-{name}-* segment in "
-                        f"{segment.SHM_DIR}")
-            code = EXIT_USAGE
+            if args.names:  # (a map that vanished since list_maps() is no error)
+                _error(out, f"{name!r} is not a map: no shmdirty-{name}-* segment in "
+                            f"{segment.SHM_DIR}")
+                code = EXIT_USAGE
         elif st.garbage:
             garbage.append(st)
         elif args.names or st.state != "live":
@@ -452,6 +472,10 @@ class _Interrupted(Exception):
 
 class _Failed(Exception):
     """A worker failed, or the run could not go on."""
+
+
+class _Usage(Exception):
+    """The options asked for a map that cannot be made."""
 
 
 class _Signals:
@@ -504,20 +528,17 @@ class _Migration:
     """One ``shmdirty migrate`` run; this process is the coordinator."""
 
     def __init__(self, cfg: MigrateConfig, out: Console, signals: _Signals) -> None:
-        from workers import Control
+        from workers import Flags
 
         self.cfg, self.out, self.signals = cfg, out, signals
         self.ctx = mp.get_context("spawn")
-        self.ctl = Control(queue=self.ctx.Queue(), go=self.ctx.Event(), stop=self.ctx.Event(),
-                           abort=self.ctx.Event(),
-                           vcpu_stopped=[self.ctx.Event() for _ in range(cfg.vcpus)],
-                           hotplug_stopped=self.ctx.Event() if cfg.hotplug else None)
-        self.procs: dict[str, Any] = {}
+        self.flags = Flags(self.ctx, cfg.vcpus)
+        self.procs: dict[str, SpawnProcess] = {}
+        self.conns: dict[Connection, str] = {}   # each worker's report pipe -> its role
         self.dm: DirtyMemory | None = None
         self.map_name = ""
         self.removed = 0
         self.ready: set[str] = set()
-        self.rounds: list[dict[str, Any]] = []
         self.hotplugs: list[dict[str, Any]] = []
         self.vcpu_stats: list[dict[str, Any]] = []
         self.done: dict[str, Any] | None = None
@@ -533,8 +554,11 @@ class _Migration:
 
         cfg = self.cfg
         t_begin = time.monotonic()
-        self.dm = DirtyMemory.create(cfg.ram, page_bits=PAGE_BITS, block_pages=cfg.block_pages,
-                                     name=cfg.name)
+        try:
+            self.dm = DirtyMemory.create(cfg.ram, page_bits=PAGE_BITS,
+                                         block_pages=cfg.block_pages, name=cfg.name)
+        except (ShmDirtyError, ValueError, FileExistsError) as e:
+            raise _Usage(f"cannot create the map: {e}") from None
         self.map_name = self.dm.name
         src = GuestRam(self.map_name, PAGE_BITS)
         dst = GuestRam(self.map_name, PAGE_BITS, "dst")
@@ -546,7 +570,7 @@ class _Migration:
                            f"{fmt_bytes(cfg.ram)} guest RAM, {cfg.vcpus} vCPU(s) "
                            f"({cfg.dirty_mode}, {cfg.pattern}, {cfg.dirty_rate:g} pages/s "
                            f"each), {len(self.procs)} workers", highlight=False, soft_wrap=True)
-            self.ctl.go.set()
+            self.flags.set(self.flags.GO)
             self.t_go = time.monotonic()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("pages {task.fields[speed]}"), TimeElapsedColumn(),
@@ -554,7 +578,8 @@ class _Migration:
                 self.progress = progress
                 self._wait(lambda: self.done is not None, "the migration to finish")
             self.progress = None
-            self._wait(lambda: all(p.exitcode is not None for p in self.procs.values()),
+            self._wait(lambda: not self.conns and all(p.exitcode is not None
+                                                      for p in self.procs.values()),
                        "the workers to exit")
             self._check_exit_codes()
             # Every worker has exited: the RAM and the destination are final.
@@ -565,7 +590,7 @@ class _Migration:
             src.close()
             dst.close()
 
-    def _result(self, src: Any, dst: Any, blocks: list[tuple[int, int]],
+    def _result(self, src: GuestRam, dst: GuestRam, blocks: list[tuple[int, int]],
                 t_begin: float) -> dict[str, Any]:
         from workers.guest import compare
 
@@ -626,9 +651,9 @@ class _Migration:
 
     # -- workers ---------------------------------------------------------------------------
     def _spawn(self) -> None:
-        from workers import hotplug, migrator, vcpu
+        from workers import Control, hotplug, migrator, vcpu
 
-        cfg, ctl, dm = self.cfg, self.ctl, self.dm
+        cfg, dm = self.cfg, self.dm
         jobs: list[tuple[str, Any, Any]] = [
             (f"vcpu{i}", vcpu.main, vcpu.VcpuConfig(
                 index=i, vcpus=cfg.vcpus, rate=cfg.dirty_rate, pattern=cfg.pattern,
@@ -638,10 +663,17 @@ class _Migration:
             jobs.append(("hotplug", hotplug.main, hotplug.HotplugConfig(cfg.hotplug)))
         jobs.append(("migrator", migrator.main, migrator.MigratorConfig(
             bandwidth=cfg.bandwidth * (1 << 20), threshold=cfg.threshold,
-            max_rounds=cfg.max_rounds, drop_round=cfg.drop_round)))
+            max_rounds=cfg.max_rounds, drop_round=cfg.drop_round,
+            hotplug=bool(cfg.hotplug))))
         for role, target, wcfg in jobs:
-            p = self.ctx.Process(target=target, args=(dm, wcfg, ctl), name=role, daemon=True)
-            p.start()
+            recv, send = self.ctx.Pipe(duplex=False)
+            p = self.ctx.Process(target=target, args=(dm, wcfg, Control(self.flags, send)),
+                                 name=role, daemon=True)
+            self.conns[recv] = role
+            try:
+                p.start()
+            finally:
+                send.close()  # the worker holds the only write end: EOF when it exits
             self.procs[role] = p
             self.signals.check()
 
@@ -659,14 +691,18 @@ class _Migration:
                 raise _Failed(f"gave up waiting for {what}: the run took longer than "
                               f"--timeout {self.cfg.timeout:g} s")
 
-    def _drain(self, timeout: float) -> None:
-        try:
-            msg = self.ctl.queue.get(timeout=timeout)
-            while True:
-                self._handle(*msg)
-                msg = self.ctl.queue.get_nowait()
-        except queue.Empty:
-            pass
+    def _drain(self, timeout: float, handle: bool = True) -> None:
+        """Read every report that arrives within ``timeout`` seconds."""
+        for c in wait_for_reports(list(self.conns), timeout):
+            assert isinstance(c, Connection)
+            try:
+                while c.poll():
+                    kind, data = c.recv()
+                    if handle:
+                        self._handle(kind, data)
+            except (EOFError, OSError):  # the worker exited (or died mid-report)
+                del self.conns[c]
+                c.close()
 
     def _check_workers(self) -> None:
         for role, p in self.procs.items():
@@ -693,7 +729,7 @@ class _Migration:
             raise _Failed(f"worker {data['role']} failed:\n{data['traceback']}")
         elif kind == "round" and pr is not None:
             self.tasks[data["round"]] = pr.add_task(
-                f"round {data['round']}", total=max(data["dirty"], 1) if data["dirty"] else 1,
+                f"round {data['round']}", total=max(data["dirty"], 1),
                 completed=0 if data["dirty"] else 1, speed="")
             self._t_round = time.monotonic()
         elif kind == "sent" and pr is not None and data["round"] in self.tasks:
@@ -701,7 +737,6 @@ class _Migration:
             speed = f"{data['sent'] * (1 << PAGE_BITS) / dt / (1 << 20):.0f} MiB/s" if dt else ""
             pr.update(self.tasks[data["round"]], completed=data["sent"], speed=speed)
         elif kind == "round_end":
-            self.rounds.append(data)
             if pr is not None and data["round"] in self.tasks:
                 tp = data["throughput"]
                 pr.update(self.tasks[data["round"]], completed=max(data["sent"], 1),
@@ -735,26 +770,25 @@ class _Migration:
     def teardown(self) -> None:
         """Stop every worker (asking first, then signals), then remove every
         segment of the map: header, tables, blocks, guest RAM, destination."""
-        ctl = self.ctl
+        flags = self.flags
         if any(p.exitcode is None for p in self.procs.values()):
-            ctl.abort.set()
-            ctl.stop.set()
-            ctl.go.set()
+            for flag in (flags.ABORT, flags.STOP, flags.GO):
+                flags.set(flag)
             end = time.monotonic() + JOIN_TIMEOUT
             while time.monotonic() < end and any(p.exitcode is None
                                                  for p in self.procs.values()):
                 if self.dm is not None:
                     self.dm.serve_once()
-                self._drain_quietly(POLL)
+                self._drain(POLL, handle=False)
             for sig in ("terminate", "kill"):
                 for p in self.procs.values():
                     if p.exitcode is None:
                         getattr(p, sig)()
                 for p in self.procs.values():
                     p.join(2.0)
-        self._drain_quietly(0)
-        ctl.queue.close()
-        ctl.queue.cancel_join_thread()
+        for c in self.conns:
+            c.close()
+        self.conns.clear()
         if self.dm is not None:
             name = self.dm.name
             before = len(segment.list_segments(name))
@@ -764,14 +798,6 @@ class _Migration:
                 for n in segment.list_segments(name):  # anything created past destroy()
                     segment.unlink(n)
             self.removed = before
-
-    def _drain_quietly(self, timeout: float) -> None:
-        try:
-            self.ctl.queue.get(timeout=timeout) if timeout else None
-            while True:
-                self.ctl.queue.get_nowait()
-        except (queue.Empty, OSError, ValueError):
-            pass
 
 
 def _render_summary(res: dict[str, Any], out: Console) -> None:
@@ -785,9 +811,9 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
         notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
                  if h["during"] == f"pre-copy round {r['round']}"]
         if r["round"] == 1:
-            notes.append("bulk: every page")
+            notes.append("bulk")
         if r["dropped"]:
-            notes.append(f"DROPPED {r['dropped']} dirty pages (--drop-round)")
+            notes.append(f"DROPPED {r['dropped']} pages")
         rate = r["dirty_rate"]
         tp = r["throughput"]
         table.add_row(str(r["round"]), fmt_bytes(r["ram_size"]), str(r["dirty"]), str(r["sent"]),
@@ -801,7 +827,7 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
     table.add_row("downtime", fmt_bytes(d["ram_size"]), str(d["pages"]), str(d["pages"]),
                   fmt_bytes(d["pages"] * ps), f"{d['seconds'] * 1e3:.0f} ms", "-",
                   f"{tp / (1 << 20):.1f} MiB/s" if tp else "-",
-                  ", ".join(notes + [f"vCPUs stopped in {d['stop_wait'] * 1e3:.0f} ms"]))
+                  ", ".join(notes + [f"vCPUs stopped: {d['stop_wait'] * 1e3:.0f} ms"]))
     out.print(table)
 
     sent = sum(r["sent"] for r in res["rounds"]) + d["pages"]
@@ -860,6 +886,12 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
     if cfg.vcpus + 3 > 64:
         _error(out, f"--vcpus {cfg.vcpus}: at most 61 (the map has 64 reader slots)")
         return EXIT_USAGE
+    need = 2 * (cfg.ram + sum(size for _, size in cfg.hotplug))  # source + destination
+    st = os.statvfs(segment.SHM_DIR)
+    if need > st.f_bavail * st.f_frsize * 0.9:
+        _error(out, f"guest RAM and its copy need {fmt_bytes(need)} of {segment.SHM_DIR}, "
+                    f"only {fmt_bytes(st.f_bavail * st.f_frsize)} is free")
+        return EXIT_USAGE
     if cfg.name is not None and segment.list_segments(cfg.name):
         _error(out, f"map {cfg.name} already exists")
         return EXIT_USAGE
@@ -878,6 +910,9 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
         except _Failed as e:
             _error(out, f"{e}\nmap {run.map_name} removed ({run.removed} segments)")
             return EXIT_FAILED
+        except _Usage as e:
+            _error(out, str(e))
+            return EXIT_USAGE
     _render_summary(res, out)
     code = EXIT_OK if res["result"]["identical"] else EXIT_MISMATCH
     res["exit_code"] = code
@@ -902,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Exit 0 if identical, 1 if not.")
     m.add_argument("--ram", type=page_size_arg, default=64 << 20, metavar="SIZE",
                    help="initial guest RAM (default 64M)")
-    m.add_argument("--vcpus", type=int, default=2, metavar="N", help="vCPU processes "
+    m.add_argument("--vcpus", type=_count, default=2, metavar="N", help="vCPU processes "
                    "(default 2)")
     m.add_argument("--dirty-rate", type=_non_negative, default=2000, metavar="PAGES",
                    help="pages each vCPU writes per second (default 2000)")
@@ -919,9 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--block-pages", type=_positive_int, default=4096, metavar="N",
                    help="pages per dirty-bitmap block (default 4096 = 16 MiB of RAM; QEMU "
                         "uses 2097152)")
-    m.add_argument("--bandwidth", type=_non_negative, default=32.0, metavar="MIB",
-                   help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 32)")
-    m.add_argument("--threshold", type=int, default=256, metavar="PAGES",
+    m.add_argument("--bandwidth", type=_non_negative, default=24.0, metavar="MIB",
+                   help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24)")
+    m.add_argument("--threshold", type=_count, default=256, metavar="PAGES",
                    help="pre-copy ends when at most this many pages are dirty (default 256)")
     m.add_argument("--max-rounds", type=_positive_int, default=30, metavar="N",
                    help="pre-copy rounds at most (default 30)")

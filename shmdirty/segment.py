@@ -14,8 +14,10 @@ primitive rather than its ``SharedMemory`` class, because on Python 3.11
 So nothing here is ever registered with a tracker and nothing but
 ``unlink()`` removes a name: exiting, crashing or failing to attach never
 destroys shared state.  Leaks are reclaimed by ``DirtyMemory.destroy()`` and
-``shmdirty gc``.  The fd is closed right after ``mmap`` so a map with many
-blocks does not use many descriptors.
+``shmdirty gc``.  Our fd is closed right after ``mmap``, but Python's mmap
+keeps a duplicate of it, so every mapped segment holds one descriptor: a
+process maps at most 3 segments per bitmap block plus a table at a time,
+well under the usual ``ulimit -n`` for guests up to terabytes.
 """
 
 from __future__ import annotations

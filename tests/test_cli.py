@@ -76,6 +76,19 @@ def test_migrate_end_to_end(map_name: str, tmp_path: Path, mode: str) -> None:
     assert "migration summary" in proc.stdout and "downtime" in proc.stdout
 
 
+def test_migrate_that_never_converges_ends_identical_after_stop_and_copy(
+        map_name: str, tmp_path: Path) -> None:
+    # 2 x 3000 pages/s against 8 MiB/s (2048 pages/s): pre-copy cannot
+    # converge, so the rounds run out and the final sync has real work.
+    proc, res = _migrate(map_name, "--dirty-rate", "3000", "--max-rounds", "3",
+                         "--pattern", "sequential", json_path=tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert segment.list_segments(map_name) == []
+    assert res["end_of_precopy"] == "max rounds" and len(res["rounds"]) == 3
+    assert res["downtime"]["newly_dirty"] > 100 and res["downtime"]["pages"] > 100
+    assert res["result"]["identical"] and res["result"]["pages_compared"] == SMALL_PAGES
+
+
 def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_path: Path) -> None:
     proc, res = _migrate(map_name, "--drop-round", "1", json_path=tmp_path / "r.json")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -135,6 +148,51 @@ def test_signal_mid_run_stops_workers_and_removes_every_segment(
     assert segment.list_segments(map_name) == []
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == []
+
+
+def test_a_worker_killed_mid_run_fails_the_run_and_removes_everything(map_name: str) -> None:
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name,
+            "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = _read_line_with(proc, f"map {map_name} started", 30)
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 4  # 2 vCPUs, hotplug, migrator
+        workers[0].kill()         # vcpu0: it was started first
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, "".join(lines) + out
+    assert f"worker vcpu0 (pid {workers[0].pid}) exited with code -9" in out
+    assert segment.list_segments(map_name) == []
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+
+
+def test_workers_leave_when_the_coordinator_is_sigkilled(
+        capsys: pytest.CaptureFixture[str], map_name: str) -> None:
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name,
+            "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _read_line_with(proc, f"map {map_name} started", 30)
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 4
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    # Nobody will set their stop flag: they notice their parent is gone.
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert alive == []
+    # What is left is a dead map, gc's job (the coordinator could not clean up).
+    assert cli.map_status(map_name).state == "dead"
+    code, out = _run(capsys, "gc", "--yes", map_name)
+    assert code == 0 and "removed" in out
+    assert segment.list_segments(map_name) == []
 
 
 # --- maps made by spawned children, for inspect / ls / gc ----------------------------------------
@@ -229,7 +287,7 @@ def test_inspect_ls_gc_on_a_live_map(capsys: pytest.CaptureFixture[str],
     code, out = _run(capsys, "ls")
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith(name + " "))
-    assert "live" in row and f"pid {live_map['coordinator'].pid}" in row and "2 alive / 2" in row
+    assert "live" in row and f"pid {live_map['coordinator'].pid}" in row and "2/2 alive" in row
 
     code, out = _run(capsys, "gc", "--yes", name)
     assert code == 0 and "live" in out and "left alone" in out

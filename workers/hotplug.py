@@ -3,9 +3,9 @@
 For each ``(seconds after go, size)`` of the schedule: create and fill the
 segment of the next RAM block FIRST (at the current end of RAM, where
 ``extend`` puts it), THEN ``request_extend`` and wait until the coordinator's
-serve loop has published it.  Nothing is added once ``ctl.stop`` is set
+serve loop has published it.  Nothing is added once the STOP flag is set
 (the guest is paused for stop-and-copy); a request already posted is seen
-through before the stopped event, so the final sync sees the block.
+through before the stopped flag, so the final sync sees the block.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from shmdirty import DirtyMemory, GraceTimeout
+from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout
 
-from . import Control, worker
+from . import Control, Flags, worker
 from .guest import GuestRam
 
 REQUEST_POLL = 0.25   # seconds per request_extend attempt between abort checks
@@ -27,13 +27,12 @@ class HotplugConfig:
 
 
 def main(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control) -> None:
-    """Entry point: hot-add RAM on schedule; then set the hot-plug stopped event."""
+    """Entry point: hot-add RAM on schedule; then set the hot-plug stopped flag."""
     with worker("hotplug", ctl):
         try:
             _run(dm, cfg, ctl, GuestRam(dm.name, dm.page_bits))
         finally:
-            if ctl.hotplug_stopped is not None:
-                ctl.hotplug_stopped.set()
+            ctl.flags.set(Flags.HOTPLUG_STOPPED)
             dm.close()
 
 
@@ -42,9 +41,11 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
         return
     t0 = time.monotonic()
     for at, size in sorted(cfg.schedule):
-        if ctl.stop.wait(max(0.0, t0 + at - time.monotonic())):
+        if ctl.wait(Flags.STOP, max(0.0, t0 + at - time.monotonic())):
             ctl.report("hotplug_skipped", at=at, size=size)
             continue
+        if ctl.aborted():
+            return
         blocks = dm.ram_blocks()
         offset = max(o + s for o, s in blocks)
         t_ask = time.monotonic()
@@ -55,7 +56,9 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
                 dm.request_extend(offset + size, timeout=REQUEST_POLL)
                 break
             except GraceTimeout:
-                if ctl.abort.is_set():
+                if ctl.aborted():
                     return
+            except CoordinatorGone:
+                return  # it died: nothing to finish
         ctl.report("hotplug", at=at, size=size, offset=offset, ram_size=dm.ram_size,
                    t_ask=t_ask, t_done=time.monotonic())

@@ -13,7 +13,7 @@ pages start dirty, like ``migration_bitmap_extend``.  Each round:
    copying the page: a write after the copy leaves a bit for the next
    round), at most ``bandwidth`` bytes per second;
 
-until ``max_rounds`` rounds are done.  Stop-and-copy sets ``ctl.stop``,
+until ``max_rounds`` rounds are done.  Stop-and-copy sets the STOP flag,
 waits until every vCPU and the hot-plug worker has stopped, syncs once more
 and copies what is left without a rate limit.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from shmdirty import DirtyMemory
 
-from . import Control, worker
+from . import Control, Flags, worker
 from .guest import GuestRam
 
 STOP_TIMEOUT = 30.0     # seconds to wait for the vCPUs to say they stopped
@@ -41,11 +41,12 @@ REPORT_EVERY = 0.05     # seconds between progress reports
 
 @dataclass(frozen=True)
 class MigratorConfig:
-    bandwidth: float = 32 << 20     # bytes per second during pre-copy; 0: unlimited
+    bandwidth: float = 24 << 20     # bytes per second during pre-copy; 0: unlimited
     threshold: int = 256            # dirty pages at which pre-copy has converged
     max_rounds: int = 30
     chunk_pages: int = 64           # pages copied between two rate-limit checks
     drop_round: int = 0             # testing: forget this round's dirty pages
+    hotplug: bool = False           # a hot-plug worker runs: wait for it to stop too
 
 
 class Aborted(Exception):
@@ -112,7 +113,7 @@ class Migrator:
         chunk = self.cfg.chunk_pages
         page_size = self.dm.page_size
         for i in range(0, len(pages), chunk):
-            if self.ctl.abort.is_set():
+            if self.ctl.aborted():
                 raise Aborted
             part = pages[i:i + chunk]
             for b, local, _ in self.src.split(part):
@@ -122,7 +123,7 @@ class Migrator:
             if bandwidth:
                 ahead = t0 + sent * page_size / bandwidth - now
                 if ahead > 0:  # the rate limit (like QEMU's max-bandwidth)
-                    self.ctl.abort.wait(ahead)
+                    self.ctl.wait(Flags.ABORT, ahead)
             if now - last >= REPORT_EVERY:
                 self.ctl.report("sent", round=round_no, sent=sent)
                 last = now
@@ -166,14 +167,15 @@ class Migrator:
         # Stop-and-copy: the guest is paused for all of this (the downtime).
         t_stop = time.monotonic()
         ctl.report("stopping", pending=self.bitmap.count(), reason=reason, t_stop=t_stop)
-        ctl.stop.set()
-        waiting = list(ctl.vcpu_stopped)
-        if ctl.hotplug_stopped is not None:
-            waiting.append(ctl.hotplug_stopped)
-        for ev in waiting:
-            deadline = t_stop + STOP_TIMEOUT
-            while not ev.wait(0.1):
-                if ctl.abort.is_set():
+        flags = ctl.flags
+        flags.set(Flags.STOP)
+        waiting = [Flags.VCPU_STOPPED + i for i in range(flags.vcpus)]
+        if self.cfg.hotplug:
+            waiting.append(Flags.HOTPLUG_STOPPED)
+        deadline = t_stop + STOP_TIMEOUT
+        for flag in waiting:
+            while not ctl.wait(flag, 0.1):
+                if ctl.aborted():
                     raise Aborted
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"a vCPU or the hot-plug worker did not stop within "

@@ -25,7 +25,7 @@ import numpy as np
 
 from shmdirty import DIRTY_MEMORY_MIGRATION, DIRTY_MEMORY_VGA, DirtyMemory
 
-from . import Control, worker
+from . import Control, Flags, worker
 from .guest import TAG_VCPU, GuestRam, stamp
 
 PATTERNS = ("uniform", "hot", "sequential")
@@ -106,14 +106,14 @@ def mark_lebitmap(dm: DirtyMemory, ram: GuestRam, pages: np.ndarray[Any, Any]) -
 
 
 def main(dm: DirtyMemory, cfg: VcpuConfig, ctl: Control) -> None:
-    """Entry point: dirty pages until ``ctl.stop``; then set this vCPU's stopped event."""
+    """Entry point: dirty pages until the STOP flag; then set this vCPU's stopped flag."""
     with worker(f"vcpu{cfg.index}", ctl):
         try:
             _run(dm, cfg, ctl)
         finally:
             # After the last write and its dirty bit: the migrator's final
             # sync waits for this.
-            ctl.vcpu_stopped[cfg.index].set()
+            ctl.flags.set(Flags.VCPU_STOPPED + cfg.index)
             dm.close()
 
 
@@ -130,7 +130,8 @@ def _run(dm: DirtyMemory, cfg: VcpuConfig, ctl: Control) -> None:
         t0 = time.monotonic()
         due_total = 0
         max_batch = max(1, int(cfg.rate * MAX_LAG))
-        while not ctl.stop.is_set():
+        flags = ctl.flags
+        while not flags.is_set(Flags.STOP) and not ctl.aborted():
             size = dm.ram_size
             if size != known:  # RAM was hot-added: map the new blocks
                 ram.update(dm.ram_blocks())
@@ -149,7 +150,7 @@ def _run(dm: DirtyMemory, cfg: VcpuConfig, ctl: Control) -> None:
                 due_total += due
                 written += due
                 batches += 1
-            ctl.stop.wait(INTERVAL)
+            flags.wait(Flags.STOP, INTERVAL)
         ctl.report("vcpu", index=cfg.index, writes=written, batches=batches,
                    seconds=time.monotonic() - t0)
     finally:
