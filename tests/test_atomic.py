@@ -175,6 +175,25 @@ def test_store_load_pair(backend: str, g: Guarded) -> None:
         assert atomic.store_load(q, v ^ 1, q) == v ^ 1  # the same word: sees its store
 
 
+def test_or_many_and_take_many(backend: str, g: Guarded) -> None:
+    """The batch loops: or_many ORs each value into its word; take_many
+    returns and clears the masked bits (an exchange for a full mask)."""
+    base = g.words.ptr(0)
+    before = [g.word(8 * i) for i in range(Guarded.WORDS)]
+    words, values = [1, 3, 6], [0b1010, MASK64, 1 << 63]
+    atomic.or_many(base, words, values, atomic.RELEASE)
+    for i in range(Guarded.WORDS):
+        want = before[i] | dict(zip(words, values, strict=True)).get(i, 0)
+        assert g.word(8 * i) == want
+    now = [g.word(8 * i) for i in range(Guarded.WORDS)]
+    masks = [MASK64, 0xFF00, 1]
+    got = atomic.take_many(base, [1, 2, 7], masks, atomic.ACQ_REL)
+    assert got == [now[1], now[2] & 0xFF00, now[7] & 1]
+    assert g.word(8) == 0 and g.word(16) == now[2] & ~0xFF00 and g.word(56) == now[7] & ~1
+    assert g.all[:Guarded.GUARD].tolist() == g.saved[:Guarded.GUARD].tolist()
+    assert g.all[-Guarded.GUARD:].tolist() == g.saved[-Guarded.GUARD:].tolist()
+
+
 def test_fence(backend: str, g: Guarded) -> None:
     assert atomic.fence() is None
     assert g.intact()
