@@ -98,6 +98,8 @@ _shared_lock = threading.Lock()
 
 
 def _index(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise BadInput(f"{what} must be an integer, not a bool")
     try:
         return operator.index(value)
     except TypeError:
@@ -122,16 +124,18 @@ def _clients(mask: int) -> list[int]:
     return [c for c in range(DIRTY_MEMORY_NUM) if mask >> c & 1]
 
 
-def _as_words(bits: Any, what: str) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    """A uint64 array from a uint64 array or little-endian bytes."""
+def _as_words(bits: Any, what: str) -> tuple[np.ndarray[Any, np.dtype[np.uint64]], int]:
+    """A uint64 array from a uint64 array or little-endian bytes, and how
+    many bits the caller gave."""
     if isinstance(bits, np.ndarray):
         if bits.dtype != U64 or bits.ndim != 1:
             raise BadInput(f"{what} must be a 1-D uint64 array, not {bits.ndim}-D {bits.dtype}")
-        return bits
+        return bits, len(bits) * 64
     if isinstance(bits, (bytes, bytearray, memoryview)):
         raw = bytes(bits)
+        nbits = len(raw) * 8
         raw += b"\0" * (-len(raw) % 8)
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return np.frombuffer(raw, dtype="<u8").astype(np.uint64), nbits
     raise BadInput(f"{what} must be a uint64 numpy array or bytes, not {type(bits).__name__}")
 
 
@@ -597,12 +601,12 @@ class DirtyMemory:
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
         returns it: VGA and MIGRATION always, CODE only for a tcg map."""
-        bits = _as_words(bitmap_, "bitmap")
+        bits, nbits = _as_words(bitmap_, "bitmap")
         pages = _index(pages, "pages")
         if pages < 0:
             raise BadInput(f"pages {pages} is negative")
-        if len(bits) * 64 < pages:
-            raise BadInput(f"bitmap holds {len(bits) * 64} bits, fewer than pages={pages}")
+        if nbits < pages:
+            raise BadInput(f"bitmap holds {nbits} bits, fewer than pages={pages}")
         start = _index(start, "start")
         clients = _clients(DIRTY_CLIENTS_ALL if self.tcg else DIRTY_CLIENTS_NOCODE)
         pb = self.page_bits
@@ -629,7 +633,7 @@ class DirtyMemory:
         newly = 0
 
         def check(end: int) -> None:
-            if end > len(dest) * 64:
+            if end > len(dest) * 64 and length:
                 raise BadInput(f"dest holds {len(dest) * 64} pages; the range ends at page {end}")
 
         def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
@@ -643,9 +647,8 @@ class DirtyMemory:
     def set_dirty_pages(self, pages: Any, client: int) -> None:
         """Mark a batch of page numbers (an integer numpy array) dirty."""
         client = _client(client)
-        if not isinstance(pages, np.ndarray) or pages.dtype.kind not in "iu":
-            raise BadInput("pages must be a numpy array of integer page numbers")
-        pages = pages.ravel()
+        if not isinstance(pages, np.ndarray) or pages.dtype.kind not in "iu" or pages.ndim != 1:
+            raise BadInput("pages must be a 1-D numpy array of integer page numbers")
         t = self._begin()
         try:
             if not len(pages):

@@ -34,9 +34,9 @@ dirty.py must match every one of them (the hypothesis machine checks it):
  6. Validation comes first: an invalid call raises ValueError and changes
     nothing at all (no bitmap bit, no RAM block, no ram_size, no dest word).
  7. set_dirty_lebitmap(bitmap, start, pages):
-    - bitmap is ``bytes``/``bytearray`` or a 1-D numpy array of dtype
-      uint64 (kind 'u', itemsize 8).  Anything else (list, int64 array,
-      uint32 array, 2-D array) is a ValueError.
+    - bitmap is bytes-like (``bytes``, ``bytearray``, ``memoryview``) or a
+      1-D numpy array of dtype uint64 (kind 'u', itemsize 8).  Anything
+      else (list, str, int64 / uint32 array, 2-D array) is a ValueError.
     - bit i of the bitmap is bit ``i % 8`` of byte ``i // 8`` (bytes) or bit
       ``i % 64`` of the VALUE of word ``i // 64`` (array); the two agree for
       little-endian words.  Bit i marks page ``(start >> page_bits) + i``.
@@ -91,6 +91,10 @@ dirty.py must match every one of them (the hypothesis machine checks it):
     - Pages beyond ram_size keep whatever bits they had, but nothing can see
       them: the only way back below ram_size is an add or extend, which
       marks its pages dirty for all clients.
+12. Results are plain Python objects: ``bool`` (not numpy.bool_) from
+    get_dirty_flag, get_dirty, all_dirty, test_and_clear_dirty and
+    snap.get_dirty; ``int`` from range_includes_clean, sync_dirty_bitmap and
+    ram_block_add; None from the setters, ram_block_remove and extend.
 """
 
 from __future__ import annotations
@@ -314,7 +318,7 @@ class RefDirtyMemory:
         return dirty
 
     def set_dirty_lebitmap(self, bitmap: Any, start: Any, pages: Any) -> None:
-        if isinstance(bitmap, (bytes, bytearray)):
+        if isinstance(bitmap, (bytes, bytearray, memoryview)):
             nbits = 8 * len(bitmap)
             value = int.from_bytes(bytes(bitmap), "little")
         elif _is_u64_array(bitmap) and bitmap.ndim == 1:

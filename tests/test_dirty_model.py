@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -32,6 +32,9 @@ from model import DIRTY_MEMORY_NUM, RefDirtyMemory
 
 import shmdirty as sd
 
+# A passing run takes seconds; a failing one spends up to 5 minutes shrinking
+# (hypothesis' own limit), and the minimal example is the useful output, so
+# the suite-wide timeout must not cut it short.
 pytestmark = pytest.mark.timeout(900)
 
 PAGE_BITS = 12
@@ -69,9 +72,8 @@ class DirtyMachine(RuleBasedStateMachine):
         self.max_pages = min(12 * block_pages, 4096)     # cap on ram, so on the bitmap
         ram_pages = data.draw(
             st.one_of(
-                st.just(0),
-                st.sampled_from([block_pages, 2 * block_pages]),
                 st.integers(1, 3 * block_pages),
+                st.sampled_from([block_pages, 2 * block_pages, 0]),
             ),
             label="ram_pages",
         )
@@ -116,6 +118,7 @@ class DirtyMachine(RuleBasedStateMachine):
             got = getattr(real, op)(*rargs)
         except ValueError as e:
             got_err = e
+        event(f"{op}: {'rejected' if want_err is not None else 'done'}")
         if want_err is not None:
             assert self.model.state() == before, f"model bug: {shown} failed half-way"
             assert got_err is not None, (
@@ -125,10 +128,10 @@ class DirtyMachine(RuleBasedStateMachine):
             return None
         assert got_err is None, f"{shown}: the map raised {got_err!r}; the model gives {want!r}"
         if isinstance(want, bool):
-            assert type(got) is bool, f"{shown} returned {type(got).__name__}, not bool"
+            assert type(got) is bool, f"{shown} returned {type(got)!r}, not bool"
             assert got == want, f"{shown}: map {got}, model {want}"
         elif isinstance(want, int):
-            assert type(got) is int, f"{shown} returned {type(got).__name__}, not int"
+            assert type(got) is int, f"{shown} returned {type(got)!r}, not int"
             assert got == want, f"{shown}: map {got}, model {want}"
         elif want is None:
             assert got is None, f"{shown} returned {got!r}, expected None"
@@ -140,15 +143,19 @@ class DirtyMachine(RuleBasedStateMachine):
         assert self.model is not None
         return self.model.ram_size
 
-    def draw_start(self, data: st.DataObject, label: str = "start") -> int:
+    def draw_start(self, data: st.DataObject, label: str = "start", end: bool = True) -> int:
+        """An address in [0, ram_size), often near a block edge or the end of RAM;
+        sometimes ram_size itself (valid only for an empty range)."""
         pages = self.ram // PS
-        edges = pages // self.bp + 1
-        near_edge = st.tuples(st.integers(0, edges), st.integers(-2 * PS, 2 * PS)).map(
-            lambda t: max(0, t[0] * self.bp * PS + t[1])
+        last = max(self.ram - 1, 0)
+        edges = [k * self.bp * PS for k in range(pages // self.bp + 1)] + [self.ram]
+        near_edge = st.tuples(st.sampled_from(edges), st.integers(-2 * PS, 2 * PS)).map(
+            lambda t: min(max(0, t[0] + t[1]), last)
         )
-        anywhere = st.integers(0, max(self.ram - 1, 0))
+        anywhere = st.integers(0, last)
         aligned = st.integers(0, max(pages - 1, 0)).map(lambda p: p * PS)
-        return data.draw(st.one_of(near_edge, anywhere, aligned), label=label)
+        choices = [near_edge, anywhere, aligned, near_edge] + ([st.just(self.ram)] if end else [])
+        return data.draw(st.one_of(*choices), label=label)
 
     def draw_client(self, data: st.DataObject) -> Any:
         return data.draw(st.sampled_from([0, 1, 2] * 5 + [3, -1]), label="client")
@@ -176,7 +183,7 @@ class DirtyMachine(RuleBasedStateMachine):
         if data.draw(st.integers(0, 2), label="clip") > 0:
             length = min(length, room)
         bad = data.draw(
-            st.sampled_from(["ok"] * 14 + ["past_end", "negative", "wraps", "huge",
+            st.sampled_from(["ok"] * 30 + ["past_end", "negative", "wraps", "huge",
                                            "start_past_end", "numpy", "float"]),
             label="mangle",
         )
@@ -197,10 +204,10 @@ class DirtyMachine(RuleBasedStateMachine):
         return start, length
 
     def draw_addr(self, data: st.DataObject) -> Any:
-        bad = data.draw(st.sampled_from(["ok"] * 10 + ["end", "past", "neg", "wraps"]),
+        bad = data.draw(st.sampled_from(["ok"] * 20 + ["end", "past", "neg", "wraps"]),
                         label="addr kind")
         return {
-            "ok": lambda: self.draw_start(data, "addr"),
+            "ok": lambda: self.draw_start(data, "addr", end=False),
             "end": lambda: self.ram,
             "past": lambda: self.ram + PS,
             "neg": lambda: -1,
@@ -356,6 +363,19 @@ class DirtyMachine(RuleBasedStateMachine):
         bad = data.draw(st.sampled_from(["ok"] * 8 + ["unaligned", "zero", "neg"]), label="bad")
         arg = {"ok": new, "unaligned": new + 1, "zero": 0, "neg": -new}[bad]
         self.same("extend", arg)
+
+    @rule(data=st.data())
+    def hotplug_churn(self, data: st.DataObject) -> None:
+        """Several adds and removes in a row: gaps of several sizes, best fit."""
+        assert self.model is not None
+        for _ in range(data.draw(st.integers(2, 6), label="churn steps")):
+            blocks = sorted(self.model.blocks)
+            if blocks and data.draw(st.booleans(), label="remove?"):
+                self.same("ram_block_remove", data.draw(st.sampled_from(blocks), label="offset"))
+                continue
+            size = data.draw(st.integers(1, 6), label="size pages") * PS
+            if self.fits(self.model.find_ram_offset(size), size):
+                self.same("ram_block_add", size)
 
     # -- invariants ---------------------------------------------------------------------------
     @invariant()
