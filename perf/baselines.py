@@ -265,15 +265,19 @@ def _lock_lebitmap_reset(s: LockState, w: Work) -> None:
 
 @workload("sync_dirty_bitmap", "lock")
 def _lock_sync(s: LockState, w: Work, j: int, n: int) -> int:
+    # Before the seed's patch the whole sync (migration_bitmap_sync) ran
+    # under the iothread lock: take the words (copy + zero: nobody else can
+    # touch them while we hold the lock), OR them into the migration bitmap
+    # and count the new pages, all in numpy, all under the lock.
     sl = _slice(w)
     with s.lock:
         src = s.rows()[FLAG_CLIENT][sl]
         bits = src.copy()
         src[:] = 0
-    dest = w.dest[sl]
-    new = bits & ~dest
-    dest |= bits
-    _check_sync(w, popcount_sum(new))
+        dest = w.dest[sl]
+        new = popcount_sum(bits & ~dest)
+        dest |= bits
+    _check_sync(w, new)
     return 1
 
 

@@ -9,7 +9,15 @@ total ops of all workers over the timed seconds of the slowest worker.
 
 Hot-plug variant: while the workers run, the parent grows the RAM by
 ``hotplug_step`` every ``hotplug_interval`` (start to start; back to back if
-one growth takes longer) until every worker has reported.
+one growth takes longer) until every worker has reported -- unless the
+implementation says a worker does it (``Impl.workers_grow``: shmdirty's
+sync cells, whose migrator worker is the coordinator; ``before_run`` /
+``after_run`` hand the role over and back, see impl_shmdirty).
+
+Workers may differ (``Impl.open_worker`` gets the worker's index): a
+worker state with ``counted = False`` runs alongside (until the wall-clock
+cap if ``wall_only``) and is reported per worker, but is left out of the
+row's ops/sec; ``report()`` adds fields to the worker's entry.
 
 Clean-up: every segment a run creates starts with ``shmdirty-perf<run id>``.
 Each cell destroys its state in a ``finally`` and then unlinks whatever is
@@ -134,15 +142,17 @@ def _run_cell_in_worker(index: int, cell: Cell, handle: Any, barrier: Any,
     try:
         run = RUNS[(cell.impl, cell.op)]
         reset = RESETS.get((cell.impl, cell.op))
-        state = IMPLS[cell.impl].open(handle, lock)
+        state = IMPLS[cell.impl].open_worker(handle, lock, index, cell)
         work = make_work(cell, index)
         barrier.wait(SETUP_TIMEOUT)
         started = True
         _maybe_fail(index, cell)
         ops, seconds, wall = _timed_loop(state, work, run, reset, cell)
         st, state = state, None
+        extra = st.report() if hasattr(st, "report") else {}
         st.close()  # before reporting: a qsbr reader must not hold grace periods up
-        return {"ok": True, "ops": ops, "seconds": seconds, "wall": wall, "error": None}
+        return {"ok": True, "ops": ops, "seconds": seconds, "wall": wall, "error": None,
+                "counted": getattr(st, "counted", True), **extra}
     except BaseException as exc:  # report everything to the parent
         if not started:
             barrier.abort()
@@ -170,9 +180,12 @@ def _timed_loop(state: Any, work: Any, run: Callable[..., int],
                 reset: Callable[..., None] | None, cell: Cell) -> tuple[int, float, float]:
     """Run chunks until ``cell.duration`` timed seconds (or ``cell.cap`` of
     wall time) have passed; at least one chunk.  Only the chunk and the qsbr
-    quiescent() after it are timed; the reset is not."""
+    quiescent() after it are timed; the reset is not.  A state with
+    ``wall_only`` (a background writer whose ops are not counted) runs until
+    ``cell.cap`` of wall time, as long as the counted worker may run."""
     chunk = OPS[cell.op].chunk
     tick = state.tick
+    duration = float("inf") if getattr(state, "wall_only", False) else cell.duration
     cycle = work.cycle
     clock = time.perf_counter
     ops = 0
@@ -189,7 +202,7 @@ def _timed_loop(state: Any, work: Any, run: Callable[..., int],
         t1 = clock()
         timed += t1 - t0
         j = (j + chunk) % cycle
-        if timed >= cell.duration or t1 - wall0 >= cell.cap:
+        if timed >= duration or t1 - wall0 >= cell.cap:
             return ops, timed, t1 - wall0
 
 
@@ -338,7 +351,9 @@ def cells(cfg: BenchConfig, run_id: str) -> Iterator[Cell]:
                                    hotplug=hotplug, duration=cfg.duration,
                                    guest_bytes=cfg.guest_bytes, page_bits=cfg.page_bits,
                                    range_pages=cfg.range_pages, batch_pages=cfg.batch_pages,
-                                   seed=cfg.seed, stem=f"{run_prefix(run_id)}c{n}")
+                                   seed=cfg.seed, stem=f"{run_prefix(run_id)}c{n}",
+                                   hotplug_step=cfg.hotplug_step,
+                                   hotplug_interval=cfg.hotplug_interval)
 
 
 def _key(cell: Cell) -> dict[str, Any]:
@@ -349,6 +364,7 @@ def _key(cell: Cell) -> dict[str, Any]:
 def run_cell(cell: Cell, cfg: BenchConfig, pools: Pools) -> dict[str, Any]:
     """Measure one cell; returns its result row.  Raises on failure."""
     impl = IMPLS[cell.impl]
+    after_error: Exception | None = None
     events = 0
     ram = cell.guest_bytes
     if not impl.in_pool:
@@ -367,11 +383,18 @@ def run_cell(cell: Cell, cfg: BenchConfig, pools: Pools) -> dict[str, Any]:
                     impl.grow(created, ram)
                     events += 1
 
+                parent_grows = cell.hotplug and not impl.workers_grow(cell)
+                impl.before_run(created, cell)
                 reports, tick_error = pool.run(cell, created.handle,
-                                               grow if cell.hotplug else None,
+                                               grow if parent_grows else None,
                                                cfg.hotplug_interval)
             finally:
-                impl.destroy(created)
+                try:
+                    impl.after_run(created, cell)
+                except Exception as exc:  # reported below, unless the pool broke
+                    after_error = exc
+                finally:
+                    impl.destroy(created)
         except PoolBroken:
             pools.discard(cell.workers)
             raise
@@ -383,8 +406,13 @@ def run_cell(cell: Cell, cfg: BenchConfig, pools: Pools) -> dict[str, Any]:
             raise RuntimeError(primary[0]["error"])
         if tick_error is not None:
             raise RuntimeError(f"hot-plug coordinator: {_describe(tick_error)}")
-    total = sum(r["ops"] for r in reports)
-    slowest = max(r["seconds"] for r in reports)
+        if after_error is not None:
+            raise RuntimeError(f"after the run: {_describe(after_error)}")
+    # Workers whose state says counted=False (background writers of the
+    # shmdirty sync cells) load the machine but are not in the figure.
+    counted = [r for r in reports if r.get("counted", True)] or reports
+    total = sum(r["ops"] for r in counted)
+    slowest = max(r["seconds"] for r in counted)
     row = _key(cell)
     row.update({
         "ops_per_sec": total / slowest if slowest > 0 else 0.0,
@@ -392,9 +420,17 @@ def run_cell(cell: Cell, cfg: BenchConfig, pools: Pools) -> dict[str, Any]:
         "seconds": slowest,
         "pages_per_op": pages_per_op(cell),
         "guest_bytes": cell.guest_bytes,
-        "per_worker": [{"ops": r["ops"], "seconds": r["seconds"]} for r in reports],
+        "per_worker": [{k: v for k, v in r.items() if k not in ("ok", "error", "wall")}
+                       for r in reports],
     })
+    if len(counted) != len(reports):
+        row["counted_workers"] = len(counted)
     if cell.hotplug:
+        grown = [r for r in reports if "hotplug_events" in r]
+        if grown:  # a worker (the coordinator) did the hot-adds
+            events = sum(r["hotplug_events"] for r in grown)
+            ram = max(r["ram_final_bytes"] for r in grown)
+            row["hotplug_by"] = "worker"
         row["hotplug_events"] = events
         row["ram_final_bytes"] = ram
     return row

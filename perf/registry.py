@@ -29,9 +29,13 @@ OP_NAMES = (
     "sync_dirty_bitmap",
 )
 # Pseudo-workloads of the RCU micro section (shmdirty implementations only).
-BUSY_READER = "rcu_busy_reader"      # get_dirty_flag back to back
-RCU_SECTION = "rcu_section"          # memb: an empty read-side section
-RCU_QUIESCENT = "rcu_quiescent"      # qsbr: quiescent()
+BUSY_READER = "rcu_busy_reader"      # short sections around get_dirty_flag, back to back
+RCU_SECTION = "rcu_section"          # memb: an empty ``with dm.read_section()``
+RCU_LOCK = "rcu_lock_unlock"         # memb: dm.rcu.read_lock(); dm.rcu.read_unlock()
+RCU_QUIESCENT = "rcu_quiescent"      # qsbr: dm.quiescent()
+RCU_QS_RAW = "rcu_quiescent_raw"     # qsbr: dm.rcu.quiescent()
+RCU_RAW_ATOMIC = "rcu_raw_atomic"    # atomic.fetch_add on a Words.ptr pointer
+RCU_MICRO_OPS = (BUSY_READER, RCU_SECTION, RCU_LOCK, RCU_QUIESCENT, RCU_QS_RAW, RCU_RAW_ATOMIC)
 
 # QEMU's client numbers (include/exec/memory.h), fixed by the seed.
 DIRTY_MEMORY_VGA = 0
@@ -65,6 +69,8 @@ class Cell:
     batch_pages: int       # pages per set_dirty_pages call
     seed: int
     stem: str              # unique per cell: every segment of the cell starts with it
+    hotplug_step: int = 1 << 30       # bytes added per hot-add
+    hotplug_interval: float = 0.010   # seconds between hot-adds (start to start)
 
     @property
     def cap(self) -> float:
@@ -84,7 +90,9 @@ class Created:
 
 class Impl:
     """One implementation.  Parent side: check / create / prepare / grow /
-    destroy.  Worker side: open (returns a state with ``tick`` and ``close``)."""
+    destroy, and before_run / after_run around the workers' run.  Worker
+    side: open_worker (returns a state with ``tick`` and ``close``, and
+    optionally ``wall_only``, ``counted`` and ``report()``: see harness)."""
 
     name = ""
     grows = False      # has a hot-plug variant (grow() during the run)
@@ -114,6 +122,20 @@ class Impl:
 
     def open(self, handle: Any, lock: Any) -> Any:
         raise NotImplementedError
+
+    def open_worker(self, handle: Any, lock: Any, index: int, cell: Cell) -> Any:
+        """Worker ``index``'s state for ``cell``; by default every worker is alike."""
+        return self.open(handle, lock)
+
+    def workers_grow(self, cell: Cell) -> bool:
+        """True if a worker, not the parent, does the hot-adds of ``cell``."""
+        return False
+
+    def before_run(self, created: Created, cell: Cell) -> None:
+        """Parent, after prepare, just before the workers start the cell."""
+
+    def after_run(self, created: Created, cell: Cell) -> None:
+        """Parent, once every worker has reported (or failed), before destroy."""
 
     def run_external(self, cell: Cell) -> list[dict[str, Any]]:
         """For in_pool = False: measure the cell, return per-worker results."""

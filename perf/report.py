@@ -80,7 +80,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The figures issue 6 asks shmdirty to reach, as measured in this run."""
-    from .micro import FAST_OVER_PUBLIC_GOAL, fast_over_public
+    from .micro import FAST_OVER_PUBLIC_GOAL, SECTION_GOAL_RAW, fast_over_public, section_over_raw
 
     out: list[dict[str, Any]] = []
 
@@ -91,6 +91,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
     add("atomic fetch_or: fast path / public API", fast_over_public(doc["micro"]),
         FAST_OVER_PUBLIC_GOAL)
+    add("rcu (issue 3): memb Rcu.read_lock + read_unlock, in raw atomics",
+        section_over_raw(doc["micro"]), SECTION_GOAL_RAW, higher=False)
     for impl in ("shmdirty-memb", "shmdirty-qsbr"):
         f = "set_dirty_flag"
         add(f"{impl} {f}, 1 worker / lock", _ratio(_ops(doc, impl, f, 1), _ops(doc, "lock", f, 1)),
@@ -163,7 +165,7 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
                       *(cells[g].get(i, "") for i in impls))
     console.print(table)
 
-    targets_table = Table(title="issue 6 targets (informational; rows this run could not "
+    targets_table = Table(title="issue 6 (and 3) targets (informational; rows this run could not "
                           "measure are omitted)", title_justify="left")
     for col in ("target", "measured", "goal", ""):
         targets_table.add_column(col)
@@ -201,18 +203,28 @@ def _print_micro(doc: dict[str, Any], console: Any) -> None:
             t.add_row(r["section"], r["name"], f"{r['ns_per_op']:.0f}",
                       f"{x:.3g}" if x is not None else "")
         elif "median_us" in r:
+            read = r.get("ns_per_read")
             t.add_row(r["section"], r["name"], f"median {r['median_us']:.0f} us, p90 "
-                      f"{r['p90_us']:.0f} us, max {r['max_us']:.0f} us ({r['samples']})", "")
+                      f"{r['p90_us']:.0f} us, max {r['max_us']:.0f} us ({r['samples']}); "
+                      f"{r['ns_per_update']:.0f} ns/update"
+                      + (f", {read:.0f} ns/read" if read else ""), "")
         else:
             t.add_row(r["section"], r["name"], f"[red]{r.get('error')}[/]", "")
     console.print(t)
-    from .micro import FAST_OVER_PUBLIC_GOAL, fast_over_public
+    from .micro import FAST_OVER_PUBLIC_GOAL, SECTION_GOAL_RAW, fast_over_public, section_over_raw
 
     ratio = fast_over_public(doc["micro"])
     if ratio is not None:
         ok = "[green]met[/]" if ratio >= FAST_OVER_PUBLIC_GOAL else "[red]not met[/]"
         console.print(f"fast path / public API: [bold]{ratio:.1f}x[/] "
                       f"(goal at least {FAST_OVER_PUBLIC_GOAL:g}x: {ok})")
+    for key, what in (("lock_unlock", "Rcu.read_lock + read_unlock"),
+                      ("section", "with dm.read_section()")):
+        x = section_over_raw(doc["micro"], key)
+        if x is not None:
+            ok = "[green]met[/]" if x <= SECTION_GOAL_RAW else "[red]not met[/]"
+            console.print(f"memb section open + close ({what}) = [bold]{x:.2f}[/] raw atomics "
+                          f"(issue 3 goal at most {SECTION_GOAL_RAW:g}: {ok})")
 
 
 def _legend(cfg: dict[str, Any]) -> str:
@@ -223,7 +235,19 @@ def _legend(cfg: dict[str, Any]) -> str:
         lines.append(f"  {name}: {what.replace('batch_pages', str(cfg['batch_pages']))}")
     for p, what in PATTERNS.items():
         lines.append(f"  pattern {p}: {what}")
+    lines.extend(SYNC_LEGEND)
     return "\n".join(lines)
+
+
+SYNC_LEGEND = (
+    "  shmdirty sync_dirty_bitmap rows model QEMU's migration thread: worker 0 is the",
+    "    migrator and the map's coordinator (the parent resigns with close(), the worker",
+    "    adopt()s), so whole blocks are taken by swap + one grace period; it also does the",
+    "    hot-adds of the hot-plug rows (every 10 ms, between syncs). With N > 1 workers the",
+    "    other N-1 are uncounted vCPU writers (set_dirty_flag in their own slices): the row",
+    "    is ONE migrator's calls/s over 1/N of the guest, where lock and c rows are N",
+    "    syncers' total. Only the 1-worker rows compare like with like.",
+)
 
 
 # =============================================================================

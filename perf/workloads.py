@@ -25,7 +25,11 @@ from .registry import (
     DIRTY_CLIENTS_NOCODE,
     DIRTY_MEMORY_MIGRATION,
     DIRTY_MEMORY_VGA,
+    RCU_LOCK,
+    RCU_MICRO_OPS,
+    RCU_QS_RAW,
     RCU_QUIESCENT,
+    RCU_RAW_ATOMIC,
     RCU_SECTION,
     Cell,
 )
@@ -65,9 +69,15 @@ OPS: dict[str, OpSpec] = {
         OpSpec("sync_dirty_bitmap", "the worker's slice of MIGRATION (1 % dirtied, untimed, "
                "before each call) into a private bitmap, counting new pages", chunk=1,
                bulk=True, clean=(_MIG,), patterns=("sparse",)),
-        OpSpec(BUSY_READER, "get_dirty_flag of a random page (RCU micro only)", chunk=64),
-        OpSpec(RCU_SECTION, "an empty memb read-side section (RCU micro only)", chunk=64),
-        OpSpec(RCU_QUIESCENT, "qsbr quiescent() (RCU micro only)", chunk=64),
+        OpSpec(BUSY_READER, "get_dirty_flag of a random page in a section of its own "
+               "(memb) or followed by quiescent() (qsbr) (RCU micro only)", chunk=64),
+        OpSpec(RCU_SECTION, "an empty `with dm.read_section()` (RCU micro only)", chunk=64),
+        OpSpec(RCU_LOCK, "dm.rcu.read_lock(); dm.rcu.read_unlock() (RCU micro only)",
+               chunk=64),
+        OpSpec(RCU_QUIESCENT, "qsbr dm.quiescent() (RCU micro only)", chunk=64),
+        OpSpec(RCU_QS_RAW, "qsbr dm.rcu.quiescent() (RCU micro only)", chunk=64),
+        OpSpec(RCU_RAW_ATOMIC, "atomic.fetch_add on a Words.ptr pointer (RCU micro only)",
+               chunk=64),
     )
 }
 
@@ -110,7 +120,7 @@ class Work:
 
 def pages_per_op(cell: Cell) -> int:
     op = cell.op
-    if op in ("set_dirty_flag", BUSY_READER, RCU_SECTION, RCU_QUIESCENT):
+    if op == "set_dirty_flag" or op in RCU_MICRO_OPS:
         return 1
     if op == "set_dirty_pages":
         return cell.batch_pages
@@ -143,11 +153,15 @@ def make_work(cell: Cell, index: int) -> Work:
         w.lebitmap_pages = popcount_sum(w.lebitmap)
         if cell.op == "sync_dirty_bitmap":
             w.dest = np.zeros((w.slice_page + n) // 64, dtype=np.uint64)
+            if index:  # a vCPU writer in shmdirty's sync cells: pages of its own slice
+                pages = w.slice_page + rng.integers(0, n, CYCLE, dtype=np.int64)
+                w.pages = pages.tolist()
+                w.addrs = (pages << cell.page_bits).tolist()
     elif cell.op == "set_dirty_pages":
         w.batches = [rng.integers(0, guest_pages, cell.batch_pages, dtype=np.uint64)
                      for _ in range(16)]
         w.cycle = len(w.batches)
-    elif cell.op in (RCU_SECTION, RCU_QUIESCENT):
+    elif cell.op in RCU_MICRO_OPS and cell.op != BUSY_READER:
         pass  # no inputs
     elif cell.op in ("set_dirty_flag", BUSY_READER):
         pages = rng.integers(0, guest_pages, CYCLE, dtype=np.int64)

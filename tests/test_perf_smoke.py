@@ -128,3 +128,59 @@ def test_a_failing_worker_is_reported_and_leaves_no_segment(map_name: str, monke
     assert {(r["op"], r["hotplug"]) for r in outcome.results} == {("set_dirty_flag", False),
                                                                   ("set_dirty_flag", True)}
     assert harness.leftover_segments(harness.run_prefix(map_name)) == []
+
+
+def test_shmdirty_sync_rows_model_a_coordinator_migrator(map_name: str, tmp_path: Any) -> None:
+    """sync_dirty_bitmap cells of shmdirty hand the coordinator role to
+    worker 0 (the migrator), which then takes whole blocks by swap (a new
+    table per call) with the library's default threshold; with 2 workers the
+    other is an uncounted writer; in the hot-plug variant the migrator does
+    the hot-adds; the parent takes the map back and destroys it."""
+    from shmdirty.dirty import SWAP_MIN_WORDS
+
+    cfg = harness.BenchConfig(impls=("shmdirty-memb", "shmdirty-qsbr"),
+                              ops=("sync_dirty_bitmap",), workers=(1, 2),
+                              hotplug=(False, True), duration=0.02,
+                              guest_bytes=16 * GIB,  # a whole bitmap block per worker
+                              hotplug_step=GIB // 4, micro=False)
+    outcome = harness.run_bench(cfg, run_id=map_name)
+    doc = _document(outcome, tmp_path)
+    assert doc["errors"] == []
+    assert {_key(r) for r in doc["results"]} == _expected_cells(cfg)
+    for r in doc["results"]:
+        roles = [w["role"] for w in r["per_worker"]]
+        assert roles == ["migrator"] + ["writer"] * (r["workers"] - 1), r
+        mig = r["per_worker"][0]
+        assert mig["swap_min_words"] == SWAP_MIN_WORDS
+        # One table published per timed sync: the swap path ran every time.
+        assert mig["generations_in_timed_syncs"] == mig["ops"] > 0
+        assert mig["generation_end"] > mig["generation_start"]
+        assert r["ops"] == mig["ops"] and r["seconds"] == mig["seconds"]
+        if r["workers"] > 1:
+            assert r["counted_workers"] == 1
+            assert all(w["ops"] > 0 and not w["counted"] for w in r["per_worker"][1:])
+        if r["hotplug"]:
+            assert r["hotplug_by"] == "worker" and r["hotplug_events"] >= 1
+            assert r["ram_final_bytes"] > r["guest_bytes"]
+    assert harness.leftover_segments(harness.run_prefix(map_name)) == []
+
+
+def test_rcu_micro_reports_sections_quiescent_and_grace_periods(map_name: str) -> None:
+    cfg = harness.BenchConfig(duration=0.05, guest_bytes=1 * GIB, quick=True)
+    pools = harness.Pools()
+    try:
+        rows, note = micro.rcu_micro(cfg, pools, map_name)
+    finally:
+        pools.close()
+    assert note is None
+    assert not [r for r in rows if "error" in r], rows
+    keys = {r["key"] for r in rows}
+    assert {"lock_unlock", "section", "qs_raw", "qs", "raw"} <= keys
+    gp = {"gp_memb_0", "gp_memb_1", "gp_memb_2", "gp_qsbr_1", "gp_qsbr_2"}
+    assert gp | {f"{k}_every5ms" for k in gp} <= keys
+    assert micro.section_over_raw(rows) is not None
+    for r in rows:
+        if "median_us" in r:
+            assert r["samples"] > 0 and r["ns_per_update"] > 0
+            assert (r["ns_per_read"] is None) == (r["readers"] == 0)
+    assert harness.leftover_segments(harness.run_prefix(map_name)) == []
