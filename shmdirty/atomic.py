@@ -74,7 +74,6 @@ class _Backend:
     store_cell: Callable[[Ptr, Any, int], None]
     load_cell: Callable[[Ptr, int, Any], None]
 
-    store_load: Callable[[Ptr, int, Ptr], int]
     or_many: Callable[[Ptr, list[int], list[int], int], None]
     take_many: Callable[[Ptr, list[int], list[int], int], list[int]]
 
@@ -95,11 +94,6 @@ class _Backend:
             else:
                 out.append(self.fetch_and(p, ~m & MASK64, order) & m)
         return out
-
-    def _store_load(self, p: Ptr, value: int, q: Ptr) -> int:
-        """store(p, value) then load(q), both seq_cst: the reader's Dekker half."""
-        self.store(p, value, SEQ_CST)
-        return self.load(q, SEQ_CST)
 
 
 class _FastBackend(_Backend):
@@ -153,13 +147,6 @@ class _FastBackend(_Backend):
             c = scratch.cell
             c[0] = value
             c_store(p, c, order)
-
-        def store_load(p: Ptr, value: int, q: Ptr) -> int:
-            c = scratch.cell
-            c[0] = value
-            c_store(p, c, SEQ_CST)
-            c_load(q, SEQ_CST, c)
-            return c[0]  # type: ignore[no-any-return]
 
         def fetcher(f: Any) -> Callable[[Ptr, int, int], int]:
             def op(p: Ptr, value: int, order: int) -> int:
@@ -215,7 +202,6 @@ class _FastBackend(_Backend):
         self.take_many = take_many
         self.load = load
         self.store = store
-        self.store_load = store_load
         self.exchange = fetcher(c_xchg)
         self.compare_exchange = compare_exchange
         self.fetch_or = fetcher(c_or)
@@ -245,7 +231,6 @@ class _PublicBackend(_Backend):
         self.bit_test_set = self._bit_test_set
         self.bit_test_reset = self._bit_test_reset
         self.bit_test_set_raw = self._bit_test_set
-        self.store_load = self._store_load
         self.or_many = self._or_many
         self.take_many = self._take_many
         self.store_cell = lambda p, cell, order: self._store(p, int(cell[0]), order)
@@ -337,11 +322,10 @@ def use_backend(name: str) -> _Backend:
 
 
 def _bind() -> None:
-    global load, store, store_load, exchange, compare_exchange, or_many, take_many
+    global load, store, exchange, compare_exchange, or_many, take_many
     global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
     load = backend.load
     store = backend.store
-    store_load = backend.store_load
     or_many = backend.or_many
     take_many = backend.take_many
     exchange = backend.exchange
@@ -355,7 +339,6 @@ def _bind() -> None:
 
 load: Callable[[Ptr, int], int]
 store: Callable[[Ptr, int, int], None]
-store_load: Callable[[Ptr, int, Ptr], int]
 or_many: Callable[[Ptr, list[int], list[int], int], None]
 take_many: Callable[[Ptr, list[int], list[int], int], list[int]]
 exchange: Callable[[Ptr, int, int], int]

@@ -92,17 +92,11 @@ def test(block: Block, bit: int) -> bool:
     return bool(atomic.load(block.base + ((bit >> 6) << 3), atomic.ACQUIRE) >> (bit & 63) & 1)
 
 
-def set_bit(block: Block, bit: int) -> None:
-    """Set one bit atomically."""
-    # release: whoever takes this bit (acquire) sees what was written before.
-    atomic.bit_test_set(block.base + ((bit >> 6) << 3), bit & 63, atomic.RELEASE)
-
-
 def set_range(block: Block, first: int, count: int) -> None:
     """Set bits [first, first+count): atomics at the edges, all-ones inside."""
     w0, w1, m0, m1 = edge_masks(first, count)
     base = block.base
-    # release: as set_bit.
+    # release: whoever takes these bits (acquire) sees what was written before.
     atomic.fetch_or(base + (w0 << 3), m0, atomic.RELEASE)
     if w1 > w0:
         if w1 > w0 + 1:
@@ -124,7 +118,7 @@ def or_words(block: Block, w0: int, bits: np.ndarray[Any, np.dtype[np.uint64]]) 
         cur[full] = ALL
         atomic.fence()
     part = todo[bits[todo] != ALL]
-    # release: as set_bit.
+    # release: as set_range.
     atomic.or_many(block.base + (w0 << 3), part.tolist(), bits[part].tolist(), atomic.RELEASE)
 
 
@@ -133,7 +127,7 @@ def or_sparse(block: Block, widx: np.ndarray[Any, np.dtype[np.intp]],
     """OR ``bits[i]`` into word ``widx[i]`` (distinct words); words whose
     bits are already set cost nothing."""
     todo = np.flatnonzero(bits & ~block.words[widx])
-    # release: as set_bit.
+    # release: as set_range.
     atomic.or_many(block.base, widx[todo].tolist(), bits[todo].tolist(), atomic.RELEASE)
 
 
@@ -147,7 +141,7 @@ def take(block: Block, first: int, count: int) -> tuple[int, np.ndarray[Any, np.
     taken = np.zeros(len(masks), dtype=np.uint64)
     todo = np.flatnonzero(view & masks)
     if len(todo):
-        # acq_rel: acquire pairs with set_bit's release (the taker sees the
+        # acq_rel: acquire pairs with the setters' release (the taker sees the
         # data written before the bit); release orders our earlier reads.
         taken[todo] = atomic.take_many(block.base + (w0 << 3), todo.tolist(),
                                        masks[todo].tolist(), atomic.ACQ_REL)

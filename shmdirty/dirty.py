@@ -507,7 +507,7 @@ class DirtyMemory:
     # --- accessors -----------------------------------------------------------------
     def set_dirty_flag(self, addr: int, client: int) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
-        # The hottest op, written out: bitmap.set_bit() inlined, and a qsbr
+        # The hottest op, written out: one C call for the bit, and a qsbr
         # reader that is online with a current table skips section entry.
         if client.__class__ is not int or not 0 <= client < DIRTY_MEMORY_NUM:
             client = _client(client)
@@ -521,7 +521,8 @@ class DirtyMemory:
                 page = self._page(t, addr)
             idx, bit = divmod(page, self.block_pages)
             b = self._blocks[client][idx] or self._block(client, idx)
-            # release: as bitmap.set_bit.
+            # release: whoever takes the bit (acquire) sees what was written
+            # before it (the guest page).
             self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, atomic.RELEASE)
         finally:
             if not plain:

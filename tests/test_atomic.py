@@ -165,16 +165,6 @@ def test_bit_test_set_reset(backend: str, g: Guarded, order: int) -> None:
         assert g.word(off) == before & ~(1 << bit) & MASK64
 
 
-def test_store_load_pair(backend: str, g: Guarded) -> None:
-    """store_load(p, v, q): a seq_cst store to p, then a seq_cst load of q."""
-    p, q = g.words.ptr(0), g.words.ptr(8)
-    for v in EDGE_VALUES:
-        seen = g.word(8)
-        assert atomic.store_load(p, v, q) == seen
-        assert g.word(0) == v and g.word(8) == seen
-        assert atomic.store_load(q, v ^ 1, q) == v ^ 1  # the same word: sees its store
-
-
 def test_or_many_and_take_many(backend: str, g: Guarded) -> None:
     """The batch loops: or_many ORs each value into its word; take_many
     returns and clears the masked bits (an exchange for a full mask)."""
