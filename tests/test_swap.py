@@ -29,10 +29,10 @@ import threading
 import time
 from typing import Any
 
-import dirty_workers
 import numpy as np
 import pytest
 import swap_workers as workers
+from mp_harness import Migration, Writers, segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
@@ -49,16 +49,6 @@ WAIT = 30.0           # the longest any single wait may take before the test fai
 
 
 # --- helpers ---------------------------------------------------------------------------
-def segs(name: str, role: str) -> list[str]:
-    """The map's segments of one role: ``b`` (blocks) or ``t`` (tables)."""
-    out = []
-    for n in segment.list_segments(name):
-        tail = n.rsplit("-", 1)[1]
-        if tail[:1] == role and tail[1:].isdigit():
-            out.append(n)
-    return out
-
-
 def bits_of(words: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """One bool per bit of little-endian uint64 words."""
     return np.unpackbits(np.ascontiguousarray(words).view(np.uint8),
@@ -319,87 +309,6 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
 
 
 # --- 2 and 3. no lost bits while writers write and the coordinator swaps -----------------
-class Migration:
-    """The coordinator's side, as in tests/test_dirty_mp.py: the writers'
-    page limit is raised only after new RAM is published and its initial
-    dirty bits are taken into a scratch bitmap, so every MIGRATION bit below
-    the limit is one a writer set."""
-
-    def __init__(self, dm: sd.DirtyMemory, limit: Any) -> None:
-        self.dm = dm
-        self.limit = limit
-        self.dest = np.zeros(0, dtype=np.uint64)
-        self.scratch = np.zeros(0, dtype=np.uint64)
-
-    def _fit(self, ram_size: int) -> None:
-        words = -(-(ram_size >> PB) // 64)
-        if len(self.dest) < words:
-            self.dest = np.concatenate([self.dest, np.zeros(words - len(self.dest), np.uint64)])
-            self.scratch = np.zeros(words, dtype=np.uint64)
-
-    def open_up(self) -> None:
-        lo, hi = self.limit.value << PB, self.dm.ram_size
-        self._fit(hi)
-        if hi > lo:
-            self.dm.sync_dirty_bitmap(self.scratch, lo, hi - lo)
-            self.limit.value = hi >> PB
-
-    def sync(self) -> int:
-        hi = self.limit.value << PB
-        self._fit(hi)
-        return self.dm.sync_dirty_bitmap(self.dest, 0, hi)
-
-
-class Writers:
-    """Spawned ``dirty_workers.writer`` processes (memb: a section per batch;
-    qsbr: a quiescent point every ``quiescent_every`` ops)."""
-
-    def __init__(self, ctx: Any, children: list[Any], name: str, flavor: str, max_pages: int,
-                 limit: Any, seed: int, batch: int, quiescent_every: int, n: int = 2) -> None:
-        self.stop = ctx.Event()
-        self.progress = ctx.Semaphore(0)
-        self.conns, self.procs = [], []
-        for i in range(n):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=dirty_workers.writer,
-                            args=(name, flavor, seed * 100 + i, max_pages, batch,
-                                  quiescent_every, limit, self.stop, self.progress, child),
-                            name=f"writer-{i}")
-            p.start()
-            children.append(p)
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
-        self.wait(1)  # every writer has attached
-
-    def wait(self, batches: int = 1) -> None:
-        """Until the writers did ``batches`` more batches each (on average)."""
-        for _ in range(batches * len(self.procs)):
-            if not self.progress.acquire(timeout=WAIT):
-                for c in self.conns:
-                    if c.poll():
-                        status, value = c.recv()
-                        assert status == "ok", value
-                dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
-                raise AssertionError(f"writers made no progress in {WAIT} s; dead: {dead}")
-
-    def finish(self, max_pages: int) -> tuple[np.ndarray[Any, Any], int]:
-        """Stop; the union of the pages the writers set, and their op count."""
-        self.stop.set()
-        union = np.zeros(max_pages, dtype=bool)
-        ops = 0
-        for c, p in zip(self.conns, self.procs, strict=True):
-            assert c.poll(WAIT), f"{p.name} sent nothing"
-            status, value = c.recv()
-            assert status == "ok", value
-            n, packed = value
-            ops += n
-            union |= np.unpackbits(packed, count=max_pages).astype(bool)
-            p.join(WAIT)
-            assert p.exitcode == 0, (p.name, p.exitcode)
-        return np.flatnonzero(union), ops
-
-
 class NoGraceSwap(sd.DirtyMemory):
     """BROKEN on purpose: publishes the swap table, then reads, zeroes and
     pools the retired blocks at once, without waiting for a grace period.
@@ -437,7 +346,8 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
         limit = ctx.Value("q", 0)
         mig = Migration(dm, limit)
         mig.open_up()
-        ws = Writers(ctx, children, name, flavor, max_pages, limit, seed, BATCH, QUIESCENT_EVERY)
+        ws = Writers(ctx, children, name, 2, flavor, max_pages, limit, seed,
+                     batch=BATCH, quiescent_every=QUIESCENT_EVERY)
         g0 = dm.generation
         most_blocks = 0
         for i in range(SYNCS):

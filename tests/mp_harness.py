@@ -1,0 +1,125 @@
+"""What the multiprocess DirtyMemory tests share: a coordinator-side
+migration with a writers' page limit, and spawned writer processes.
+
+The limit protocol: new RAM starts dirty for every client, so the writers'
+page limit is raised only after the new RAM is published and its initial
+MIGRATION bits are taken into a scratch bitmap.  Every MIGRATION bit below
+the limit is then one a writer set, and "no lost bits" is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dirty_workers as workers
+import numpy as np
+
+import shmdirty as sd
+from shmdirty import segment
+
+PB = 12
+PS = 1 << PB
+MIG = sd.DIRTY_MEMORY_MIGRATION
+WAIT = 30.0          # the longest any single wait may take before the test fails
+
+
+def segs(name: str, role: str) -> list[str]:
+    out = []
+    for n in segment.list_segments(name):
+        tail = n.rsplit("-", 1)[1]
+        if tail[:1] == role and tail[1:].isdigit():
+            out.append(n)
+    return out
+
+
+def pages_of(dest: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:
+    """The pages below ``limit`` set in a bitmap indexed by page."""
+    bits = np.unpackbits(dest.view(np.uint8), bitorder="little")[:limit]
+    return np.flatnonzero(bits)
+
+
+class Migration:
+    """The coordinator's side: a migration bitmap that grows with RAM, a
+    scratch bitmap for the initial dirty bits of new RAM, and the writers'
+    page limit."""
+
+    def __init__(self, dm: sd.DirtyMemory, limit: Any) -> None:
+        self.dm = dm
+        self.limit = limit
+        self.dest = np.zeros(0, dtype=np.uint64)
+        self.scratch = np.zeros(0, dtype=np.uint64)
+        self.syncs = 0
+
+    def _fit(self, ram_size: int) -> None:
+        words = -(-(ram_size >> PB) // 64)
+        if len(self.dest) < words:
+            self.dest = np.concatenate([self.dest, np.zeros(words - len(self.dest), np.uint64)])
+            self.scratch = np.zeros(words, dtype=np.uint64)
+
+    def open_up(self) -> None:
+        """Take the initial dirty bits of RAM above the limit (new RAM is
+        dirty for every client), then let the writers write there."""
+        lo, hi = self.limit.value << PB, self.dm.ram_size
+        self._fit(hi)
+        if hi > lo:
+            self.dm.sync_dirty_bitmap(self.scratch, lo, hi - lo)
+            self.limit.value = hi >> PB
+
+    def sync(self) -> int:
+        """Take the MIGRATION bits of the opened RAM into the migration bitmap."""
+        hi = self.limit.value << PB
+        self._fit(hi)
+        self.syncs += 1
+        return self.dm.sync_dirty_bitmap(self.dest, 0, hi)
+
+
+class Writers:
+    """Spawned writer processes and the primitives they share with us."""
+
+    def __init__(self, ctx: Any, children: list[Any], name: str, n: int, flavor: str,
+                 max_pages: int, limit: Any, seed: int, batch: int = 40,
+                 quiescent_every: int = 8) -> None:
+        self.stop = ctx.Event()
+        self.progress = ctx.Semaphore(0)
+        self.conns = []
+        self.procs = []
+        for i in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=workers.writer,
+                            args=(name, flavor, seed * 100 + i, max_pages, batch,
+                                  quiescent_every, limit, self.stop, self.progress, child),
+                            name=f"writer-{i}")
+            p.start()
+            children.append(p)
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.wait(1)  # every writer has attached
+
+    def wait(self, batches: int = 1) -> None:
+        """Until each writer (on average) did ``batches`` more batches."""
+        for _ in range(batches * len(self.procs)):
+            if not self.progress.acquire(timeout=WAIT):
+                dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
+                # Surface a writer's traceback if it has one.
+                for c in self.conns:
+                    if c.poll():
+                        status, value = c.recv()
+                        assert status == "ok", value
+                raise AssertionError(f"writers made no progress in {WAIT} s; dead: {dead}")
+
+    def finish(self, max_pages: int) -> tuple[np.ndarray[Any, Any], int]:
+        """Stop the writers; the union of the pages they set, and their op count."""
+        self.stop.set()
+        union = np.zeros(max_pages, dtype=bool)
+        ops = 0
+        for c, p in zip(self.conns, self.procs, strict=True):
+            assert c.poll(WAIT), f"{p.name} sent nothing"
+            status, value = c.recv()
+            assert status == "ok", value
+            n, packed = value
+            ops += n
+            union |= np.unpackbits(packed, count=max_pages).astype(bool)
+            p.join(WAIT)
+            assert p.exitcode == 0, (p.name, p.exitcode)
+        return np.flatnonzero(union), ops
