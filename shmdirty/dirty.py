@@ -421,7 +421,9 @@ class DirtyMemory:
     def quiescent(self) -> None:
         """qsbr: a quiescent point; the table is re-read if it may have moved."""
         r = self._rcu
-        if r.quiescent() or r.seen != self._seen:
+        # Only while online (inside a section): a table read outside one may
+        # be unlinked before it is attached.  Offline, the next op catches up.
+        if (r.quiescent() or r.seen != self._seen) and r.online:
             self._refresh()
             self._seen = r.seen
         if r.gp.pending:
@@ -686,7 +688,11 @@ class DirtyMemory:
         snap: list[DirtySnapshot] = []
 
         def check(end: int) -> None:
-            page = _index(start, "start") >> self.page_bits
+            # The window is the range's pages, ceil((start+length)/page) even
+            # for length 0 (which takes nothing).
+            first = _index(start, "start")
+            page = first >> self.page_bits
+            end = max(end, -(-(first + _index(length, "length")) >> self.page_bits))
             words = np.zeros(((max(end, page + 1) - 1) >> 6) - (page >> 6) + 1, dtype=np.uint64)
             snap.append(DirtySnapshot(self.page_bits, page, end, words))
 
@@ -771,8 +777,8 @@ class DirtyMemory:
                 old = self._map_block(bid)
                 if idx < t.num_blocks:
                     bitmap.or_words(self._block(client, idx), 0, old.words[:bw].copy())
-                self._recycle(old)
                 self._shared.unmerged.remove((client, idx, bid))
+                self._recycle(old)
         finally:
             self._end()
 
@@ -945,6 +951,10 @@ class DirtyMemory:
         """Ask the coordinator to grow RAM to ``new_ram_size`` and wait until
         it is published (any process)."""
         new_ram_size = self._size(new_ram_size, "RAM size")
+        need = -(-(new_ram_size >> self.page_bits) // self.block_pages)
+        if need > MAX_BLOCKS:  # never posted: the coordinator could not grant it
+            raise BadInput(f"RAM size {new_ram_size:#x} needs {need} blocks of "
+                           f"{self.block_pages} pages; at most {MAX_BLOCKS} are supported")
         if self.is_coordinator:
             self.extend(new_ram_size)
             return
@@ -999,6 +1009,7 @@ class DirtyMemory:
 
     def serve_once(self) -> bool:
         """Grant a pending request, run due call_rcu callbacks; True if it grew."""
+        self._open_check()  # the header may be unmapped
         grew = False
         req = atomic.load(self._req_ptr, atomic.ACQUIRE)
         if req > self.ram_size:
@@ -1077,6 +1088,8 @@ class DirtyMemory:
     def destroy(self) -> None:
         """Coordinator: unlink every segment of this map, then close."""
         self._require_coordinator("destroy()")
+        if self._rcu.nesting:  # as close(), refused before anything is unlinked
+            raise ShmDirtyError(f"map {self.name}: destroy() inside a read-side section")
         for n in segment.list_segments(self.name):
             segment.unlink(n)
         self._rcu.gp._callbacks.clear()

@@ -56,7 +56,7 @@ from typing import NamedTuple
 import psutil
 
 from . import atomic, layout
-from .errors import GraceTimeout, NoReaderSlot
+from .errors import BadInput, GraceTimeout, NoReaderSlot
 from .segment import Segment
 
 FLAVORS = ("memb", "qsbr")
@@ -181,6 +181,11 @@ class GracePeriods:
         """Has a full grace period passed since ``start_poll()`` returned ``token``?"""
         if token <= self._completed:
             return True
+        if token > self.counter():
+            # Never handed out: "complete" now, it would end every later
+            # grace period up to it at once (see _completed).
+            raise BadInput(f"grace-period token {token} was never started: the "
+                           f"counter is at {self.counter()}")
         blockers = self._blockers(token)
         if blockers and check_owners:
             blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
@@ -427,6 +432,8 @@ class Rcu:
 
     def thread_offline(self) -> None:
         """qsbr: stop being a reader until thread_online()."""
+        if self.nesting > 0:
+            raise RuntimeError("thread_offline() inside a read-side section")
         # release: as read_unlock.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.online = False
