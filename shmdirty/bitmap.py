@@ -28,7 +28,7 @@ U64 = np.dtype(np.uint64)
 _SHIFTS = np.arange(64, dtype=np.uint64)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     """One mapped block: ``words`` (numpy view) and ``base`` (cffi pointer)."""
 

@@ -56,13 +56,14 @@ _SERVE_POLL = 1e-3          # how often serve() looks for requests (s)
 _REQUEST_POLL = 2e-4        # how often request_extend() looks for the grant (s)
 
 U64 = np.dtype(np.uint64)
+_RELEASE = atomic.RELEASE
 
 
 class CoordinatorGone(ShmDirtyError, RuntimeError):
     """The map's coordinator is dead or has left: call DirtyMemory.adopt()."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Table:
     """One generation's table, copied out of its (immutable) segment."""
 
@@ -511,7 +512,7 @@ class DirtyMemory:
         """Mark the page holding ``addr`` dirty for ``client``."""
         # The hottest op, written out: one C call for the bit, and a qsbr
         # reader that is online with a current table skips section entry.
-        if client.__class__ is not int or not 0 <= client < DIRTY_MEMORY_NUM:
+        if client.__class__ is not int or not 0 <= client < 3:
             client = _client(client)
         r = self._rcu
         plain = r.online and r.seen == self._seen
@@ -521,11 +522,13 @@ class DirtyMemory:
                 page = addr >> self.page_bits
             else:
                 page = self._page(t, addr)
-            idx, bit = divmod(page, self.block_pages)
+            bp = self.block_pages
+            idx = page // bp
+            bit = page - idx * bp
             b = self._blocks[client][idx] or self._block(client, idx)
             # release: whoever takes the bit (acquire) sees what was written
             # before it (the guest page).
-            self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, atomic.RELEASE)
+            self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, _RELEASE)
         finally:
             if not plain:
                 self._end()
