@@ -18,6 +18,7 @@ from typing import Any
 import dirty_workers as workers
 import numpy as np
 import pytest
+from mp_harness import segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
@@ -31,16 +32,6 @@ CLIENTS = (VGA, CODE, MIG)
 
 
 # --- helpers ---------------------------------------------------------------------------
-def segs(name: str, role: str) -> list[str]:
-    """The map's segments of one role: ``b`` (blocks) or ``t`` (tables)."""
-    out = []
-    for n in segment.list_segments(name):
-        tail = n.rsplit("-", 1)[1]
-        if tail[:1] == role and tail[1:].isdigit():
-            out.append(n)
-    return out
-
-
 def clear_all(dm: sd.DirtyMemory) -> None:
     """Make every page clean for every client."""
     if dm.ram_size:
