@@ -30,7 +30,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +193,7 @@ class DirtyMemory:
         self._block_segs: dict[int, Segment] = {}
         self._block_cache: dict[int, Block] = {}
         self._coord_lock = shared.coord_lock
+        self._section = _Section(self)
         self._set_bit = atomic.backend.bit_test_set_raw
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
@@ -410,14 +410,15 @@ class DirtyMemory:
             self._load_table(g)
         return self._table
 
-    @contextmanager
-    def read_section(self) -> Iterator[None]:
-        """One read-side section around many ops."""
-        self._begin()
-        try:
-            yield
-        finally:
-            self._end()
+    def read_section(self) -> _Section:
+        """``with dm.read_section():`` one read-side section around many ops."""
+        return self._section
+
+    def __enter__(self) -> DirtyMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def quiescent(self) -> None:
         """qsbr: a quiescent point; the table is re-read if it may have moved."""
@@ -1100,17 +1101,27 @@ class DirtyMemory:
         self._shared.unmerged.clear()
         self.close()
 
-    def __enter__(self) -> DirtyMemory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         if self._closed:
             return f"<DirtyMemory {self.name} closed>"
         return (f"<DirtyMemory {self.name} ram_size={self.ram_size:#x} "
                 f"generation={self._gen} flavor={self.flavor}>")
+
+
+class _Section:
+    """The context manager of read_section(): a plain class, not a
+    generator, so a section costs little more than its two atomics."""
+
+    __slots__ = ("_dm",)
+
+    def __init__(self, dm: DirtyMemory) -> None:
+        self._dm = dm
+
+    def __enter__(self) -> None:
+        self._dm._begin()
+
+    def __exit__(self, *exc: object) -> None:
+        self._dm._end()
 
 
 class _Closed:
