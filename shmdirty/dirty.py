@@ -855,15 +855,24 @@ class DirtyMemory:
             seg.seal()
             return bid
 
+        placed: list[tuple[int, int]] = []
         try:
             for c in range(DIRTY_MEMORY_NUM):
-                for _ in range(t.num_blocks, need):
+                for idx in range(t.num_blocks, need):
                     ids[c].append(fresh(c))
+                    placed.append((c, idx))
             for c, idx in swap:
                 retired.append(ids[c][idx])
                 ids[c][idx] = fresh(c)
+                placed.append((c, idx))
             for bid, seg in made:
                 self._map_block(bid, seg)
+            for c, idx in placed:
+                # Where the block sits, for an adopter that finds it retired
+                # but not yet taken (_reap_unreachable gives its bits back).
+                w = self._block_segs[self._map_block(ids[c][idx]).block_id].words
+                w.store(layout.P_ARG0, c, atomic.RELAXED)
+                w.store(layout.P_ARG2, idx, atomic.RELAXED)
             if dirty is not None:
                 # Before the publication: no reader can see the new blocks
                 # yet, and setting bits in blocks they can see is harmless.
@@ -1058,9 +1067,35 @@ class DirtyMemory:
                 stale.append(n)
 
         def reap() -> None:
+            self._give_back([int(n.rsplit("-b", 1)[1]) for n in stale
+                             if n.rsplit("-", 1)[1][0] == "b"])
             for n in stale:
                 segment.unlink(n)
         self._rcu.call_rcu(reap)
+
+    def _give_back(self, block_ids: list[int]) -> None:
+        """After a grace period: OR the bits of blocks no table references
+        (retired by a take whose coordinator died before reading them) back
+        into the live block at the position they were taken from."""
+        t = self._begin()
+        try:
+            for bid in block_ids:
+                try:
+                    old = self._map_block(bid)
+                except CorruptSegment:
+                    continue  # never sealed: created by a growth that died
+                w = self._block_segs[bid].words
+                c = w.load(layout.P_ARG0, atomic.RELAXED)
+                idx = w.load(layout.P_ARG2, atomic.RELAXED)
+                if c < DIRTY_MEMORY_NUM and idx < t.num_blocks and old.words.any():
+                    bitmap.or_words(self._block(c, idx), 0, old.words.copy())
+        finally:
+            self._end()
+        for bid in block_ids:
+            self._block_cache.pop(bid, None)
+            seg = self._block_segs.pop(bid, None)
+            if seg is not None:
+                seg.close()
 
     # --- leaving -----------------------------------------------------------------
     def close(self) -> None:

@@ -7,7 +7,7 @@ a segment of another version raises CorruptSegment.
 
 from __future__ import annotations
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAGIC = int.from_bytes(b"SHMDIRTY", "little")
 CACHE_LINE = 64
 WORD = 8
@@ -26,8 +26,12 @@ P_MAGIC = 0      # written last by the creator (release), checked on attach (acq
 P_VERSION = 8    # written once before the magic
 P_KIND = 16      # written once before the magic
 P_SIZE = 24      # the segment's size in bytes, written once before the magic
-P_ARG0 = 32      # kind-specific: block -> client; table -> generation
+P_ARG0 = 32      # kind-specific: block -> client of its table position; table -> generation
 P_ARG1 = 40      # kind-specific: block -> block id
+P_ARG2 = 48      # kind-specific: block -> index of its table position
+# A block's position words are written by the coordinator before the table
+# that places it is published, and read only by an adopter (after the writer
+# died): relaxed.
 PREFIX_BYTES = CACHE_LINE
 
 # --- header segment ---------------------------------------------------------

@@ -132,3 +132,26 @@ def online_after_swap(name: str, page: int, loaded: Any, go: Any, conn: Any) -> 
             dm.close()
 
     _report(conn, run)
+
+
+def die_mid_swap(name: str, block_pages: int, pages: list[int], ready: Any) -> None:
+    """Create the map, leave only ``pages`` dirty for MIGRATION, then start a
+    swapping sync and SIGKILL this process right after the swap table is
+    published, before the retired blocks are read: their bits were taken by
+    nobody."""
+    import os
+    import signal
+
+    dm = sd.DirtyMemory.create(4 * block_pages << 12, block_pages=block_pages, name=name)
+    for c in range(sd.DIRTY_MEMORY_NUM):
+        dm.test_and_clear_dirty(0, dm.ram_size, c)
+    for p in pages:
+        dm.set_dirty_flag(p << 12, MIGRATION)
+    dm.swap_min_words = 0
+    ready.set()
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    dm.rcu.synchronize = die  # type: ignore[method-assign]
+    dm.sync_dirty_bitmap(np.zeros(4 * block_pages // 64, np.uint64), 0, dm.ram_size)

@@ -533,6 +533,32 @@ class SyncThread:
 
 
 @pytest.mark.timeout(45)
+def test_coordinator_killed_mid_swap_loses_no_bit(map_name: str, spawn_ctx: Any,
+                                                  children: list[Any]) -> None:
+    """The coordinator publishes a swap and dies before it reads the retired
+    blocks: the adopter gives their bits back to the live blocks (after a
+    grace period), so the next sync still finds every page."""
+    bp = 64
+    pages = [0, 5, 63, 64, 130, 200, 255]
+    ready = spawn_ctx.Event()
+    p = spawn_ctx.Process(target=workers.die_mid_swap, args=(map_name, bp, pages, ready))
+    p.start()
+    children.append(p)
+    p.join(30)
+    assert ready.is_set() and p.exitcode == -signal.SIGKILL
+    dm = sd.DirtyMemory.adopt(map_name)
+    try:
+        assert dm.generation == 3  # created (1), first RAM (2), the swap (3)
+        dm.rcu.barrier(timeout=10)  # the reap: bits given back, stale blocks unlinked
+        dest = np.zeros(4 * bp // 64, np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == len(pages)
+        assert np.flatnonzero(bits_of(dest)).tolist() == pages
+        assert len(segs(map_name, "b")) == 3 * 4  # only the table's blocks remain
+    finally:
+        dm.destroy()
+
+
+@pytest.mark.timeout(45)
 def test_parked_reader_holds_the_swap_back(map_name: str, spawn_ctx: Any,
                                            children: list[Any]) -> None:
     bp = 64
