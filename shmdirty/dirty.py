@@ -1066,17 +1066,22 @@ class DirtyMemory:
             else:
                 stale.append(n)
 
+        published = t.num_blocks  # positions a block could have been retired from
+
         def reap() -> None:
             self._give_back([int(n.rsplit("-b", 1)[1]) for n in stale
-                             if n.rsplit("-", 1)[1][0] == "b"])
+                             if n.rsplit("-", 1)[1][0] == "b"], published)
             for n in stale:
                 segment.unlink(n)
         self._rcu.call_rcu(reap)
 
-    def _give_back(self, block_ids: list[int]) -> None:
+    def _give_back(self, block_ids: list[int], published: int) -> None:
         """After a grace period: OR the bits of blocks no table references
         (retired by a take whose coordinator died before reading them) back
-        into the live block at the position they were taken from."""
+        into the live block at the position they were taken from.  A block
+        whose position is at or past ``published`` (the number of blocks when
+        this process adopted) was made by a growth that never got published:
+        its bits (new RAM marked dirty early) belong to nobody."""
         t = self._begin()
         try:
             for bid in block_ids:
@@ -1087,7 +1092,7 @@ class DirtyMemory:
                 w = self._block_segs[bid].words
                 c = w.load(layout.P_ARG0, atomic.RELAXED)
                 idx = w.load(layout.P_ARG2, atomic.RELAXED)
-                if c < DIRTY_MEMORY_NUM and idx < t.num_blocks and old.words.any():
+                if c < DIRTY_MEMORY_NUM and idx < published and old.words.any():
                     bitmap.or_words(self._block(c, idx), 0, old.words.copy())
         finally:
             self._end()

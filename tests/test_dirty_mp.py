@@ -297,6 +297,41 @@ def test_coordinator_killed_inside_a_growth(map_name: str, spawn_ctx: Any,
     assert segment.list_segments(map_name) == []
 
 
+@pytest.mark.timeout(60)
+def test_blocks_of_an_unpublished_growth_give_nothing_back(map_name: str, spawn_ctx: Any,
+                                                          children: list[Any]) -> None:
+    """A growth killed before its publication made blocks and marked its new
+    RAM dirty in them.  Nothing ever referenced them, so when the adopter's
+    reap runs (after a grace period, here after the adopter has grown over
+    the same positions) their bits must not land in the live blocks."""
+    bp = 64
+    p = spawn_ctx.Process(target=workers.crash_mid_publish,
+                          args=(map_name, 70, bp, "before_generation"))
+    p.start()
+    children.append(p)
+    p.join(WAIT)
+    assert p.exitcode == -signal.SIGKILL
+    ready = spawn_ctx.Event()
+    reader = spawn_ctx.Process(target=workers.parked_writer, args=(map_name, ready))
+    reader.start()          # holds back the adopter's reap until it is killed
+    children.append(reader)
+    assert ready.wait(WAIT)
+    dm = sd.DirtyMemory.adopt(map_name)
+    try:
+        old = dm.ram_size >> PB                        # 198 pages: blocks 0-3
+        dm.extend(dm.ram_size + 2 * bp * PS)           # blocks 4 and 5, all dirty
+        for c in (sd.DIRTY_MEMORY_VGA, sd.DIRTY_MEMORY_CODE):
+            dm.test_and_clear_dirty(0, dm.ram_size, c)
+        os.kill(reader.pid, signal.SIGKILL)
+        reader.join(WAIT)
+        dm.rcu.barrier(timeout=WAIT)                   # the reap has run
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        for c in (sd.DIRTY_MEMORY_VGA, sd.DIRTY_MEMORY_CODE):
+            assert not dm.get_dirty(old * PS, dm.ram_size - old * PS, c)
+    finally:
+        dm.destroy()
+
+
 # --- a reader dies ------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_sigkilled_reader_does_not_block_grace_periods(map_name: str, spawn_ctx: Any,
