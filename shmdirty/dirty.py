@@ -1082,7 +1082,7 @@ class DirtyMemory:
         whose position is at or past ``published`` (the number of blocks when
         this process adopted) was made by a growth that never got published:
         its bits (new RAM marked dirty early) belong to nobody."""
-        t = self._begin()
+        self._begin()
         try:
             for bid in block_ids:
                 try:
