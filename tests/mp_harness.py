@@ -123,3 +123,38 @@ class Writers:
             p.join(WAIT)
             assert p.exitcode == 0, (p.name, p.exitcode)
         return np.flatnonzero(union), ops
+
+
+def child_result(ctx: Any, target: Any, *args: Any, timeout: float = 30,
+                 children: list[Any] | None = None) -> Any:
+    """Run ``target(*args, conn)`` in a spawned child; its reported value."""
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, child))
+    p.start()
+    if children is not None:
+        children.append(p)
+    child.close()
+    assert parent.poll(timeout), f"{target.__name__} reported nothing in {timeout} s"
+    status, value = parent.recv()
+    p.join(timeout)
+    assert status == "ok", value
+    assert p.exitcode == 0
+    return value
+
+
+def run_until_caught(body: Any, map_name: str, broken: bool, label: str) -> dict[str, Any]:
+    """Run ``body(name, seed)`` once; for a deliberately broken variant, up
+    to 3 times (fresh map names) until it loses bits.  Every map is removed.
+    Returns the last attempt's result."""
+    r: dict[str, Any] = {}
+    for attempt in range(3 if broken else 1):
+        name = map_name if attempt == 0 else f"{map_name}r{attempt}"
+        try:
+            r = body(name, attempt + 1)
+        finally:
+            for n in segment.list_segments(name):
+                segment.unlink(n)
+        print(f"{label} attempt {attempt}: {r}")
+        if broken and r["lost"]:
+            break
+    return r

@@ -9,24 +9,15 @@ whose test died never hangs around.
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import numpy as np
+from dirty_workers import _report
 
 import shmdirty as sd
 
 MIGRATION = sd.DIRTY_MEMORY_MIGRATION
 WAIT = 60.0
-
-
-def _report(conn: Any, fn: Any, *args: Any) -> None:
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
 
 
 def parked_reader(name: str, go_in: Any, entered: Any, release: Any, page: int,

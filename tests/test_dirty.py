@@ -18,7 +18,7 @@ from typing import Any
 import dirty_workers as workers
 import numpy as np
 import pytest
-from mp_harness import segs
+from mp_harness import child_result, segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
@@ -58,23 +58,6 @@ def make(map_name: str) -> Any:
                 dm.close()
         except Exception:
             dm.close()
-
-
-def child_result(ctx: Any, target: Any, *args: Any, timeout: float = 30,
-                 children: list[Any] | None = None) -> Any:
-    """Run ``target(*args, conn)`` in a spawned child; its reported value."""
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=target, args=(*args, child))
-    p.start()
-    if children is not None:
-        children.append(p)
-    child.close()
-    assert parent.poll(timeout), f"{target.__name__} reported nothing in {timeout} s"
-    status, value = parent.recv()
-    p.join(timeout)
-    assert status == "ok", value
-    assert p.exitcode == 0
-    return value
 
 
 # --- life cycle ------------------------------------------------------------------------

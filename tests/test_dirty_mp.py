@@ -22,7 +22,7 @@ from typing import Any
 import dirty_workers as workers
 import numpy as np
 import pytest
-from mp_harness import MIG, PB, PS, WAIT, Migration, Writers, pages_of, segs
+from mp_harness import MIG, PB, PS, WAIT, Migration, Writers, pages_of, run_until_caught, segs
 
 import shmdirty as sd
 from shmdirty import atomic, layout, segment
@@ -138,23 +138,13 @@ def grow_and_sync(map_name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: An
 def test_no_lost_bits_while_ram_grows(map_name: str, spawn_ctx: Any, children: list[Any],
                                       flavor: str, broken: bool) -> None:
     cls = CopyingDirtyMemory if broken else sd.DirtyMemory
-    attempts = []
-    for attempt in range(3 if broken else 1):
-        name = map_name if attempt == 0 else f"{map_name}r{attempt}"
-        try:
-            r = grow_and_sync(name, cls, flavor, spawn_ctx, children, seed=attempt + 1)
-        finally:
-            for n in segment.list_segments(name):
-                segment.unlink(n)
-        attempts.append(r)
-        print(f"{flavor} {'copying' if broken else 'rcu'} attempt {attempt}: {r}")
-        if broken and r["lost"]:
-            break
-    r = attempts[-1]
+    r = run_until_caught(
+        lambda name, seed: grow_and_sync(name, cls, flavor, spawn_ctx, children, seed=seed),
+        map_name, broken, f"{flavor} {'copying' if broken else 'rcu'}")
     assert r["written"] > 1000 and r["ops"] > 0
     if broken:
         # Caught: the same test fails with the copying coordinator.
-        assert r["lost"] > 0, f"the copying coordinator was not caught: {attempts}"
+        assert r["lost"] > 0, f"the copying coordinator was not caught in 3 attempts: {r}"
     else:
         assert r["lost"] == 0, r
         assert r["extra"] == 0, r          # nothing but the writers' bits below the limit

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 import swap_workers as workers
-from mp_harness import Migration, Writers, segs
+from mp_harness import Migration, Writers, child_result, run_until_caught, segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
@@ -80,21 +80,6 @@ def clear_all(dm: sd.DirtyMemory) -> None:
     with forbid_swap(dm):
         for c in CLIENTS:
             dm.test_and_clear_dirty(0, dm.ram_size, c)
-
-
-def child_result(ctx: Any, children: list[Any], target: Any, *args: Any) -> Any:
-    """Run ``target(*args, conn)`` in a spawned child; its reported value."""
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=target, args=(*args, child))
-    p.start()
-    children.append(p)
-    child.close()
-    assert parent.poll(WAIT), f"{target.__name__} reported nothing in {WAIT} s"
-    status, value = parent.recv()
-    p.join(WAIT)
-    assert status == "ok", value
-    assert p.exitcode == 0
-    return value
 
 
 # --- 1. the swap and the per-word path agree ---------------------------------------------
@@ -383,23 +368,13 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
 def test_no_lost_bits_while_swapping(map_name: str, spawn_ctx: Any, children: list[Any],
                                      flavor: str, broken: bool) -> None:
     cls = NoGraceSwap if broken else sd.DirtyMemory
-    attempts = []
-    for attempt in range(3 if broken else 1):
-        name = map_name if attempt == 0 else f"{map_name}r{attempt}"
-        try:
-            r = swap_and_sync(name, cls, flavor, spawn_ctx, children, seed=attempt + 1)
-        finally:
-            for n in segment.list_segments(name):
-                segment.unlink(n)
-        attempts.append(r)
-        print(f"{flavor} {'no-grace' if broken else 'grace'} attempt {attempt}: {r}")
-        if broken and r["lost"]:
-            break
-    r = attempts[-1]
+    r = run_until_caught(
+        lambda name, seed: swap_and_sync(name, cls, flavor, spawn_ctx, children, seed=seed),
+        map_name, broken, f"{flavor} {'no-grace' if broken else 'grace'}")
     assert r["written"] > 500 and r["ops"] > 0, r
     assert r["swaps"] >= SYNCS, r                  # the syncs did swap
     if broken:
-        assert r["lost"] > 0, f"the swap without a grace period was not caught: {attempts}"
+        assert r["lost"] > 0, f"the swap without a grace period was not caught in 3 attempts: {r}"
     else:
         assert r["lost"] == 0, r
         assert r["extra"] == 0, r                  # nothing but the writers' bits below the limit
@@ -470,7 +445,8 @@ def test_non_coordinator_never_swaps(map_name: str, spawn_ctx: Any,
         dm.swap_min_words = FORCE
         g0 = dm.generation
         pages = np.unique(np.random.default_rng(2).integers(0, ram_pages, size=200))
-        r = child_result(spawn_ctx, children, workers.non_coordinator_take, map_name, pages)
+        r = child_result(spawn_ctx, workers.non_coordinator_take, map_name, pages,
+                         timeout=WAIT, children=children)
         assert r["is_coordinator"] is False
         assert r["generations"] == [g0] * 4, r["generations"]
         assert r["synced"] == len(pages)
