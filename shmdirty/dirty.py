@@ -194,7 +194,7 @@ class DirtyMemory:
         self._block_cache: dict[int, Block] = {}
         self._coord_lock = shared.coord_lock
         self._section = _Section(self)
-        self._set_bit = atomic.backend.bit_test_set_raw
+        self._set_page, self._set_pages = bitmap.page_setters()
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
         self.swap_min_words = SWAP_MIN_WORDS
@@ -511,25 +511,22 @@ class DirtyMemory:
     # --- accessors -----------------------------------------------------------------
     def set_dirty_flag(self, addr: int, client: int) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
-        # The hottest op, written out: one C call for the bit, and a qsbr
-        # reader that is online with a current table skips section entry.
+        # The hottest op, written out: past the RCU check, one C call does
+        # the bounds, page -> block, word and bit, and the op; a qsbr reader
+        # that is online with a current table skips section entry.
         if client.__class__ is not int or not 0 <= client < 3:
             client = _client(client)
         r = self._rcu
         plain = r.online and r.seen == self._seen
         t = self._table if plain else self._begin()
         try:
-            if addr.__class__ is int and 0 <= addr < t.ram_size:
-                page = addr >> self.page_bits
-            else:
-                page = self._page(t, addr)
-            bp = self.block_pages
-            idx = page // bp
-            bit = page - idx * bp
-            b = self._blocks[client][idx] or self._block(client, idx)
             # release: whoever takes the bit (acquire) sees what was written
             # before it (the guest page).
-            self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, _RELEASE)
+            if not self._set_page(self._blocks[client], addr, t.ram_size, self.page_bits,
+                                  self.block_pages, _RELEASE):
+                # A bad or not yet checked address, or a block not mapped.
+                idx, bit = divmod(self._page(t, addr), self.block_pages)
+                bitmap.set_range(self._block(client, idx), bit, 1)
         finally:
             if not plain:
                 self._end()
@@ -597,6 +594,15 @@ class DirtyMemory:
     def test_and_clear_dirty(self, start: int, length: int, client: int) -> bool:
         """Clear [start, start+length) for ``client``; True if any page was dirty."""
         client = _client(client)
+        t = self._begin()
+        try:
+            t, page, end = self._range(t, start, length)
+            if end - page < self.block_pages:
+                # No block covered whole (nothing to swap): one call per block.
+                return any([bitmap.test_and_clear(self._block(client, idx), off, num)
+                            for idx, off, num in self._walk(page, end)])
+        finally:
+            self._end()
         dirty = False
 
         def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
@@ -622,11 +628,8 @@ class DirtyMemory:
             t, page0, end = self._range(t, (start >> pb) << pb, pages << pb)
             for idx, off, num in self._walk(page0, end):
                 k = idx * self.block_pages + off - page0   # source bit of block bit `off`
-                w0 = off >> 6
-                nwords = ((off + num - 1) >> 6) - w0 + 1
-                words = bitmap.shifted(bits, k - (off & 63), nwords, k, k + num)
                 for c in clients:
-                    bitmap.or_words(self._block(c, idx), w0, words)
+                    bitmap.or_bitmap(self._block(c, idx), off, num, bits, k)
         finally:
             self._end()
 
@@ -668,21 +671,12 @@ class DirtyMemory:
                 if lo < 0 or hi >= npages:
                     raise BadInput(f"page numbers [{lo}, {hi}] are outside guest RAM "
                                    f"pages [0, {npages})")
-            p = pages.astype(np.uint64)
-            bw = self.block_pages >> 6
-            gword = p >> np.uint64(6)
-            bits = np.left_shift(np.uint64(1), p & np.uint64(63))
-            order = np.argsort(gword, kind="stable")
-            gword, bits = gword[order], bits[order]
-            uniq, starts = np.unique(gword, return_index=True)
-            merged = np.bitwise_or.reduceat(bits, starts)
-            blk = uniq // np.uint64(bw)
-            cuts = np.flatnonzero(np.diff(blk)) + 1
-            for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)], strict=True):
-                idx = int(blk[lo_i])
-                bitmap.or_sparse(self._block(client, idx),
-                                 (uniq[lo_i:hi_i] - np.uint64(idx * bw)).astype(np.intp),
-                                 merged[lo_i:hi_i])
+            p = np.ascontiguousarray(pages, dtype=np.int64)
+            # release: as set_dirty_flag.  One call; it names a block to map
+            # first if one is not mapped yet.
+            while (idx := self._set_pages(self._blocks[client], p, self.block_pages,
+                                          _RELEASE)) >= 0:
+                self._block(client, idx)
         finally:
             self._end()
 

@@ -60,6 +60,7 @@ from .errors import BadInput, GraceTimeout, NoReaderSlot
 from .segment import Segment
 
 FLAVORS = ("memb", "qsbr")
+_SEQ_CST, _RELEASE = atomic.SEQ_CST, atomic.RELEASE
 _SPINS = 4                 # busy checks before a waiter starts sleeping: one check
                            # reads every slot (~30 us for 64 slots through cffi), so
                            # this is ~0.1 ms; 64 (~2 ms, a scheduler slice) kept a
@@ -295,12 +296,10 @@ class Rcu:
         self.nesting = 0       # memb: process-local nesting depth
         self.online = False    # qsbr: inside a section except at quiescent points
         self._memb = flavor == "memb"
-        # Hot path: this process's own cells and the C functions, called
-        # without a wrapper.
-        self._cell = atomic.new_cell()
-        self._zero = atomic.new_cell()
-        self._store_cell = atomic.backend.store_cell
-        self._load_cell = atomic.backend.load_cell
+        # Hot path: the backend's ops, bound once (on the kernel backend
+        # these are the C functions themselves).
+        self._store = atomic.store
+        self._load = atomic.load
         self.seen = 0          # the counter value last observed (set on register)
         self._owner = my_owner_word()
         self._gp_ptr = self.gp._gp
@@ -372,16 +371,15 @@ class Rcu:
             # seq_cst: the reader's half of the Dekker pair (module doc).  The
             # value stored may be old; that only makes a grace period wait
             # for this section, and the next section stores the fresh one.
-            c = self._cell
-            c[0] = self.seen
-            self._store_cell(self._ctr, c, atomic.SEQ_CST)
-            self._load_cell(self._gp_ptr, atomic.SEQ_CST, c)
-            if c[0] != self.seen:
+            seen = self.seen
+            self._store(self._ctr, seen, _SEQ_CST)
+            g = self._load(self._gp_ptr, _SEQ_CST)
+            if g != seen:
                 # The counter moved: store the fresh value too, so a grace
                 # period that began before this section does not wait for it
                 # (the caller re-reads what was published: ``seen`` moved).
-                self.seen = c[0]
-                self._store_cell(self._ctr, c, atomic.SEQ_CST)
+                self.seen = g
+                self._store(self._ctr, g, _SEQ_CST)
         elif not self.online:
             self.thread_online()
             self._section_online = True
@@ -395,7 +393,7 @@ class Rcu:
             if self._memb:
                 # release: every access of the section happens before a
                 # waiter that sees 0.
-                self._store_cell(self._ctr, self._zero, atomic.RELEASE)
+                self._store(self._ctr, 0, _RELEASE)
             elif self._section_online:
                 self._section_online = False
                 self.thread_offline()

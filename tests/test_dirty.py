@@ -23,7 +23,7 @@ from mp_harness import child_result, segs
 import shmdirty as sd
 from shmdirty import layout, segment
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("atomics_backend")]
 
 PB = 12
 PS = 1 << PB
