@@ -51,5 +51,6 @@ def machine_info() -> dict[str, Any]:
         "numpy": _version("numpy"),
         "atomics": _version("atomics"),
         "atomic_backend": atomic.backend.name,
+        "atomics_package": " ".join(atomic.atomics_package()[1:]),
         "cc": compiler_version(),
     }

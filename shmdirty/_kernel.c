@@ -440,6 +440,26 @@ static inline uint64_t src_bits(const unsigned char *src, Py_ssize_t nbytes, Py_
     return v;
 }
 
+static inline uint64_t load_le(const unsigned char *at)
+{
+    uint64_t v;
+    memcpy(&v, at, 8);
+    return v;  /* little-endian machines only (checked at import) */
+}
+
+/* OR m into *w: nothing for 0, a store of all-ones (then *stored), else a fetch-or. */
+static inline void or_word(volatile uint64_t *w, uint64_t m, int order, int sorder, int *stored)
+{
+    if (!m)
+        return;
+    if (m == ONES) {
+        ops.store(w, &m, sorder);
+        *stored = 1;
+    } else {
+        ops.or_(w, &m, order);
+    }
+}
+
 /* or_bitmap(block, first, count, src, src_first, order): OR bits
  * [src_first, src_first + count) of the little-endian bitmap `src` (any
  * C-contiguous buffer: bytes, a uint64 array) into bits [first, first + count)
@@ -483,19 +503,31 @@ static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t n
         Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
         int sorder = store_order(order), stored = 0;
         PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        for (Py_ssize_t w = w0; w <= w1; w++) {
-            uint64_t m = src_bits(src, nbytes, w * 64 + delta);
-            if (w == w0 || w == w1)
-                m &= word_mask(w, w0, w1, first, end);
-            if (!m)
-                continue;
-            if (m == ONES) {
-                ops.store(&b.w[w], &m, sorder);
-                stored = 1;
-            } else {
-                ops.or_(&b.w[w], &m, order);
+        /* The edge words: masked, from any bit offset. */
+        or_word(&b.w[w0], src_bits(src, nbytes, w0 * 64 + delta) &
+                word_mask(w0, w0, w1, first, end), order, sorder, &stored);
+        if (w1 > w0)
+            or_word(&b.w[w1], src_bits(src, nbytes, w1 * 64 + delta) &
+                    word_mask(w1, w0, w1, first, end), order, sorder, &stored);
+        /* The words between: all their source bits lie inside the source.
+         * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
+        Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
+        unsigned r = (unsigned)(delta - q * 64);
+        Py_ssize_t last = w1 - 1;
+        if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
+            last--;  /* its upper source word may run past a bytes source: below */
+        if (r == 0) {
+            for (Py_ssize_t w = w0 + 1; w <= last; w++)
+                or_word(&b.w[w], load_le(src + (w + q) * 8), order, sorder, &stored);
+        } else {
+            for (Py_ssize_t w = w0 + 1; w <= last; w++) {
+                const unsigned char *at = src + (w + q) * 8;
+                or_word(&b.w[w], load_le(at) >> r | load_le(at + 8) << (64 - r), order, sorder,
+                        &stored);
             }
         }
+        for (Py_ssize_t w = last + 1; w < w1; w++)
+            or_word(&b.w[w], src_bits(src, nbytes, w * 64 + delta), order, sorder, &stored);
         if (stored)
             full_fence();  /* the stores are visible before the caller goes on */
         if (ts)
@@ -716,46 +748,75 @@ static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t n
  * `addr` with a test-and-set and returns True; returns False, touching
  * nothing, when the caller must take the slow path: addr not an exact int
  * or outside [0, ram_size), or its block not in the list or not mapped. */
-static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error */
 {
     int overflow, order;
-    if (not_ready() || !nargs_ok("set_page", nargs, 6))
-        return NULL;
     PyObject *blocks = args[0];
     if (!PyList_CheckExact(blocks) || !PyLong_CheckExact(args[1]))
-        Py_RETURN_FALSE;
+        return 0;
     long long addr = PyLong_AsLongLongAndOverflow(args[1], &overflow);
     if (overflow || addr < 0)
-        Py_RETURN_FALSE;
+        return 0;
     long long ram_size = PyLong_AsLongLong(args[2]);
     long page_bits = PyLong_AsLong(args[3]);
     long long block_pages = PyLong_AsLongLong(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!get_order(args[5], ORD_RMW, &order))
-        return NULL;
+    if (PyErr_Occurred() || !get_order(args[5], ORD_RMW, &order))
+        return -1;
     if (page_bits < 0 || page_bits > 62 || block_pages <= 0 || block_pages % 64) {
         PyErr_SetString(PyExc_ValueError, "set_page(): bad page_bits or block_pages");
-        return NULL;
+        return -1;
     }
     if (addr >= ram_size)
-        Py_RETURN_FALSE;
+        return 0;
     long long page = addr >> page_bits, idx = page / block_pages, bit = page - idx * block_pages;
     if (idx >= PyList_GET_SIZE(blocks))
-        Py_RETURN_FALSE;
+        return 0;
     PyObject *blk = PyList_GET_ITEM(blocks, idx);
     if (blk == Py_None)
-        Py_RETURN_FALSE;
+        return 0;
     PyObject *base = PyObject_GetAttr(blk, str_base);
     if (base == NULL)
-        return NULL;
+        return -1;
     volatile uint64_t *w;
     int ok = get_addr(base, &w);
     Py_DECREF(base);
     if (!ok)
-        return NULL;
+        return -1;
     ops.test_set(w + (bit >> 6), (int)(bit & 63), order);
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (not_ready() || !nargs_ok("set_page", nargs, 6))
+        return NULL;
+    int r = set_page_core(args);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+/* memb_set_page(ctr, gp, seen, blocks, addr, ram_size, page_bits, block_pages,
+ * order) -> bool: set_page inside one memb read-side section, for a reader
+ * outside any section whose table was checked against counter value `seen`.
+ * The section is shmdirty.rcu.Rcu.read_lock / read_unlock's, word for word:
+ * store `seen` into this reader's slot counter `ctr` (seq_cst), load the
+ * grace-period counter `gp` (seq_cst: the reader's half of the Dekker pair);
+ * if it moved, the table may be stale: store 0 (release) and return False
+ * (the caller takes the slow path, which re-reads it).  Else set_page, then
+ * store 0 with release (every access of the section happens before a waiter
+ * that sees 0).  The GIL is held throughout, so no other thread of this
+ * process runs inside. */
+static PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *ctr, *gp;
+    uint64_t seen, now, zero = 0;
+    if (not_ready() || !nargs_ok("memb_set_page", nargs, 9) || !get_addr(args[0], &ctr) ||
+        !get_addr(args[1], &gp) || !get_u64(args[2], "seen", &seen))
+        return NULL;
+    ops.store(ctr, &seen, SEQ_CST);
+    ops.load(gp, SEQ_CST, &now);
+    int r = now == seen ? set_page_core(args + 3) : 0;
+    ops.store(ctr, &zero, RELEASE);
+    return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
 /* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
@@ -869,6 +930,8 @@ static PyMethodDef methods[] = {
     FAST(set_range, "set_range(block, first, count, order)"),
     FAST(set_page, "set_page(blocks, addr, ram_size, page_bits, block_pages, order) -> done"),
     FAST(set_pages, "set_pages(blocks, pages, block_pages, order) -> -1 or unmapped block"),
+    FAST(memb_set_page, "memb_set_page(ctr, gp, seen, blocks, addr, ram_size, page_bits, "
+                        "block_pages, order) -> done"),
     {NULL, NULL, 0, NULL},
 };
 

@@ -388,6 +388,8 @@ def _pick_backend() -> _Backend:
                               f"({exc})") from exc
     try:
         return _KernelBackend()
+    except ImportError:
+        why: Exception | str = "shmdirty._kernel was not built at install (no C compiler?)"
     except Exception as exc:
         why = exc
     try:

@@ -195,6 +195,8 @@ class DirtyMemory:
         self._coord_lock = shared.coord_lock
         self._section = _Section(self)
         self._set_page, self._set_pages = bitmap.page_setters()
+        # memb: set_dirty_flag's whole section in one C call (kernel only).
+        self._memb_set_page = atomic.batch.memb_set_page if atomic.batch else None
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
         self.swap_min_words = SWAP_MIN_WORDS
@@ -517,6 +519,15 @@ class DirtyMemory:
         if client.__class__ is not int or not 0 <= client < 3:
             client = _client(client)
         r = self._rcu
+        if self._memb_set_page and r.seen == self._seen:
+            # memb on the kernel: open the section, set the bit, close it,
+            # in one C call (Rcu.compiled_section), if the counter still
+            # reads `seen` (else the slow path re-reads the table).
+            words = r.compiled_section()
+            if words and self._memb_set_page(*words, r.seen, self._blocks[client], addr,
+                                             self._table.ram_size, self.page_bits,
+                                             self.block_pages, _RELEASE):
+                return
         plain = r.online and r.seen == self._seen
         t = self._table if plain else self._begin()
         try:

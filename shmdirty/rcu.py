@@ -398,6 +398,16 @@ class Rcu:
                 self._section_online = False
                 self.thread_offline()
 
+    def compiled_section(self) -> tuple[int, int] | None:
+        """memb, outside any section, registered: the addresses of this
+        slot's counter and of the grace-period counter, for one read-side
+        section run in C (shmdirty/_kernel.c ``memb_set_page`` stores and
+        loads them exactly as read_lock / read_unlock do, with the GIL held,
+        so nesting stays 0).  Otherwise None: use read_lock."""
+        if self._memb and not self.nesting and self.slot >= 0:
+            return self._ctr, self._gp_ptr
+        return None
+
     @contextmanager
     def read_section(self) -> Iterator[None]:
         """``with rcu.read_section():`` one read-side section."""

@@ -420,20 +420,22 @@ def test_env_asking_for_a_missing_backend_fails_at_import() -> None:
 
 
 def test_fallback_warns_when_internals_differ(monkeypatch: pytest.MonkeyPatch) -> None:
-    import atomics
-    from atomics._impl.patomic import Patomic
+    import importlib
+
+    atomics, dist, real = atomic.atomics_package()  # atomics 1.0.3 or atomics2 1.1
+    patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
 
     monkeypatch.delenv("SHMDIRTY_ATOMICS", raising=False)
     monkeypatch.setattr(atomics, "__version__", "9.9.9", raising=False)
     with pytest.warns(RuntimeWarning, match="9.9.9"):
         assert atomic._pick_backend().name == "public"
-    monkeypatch.setattr(atomics, "__version__", atomic.VERIFIED_ATOMICS_VERSION)
+    monkeypatch.setattr(atomics, "__version__", real, raising=False)
     assert atomic._pick_backend().name == AVAILABLE[0]
 
     def moved(*args: Any) -> Any:
         raise AttributeError("op table moved")
 
-    monkeypatch.setattr(Patomic, "ops", moved)
+    monkeypatch.setattr(patomic, "ops", moved)
     with pytest.warns(RuntimeWarning, match="op table moved"):
         assert atomic._pick_backend().name == "public"
 
