@@ -590,12 +590,75 @@ static PyObject *k_or_sparse(PyObject *self, PyObject *const *args, Py_ssize_t n
     return res;
 }
 
+/* The loops of take, any_set / all_set and set_range over bits
+ * [first, first + count) of words w; count > 0, checked by the caller.  They
+ * touch only those words and need no GIL. */
+
+/* Take the bits; out[i] (or nothing if out is NULL) gets word first / 64 + i's.
+ * A word read as clean is skipped (a bit set after that read stays for the
+ * next taker); whole words are taken with an exchange, edge words with a
+ * fetch-and.  Nonzero if any bit was taken. */
+static uint64_t loop_take(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count,
+                          uint64_t *out, int order)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    uint64_t any = 0;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end), cur, got = 0;
+        ops.load(&w[i], RELAXED, &cur);
+        if (cur & m) {
+            if (m == ONES) {
+                uint64_t zero = 0;
+                ops.exchange(&w[i], &zero, order, &got);
+            } else {
+                uint64_t keep = ~m;
+                ops.fetch_and(&w[i], &keep, order, &got);
+                got &= m;
+            }
+        }
+        any |= got;
+        if (out)
+            out[i - w0] = got;
+    }
+    return any;
+}
+
+/* Relaxed loads (DESIGN.md: a bit seen set was set; one missed was set
+ * concurrently).  any: is a bit set?  all: is every bit set? */
+static int loop_test(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count, int want_all)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end), cur;
+        ops.load(&w[i], RELAXED, &cur);
+        if (want_all ? (cur & m) != m : (cur & m) != 0)
+            return !want_all;
+    }
+    return want_all;
+}
+
+/* QEMU's bitmap_set_atomic: a fetch-or with `order` on each edge word,
+ * all-ones stores inside; nonzero if it stored (the caller then fences). */
+static int loop_set(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count, int order)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    int sorder = store_order(order), stored = 0;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end);
+        if (m == ONES && i != w0 && i != w1) {
+            ops.store(&w[i], &m, sorder);
+            stored = 1;
+        } else {
+            ops.or_(&w[i], &m, order);
+        }
+    }
+    return stored;
+}
+
 /* take(block, first, count, out, order) -> bool: take (read and clear) bits
- * [first, first + count).  out[i] (a writable uint64 buffer of at least
- * (first + count - 1) / 64 - first / 64 + 1 words, or None) receives the
- * bits taken from word first / 64 + i.  A word read as clean is skipped (a
- * bit set after that read stays for the next taker); whole words are taken
- * with an exchange, edge words with a fetch-and.  True if any bit was taken. */
+ * [first, first + count) (loop_take).  out: a writable uint64 buffer of at
+ * least (first + count - 1) / 64 - first / 64 + 1 words, or None.  True if
+ * any bit was taken. */
 static PyObject *k_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t first, count;
@@ -612,7 +675,7 @@ static PyObject *k_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&b.view);
         return NULL;
     }
-    Py_ssize_t end = first + count, w0 = first >> 6, w1 = count ? (end - 1) >> 6 : w0 - 1;
+    Py_ssize_t w0 = first >> 6, w1 = count ? (first + count - 1) >> 6 : w0 - 1;
     if (args[3] != Py_None) {
         if (PyObject_GetBuffer(args[3], &ov, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
             PyErr_Clear();
@@ -630,34 +693,19 @@ static PyObject *k_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         out = ov.buf;
     }
     uint64_t any = 0;
-    PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-    for (Py_ssize_t w = w0; w <= w1; w++) {
-        uint64_t m = word_mask(w, w0, w1, first, end), cur, got = 0;
-        ops.load(&b.w[w], RELAXED, &cur);
-        if (cur & m) {
-            if (m == ONES) {
-                uint64_t zero = 0;
-                ops.exchange(&b.w[w], &zero, order, &got);
-            } else {
-                uint64_t keep = ~m;
-                ops.fetch_and(&b.w[w], &keep, order, &got);
-                got &= m;
-            }
-        }
-        any |= got;
-        if (out)
-            out[w - w0] = got;
+    if (count) {
+        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        any = loop_take(b.w, first, count, out, order);
+        if (ts)
+            PyEval_RestoreThread(ts);
     }
-    if (ts)
-        PyEval_RestoreThread(ts);
     if (out)
         PyBuffer_Release(&ov);
     PyBuffer_Release(&b.view);
     return PyBool_FromLong(any != 0);
 }
 
-/* any_set / all_set(block, first, count): relaxed loads (DESIGN.md: a bit
- * seen set was set; one missed was set concurrently).  Empty: False / True. */
+/* any_set / all_set(block, first, count) -> bool (loop_test).  Empty: False / True. */
 static PyObject *test_range(const char *name, int want_all, PyObject *const *args,
                             Py_ssize_t nargs)
 {
@@ -674,16 +722,8 @@ static PyObject *test_range(const char *name, int want_all, PyObject *const *arg
     }
     int result = want_all;
     if (count) {
-        Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
-        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        for (Py_ssize_t w = w0; w <= w1; w++) {
-            uint64_t m = word_mask(w, w0, w1, first, end), cur;
-            ops.load(&b.w[w], RELAXED, &cur);
-            if (want_all ? (cur & m) != m : (cur & m) != 0) {
-                result = !want_all;
-                break;
-            }
-        }
+        PyThreadState *ts = count >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+        result = loop_test(b.w, first, count, want_all);
         if (ts)
             PyEval_RestoreThread(ts);
     }
@@ -701,8 +741,7 @@ static PyObject *k_all_set(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return test_range("all_set", 1, args, nargs);
 }
 
-/* set_range(block, first, count, order): QEMU's bitmap_set_atomic: a
- * fetch-or with `order` on each edge word, all-ones stores inside, a fence. */
+/* set_range(block, first, count, order): loop_set, then a fence if it stored. */
 static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t first, count;
@@ -718,20 +757,9 @@ static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     if (count) {
-        Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
-        int sorder = store_order(order), stored = 0;
-        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        for (Py_ssize_t w = w0; w <= w1; w++) {
-            uint64_t m = word_mask(w, w0, w1, first, end);
-            if (m == ONES && w != w0 && w != w1) {
-                ops.store(&b.w[w], &m, sorder);
-                stored = 1;
-            } else {
-                ops.or_(&b.w[w], &m, order);
-            }
-        }
-        if (stored)
-            full_fence();
+        PyThreadState *ts = count >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+        if (loop_set(b.w, first, count, order))
+            full_fence();  /* the stores are visible before the caller goes on */
         if (ts)
             PyEval_RestoreThread(ts);
     }
@@ -817,6 +845,113 @@ static PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize
     int r = now == seen ? set_page_core(args + 3) : 0;
     ops.store(ctr, &zero, RELEASE);
     return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+/* Holds the buffers (`words`) of blocks [i0, i1] of a client's list; fills
+ * *unmapped with the first index whose block is None (then holds nothing). */
+static block_t *hold_blocks(PyObject *blocks, Py_ssize_t i0, Py_ssize_t i1,
+                            Py_ssize_t block_pages, Py_ssize_t *unmapped)
+{
+    Py_ssize_t n = i1 - i0 + 1;
+    *unmapped = -1;
+    if (i1 >= PyList_GET_SIZE(blocks)) {
+        PyErr_Format(PyExc_ValueError, "block %zd is outside the table's %zd blocks", i1,
+                     PyList_GET_SIZE(blocks));
+        return NULL;
+    }
+    for (Py_ssize_t i = i0; i <= i1; i++) {
+        if (PyList_GET_ITEM(blocks, i) == Py_None) {
+            *unmapped = i;
+            return NULL;
+        }
+    }
+    block_t *held = PyMem_Calloc(n, sizeof(block_t));
+    if (held == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *words = PyObject_GetAttr(PyList_GET_ITEM(blocks, i0 + i), str_words);
+        int ok = words != NULL && get_block(words, &held[i]);
+        Py_XDECREF(words);
+        if (ok && held[i].n * 64 < block_pages) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %zd pages",
+                         i0 + i, held[i].n, block_pages);
+            PyBuffer_Release(&held[i].view);
+            ok = 0;
+        }
+        if (!ok) {
+            while (i-- > 0)
+                PyBuffer_Release(&held[i].view);
+            PyMem_Free(held);
+            return NULL;
+        }
+    }
+    return held;
+}
+
+static void release_blocks(block_t *held, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyBuffer_Release(&held[i].view);
+    PyMem_Free(held);
+}
+
+enum { WALK_ANY, WALK_ALL, WALK_SET, WALK_TAKE };
+
+/* walk(blocks, page, end, block_pages, op, order) -> int: the seed's block
+ * walk over pages [page, end) of one client's blocks (as for set_pages),
+ * with op 0 any_set, 1 all_set, 2 set_range, 3 take (bits dropped) on each
+ * piece, in one call.  Returns the result (any / all / any bit taken: 0 or
+ * 1; set: 0), or -1 - i if block i is needed but not mapped (nothing done:
+ * map it and call again).  Empty range: any 0, all 1. */
+static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, end, block_pages, op, unmapped;
+    int order;
+    if (not_ready() || !nargs_ok("walk", nargs, 6) || !get_index(args[1], "page", &page) ||
+        !get_index(args[2], "end", &end) || !get_index(args[3], "block_pages", &block_pages) ||
+        !get_index(args[4], "op", &op) || !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    PyObject *blocks = args[0];
+    if (!PyList_Check(blocks)) {
+        PyErr_SetString(PyExc_TypeError, "walk(): blocks must be a list");
+        return NULL;
+    }
+    if (block_pages == 0 || block_pages % 64 || op > WALK_TAKE || end < page) {
+        PyErr_SetString(PyExc_ValueError, "walk(): bad block_pages, op or range");
+        return NULL;
+    }
+    if (end == page)
+        return PyLong_FromLong(op == WALK_ALL);
+    Py_ssize_t i0 = page / block_pages, i1 = (end - 1) / block_pages;
+    block_t *held = hold_blocks(blocks, i0, i1, block_pages, &unmapped);
+    if (held == NULL)
+        return unmapped >= 0 ? PyLong_FromSsize_t(-1 - unmapped) : NULL;
+    int result = op == WALK_ALL, stored = 0;
+    PyThreadState *ts = end - page >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t pg = page; pg < end;) {
+        Py_ssize_t idx = pg / block_pages, off = pg % block_pages;
+        Py_ssize_t num = end - pg < block_pages - off ? end - pg : block_pages - off;
+        volatile uint64_t *w = held[idx - i0].w;
+        pg += num;
+        if (op == WALK_ANY || op == WALK_ALL) {
+            if (loop_test(w, off, num, op == WALK_ALL) != (op == WALK_ALL)) {
+                result = op != WALK_ALL;
+                break;
+            }
+        } else if (op == WALK_SET) {
+            stored |= loop_set(w, off, num, order);
+        } else {
+            result |= loop_take(w, off, num, NULL, order) != 0;
+        }
+    }
+    if (stored)
+        full_fence();
+    if (ts)
+        PyEval_RestoreThread(ts);
+    release_blocks(held, i1 - i0 + 1);
+    return PyLong_FromLong(result);
 }
 
 /* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
@@ -928,6 +1063,7 @@ static PyMethodDef methods[] = {
     FAST(any_set, "any_set(block, first, count) -> bool"),
     FAST(all_set, "all_set(block, first, count) -> bool"),
     FAST(set_range, "set_range(block, first, count, order)"),
+    FAST(walk, "walk(blocks, page, end, block_pages, op, order) -> result or -1 - unmapped"),
     FAST(set_page, "set_page(blocks, addr, ram_size, page_bits, block_pages, order) -> done"),
     FAST(set_pages, "set_pages(blocks, pages, block_pages, order) -> -1 or unmapped block"),
     FAST(memb_set_page, "memb_set_page(ctr, gp, seen, blocks, addr, ram_size, page_bits, "

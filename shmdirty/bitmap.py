@@ -259,6 +259,44 @@ def set_pages(blocks: list[Block | None], pages: np.ndarray[Any, np.dtype[np.int
     return -1
 
 
+# walk_blocks' operations, with the kernel's numbering.
+WALK_ANY, WALK_ALL, WALK_SET, WALK_TAKE = 0, 1, 2, 3
+# release: whoever takes a bit sees what was written before it was set;
+# acq_rel: a taker sees that data, and orders its earlier reads (as take).
+_WALK_ORDER = (atomic.RELAXED, atomic.RELAXED, atomic.RELEASE, atomic.ACQ_REL)
+
+
+def walk_blocks(blocks: list[Block | None], page: int, end: int, block_pages: int,
+                op: int) -> int:
+    """The seed's block walk over pages [page, end) of one client's blocks
+    with one operation per piece: WALK_ANY (any_set), WALK_ALL (all_set),
+    WALK_SET (set_range) or WALK_TAKE (test_and_clear).  Returns the result
+    (0 or 1; WALK_SET 0), or -1 - i if block i is needed but not mapped
+    (nothing done: map it and call again).  On the kernel, one C call."""
+    k = atomic.batch
+    if k is not None:
+        return int(k.walk(blocks, page, end, block_pages, op, _WALK_ORDER[op]))
+    pieces = list(walk(page, end, block_pages))
+    for idx, _, _ in pieces:
+        if idx >= len(blocks):
+            raise ValueError(f"block {idx} is outside the table's {len(blocks)} blocks")
+        if blocks[idx] is None:
+            return -1 - idx
+    result = op == WALK_ALL
+    for idx, off, num in pieces:
+        b = blocks[idx]
+        assert b is not None
+        if op == WALK_ANY and any_set(b, off, num):
+            return 1
+        if op == WALK_ALL and not all_set(b, off, num):
+            return 0
+        if op == WALK_SET:
+            set_range(b, off, num)
+        elif op == WALK_TAKE:
+            result = test_and_clear(b, off, num) or result
+    return int(result)
+
+
 def page_setters() -> tuple[Callable[..., bool], Callable[..., int]]:
     """(set_page, set_pages) of the current atomics backend: the kernel's C
     functions, or the Python twins above."""

@@ -107,6 +107,8 @@ def _index(value: Any, what: str) -> int:
 
 
 def _client(client: Any) -> int:
+    if client.__class__ is int and 0 <= client < DIRTY_MEMORY_NUM:
+        return client
     c = _index(client, "client")
     if not 0 <= c < DIRTY_MEMORY_NUM:
         raise BadInput(f"client {c} is not one of 0 (VGA), 1 (CODE), 2 (MIGRATION)")
@@ -485,6 +487,10 @@ class DirtyMemory:
     # --- validation ------------------------------------------------------------------
     def _range(self, t: Table, start: Any, length: Any) -> tuple[Table, int, int]:
         """The page range [page, end) of (start, length), checked against RAM."""
+        if (start.__class__ is int and length.__class__ is int and 0 <= start
+                and 0 < length <= t.ram_size - start):
+            # The common case, checked without the conversions below.
+            return t, start >> self.page_bits, -(-(start + length) >> self.page_bits)
         start = _index(start, "start")
         length = _index(length, "length")
         if length < 0:
@@ -509,6 +515,14 @@ class DirtyMemory:
 
     def _walk(self, page: int, end: int) -> Iterator[tuple[int, int, int]]:
         return bitmap.walk(page, end, self.block_pages)
+
+    def _over(self, op: int, client: int, page: int, end: int) -> int:
+        """bitmap.walk_blocks over pages [page, end) of ``client``: one call
+        (one C call on the kernel), after mapping any block it names."""
+        blocks = self._blocks[client]
+        while (r := bitmap.walk_blocks(blocks, page, end, self.block_pages, op)) < 0:
+            self._block(client, -1 - r)
+        return r
 
     # --- accessors -----------------------------------------------------------------
     def set_dirty_flag(self, addr: int, client: int) -> None:
@@ -558,8 +572,7 @@ class DirtyMemory:
         t = self._begin()
         try:
             t, page, end = self._range(t, start, length)
-            return any(bitmap.any_set(self._block(client, idx), off, num)
-                       for idx, off, num in self._walk(page, end))
+            return bool(self._over(bitmap.WALK_ANY, client, page, end))
         finally:
             self._end()
 
@@ -569,8 +582,7 @@ class DirtyMemory:
         t = self._begin()
         try:
             t, page, end = self._range(t, start, length)
-            return all(bitmap.all_set(self._block(client, idx), off, num)
-                       for idx, off, num in self._walk(page, end))
+            return bool(self._over(bitmap.WALK_ALL, client, page, end))
         finally:
             self._end()
 
@@ -582,8 +594,7 @@ class DirtyMemory:
             t, page, end = self._range(t, start, length)
             clean = 0
             for c in _clients(mask):
-                if not all(bitmap.all_set(self._block(c, idx), off, num)
-                           for idx, off, num in self._walk(page, end)):
+                if not self._over(bitmap.WALK_ALL, c, page, end):
                     clean |= 1 << c
             return clean
         finally:
@@ -595,10 +606,8 @@ class DirtyMemory:
         t = self._begin()
         try:
             t, page, end = self._range(t, start, length)
-            clients = _clients(mask)
-            for idx, off, num in self._walk(page, end):
-                for c in clients:
-                    bitmap.set_range(self._block(c, idx), off, num)
+            for c in _clients(mask):
+                self._over(bitmap.WALK_SET, c, page, end)
         finally:
             self._end()
 
@@ -609,9 +618,8 @@ class DirtyMemory:
         try:
             t, page, end = self._range(t, start, length)
             if end - page < self.block_pages:
-                # No block covered whole (nothing to swap): one call per block.
-                return any([bitmap.test_and_clear(self._block(client, idx), off, num)
-                            for idx, off, num in self._walk(page, end)])
+                # No block covered whole (nothing to swap): one call.
+                return bool(self._over(bitmap.WALK_TAKE, client, page, end))
         finally:
             self._end()
         dirty = False

@@ -80,7 +80,7 @@ def random_ops(seed: int, n: int) -> list[tuple[Any, ...]]:
     for _ in range(n):
         kind = rng.choice(["set_range", "or_bitmap", "or_bitmap_bytes", "or_words",
                            "or_sparse", "take", "test_and_clear", "any_set", "all_set",
-                           "set_page", "set_pages", "test"])
+                           "set_page", "set_pages", "test", "walk"])
         first, count = span()
         if kind in ("or_bitmap", "or_bitmap_bytes"):
             src_first = rng.randrange(0, 200)
@@ -105,6 +105,11 @@ def random_ops(seed: int, n: int) -> list[tuple[Any, ...]]:
             ops.append((kind, pages))
         elif kind == "test":
             ops.append((kind, rng.randrange(BITS)))
+        elif kind == "walk":
+            # the block list holds the same block twice: pages [0, 2 BITS)
+            page = rng.randrange(2 * BITS)
+            end = rng.choice([page, min(2 * BITS, page + rng.randrange(1, 2 * BITS))])
+            ops.append((kind, page, end, rng.randrange(4)))
         else:
             ops.append((kind, first, count))
     return ops
@@ -157,6 +162,8 @@ def run_real(ops: list[tuple[Any, ...]], g: Guarded) -> list[Any]:
             out.append(set_pages(blocks, np.array(a[0], dtype=np.int64), BITS, atomic.RELEASE))
         elif kind == "test":
             out.append(bitmap.test(g.block, a[0]))
+        elif kind == "walk":
+            out.append(bitmap.walk_blocks([g.block, g.block], a[0], a[1], BITS, a[2]))
     return out
 
 
@@ -201,6 +208,23 @@ def run_model(ops: list[tuple[Any, ...]], mem: int, kernel: bool) -> tuple[list[
             out.append(-1)
         elif kind == "test":
             out.append(bool(mem >> a[0] & 1))
+        elif kind == "walk":
+            page, end, op = a
+            result = op == bitmap.WALK_ALL
+            for lo, hi in ((page, min(end, BITS)), (max(page, BITS) - BITS, end - BITS)):
+                if hi <= lo:
+                    continue
+                piece = bits_of(mem, lo, hi - lo)
+                if op == bitmap.WALK_ANY:
+                    result = result or piece != 0
+                elif op == bitmap.WALK_ALL:
+                    result = result and piece == (1 << (hi - lo)) - 1
+                elif op == bitmap.WALK_SET:
+                    mem |= ((1 << (hi - lo)) - 1) << lo
+                else:
+                    result = result or piece != 0
+                    mem &= ~(((1 << (hi - lo)) - 1) << lo)
+            out.append(int(result))
     return out, mem
 
 
@@ -226,7 +250,7 @@ def test_every_backend_agrees_with_the_model(seed: int) -> None:
         assert mem == want_mem, name
 
 
-def test_set_pages_names_an_unmapped_block_and_sets_nothing() -> None:
+def test_set_pages_and_walk_name_an_unmapped_block_and_set_nothing() -> None:
     for name in ("kernel", "cffi"):
         before = use_atomics_backend(name)
         try:
@@ -235,6 +259,7 @@ def test_set_pages_names_an_unmapped_block_and_sets_nothing() -> None:
             blocks: list[Block | None] = [g.block, None]
             pages = np.array([3, BITS + 5, 7], dtype=np.int64)
             assert set_pages(blocks, pages, BITS, atomic.RELEASE) == 1
+            assert bitmap.walk_blocks(blocks, 0, BITS + 5, BITS, bitmap.WALK_SET) == -2
             assert g.intact()
             blocks[1] = g.block  # "mapped" (the same words: both bits land in it)
             assert set_pages(blocks, pages, BITS, atomic.RELEASE) == -1
@@ -298,6 +323,11 @@ def _bad_calls(g: Guarded) -> Iterator[tuple[str, Callable[[Any], Any]]]:
     yield "set_pages: short block", lambda k: k.set_pages(
         [Block(0, w[:2], 0)], np.array([1], np.int64), BITS, R)
     yield "set_page: bad order", lambda k: k.set_page(blocks, 4096, BITS << 12, 12, BITS, 9)
+    for page, end, op in ((0, BITS + 1, 0), (5, 3, 0), (0, 8, 4), (-1, 8, 0), (0, 8, -1)):
+        yield f"walk({page}, {end}, op {op})", lambda k, p=page, e=end, o=op: k.walk(
+            blocks, p, e, BITS, o, R)
+    yield "walk: short block", lambda k: k.walk([Block(0, w[:2], 0)], 0, 8, BITS, 2, R)
+    yield "walk: block_pages 0", lambda k: k.walk(blocks, 0, 8, 0, 2, R)
     yield "set_page: block_pages 0", lambda k: k.set_page(blocks, 4096, BITS << 12, 12, 0, R)
     p = int(g.words.ctypes.data)
     for addr in (p + 1, p + 4, 0, -8, 1 << 64, 8.0):
