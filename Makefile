@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml shmdirty/_kernel.c  # the editable install compiles the kernel
 	@command -v $(PYTHON) >/dev/null || { echo "shmdirty needs $(PYTHON) (atomics ships wheels up to 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -11,7 +11,10 @@ word changed.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import sysconfig
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -384,3 +387,16 @@ def test_set_page_declines_what_the_slow_path_must_handle(kernel: Any) -> None:
     assert g.intact()
     assert kernel.set_page([g.block], (BITS - 1) << 12, BITS << 12, 12, BITS, R) is True
     assert g.as_int() == 1 << (BITS - 1)
+
+
+def test_the_kernel_is_built_where_there_is_a_compiler() -> None:
+    """`make install` / CI: with a C compiler the optional extension must have
+    been built (a silent fallback to cffi would hide a broken build)."""
+    if os.environ.get("SHMDIRTY_ATOMICS", "kernel") != "kernel":
+        pytest.skip("SHMDIRTY_ATOMICS chooses another backend (an install without the kernel)")
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None or not sysconfig.get_paths().get("include"):
+        pytest.skip(f"no C compiler ({cc}) here: the kernel is optional")
+    assert "kernel" in AVAILABLE_BACKENDS, (
+        f"{cc} exists but shmdirty._kernel is not importable: reinstall "
+        "(`make install` or `pip install -e .`) and read the build log")
