@@ -769,26 +769,34 @@ static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 /* ---- ops over one client's blocks (the hot accessors) ------------------------------ */
 
-/* set_page(blocks, addr, ram_size, page_bits, block_pages, order) -> bool:
- * set_dirty_flag past its RCU check.  blocks is one client's list of mapped
- * blocks (None where not mapped yet); block.base is the int address of its
- * first word, block_pages bits long.  Sets the bit of the page holding
- * `addr` with a test-and-set and returns True; returns False, touching
- * nothing, when the caller must take the slow path: addr not an exact int
- * or outside [0, ram_size), or its block not in the list or not mapped. */
+/* set_page(clients, client, addr, ram_size, page_bits, block_pages, order)
+ * -> bool: set_dirty_flag past its RCU check.  clients[client] is that
+ * client's list of mapped blocks (None where not mapped yet); block.base is
+ * the int address of its first word, block_pages bits long.  Sets the bit
+ * of the page holding `addr` with a test-and-set and returns True; returns
+ * False, touching nothing, when the caller must take the slow path (which
+ * checks, refreshes or maps): client or addr not an exact int in range
+ * ([0, len(clients)), [0, ram_size)), or the block not in the list or not
+ * mapped. */
 static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error */
 {
     int overflow, order;
-    PyObject *blocks = args[0];
-    if (!PyList_CheckExact(blocks) || !PyLong_CheckExact(args[1]))
+    PyObject *clients = args[0];
+    if (!PyList_CheckExact(clients) || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]))
         return 0;
-    long long addr = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    long client = PyLong_AsLongAndOverflow(args[1], &overflow);
+    if (overflow || client < 0 || client >= PyList_GET_SIZE(clients))
+        return 0;
+    PyObject *blocks = PyList_GET_ITEM(clients, client);
+    if (!PyList_CheckExact(blocks))
+        return 0;
+    long long addr = PyLong_AsLongLongAndOverflow(args[2], &overflow);
     if (overflow || addr < 0)
         return 0;
-    long long ram_size = PyLong_AsLongLong(args[2]);
-    long page_bits = PyLong_AsLong(args[3]);
-    long long block_pages = PyLong_AsLongLong(args[4]);
-    if (PyErr_Occurred() || !get_order(args[5], ORD_RMW, &order))
+    long long ram_size = PyLong_AsLongLong(args[3]);
+    long page_bits = PyLong_AsLong(args[4]);
+    long long block_pages = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred() || !get_order(args[6], ORD_RMW, &order))
         return -1;
     if (page_bits < 0 || page_bits > 62 || block_pages <= 0 || block_pages % 64) {
         PyErr_SetString(PyExc_ValueError, "set_page(): bad page_bits or block_pages");
@@ -816,14 +824,14 @@ static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error
 
 static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (not_ready() || !nargs_ok("set_page", nargs, 6))
+    if (not_ready() || !nargs_ok("set_page", nargs, 7))
         return NULL;
     int r = set_page_core(args);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
-/* memb_set_page(ctr, gp, seen, blocks, addr, ram_size, page_bits, block_pages,
- * order) -> bool: set_page inside one memb read-side section, for a reader
+/* memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, page_bits,
+ * block_pages, order) -> bool: set_page inside one memb read-side section, for a reader
  * outside any section whose table was checked against counter value `seen`.
  * The section is shmdirty.rcu.Rcu.read_lock / read_unlock's, word for word:
  * store `seen` into this reader's slot counter `ctr` (seq_cst), load the
@@ -837,7 +845,7 @@ static PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize
 {
     volatile uint64_t *ctr, *gp;
     uint64_t seen, now, zero = 0;
-    if (not_ready() || !nargs_ok("memb_set_page", nargs, 9) || !get_addr(args[0], &ctr) ||
+    if (not_ready() || !nargs_ok("memb_set_page", nargs, 10) || !get_addr(args[0], &ctr) ||
         !get_addr(args[1], &gp) || !get_u64(args[2], "seen", &seen))
         return NULL;
     ops.store(ctr, &seen, SEQ_CST);
@@ -1064,10 +1072,11 @@ static PyMethodDef methods[] = {
     FAST(all_set, "all_set(block, first, count) -> bool"),
     FAST(set_range, "set_range(block, first, count, order)"),
     FAST(walk, "walk(blocks, page, end, block_pages, op, order) -> result or -1 - unmapped"),
-    FAST(set_page, "set_page(blocks, addr, ram_size, page_bits, block_pages, order) -> done"),
+    FAST(set_page, "set_page(clients, client, addr, ram_size, page_bits, block_pages, order) "
+                   "-> done"),
     FAST(set_pages, "set_pages(blocks, pages, block_pages, order) -> -1 or unmapped block"),
-    FAST(memb_set_page, "memb_set_page(ctr, gp, seen, blocks, addr, ram_size, page_bits, "
-                        "block_pages, order) -> done"),
+    FAST(memb_set_page, "memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, "
+                        "page_bits, block_pages, order) -> done"),
     {NULL, NULL, 0, NULL},
 };
 

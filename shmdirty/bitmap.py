@@ -208,14 +208,17 @@ def or_bitmap(block: Block, first: int, count: int,
                                     src_first, src_first + count))
 
 
-def set_page(blocks: list[Block | None], addr: Any, ram_size: int, page_bits: int,
-             block_pages: int, order: int) -> bool:
-    """Set the bit of the page holding byte ``addr`` in one client's blocks
-    (None where not mapped) and return True; return False, touching nothing,
-    if ``addr`` is not an int in [0, ram_size) or its block is not mapped
-    (the caller's slow path).  The Python twin of the kernel's set_page."""
-    if addr.__class__ is not int or not 0 <= addr < ram_size:
+def set_page(clients: list[list[Block | None]], client: Any, addr: Any, ram_size: int,
+             page_bits: int, block_pages: int, order: int) -> bool:
+    """Set the bit of the page holding byte ``addr`` in ``clients[client]``'s
+    blocks (None where not mapped) and return True; return False, touching
+    nothing, if ``client`` or ``addr`` is not an int in range ([0,
+    len(clients)), [0, ram_size)) or the block is not mapped (the caller's
+    slow path).  The Python twin of the kernel's set_page."""
+    if (client.__class__ is not int or not 0 <= client < len(clients)
+            or addr.__class__ is not int or not 0 <= addr < ram_size):
         return False
+    blocks = clients[client]
     page = addr >> page_bits
     idx = page // block_pages
     b = blocks[idx] if idx < len(blocks) else None

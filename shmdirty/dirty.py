@@ -198,7 +198,8 @@ class DirtyMemory:
         self._section = _Section(self)
         self._set_page, self._set_pages = bitmap.page_setters()
         # memb: set_dirty_flag's whole section in one C call (kernel only).
-        self._memb_set_page = atomic.batch.memb_set_page if atomic.batch else None
+        self._memb_set_page = (atomic.batch.memb_set_page
+                               if atomic.batch and self.flavor == "memb" else None)
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
         self.swap_min_words = SWAP_MIN_WORDS
@@ -528,33 +529,37 @@ class DirtyMemory:
     def set_dirty_flag(self, addr: int, client: int) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
         # The hottest op, written out: past the RCU check, one C call does
-        # the bounds, page -> block, word and bit, and the op; a qsbr reader
-        # that is online with a current table skips section entry.
-        if client.__class__ is not int or not 0 <= client < 3:
-            client = _client(client)
+        # the argument checks, page -> block, word and bit, and the op
+        # (release: whoever takes the bit, with acquire, sees what was
+        # written before it: the guest page).  Anything it declines (bad
+        # input, a block not mapped yet) takes the slow path.
         r = self._rcu
-        if self._memb_set_page and r.seen == self._seen:
+        if r.online and r.seen == self._seen:
+            # qsbr, online, table current: already inside a section.
+            if self._set_page(self._blocks, client, addr, self._table.ram_size,
+                              self.page_bits, self.block_pages, _RELEASE):
+                return
+        elif self._memb_set_page and r.seen == self._seen:
             # memb on the kernel: open the section, set the bit, close it,
             # in one C call (Rcu.compiled_section), if the counter still
             # reads `seen` (else the slow path re-reads the table).
             words = r.compiled_section()
-            if words and self._memb_set_page(*words, r.seen, self._blocks[client], addr,
+            if words and self._memb_set_page(*words, r.seen, self._blocks, client, addr,
                                              self._table.ram_size, self.page_bits,
                                              self.block_pages, _RELEASE):
                 return
-        plain = r.online and r.seen == self._seen
-        t = self._table if plain else self._begin()
+        self._set_dirty_flag_slow(addr, client)
+
+    def _set_dirty_flag_slow(self, addr: Any, client: Any) -> None:
+        client = _client(client)
+        t = self._begin()
         try:
-            # release: whoever takes the bit (acquire) sees what was written
-            # before it (the guest page).
-            if not self._set_page(self._blocks[client], addr, t.ram_size, self.page_bits,
+            if not self._set_page(self._blocks, client, addr, t.ram_size, self.page_bits,
                                   self.block_pages, _RELEASE):
-                # A bad or not yet checked address, or a block not mapped.
                 idx, bit = divmod(self._page(t, addr), self.block_pages)
-                bitmap.set_range(self._block(client, idx), bit, 1)
+                bitmap.set_range(self._block(client, idx), bit, 1)  # release: as above
         finally:
-            if not plain:
-                self._end()
+            self._end()
 
     def get_dirty_flag(self, addr: int, client: int) -> bool:
         """Is the page holding ``addr`` dirty for ``client``?"""

@@ -159,7 +159,7 @@ def run_real(ops: list[tuple[Any, ...]], g: Guarded) -> list[Any]:
             out.append(bitmap.all_set(g.block, *a))
         elif kind == "set_page":
             # page_bits 12: byte address of the page; ram_size = the block
-            out.append([set_page(blocks, p << 12, BITS << 12, 12, BITS, atomic.RELEASE)
+            out.append([set_page([[], blocks], 1, p << 12, BITS << 12, 12, BITS, atomic.RELEASE)
                         for p in a[0]])
         elif kind == "set_pages":
             out.append(set_pages(blocks, np.array(a[0], dtype=np.int64), BITS, atomic.RELEASE))
@@ -325,13 +325,13 @@ def _bad_calls(g: Guarded) -> Iterator[tuple[str, Callable[[Any], Any]]]:
     yield "set_pages: block_pages 0", lambda k: k.set_pages(blocks, np.zeros(2, np.int64), 0, R)
     yield "set_pages: short block", lambda k: k.set_pages(
         [Block(0, w[:2], 0)], np.array([1], np.int64), BITS, R)
-    yield "set_page: bad order", lambda k: k.set_page(blocks, 4096, BITS << 12, 12, BITS, 9)
+    yield "set_page: bad order", lambda k: k.set_page([blocks], 0, 4096, BITS << 12, 12, BITS, 9)
     for page, end, op in ((0, BITS + 1, 0), (5, 3, 0), (0, 8, 4), (-1, 8, 0), (0, 8, -1)):
         yield f"walk({page}, {end}, op {op})", lambda k, p=page, e=end, o=op: k.walk(
             blocks, p, e, BITS, o, R)
     yield "walk: short block", lambda k: k.walk([Block(0, w[:2], 0)], 0, 8, BITS, 2, R)
     yield "walk: block_pages 0", lambda k: k.walk(blocks, 0, 8, 0, 2, R)
-    yield "set_page: block_pages 0", lambda k: k.set_page(blocks, 4096, BITS << 12, 12, 0, R)
+    yield "set_page: block_pages 0", lambda k: k.set_page([blocks], 0, 4096, BITS << 12, 12, 0, R)
     p = int(g.words.ctypes.data)
     for addr in (p + 1, p + 4, 0, -8, 1 << 64, 8.0):
         for op, args in (("load", (5,)), ("store", (1, 5)), ("fetch_or", (1, 5)),
@@ -380,13 +380,26 @@ def test_set_page_declines_what_the_slow_path_must_handle(kernel: Any) -> None:
     """False, with nothing set: the caller checks, refreshes or maps."""
     g = Guarded(random.Random(9), fill="zero")
     R = atomic.RELEASE
-    for blocks, addr in (([g.block], BITS << 12), ([g.block], -1), ([g.block], 1 << 80),
-                         ([g.block], np.int64(4096)), ([g.block], True), ([None], 0),
-                         ([], 0), ((g.block,), 0)):
-        assert kernel.set_page(blocks, addr, BITS << 12, 12, BITS, R) is False
+    ok = [g.block]
+    for clients, client, addr in (
+            ([ok], 0, BITS << 12), ([ok], 0, -1), ([ok], 0, 1 << 80), ([ok], 0, np.int64(4096)),
+            ([ok], 0, True), ([ok], 1, 0), ([ok], -1, 0), ([ok], True, 0), ([ok], 1 << 70, 0),
+            ([ok], np.int64(0), 0), ([ok], None, 0), ([[None]], 0, 0), ([[]], 0, 0),
+            ([(g.block,)], 0, 0), ((ok,), 0, 0)):
+        assert kernel.set_page(clients, client, addr, BITS << 12, 12, BITS, R) is False
     assert g.intact()
-    assert kernel.set_page([g.block], (BITS - 1) << 12, BITS << 12, 12, BITS, R) is True
+    assert kernel.set_page([[], ok], 1, (BITS - 1) << 12, BITS << 12, 12, BITS, R) is True
     assert g.as_int() == 1 << (BITS - 1)
+    # memb_set_page: the same, inside a section on two private counter words
+    cells = np.zeros(4, dtype=np.uint64)
+    ctr, gp = int(cells.ctypes.data), int(cells.ctypes.data) + 16
+    cells[2] = 7
+    assert kernel.memb_set_page(ctr, gp, 7, [ok], 0, 3 << 12, BITS << 12, 12, BITS, R) is True
+    assert g.as_int() == (1 << (BITS - 1)) | (1 << 3)
+    # the counter moved: nothing set; the section is closed either way
+    assert kernel.memb_set_page(ctr, gp, 6, [ok], 0, 5 << 12, BITS << 12, 12, BITS, R) is False
+    assert g.as_int() == (1 << (BITS - 1)) | (1 << 3)
+    assert cells[0] == 0
 
 
 def test_the_kernel_is_built_where_there_is_a_compiler() -> None:
