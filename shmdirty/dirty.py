@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from . import atomic, bitmap, layout, segment
-from .bitmap import Block
 from .coordinator import SWAP_MIN_WORDS, Coordinator, Shared, create_map
 from .errors import BadInput, CorruptSegment, ShmDirtyError
 from .rcu import FLAVORS, Rcu, my_owner_word
 from .segment import Segment
+from .snapshot import DirtySnapshot
 from .table import (
     DIRTY_CLIENTS_ALL,
     DIRTY_CLIENTS_NOCODE,
@@ -42,18 +42,18 @@ from .table import (
     Table,
     TableView,
     as_index,
+    as_words,
     check_client,
+    check_geometry,
     check_mask,
     clients_of,
     find_ram_offset,
 )
 
-__all__ = [
-    "DIRTY_CLIENTS_ALL", "DIRTY_CLIENTS_NOCODE", "DIRTY_MEMORY_BLOCK_SIZE",
-    "DIRTY_MEMORY_CODE", "DIRTY_MEMORY_MIGRATION", "DIRTY_MEMORY_NUM", "DIRTY_MEMORY_VGA",
-    "MAX_BLOCKS", "SWAP_MIN_WORDS", "DirtyMemory", "DirtySnapshot", "Table",
-    "find_ram_offset",
-]
+__all__ = ["DIRTY_CLIENTS_ALL", "DIRTY_CLIENTS_NOCODE", "DIRTY_MEMORY_BLOCK_SIZE",
+           "DIRTY_MEMORY_CODE", "DIRTY_MEMORY_MIGRATION", "DIRTY_MEMORY_NUM",
+           "DIRTY_MEMORY_VGA", "MAX_BLOCKS", "SWAP_MIN_WORDS", "DirtyMemory", "DirtySnapshot",
+           "Table", "find_ram_offset"]
 
 _RELEASE = atomic.RELEASE
 _index, _client, _mask, _clients = as_index, check_client, check_mask, clients_of
@@ -73,47 +73,6 @@ class _Shared:
 
 _shared: dict[str, _Shared] = {}
 _shared_lock = threading.Lock()
-
-
-def _as_words(bits: Any, what: str) -> tuple[np.ndarray[Any, np.dtype[np.uint64]], int]:
-    """A uint64 array from a uint64 array or little-endian bytes, and how
-    many bits the caller gave."""
-    if isinstance(bits, np.ndarray):
-        if bits.dtype != U64 or bits.ndim != 1:
-            raise BadInput(f"{what} must be a 1-D uint64 array, not {bits.ndim}-D {bits.dtype}")
-        return bits, len(bits) * 64
-    if isinstance(bits, (bytes, bytearray, memoryview)):
-        raw = bytes(bits)
-        nbits = len(raw) * 8
-        raw += b"\0" * (-len(raw) % 8)
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64), nbits
-    raise BadInput(f"{what} must be a uint64 numpy array or bytes, not {type(bits).__name__}")
-
-
-class DirtySnapshot:
-    """Dirty bits taken by snapshot_and_clear_dirty(), queried later
-    (current QEMU's display path).  Plain process-local memory."""
-
-    def __init__(self, page_bits: int, page: int, end: int,
-                 words: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
-        self.page_bits = page_bits
-        self.start = page << page_bits
-        self.end = end << page_bits
-        self._page = page
-        self._words = words  # global word (page >> 6) .. of the range
-
-    def get_dirty(self, start: int, length: int) -> bool:
-        """Was any page of [start, start+length) dirty in the snapshot?"""
-        start, length = _index(start, "start"), _index(length, "length")
-        if length < 0 or start < self.start or start + length > self.end:
-            raise BadInput(f"range [{start:#x}, +{length:#x}) is outside the snapshot "
-                           f"[{self.start:#x}, {self.end:#x})")
-        if length == 0:
-            return False
-        page = start >> self.page_bits
-        end = -(-(start + length) >> self.page_bits)
-        first = page - (self._page & ~63)
-        return bitmap.any_set(Block(-1, self._words, None), first, end - page)
 
 
 class DirtyMemory(TableView):
@@ -150,20 +109,8 @@ class DirtyMemory(TableView):
                tcg: bool = False, name: str | None = None) -> DirtyMemory:
         """Create a map; the caller becomes its coordinator.  ``ram_size`` > 0
         adds [0, ram_size) as the first RAM block."""
-        page_bits = _index(page_bits, "page_bits")
-        if not 6 <= page_bits <= 30:
-            raise BadInput(f"page_bits {page_bits} is not in [6, 30]")
-        block_pages = _index(block_pages, "block_pages")
-        if block_pages <= 0 or block_pages % 64 or block_pages > 1 << 32:
-            raise BadInput(f"block_pages {block_pages} must be a positive multiple of 64, "
-                           "at most 2**32")
-        max_readers = _index(max_readers, "max_readers")
-        if not 1 <= max_readers <= 4096:
-            raise BadInput(f"max_readers {max_readers} is not in [1, 4096]")
-        ram_size = _index(ram_size, "ram_size")
-        if ram_size < 0 or ram_size % (1 << page_bits):
-            raise BadInput(f"ram_size {ram_size:#x} must be a non-negative multiple of the "
-                           f"page size {1 << page_bits:#x}")
+        page_bits, block_pages, max_readers, ram_size = check_geometry(
+            page_bits, block_pages, max_readers, ram_size)
         name = layout.new_map_name() if name is None else layout.check_map_name(name)
         hdr = create_map(name, page_bits, block_pages, max_readers, tcg)
         dm = cls._open(name, hdr, "memb")
@@ -396,7 +343,7 @@ class DirtyMemory(TableView):
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
         returns it: VGA and MIGRATION always, CODE only for a tcg map."""
-        bits, nbits = _as_words(bitmap_, "bitmap")
+        bits, nbits = as_words(bitmap_, "bitmap")
         pages = _index(pages, "pages")
         if pages < 0:
             raise BadInput(f"pages {pages} is negative")

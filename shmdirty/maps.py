@@ -195,10 +195,11 @@ def inspect_map(name: str) -> dict[str, Any]:
     return info
 
 
-def collect(st: MapStatus) -> int | None:
-    """Remove every segment of the dead map ``st`` after a last look (did
-    anyone adopt it meanwhile?).  How many were removed, or None if the map
-    is no longer garbage."""
-    if not map_status(st.name).garbage:
-        return None
-    return sum(segment.unlink(n) for n in segment.list_segments(st.name))
+def collect(name: str) -> tuple[MapStatus, int]:
+    """Remove every segment of map ``name`` if a last look (did anyone adopt
+    it meanwhile?) still finds it dead; its status then and how many
+    segments were removed."""
+    st = map_status(name)
+    if not st.garbage:
+        return st, 0
+    return st, sum(segment.unlink(n) for n in segment.list_segments(name))

@@ -56,6 +56,21 @@ def as_index(value: Any, what: str) -> int:
         raise BadInput(f"{what} must be an integer, not {type(value).__name__}") from None
 
 
+def as_words(bits: Any, what: str) -> tuple[np.ndarray[Any, np.dtype[np.uint64]], int]:
+    """A uint64 array from a uint64 array or little-endian bytes, and how
+    many bits the caller gave."""
+    if isinstance(bits, np.ndarray):
+        if bits.dtype != U64 or bits.ndim != 1:
+            raise BadInput(f"{what} must be a 1-D uint64 array, not {bits.ndim}-D {bits.dtype}")
+        return bits, len(bits) * 64
+    if isinstance(bits, (bytes, bytearray, memoryview)):
+        raw = bytes(bits)
+        nbits = len(raw) * 8
+        raw += b"\0" * (-len(raw) % 8)
+        return np.frombuffer(raw, dtype="<u8").astype(np.uint64), nbits
+    raise BadInput(f"{what} must be a uint64 numpy array or bytes, not {type(bits).__name__}")
+
+
 def check_client(client: Any) -> int:
     c = as_index(client, "client")
     if not 0 <= c < DIRTY_MEMORY_NUM:
@@ -68,6 +83,26 @@ def check_mask(mask: Any) -> int:
     if not 0 <= m <= DIRTY_CLIENTS_ALL:
         raise BadInput(f"client mask {m:#x} is not in [0, {DIRTY_CLIENTS_ALL:#x}]")
     return m
+
+
+def check_geometry(page_bits: Any, block_pages: Any, max_readers: Any,
+                   ram_size: Any) -> tuple[int, int, int, int]:
+    """DirtyMemory.create()'s arguments, checked; BadInput naming the bad one."""
+    page_bits = as_index(page_bits, "page_bits")
+    if not 6 <= page_bits <= 30:
+        raise BadInput(f"page_bits {page_bits} is not in [6, 30]")
+    block_pages = as_index(block_pages, "block_pages")
+    if block_pages <= 0 or block_pages % 64 or block_pages > 1 << 32:
+        raise BadInput(f"block_pages {block_pages} must be a positive multiple of 64, "
+                       "at most 2**32")
+    max_readers = as_index(max_readers, "max_readers")
+    if not 1 <= max_readers <= 4096:
+        raise BadInput(f"max_readers {max_readers} is not in [1, 4096]")
+    ram_size = as_index(ram_size, "ram_size")
+    if ram_size < 0 or ram_size % (1 << page_bits):
+        raise BadInput(f"ram_size {ram_size:#x} must be a non-negative multiple of the "
+                       f"page size {1 << page_bits:#x}")
+    return page_bits, block_pages, max_readers, ram_size
 
 
 def clients_of(mask: int) -> list[int]:
