@@ -529,7 +529,8 @@ class DirtyMemory(TableView):
             if self._shared.refs == 1:
                 self._coordinator.resign()
             self._closed = True
-            self._rcu = self._reader = _CLOSED
+            # Every later op fails clearly (the header is unmapped below).
+            self._rcu = self._reader = self._coordinator = _CLOSED
             self._unmap_blocks()
             self._drop(self.name, self._shared)
 
@@ -568,8 +569,8 @@ class _Section:
 
 
 class _Closed:
-    """Stands in for the Rcu and the Reader of a closed handle: every op
-    fails clearly."""
+    """Stands in for the Rcu, the Reader and the Coordinator of a closed
+    handle: every op fails clearly."""
 
     nesting = 0
     online = False
