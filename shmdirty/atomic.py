@@ -174,10 +174,9 @@ class _KernelBackend(_Backend):
     name = "kernel"
 
     def __init__(self) -> None:
-        from . import _kernel  # type: ignore[attr-defined]
-
-        _kernel.setup(patomic_ops())
-        k: Any = _kernel
+        # The compiled module, optional (ImportError when it was not built).
+        k: Any = importlib.import_module(f"{__package__}._kernel")
+        k.setup(patomic_ops())
         self.batch = k
         self.load = k.load
         self.store = k.store
