@@ -53,9 +53,10 @@ MASK64 = (1 << 64) - 1
 VERIFIED = {"atomics": "1.0.3", "atomics2": "1.1."}
 VERIFIED_ATOMICS_VERSION = VERIFIED["atomics"]
 BACKENDS = ("kernel", "cffi", "public")
-# ns per fetch_or from Python, measured with `python -m perf --quick` on the
-# 2-core project machine (docs/PERFORMANCE.md): the warning quotes them.
-MEASURED_NS = {"kernel": 150, "cffi": 1130}
+# ns per fetch_or from Python, the micro rows of two `python -m perf --quick`
+# runs on the loaded 2-core project machine (docs/PERFORMANCE.md, Results):
+# the warning quotes them.
+MEASURED_NS = {"kernel": (63, 148), "cffi": (1133, 1621)}
 
 ffi = cffi.FFI()
 
@@ -393,9 +394,10 @@ def _pick_backend() -> _Backend:
         why = exc
     try:
         chosen: _Backend = _CffiBackend()
-        slower = (f"about {MEASURED_NS['cffi'] // MEASURED_NS['kernel']}x slower per "
-                  f"atomic op ({MEASURED_NS['cffi']} ns against {MEASURED_NS['kernel']} ns "
-                  "per fetch_or, docs/PERFORMANCE.md)")
+        (k_lo, k_hi), (c_lo, c_hi) = MEASURED_NS["kernel"], MEASURED_NS["cffi"]
+        slower = (f"{c_lo // k_hi}-{c_hi // k_lo}x slower per atomic op (measured "
+                  f"{c_lo}-{c_hi} ns per fetch_or against {k_lo}-{k_hi} ns on the kernel, "
+                  "docs/PERFORMANCE.md), and bulk calls lose the kernel's C loops")
     except Exception as exc:  # internals moved: stay correct, get slower
         why = exc
         chosen = _PublicBackend()
