@@ -264,14 +264,14 @@ class DirtyMemory(TableView):
             if self._set_page(self._blocks, client, addr, self._table.ram_size,
                               self.page_bits, self.block_pages, _RELEASE):
                 return
-        elif self._memb_set_page and r.seen == self._seen:
-            # memb on the kernel: open the section, set the bit, close it,
-            # in one C call (Reader.compiled_section), if the counter still
-            # reads `seen` (else the slow path re-reads the table).
-            words = r.compiled_section()
-            if words and self._memb_set_page(*words, r.seen, self._blocks, client, addr,
-                                             self._table.ram_size, self.page_bits,
-                                             self.block_pages, _RELEASE):
+        elif (self._memb_set_page and not r.nesting and r.seen == self._seen
+              and (words := r.section_words)):
+            # memb on the kernel, outside any section: open one, set the bit,
+            # close it, in one C call (Reader.section_words), if the counter
+            # still reads `seen` (else the slow path re-reads the table).
+            if self._memb_set_page(words[0], words[1], r.seen, self._blocks, client, addr,
+                                   self._table.ram_size, self.page_bits, self.block_pages,
+                                   _RELEASE):
                 return
         self._set_dirty_flag_slow(addr, client)
 

@@ -308,8 +308,8 @@ class Reader:
     what it caches of published words).  Plain attributes, not properties:
     DirtyMemory's hottest path reads two of them per op."""
 
-    __slots__ = ("flavor", "slot", "nesting", "online", "seen", "_memb", "_store", "_load",
-                 "_gp_ptr", "_ctr", "_section_online")
+    __slots__ = ("flavor", "slot", "nesting", "online", "seen", "section_words", "_memb",
+                 "_store", "_load", "_gp_ptr", "_ctr", "_section_online")
 
     def __init__(self, gp: GracePeriods, flavor: str) -> None:
         self.flavor = flavor
@@ -324,6 +324,12 @@ class Reader:
         self._load = atomic.load
         self._gp_ptr = gp._gp
         self._ctr = gp._gp     # replaced by the slot's ctr on claim
+        # memb with a slot: (this slot's counter, the grace-period counter),
+        # the two words of a read-side section run in C (shmdirty/_kernel.c
+        # memb_set_page stores and loads them exactly as read_lock /
+        # read_unlock do, with the GIL held); only for a caller outside any
+        # section (nesting 0).  None otherwise.
+        self.section_words: tuple[int, int] | None = None
         self._section_online = False  # qsbr: went online for one section
 
     @property
@@ -334,6 +340,7 @@ class Reader:
     def _claimed(self, slot: int, ctr: atomic.Ptr) -> None:
         self.slot = slot
         self._ctr = ctr
+        self.section_words = (ctr, self._gp_ptr) if self._memb else None
         # A dead owner may have left ctr set; nobody else writes it now.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.seen = atomic.load(self._gp_ptr, atomic.SEQ_CST)
@@ -344,6 +351,7 @@ class Reader:
         # release: the slot reads 0 only after every access of ours.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.slot = -1
+        self.section_words = None
         self.nesting = 0
         self.online = False
 
@@ -395,16 +403,6 @@ class Reader:
             elif self._section_online:
                 self._section_online = False
                 self.thread_offline()
-
-    def compiled_section(self) -> tuple[int, int] | None:
-        """memb, outside any section, registered: the addresses of this
-        slot's counter and of the grace-period counter, for one read-side
-        section run in C (shmdirty/_kernel.c ``memb_set_page`` stores and
-        loads them exactly as read_lock / read_unlock do, with the GIL held,
-        so nesting stays 0).  Otherwise None: use read_lock."""
-        if self._memb and not self.nesting and self.slot >= 0:
-            return self._ctr, self._gp_ptr
-        return None
 
     # --- qsbr ---------------------------------------------------------------------
     def thread_online(self) -> None:

@@ -413,3 +413,37 @@ def test_the_kernel_is_built_where_there_is_a_compiler() -> None:
     assert "kernel" in AVAILABLE_BACKENDS, (
         f"{cc} exists but shmdirty._kernel is not importable: reinstall "
         "(`make install` or `pip install -e .`) and read the build log")
+
+
+def test_memb_set_dirty_flag_inside_a_section_leaves_it_open(kernel: Any,
+                                                             map_name: str) -> None:
+    """set_dirty_flag runs its own memb section in C only outside any
+    section: inside ``read_section()`` it must not store 0 into the slot
+    (that would end the caller's section early, and a grace period would
+    stop waiting for it).  The broken variant, the C section run anyway,
+    is shown to end it."""
+    import shmdirty as sd
+
+    dm = sd.DirtyMemory.create(4 << 20, name=map_name)
+    try:
+        assert dm.flavor == "memb"
+        slot = dm._reader.slot
+
+        def epoch() -> int:
+            return next(r.epoch for r in dm.rcu.readers() if r.slot == slot)
+
+        dm.set_dirty_flag(4096, 2)          # outside: the C section, closed again
+        assert dm.get_dirty_flag(4096, 2) and epoch() == 0
+        with dm.read_section():
+            assert epoch() != 0
+            dm.set_dirty_flag(8192, 2)
+            assert epoch() != 0, "set_dirty_flag ended the caller's section"
+            # the broken variant: the compiled section although nesting is 1
+            r = dm._reader
+            assert r.section_words is not None
+            kernel.memb_set_page(*r.section_words, r.seen, dm._blocks, 2, 12288,
+                                 dm.ram_size, dm.page_bits, dm.block_pages, atomic.RELEASE)
+            assert epoch() == 0            # caught: the outer section was ended
+        assert dm.get_dirty_flag(8192, 2) and dm.get_dirty_flag(12288, 2)
+    finally:
+        dm.destroy()
