@@ -342,8 +342,9 @@ class DirtyMemory(TableView):
         client = _client(client)
         t, page, end = self._enter_range(start, length)
         try:
-            if end - page < self.block_pages:
-                # No block covered whole (nothing to swap): one call.
+            if end - page < self.block_pages or not self.is_coordinator:
+                # Nothing to swap (no block covered whole, or not the
+                # coordinator): one call, the words taken one by one.
                 return bool(self._over(bitmap.WALK_TAKE, client, page, end))
         finally:
             self._end()
