@@ -53,10 +53,10 @@ MASK64 = (1 << 64) - 1
 VERIFIED = {"atomics": "1.0.3", "atomics2": "1.1."}
 VERIFIED_ATOMICS_VERSION = VERIFIED["atomics"]
 BACKENDS = ("kernel", "cffi", "public")
-# ns per fetch_or from Python, the micro rows of two `python -m perf --quick`
+# ns per fetch_or from Python, the micro rows of three `python -m perf --quick`
 # runs on the loaded 2-core project machine (docs/PERFORMANCE.md, Results):
 # the warning quotes them.
-MEASURED_NS = {"kernel": (63, 148), "cffi": (1133, 1621)}
+MEASURED_NS = {"kernel": (118, 201), "cffi": (1920, 2175)}
 
 ffi = cffi.FFI()
 
