@@ -25,7 +25,9 @@
 #   the u64 at p * 4096 + ((x >> 23) & 511) * 8 += x
 # Pass n of the sequential pattern, for every region of P pages, a = its first
 # P/2 pages and b = the next P/2 (as u64 arrays):
-#   n even (copy):  b[j] = a[j] + n + 1          n odd (scale):  a[j] = b[j] * 3
+#   n even (copy):  b[j] = a[j] + x + n + B      (B: the guest address of b[j];
+#                                                  x: the seed, unchanged)
+#   n odd (scale):  a[j] = b[j] * 3
 # Before step n == hotplug[k] the guest does `out 0x10, al` with al = k: the
 # VM owner hot-adds RAM (if not done yet), appends this vCPU's share of it to
 # the region table, then the guest re-reads the table.
@@ -116,7 +118,7 @@ loop:
         jmp     next
 
 sweep:                                  # sequential: one pass over every region
-        lea     rbx, [r13 + 1]
+        lea     rbx, [r13 + r14]
         lea     rsi, [r15 + P_REGIONS]
         mov     rcx, [r15 + P_NREG]
 6:      test    rcx, rcx
@@ -129,10 +131,11 @@ sweep:                                  # sequential: one pass over every region
         lea     rdi, [rax + rdx]        # b
         test    r13, 1
         jnz     8f
-7:      test    rdx, rdx                # copy: b[j] = a[j] + n + 1
+7:      test    rdx, rdx                # copy: b[j] = a[j] + x + n + B
         jz      9f
         mov     rbp, [rax]
         add     rbp, rbx
+        add     rbp, rdi
         mov     [rdi], rbp
         add     rax, 8
         add     rdi, 8

@@ -58,7 +58,7 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
             lo, hi = bounds[k], bounds[k + 1]
             npages = sum(sizes[:k + 1])
             if cfg.pattern == "sequential":
-                _sweep(mem, sizes[:k + 1], lo, hi)
+                _sweep(mem, final[:k + 1], x, lo, hi)
                 continue
             if cfg.pattern == "hot":
                 npages = min(npages, cfg.hot_pages)
@@ -90,16 +90,20 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
     return out
 
 
-def _sweep(mem: U64Array, sizes: list[int], lo: int, hi: int) -> None:
-    """Passes [lo, hi) of the sequential pattern over the regions ``sizes``."""
+def _sweep(mem: U64Array, regions: list[tuple[int, int]], x: int, lo: int, hi: int) -> None:
+    """Passes [lo, hi) of the sequential pattern over ``regions`` (first page,
+    pages), concatenated in ``mem``; ``x`` is the seed."""
     for n in range(lo, hi):
         pos = 0
-        for pages in sizes:
+        for first, pages in regions:
             half = pages // 2 * _Q
             a = mem[pos:pos + half]
             b = mem[pos + half:pos + 2 * half]
             if n % 2 == 0:
-                np.add(a, np.uint64(n + 1), out=b)
+                addr_b = (np.arange(half, dtype=np.uint64) + np.uint64(first * _Q + half)) \
+                    * np.uint64(8)
+                np.add(a, np.uint64((x + n) & U64), out=b)
+                b += addr_b
             else:
                 np.multiply(b, np.uint64(3), out=a)
             pos += pages * _Q
