@@ -117,8 +117,11 @@ class Destination:
         from .vm import VcpuState
         states: list[VcpuState] = []
         while True:
-            rtype, count, payload = self.ch.recv_expect(s.BLOCKS, s.PAGES, s.ROUND, s.VCPUS,
-                                                        s.END_OF_STREAM)
+            try:
+                rtype, count, payload = self.ch.recv_expect(s.BLOCKS, s.PAGES, s.ROUND,
+                                                            s.VCPUS, s.END_OF_STREAM)
+            except PeerGone as e:
+                raise StreamError(f"stream truncated before its end marker: {e}") from None
             if rtype == s.PAGES:
                 numbers, data = s.unpack_pages(count, payload, self.page_size)
                 try:
