@@ -40,10 +40,17 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
-from shmdirty import layout
-
 from . import baselines, cbaseline, impl_shmdirty  # noqa: F401  (register implementations)
-from .registry import IMPL_NAMES, IMPLS, OP_NAMES, RESETS, RUNS, Cell, Unavailable
+from .registry import (
+    IMPL_NAMES,
+    IMPLS,
+    OP_NAMES,
+    RESETS,
+    RUNS,
+    Cell,
+    Unavailable,
+    run_prefix,
+)
 from .workloads import OPS, make_work, pages_per_op
 
 GIB = 1 << 30
@@ -94,10 +101,6 @@ class Outcome:
 # =============================================================================
 def new_run_id() -> str:
     return "perf" + secrets.token_hex(4)
-
-
-def run_prefix(run_id: str) -> str:
-    return f"{layout.PREFIX}{run_id}"
 
 
 def leftover_segments(prefix: str) -> list[str]:

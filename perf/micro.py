@@ -41,6 +41,7 @@ from .registry import (
     RCU_SECTION,
     Cell,
     Unavailable,
+    run_prefix,
 )
 
 FAST_OVER_PUBLIC_GOAL = 8.0
@@ -179,7 +180,6 @@ def rcu_micro(cfg: Any, pools: Any, run_id: str) -> tuple[list[dict[str, Any]], 
     ``dm.quiescent()``).  As rcutorture / rcuscale report it: ns/update is
     the coordinator's time per grace period, ns/read a reader's time per
     read (section included) while the grace periods run."""
-    from .harness import run_prefix
     from .impl_shmdirty import dirty_memory, map_name
 
     try:

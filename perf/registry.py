@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shmdirty import layout
+
 IMPL_NAMES = ("shmdirty-memb", "shmdirty-qsbr", "lock", "atomics-api", "c")
 OP_NAMES = (
     "set_dirty_flag",
@@ -175,3 +177,8 @@ def reset(op: str, *impls: str) -> Callable[[Reset], Reset]:
         return fn
 
     return deco
+
+
+def run_prefix(run_id: str) -> str:
+    """What every segment name of a run starts with (``shmdirty-<run id>``)."""
+    return layout.map_prefix() + run_id

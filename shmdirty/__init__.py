@@ -11,16 +11,17 @@ from .dirty import (
     DIRTY_MEMORY_MIGRATION,
     DIRTY_MEMORY_NUM,
     DIRTY_MEMORY_VGA,
-    CoordinatorGone,
     DirtyMemory,
     DirtySnapshot,
 )
 from .errors import (
     BadInput,
+    CoordinatorGone,
     CorruptSegment,
     GraceTimeout,
     NoReaderSlot,
     NotCoordinator,
+    RcuMisuse,
     ShmDirtyError,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "GraceTimeout",
     "NoReaderSlot",
     "NotCoordinator",
+    "RcuMisuse",
     "ShmDirtyError",
 ]

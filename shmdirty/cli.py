@@ -22,18 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as wait_for_reports
-from multiprocessing.context import SpawnProcess
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -46,32 +39,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import atomic, layout, segment
-from .dirty import (
-    DIRTY_MEMORY_CODE,
-    DIRTY_MEMORY_MIGRATION,
-    DIRTY_MEMORY_NUM,
-    DIRTY_MEMORY_VGA,
-    DirtyMemory,
-)
-from .errors import CorruptSegment, NoReaderSlot, ShmDirtyError
-from .rcu import GracePeriods, ReaderInfo, owner_alive
-from .segment import Segment
+# The application: the one import of workers/ from the library (the layer
+# above it; docs/ARCHITECTURE.md).
+from workers import app, reports
 
-if TYPE_CHECKING:
-    from workers.guest import GuestRam
+from . import layout, segment
+from .errors import ShmDirtyError
+from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 
-CLIENT_NAMES = {DIRTY_MEMORY_VGA: "VGA", DIRTY_MEMORY_CODE: "CODE",
-                DIRTY_MEMORY_MIGRATION: "MIGRATION"}
-PAGE_BITS = 12
-FIRST_DIFFS = 10          # how many differing pages a mismatch names
-JOIN_TIMEOUT = 5.0        # seconds workers get to exit after an abort before SIGTERM
-POLL = 0.01               # seconds the coordinator loop waits for a report
+PAGE_BITS = app.PAGE_BITS
+FIRST_DIFFS = app.FIRST_DIFFS
+__all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
 
 
 # --- sizes ------------------------------------------------------------------------
@@ -161,172 +144,6 @@ def map_arg(text: str) -> str:
             except ValueError:
                 pass
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-# --- looking at maps without attaching --------------------------------------------------
-def mappers(names: Sequence[str]) -> dict[str, set[int]]:
-    """For each /dev/shm name, the pids of live processes that map it."""
-    paths = {f"{segment.SHM_DIR}/{n}": n for n in names}
-    found: dict[str, set[int]] = {n: set() for n in names}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    i = line.find(segment.SHM_DIR + "/")
-                    if i >= 0:
-                        path = line[i:].rstrip("\n").removesuffix(" (deleted)")
-                        if path in paths:
-                            found[paths[path]].add(int(pid))
-        except OSError:
-            continue
-    return found
-
-
-@dataclass
-class MapStatus:
-    """What the header of a map says, read without claiming a reader slot."""
-
-    name: str
-    state: str                        # live | dead | unreadable | in use | absent
-    why: str = ""
-    segments: list[str] = field(default_factory=list)
-    coordinator_pid: int = 0          # 0: none (it left)
-    coordinator_alive: bool = False
-    readers: list[ReaderInfo] = field(default_factory=list)
-    max_readers: int = 0
-    generation: int = 0
-    grace_period: int = 0
-    ram_size: int = 0
-    request: int = 0
-    page_bits: int = 0
-    block_pages: int = 0
-    tcg: bool = False
-    error: ShmDirtyError | None = None  # why an unreadable header could not be read
-
-    @property
-    def garbage(self) -> bool:
-        return self.state == "dead"
-
-
-def _raw_prefix(name: str) -> tuple[int, int]:
-    """(magic, layout version) of a segment, read as plain bytes."""
-    try:
-        with open(f"{segment.SHM_DIR}/{name}", "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return 0, 0
-    head = head.ljust(16, b"\0")
-    return int.from_bytes(head[:8], "little"), int.from_bytes(head[8:16], "little")
-
-
-def map_status(name: str) -> MapStatus:
-    """Classify a map: live (its coordinator or a reader is alive), dead
-    (all gone: garbage), unreadable (another layout version, not ours...),
-    in use (no readable header but a live process maps a segment), absent."""
-    st = MapStatus(name, "absent", segments=segment.list_segments(name))
-    if not st.segments:
-        st.why = "no segments in /dev/shm"
-        return st
-    hdr_name = layout.header_name(name)
-    if hdr_name not in st.segments:
-        return _headerless(st, "has no header segment")
-    try:
-        hdr = Segment.attach(hdr_name, layout.KIND_HEADER, layout.HEADER_FIXED)
-    except CorruptSegment as e:
-        magic, _version = _raw_prefix(hdr_name)
-        if magic == 0:  # creation never finished: garbage unless someone is at it
-            return _headerless(st, "header was never completed")
-        st.state, st.why, st.error = "unreadable", str(e), e
-        return st
-    try:
-        w = hdr.words
-        # The header's geometry is immutable after creation: relaxed loads.
-        st.max_readers = w.load(layout.H_MAX_READERS, atomic.RELAXED)
-        st.page_bits = w.load(layout.H_PAGE_BITS, atomic.RELAXED)
-        st.block_pages = w.load(layout.H_BLOCK_PAGES, atomic.RELAXED)
-        st.tcg = bool(w.load(layout.H_TCG, atomic.RELAXED))
-        if hdr.size < layout.header_size(st.max_readers):
-            st.state = "unreadable"
-            st.why = f"header {hdr_name} is too small for {st.max_readers} reader slots"
-            return st
-        # acquire: the words the coordinator published with release / seq_cst.
-        coord = w.load(layout.H_COORD, atomic.ACQUIRE)
-        st.generation = w.load(layout.H_GENERATION, atomic.ACQUIRE)
-        st.grace_period = w.load(layout.H_GP, atomic.ACQUIRE)
-        st.ram_size = w.load(layout.H_RAM_SIZE, atomic.ACQUIRE)
-        st.request = w.load(layout.H_REQUEST, atomic.ACQUIRE)
-        st.readers = GracePeriods(hdr, st.max_readers).readers()
-    finally:
-        hdr.close()
-    st.coordinator_pid = layout.owner_pid(coord) if coord else 0
-    st.coordinator_alive = bool(coord) and owner_alive(coord)
-    live = st.coordinator_alive or any(r.alive for r in st.readers)
-    st.state = "live" if live else "dead"
-    if not live:
-        st.why = "coordinator and every reader are gone"
-    return st
-
-
-def _headerless(st: MapStatus, why: str) -> MapStatus:
-    users = sorted(set().union(*mappers(st.segments).values()))
-    if users:
-        st.state, st.why = "in use", f"{why}; mapped by pid {', '.join(map(str, users))}"
-    else:
-        st.state, st.why = "dead", f"{why}; nobody maps it"
-    return st
-
-
-def _segment_kinds(names: Sequence[str]) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for n in names:
-        role = n.rsplit("-", 1)[-1].rstrip("0123456789") or "?"
-        kinds[role] = kinds.get(role, 0) + 1
-    return kinds
-
-
-# --- inspect ----------------------------------------------------------------------------
-def inspect_map(name: str) -> dict[str, Any]:
-    """Everything ``shmdirty inspect`` shows, as a dict.  Attaches (one
-    reader slot) only while counting dirty pages; changes nothing else."""
-    st = map_status(name)
-    if st.state == "absent":
-        raise LookupError(f"{name!r} is not a map: no shmdirty-{name}-* segment in "
-                          f"{segment.SHM_DIR} (`shmdirty ls --all` lists the maps)")
-    if st.state == "unreadable":
-        raise st.error or ShmDirtyError(f"map {name}: {st.why}")
-    info: dict[str, Any] = {
-        "map": name, "state": st.state, "segments": st.segments,
-        "segment_kinds": _segment_kinds(st.segments),
-    }
-    if layout.header_name(name) not in st.segments or not st.max_readers:
-        info["why"] = st.why
-        return info
-    info.update(
-        layout_version=layout.LAYOUT_VERSION, page_bits=st.page_bits,
-        page_size=1 << st.page_bits, block_pages=st.block_pages, tcg=st.tcg,
-        max_readers=st.max_readers, generation=st.generation,
-        grace_period_counter=st.grace_period, ram_size=st.ram_size, request=st.request,
-        coordinator={"pid": st.coordinator_pid, "alive": st.coordinator_alive},
-        readers=[r._asdict() for r in st.readers],
-    )
-    try:
-        dm = DirtyMemory.attach(name)
-    except NoReaderSlot as e:
-        info["table_error"] = str(e)
-        return info
-    try:
-        t = dm.table
-        info.update(
-            table_generation=t.generation,
-            ram_blocks=[list(b) for b in dm.ram_blocks()],
-            bitmap_blocks=t.num_blocks,
-            dirty_pages={CLIENT_NAMES[c]: dm.dirty_pages(c) for c in range(DIRTY_MEMORY_NUM)},
-        )
-    finally:
-        dm.close()
-    return info
 
 
 def _render_inspect(info: dict[str, Any], out: Console) -> None:
@@ -445,11 +262,10 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
         return code
     removed = 0
     for st in garbage:
-        again = map_status(st.name)  # a last look: did anyone adopt it meanwhile?
+        again, gone = collect(st.name)
         if not again.garbage:
             _say(out, f"map {st.name} is {again.state} now; left alone")
-            continue
-        removed += sum(segment.unlink(n) for n in segment.list_segments(st.name))
+        removed += gone
     _say(out, f"removed {removed} segment(s)")
     return code
 
@@ -463,341 +279,68 @@ def _say(out: Console, msg: str) -> None:
     out.print(msg, highlight=False, soft_wrap=True)
 
 
-# --- migrate ------------------------------------------------------------------------------
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+# --- migrate: rendering the application's events -------------------------------------------
+class _Progress:
+    """Renders the typed events of a migration: notes, a progress bar per round."""
 
-
-class _Failed(Exception):
-    """A worker failed, or the run could not go on."""
-
-
-class _Usage(Exception):
-    """The options asked for a map that cannot be made."""
-
-
-class _Signals:
-    """Ctrl-C and SIGTERM become a flag the migrate loop checks, so the
-    interruption never lands half-way through a library call."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = self.signum or signum
-
-    def __enter__(self) -> _Signals:
-        for s in self.SIGNALS:
-            self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-    def check(self) -> None:
-        if self.signum:
-            raise _Interrupted(self.signum)
-
-
-@dataclass
-class MigrateConfig:
-    ram: int
-    vcpus: int
-    dirty_rate: float
-    pattern: str
-    hot_fraction: float
-    dirty_mode: str
-    hotplug: tuple[tuple[float, int], ...]
-    block_pages: int
-    bandwidth: float        # MiB/s, 0: unlimited
-    threshold: int
-    max_rounds: int
-    seed: int
-    timeout: float
-    drop_round: int
-    name: str | None
-
-
-class _Migration:
-    """One ``shmdirty migrate`` run; this process is the coordinator."""
-
-    def __init__(self, cfg: MigrateConfig, out: Console, signals: _Signals) -> None:
-        from workers import Flags
-
-        self.cfg, self.out, self.signals = cfg, out, signals
-        self.ctx = mp.get_context("spawn")
-        self.flags = Flags(self.ctx, cfg.vcpus)
-        self.procs: dict[str, SpawnProcess] = {}
-        self.conns: dict[Connection, str] = {}   # each worker's report pipe -> its role
-        self.dm: DirtyMemory | None = None
-        self.map_name = ""
-        self.removed = 0
-        self.ready: set[str] = set()
-        self.hotplugs: list[dict[str, Any]] = []
-        self.vcpu_stats: list[dict[str, Any]] = []
-        self.done: dict[str, Any] | None = None
-        self.t_go = 0.0
-        self._t_round = 0.0
-        self.deadline = time.monotonic() + cfg.timeout
+    def __init__(self, cfg: app.MigrateConfig, out: Console) -> None:
+        self.cfg, self.out = cfg, out
         self.progress: Progress | None = None
         self.tasks: dict[int, TaskID] = {}
+        self.t_go = 0.0
+        self._t_round = 0.0
 
-    # -- the run ------------------------------------------------------------------------
-    def execute(self) -> dict[str, Any]:
-        from workers.guest import GuestRam
-
-        cfg = self.cfg
-        t_begin = time.monotonic()
-        try:
-            self.dm = DirtyMemory.create(cfg.ram, page_bits=PAGE_BITS,
-                                         block_pages=cfg.block_pages, name=cfg.name)
-        except (ShmDirtyError, ValueError, FileExistsError) as e:
-            raise _Usage(f"cannot create the map: {e}") from None
-        self.map_name = self.dm.name
-        src = GuestRam(self.map_name, PAGE_BITS)
-        dst = GuestRam(self.map_name, PAGE_BITS, "dst")
-        try:
-            src.update(self.dm.ram_blocks(), create=True, boot_fill=True)
-            self._spawn()
-            self._wait(lambda: len(self.ready) == len(self.procs), "workers to start")
-            self.out.print(f"shmdirty migrate: map {self.map_name} started: "
-                           f"{fmt_bytes(cfg.ram)} guest RAM, {cfg.vcpus} vCPU(s) "
-                           f"({cfg.dirty_mode}, {cfg.pattern}, {cfg.dirty_rate:g} pages/s "
-                           f"each), {len(self.procs)} workers", highlight=False, soft_wrap=True)
-            self.flags.set(self.flags.GO)
-            self.t_go = time.monotonic()
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("pages {task.fields[speed]}"), TimeElapsedColumn(),
-                          console=self.out) as progress:
-                self.progress = progress
-                self._wait(lambda: self.done is not None, "the migration to finish")
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
             self.progress = None
-            self._wait(lambda: not self.conns and all(p.exitcode is not None
-                                                      for p in self.procs.values()),
-                       "the workers to exit")
-            self._check_exit_codes()
-            # Every worker has exited: the RAM and the destination are final.
-            blocks = self.dm.ram_blocks()
-            src.update(blocks)
-            return self._result(src, dst, blocks, t_begin)
-        finally:
-            src.close()
-            dst.close()
 
-    def _result(self, src: GuestRam, dst: GuestRam, blocks: list[tuple[int, int]],
-                t_begin: float) -> dict[str, Any]:
-        from workers.guest import compare
-
-        assert self.done is not None
-        missing = ""
-        try:
-            dst.update(blocks)
-        except CorruptSegment as e:
-            missing = str(e)
-        differ: list[int] = []
-        written = 0
-        if missing:
-            compared = src.npages
-        else:
-            compared, differ, written = compare(src, dst)
-        d = self.done
-        t0 = d["t_go"]
-        for h in self.hotplugs:
-            h["during"] = self._phase(h["t_done"])
-            h["t_done"] -= t0
-            h["t_ask"] -= t0
-        for r in d["rounds"]:
-            r["t_start"] -= t0
-        if d["last_check"]:
-            d["last_check"]["t_start"] -= t0
-        return {
-            "map": self.map_name,
-            "config": asdict(self.cfg),
-            "rounds": d["rounds"],
-            "end_of_precopy": d["reason"],
-            "last_check": d["last_check"],
-            "downtime": d["downtime"],
-            "hotplug": self.hotplugs,
-            "vcpus": sorted(self.vcpu_stats, key=lambda v: v["index"]),
-            "precopy_seconds": d["t_stop"] - t0,
-            "migration_seconds": d["t_end"] - t0,
-            "wall_seconds": time.monotonic() - t_begin,
-            "result": {
-                "identical": not differ and not missing,
-                "pages_compared": compared,
-                "bytes_compared": compared << PAGE_BITS,
-                "pages_differ": len(differ),
-                "first_differ": differ[:FIRST_DIFFS],
-                "missing": missing,
-                "pages_written_by_vcpus": written,
-            },
-        }
-
-    def _phase(self, t: float) -> str:
-        assert self.done is not None
-        if t >= self.done["t_stop"]:
-            return "downtime"
-        n = 0
-        for r in self.done["rounds"]:
-            if r["t_start"] <= t:
-                n = r["round"]
-        return f"pre-copy round {n}" if n else "pre-copy"
-
-    # -- workers ---------------------------------------------------------------------------
-    def _spawn(self) -> None:
-        from workers import Control, hotplug, migrator, vcpu
-
-        cfg, dm = self.cfg, self.dm
-        jobs: list[tuple[str, Any, Any]] = [
-            (f"vcpu{i}", vcpu.main, vcpu.VcpuConfig(
-                index=i, vcpus=cfg.vcpus, rate=cfg.dirty_rate, pattern=cfg.pattern,
-                mode=cfg.dirty_mode, seed=cfg.seed, hot_fraction=cfg.hot_fraction))
-            for i in range(cfg.vcpus)]
-        if cfg.hotplug:
-            jobs.append(("hotplug", hotplug.main, hotplug.HotplugConfig(cfg.hotplug)))
-        jobs.append(("migrator", migrator.main, migrator.MigratorConfig(
-            bandwidth=cfg.bandwidth * (1 << 20), threshold=cfg.threshold,
-            max_rounds=cfg.max_rounds, drop_round=cfg.drop_round,
-            hotplug=bool(cfg.hotplug))))
-        for role, target, wcfg in jobs:
-            recv, send = self.ctx.Pipe(duplex=False)
-            p = self.ctx.Process(target=target, args=(dm, wcfg, Control(self.flags, send)),
-                                 name=role, daemon=True)
-            self.conns[recv] = role
-            try:
-                p.start()
-            finally:
-                send.close()  # the worker holds the only write end: EOF when it exits
-            self.procs[role] = p
-            self.signals.check()
-
-    def _wait(self, cond: Any, what: str) -> None:
-        """Be the coordinator (serve requests, read reports) until ``cond()``."""
-        assert self.dm is not None
-        while not cond():
-            self.signals.check()
-            self.dm.serve_once()
-            self._drain(POLL)
-            if cond():
-                return
-            self._check_workers()
-            if time.monotonic() > self.deadline:
-                raise _Failed(f"gave up waiting for {what}: the run took longer than "
-                              f"--timeout {self.cfg.timeout:g} s")
-
-    def _drain(self, timeout: float, handle: bool = True) -> None:
-        """Read every report that arrives within ``timeout`` seconds."""
-        for c in wait_for_reports(list(self.conns), timeout):
-            assert isinstance(c, Connection)
-            try:
-                while c.poll():
-                    kind, data = c.recv()
-                    if handle:
-                        self._handle(kind, data)
-            except (EOFError, OSError):  # the worker exited (or died mid-report)
-                del self.conns[c]
-                c.close()
-
-    def _check_workers(self) -> None:
-        for role, p in self.procs.items():
-            if p.exitcode not in (None, 0):
-                self._drain(0.1)  # its error report, if it made one
-                raise _Failed(f"worker {role} (pid {p.pid}) exited with code {p.exitcode}")
-        mig = self.procs.get("migrator")
-        if mig is not None and mig.exitcode == 0 and self.done is None:
-            self._drain(0.1)
-            if self.done is None:
-                raise _Failed("the migrator exited without finishing")
-
-    def _check_exit_codes(self) -> None:
-        bad = [f"{r} ({p.exitcode})" for r, p in self.procs.items() if p.exitcode != 0]
-        if bad:
-            raise _Failed(f"workers failed: {', '.join(bad)}")
-
-    # -- reports ---------------------------------------------------------------------------
-    def _handle(self, kind: str, data: dict[str, Any]) -> None:
+    def __call__(self, ev: reports.Report) -> None:
         pr = self.progress
-        if kind == "ready":
-            self.ready.add(data["role"])
-        elif kind == "error":
-            raise _Failed(f"worker {data['role']} failed:\n{data['traceback']}")
-        elif kind == "round" and pr is not None:
-            self.tasks[data["round"]] = pr.add_task(
-                f"round {data['round']}", total=max(data["dirty"], 1),
-                completed=0 if data["dirty"] else 1, speed="")
-            self._t_round = time.monotonic()
-        elif kind == "sent" and pr is not None and data["round"] in self.tasks:
-            dt = time.monotonic() - self._t_round
-            speed = f"{data['sent'] * (1 << PAGE_BITS) / dt / (1 << 20):.0f} MiB/s" if dt else ""
-            pr.update(self.tasks[data["round"]], completed=data["sent"], speed=speed)
-        elif kind == "round_end":
-            if pr is not None and data["round"] in self.tasks:
-                tp = data["throughput"]
-                pr.update(self.tasks[data["round"]], completed=max(data["sent"], 1),
+        if isinstance(ev, reports.Started):
+            self.t_go = time.monotonic()
+            self.out.print(f"shmdirty migrate: map {ev.map_name} started: "
+                           f"{fmt_bytes(ev.ram)} guest RAM, {ev.vcpus} vCPU(s) "
+                           f"({ev.dirty_mode}, {ev.pattern}, {ev.dirty_rate:g} pages/s "
+                           f"each), {ev.workers} workers", highlight=False, soft_wrap=True)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
+                                     TimeElapsedColumn(), console=self.out)
+            self.progress.start()
+        elif isinstance(ev, reports.RoundEnd):
+            if pr is not None and ev.round in self.tasks:
+                tp = ev.throughput
+                pr.update(self.tasks[ev.round], completed=max(ev.sent, 1),
                           speed=f"{tp / (1 << 20):.0f} MiB/s" if tp else "")
-        elif kind == "hotplug":
-            self.hotplugs.append(data)
-            self._note(f"hot-add: +{fmt_bytes(data['size'])} at "
-                       f"{data['t_done'] - self.t_go:.2f} s, RAM now {fmt_bytes(data['ram_size'])}")
-        elif kind == "hotplug_skipped":
-            self._note(f"hot-add of {fmt_bytes(data['size'])} at {data['at']:g} s skipped: "
-                       "the guest is stopping")
-        elif kind == "stopping":
-            why = (f"converged (at most {self.cfg.threshold} dirty pages)"
-                   if data["reason"] == "converged" else f"{self.cfg.max_rounds} rounds done")
-            self._note(f"pre-copy {why}; stopping the vCPUs, {data['pending']} pages pending")
-        elif kind == "downtime" and pr is not None:
-            self.tasks[0] = pr.add_task("stop-and-copy", total=max(data["pages"], 1), speed="")
+        elif isinstance(ev, reports.RoundStart) and pr is not None:
+            self.tasks[ev.round] = pr.add_task(f"round {ev.round}", total=max(ev.dirty, 1),
+                                               completed=0 if ev.dirty else 1, speed="")
             self._t_round = time.monotonic()
-        elif kind == "vcpu":
-            self.vcpu_stats.append(data)
-        elif kind == "done":
-            self.done = data
+        elif isinstance(ev, reports.Sent) and pr is not None and ev.round in self.tasks:
+            dt = time.monotonic() - self._t_round
+            speed = f"{ev.sent * (1 << app.PAGE_BITS) / dt / (1 << 20):.0f} MiB/s" if dt else ""
+            pr.update(self.tasks[ev.round], completed=ev.sent, speed=speed)
+        elif isinstance(ev, reports.Hotplug):
+            self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t_done - self.t_go:.2f} s, "
+                       f"RAM now {fmt_bytes(ev.ram_size)}")
+        elif isinstance(ev, reports.HotplugSkipped):
+            self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
+                       "the guest is stopping")
+        elif isinstance(ev, reports.Stopping):
+            why = (f"converged (at most {self.cfg.threshold} dirty pages)"
+                   if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
+            self._note(f"pre-copy {why}; stopping the vCPUs, {ev.pending} pages pending")
+        elif isinstance(ev, reports.Downtime) and pr is not None:
+            self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
+            self._t_round = time.monotonic()
+        elif isinstance(ev, reports.Done):
             if pr is not None and 0 in self.tasks:
-                pr.update(self.tasks[0], completed=max(data["downtime"]["pages"], 1))
+                pr.update(self.tasks[0], completed=max(ev.downtime.pages, 1))
+            self.close()
 
     def _note(self, text: str) -> None:
         con = self.progress.console if self.progress is not None else self.out
         con.print(text, highlight=False, soft_wrap=True)
-
-    # -- teardown ------------------------------------------------------------------------
-    def teardown(self) -> None:
-        """Stop every worker (asking first, then signals), then remove every
-        segment of the map: header, tables, blocks, guest RAM, destination."""
-        flags = self.flags
-        if any(p.exitcode is None for p in self.procs.values()):
-            for flag in (flags.ABORT, flags.STOP, flags.GO):
-                flags.set(flag)
-            end = time.monotonic() + JOIN_TIMEOUT
-            while time.monotonic() < end and any(p.exitcode is None
-                                                 for p in self.procs.values()):
-                if self.dm is not None:
-                    self.dm.serve_once()
-                self._drain(POLL, handle=False)
-            for sig in ("terminate", "kill"):
-                for p in self.procs.values():
-                    if p.exitcode is None:
-                        getattr(p, sig)()
-                for p in self.procs.values():
-                    p.join(2.0)
-        for c in self.conns:
-            c.close()
-        self.conns.clear()
-        if self.dm is not None:
-            name = self.dm.name
-            before = len(segment.list_segments(name))
-            try:
-                self.dm.destroy()
-            finally:
-                for n in segment.list_segments(name):  # anything created past destroy()
-                    segment.unlink(n)
-            self.removed = before
 
 
 def _render_summary(res: dict[str, Any], out: Console) -> None:
@@ -874,45 +417,28 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
-    cfg = MigrateConfig(
+    cfg = app.MigrateConfig(
         ram=args.ram, vcpus=args.vcpus, dirty_rate=args.dirty_rate, pattern=args.pattern,
         hot_fraction=args.hot_fraction, dirty_mode=args.dirty_mode, hotplug=args.hotplug,
         block_pages=args.block_pages, bandwidth=args.bandwidth, threshold=args.threshold,
         max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
         drop_round=args.drop_round, name=args.name)
-    if cfg.block_pages % 64:
-        _error(out, f"--block-pages {cfg.block_pages} must be a multiple of 64")
-        return EXIT_USAGE
-    if cfg.vcpus + 3 > 64:
-        _error(out, f"--vcpus {cfg.vcpus}: at most 61 (the map has 64 reader slots)")
-        return EXIT_USAGE
-    need = 2 * (cfg.ram + sum(size for _, size in cfg.hotplug))  # source + destination
-    st = os.statvfs(segment.SHM_DIR)
-    if need > st.f_bavail * st.f_frsize * 0.9:
-        _error(out, f"guest RAM and its copy need {fmt_bytes(need)} of {segment.SHM_DIR}, "
-                    f"only {fmt_bytes(st.f_bavail * st.f_frsize)} is free")
-        return EXIT_USAGE
-    if cfg.name is not None and segment.list_segments(cfg.name):
-        _error(out, f"map {cfg.name} already exists")
-        return EXIT_USAGE
-    with _Signals() as signals:
-        run = _Migration(cfg, out, signals)
-        res: dict[str, Any] | None = None
+    progress = _Progress(cfg, out)
+    try:
         try:
-            try:
-                res = run.execute()
-            finally:
-                run.teardown()
-        except _Interrupted as e:
-            out.print(f"interrupted by {e}: workers stopped, map {run.map_name} removed "
-                      f"({run.removed} segments)", highlight=False, soft_wrap=True)
-            return 128 + e.signum
-        except _Failed as e:
-            _error(out, f"{e}\nmap {run.map_name} removed ({run.removed} segments)")
-            return EXIT_FAILED
-        except _Usage as e:
-            _error(out, str(e))
-            return EXIT_USAGE
+            res = app.run(cfg, progress)
+        finally:
+            progress.close()
+    except app.Interrupted as e:
+        out.print(f"interrupted by {e}: workers stopped, map {e.map_name} removed "
+                  f"({e.removed} segments)", highlight=False, soft_wrap=True)
+        return 128 + e.signum
+    except app.Failed as e:
+        _error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        return EXIT_FAILED
+    except app.Usage as e:
+        _error(out, str(e))
+        return EXIT_USAGE
     _render_summary(res, out)
     code = EXIT_OK if res["result"]["identical"] else EXIT_MISMATCH
     res["exit_code"] = code

@@ -30,3 +30,12 @@ class CorruptSegment(ShmDirtyError, OSError):
         super().__init__(f"shared memory segment {name!r}: {why}")
         self.segment = name
         self.why = why
+
+
+class CoordinatorGone(ShmDirtyError, RuntimeError):
+    """The map's coordinator is dead or has left: call DirtyMemory.adopt()."""
+
+
+class RcuMisuse(ShmDirtyError, RuntimeError):
+    """An RCU call made where its rules forbid it: an unlock without a lock,
+    a grace-period wait inside a read-side section, a reader without a slot."""

@@ -7,6 +7,11 @@ a segment of another version raises CorruptSegment.
 
 from __future__ import annotations
 
+import re
+import secrets
+
+from .errors import BadInput
+
 LAYOUT_VERSION = 2
 MAGIC = int.from_bytes(b"SHMDIRTY", "little")
 CACHE_LINE = 64
@@ -105,7 +110,52 @@ def block_size(block_pages: int) -> int:
     return B_WORDS + block_pages // 8
 
 
-# --- names ------------------------------------------------------------------
+# --- names: every segment name is built and parsed here ---------------------
+# ``shmdirty-<map>-<role><index>``: role ``hdr`` (no index), ``t`` (table of a
+# generation), ``b`` (bitmap block id), ``ram`` / ``dst`` (guest RAM block and
+# its destination copy, workers/guest.py).
+_MAP_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
+_ROLE_RE = re.compile(r"^([a-z]+)([0-9]*)$")
+
+
+def new_map_name() -> str:
+    """A fresh random map name (the ``<map>`` of ``shmdirty-<map>-<role>``)."""
+    return secrets.token_hex(6)
+
+
+def check_map_name(name: str) -> str:
+    """Accept ``abc`` or ``shmdirty-abc``; return ``abc``.  BadInput otherwise."""
+    if isinstance(name, str) and name.startswith(PREFIX):
+        name = name[len(PREFIX):]
+    if not isinstance(name, str) or not _MAP_NAME_RE.match(name):
+        raise BadInput(
+            f"map name {name!r} must be 1-100 characters of letters, digits, '_' or '.'"
+        )
+    return name
+
+
+def map_prefix(map_name: str | None = None) -> str:
+    """What every segment name of ``map_name`` (or of any map) starts with."""
+    return PREFIX + (f"{map_name}-" if map_name is not None else "")
+
+
+def map_of(segment_name: str) -> str | None:
+    """The map name a segment name belongs to, or None if it is not ours."""
+    if not segment_name.startswith(PREFIX):
+        return None
+    head, sep, _role = segment_name[len(PREFIX):].rpartition("-")
+    return head if sep and head else None
+
+
+def role_of(segment_name: str) -> tuple[str, int | None]:
+    """(role, index) of a segment name: ``("t", 3)``, ``("hdr", None)``;
+    ``("?", None)`` for a name of no known shape."""
+    m = _ROLE_RE.match(segment_name.rsplit("-", 1)[-1])
+    if m is None:
+        return "?", None
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
 def header_name(map_name: str) -> str:
     return f"{PREFIX}{map_name}-hdr"
 
@@ -120,3 +170,7 @@ def block_name(map_name: str, block_id: int) -> str:
 
 def ram_name(map_name: str, index: int) -> str:
     return f"{PREFIX}{map_name}-ram{index}"
+
+
+def dst_name(map_name: str, index: int) -> str:
+    return f"{PREFIX}{map_name}-dst{index}"

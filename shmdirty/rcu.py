@@ -41,7 +41,10 @@ reclaimed.
 A Rcu object serves one process and claims a slot of its own (two Rcu
 objects never share one: their nesting is separate, and one's unregister
 would free the other's slot); DirtyMemory keeps one Rcu per map per process,
-shared by every handle.  It is not for concurrent use by several threads.
+shared by every handle.  The state of the reader (its slot, nesting depth,
+the counter value it saw, online or not) is a ``Reader`` object of its own:
+one per Rcu today, and the unit a per-thread reader would multiply.  It is
+not for concurrent use by several threads.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from typing import NamedTuple
 import psutil
 
 from . import atomic, layout
-from .errors import BadInput, GraceTimeout, NoReaderSlot
+from .errors import BadInput, GraceTimeout, NoReaderSlot, RcuMisuse
 from .segment import Segment
 
 FLAVORS = ("memb", "qsbr")
@@ -140,6 +143,12 @@ class GracePeriods:
         # token completed may store an older counter (memb stores the value
         # it saw last) and would otherwise make the token poll False again.
         self._completed = 0
+
+    @staticmethod
+    def init_counter(header: Segment) -> None:
+        """Set a new header's counter to 1 (before the header is sealed)."""
+        # relaxed: nobody reads the header before its seal (a release).
+        header.words.store(layout.H_GP, 1, atomic.RELAXED)
 
     def counter(self) -> int:
         """The current grace-period counter."""
@@ -240,7 +249,7 @@ class GracePeriods:
             # the new callback's grace period once the current batch is done.
             # Running on here would run a new batch before its grace period.
             if block:
-                raise RuntimeError("barrier() inside an RCU callback would wait for itself")
+                raise RcuMisuse("barrier() inside an RCU callback would wait for itself")
             return 0
         self._running = True
         try:
@@ -267,6 +276,11 @@ class GracePeriods:
             self._batch, self._callbacks = self._callbacks, deque()
             self._batch_token = self.start_poll()
 
+    def drop_callbacks(self) -> None:
+        """Forget every queued callback (the map is being destroyed)."""
+        self._callbacks.clear()
+        self._batch.clear()
+
     @property
     def pending(self) -> int:
         return len(self._callbacks) + len(self._batch)
@@ -283,89 +297,73 @@ class GracePeriods:
 
 
 # --- the reader side ---------------------------------------------------------
-class Rcu:
-    """This process's reader slot in one map, and its grace periods."""
+class Reader:
+    """One reader's slot and state: the section entry of both flavors.
 
-    def __init__(self, header: Segment, max_readers: int, flavor: str = "memb") -> None:
-        if flavor not in FLAVORS:
-            raise ValueError(f"flavor {flavor!r} is not one of {FLAVORS}")
+    Outside rcu.py its fields are read-only: ``nesting`` (depth of the
+    current section, 0 outside), ``online`` (qsbr: inside a section except
+    at quiescent points and while offline), ``seen`` (the grace-period
+    counter this reader last observed; a caller that sees it move re-reads
+    what it caches of published words).  Plain attributes, not properties:
+    DirtyMemory's hottest path reads two of them per op."""
+
+    __slots__ = ("flavor", "slot", "nesting", "online", "seen", "_memb", "_cell", "_zero",
+                 "_store_cell", "_load_cell", "_gp_ptr", "_ctr", "_section_online")
+
+    def __init__(self, gp: GracePeriods, flavor: str) -> None:
         self.flavor = flavor
-        self.gp = GracePeriods(header, max_readers)
         self.slot = -1
-        self.nesting = 0       # memb: process-local nesting depth
-        self.online = False    # qsbr: inside a section except at quiescent points
+        self.nesting = 0
+        self.online = False
+        self.seen = 0          # set on register
         self._memb = flavor == "memb"
-        # Hot path: this process's own cells and the C functions, called
+        # Hot path: this reader's own cells and the C functions, called
         # without a wrapper.
         self._cell = atomic.new_cell()
         self._zero = atomic.new_cell()
         self._store_cell = atomic.backend.store_cell
         self._load_cell = atomic.backend.load_cell
-        self.seen = 0          # the counter value last observed (set on register)
-        self._owner = my_owner_word()
-        self._gp_ptr = self.gp._gp
-        self._ctr = self._gp_ptr  # replaced by the slot's ctr on register
+        self._gp_ptr = gp._gp
+        self._ctr = gp._gp     # replaced by the slot's ctr on claim
         self._section_online = False  # qsbr: went online for one section
-        self._register()
 
-    # --- slots ------------------------------------------------------------------
-    def _register(self) -> None:
-        n = self.gp.max_readers
-        start = os.getpid() % n
-        for attempt in range(2):
-            for k in range(n):
-                i = (start + k) % n
-                # acq_rel: a claim orders after the previous owner's release.
-                ok, _ = atomic.compare_exchange(
-                    self.gp._owners[i], 0, self._owner, atomic.ACQ_REL, atomic.ACQUIRE
-                )
-                if ok:
-                    self.slot = i
-                    self._ctr = self.gp._ctrs[i]
-                    # A dead owner may have left ctr set; nobody else writes it now.
-                    atomic.store(self._ctr, 0, atomic.RELEASE)
-                    self.seen = atomic.load(self._gp_ptr, atomic.SEQ_CST)
-                    if self.flavor == "qsbr":
-                        self.thread_online()
-                    return
-            if attempt == 0:
-                for i in range(n):
-                    owner = atomic.load(self.gp._owners[i], atomic.ACQUIRE)
-                    if owner:
-                        self.gp.reclaim(i, owner)
-        pids = sorted({r.pid for r in self.gp.readers()})
-        raise NoReaderSlot(
-            f"all {n} reader slots are claimed by live processes {pids}; "
-            "close a handle or create the map with a larger max_readers"
-        )
+    @property
+    def ctr_ptr(self) -> atomic.Ptr:
+        """The address of this reader's ``ctr`` word (tests hook stores to it)."""
+        return self._ctr
 
-    def unregister(self) -> None:
-        """Leave: free the slot (idempotent).  Must be outside any section."""
-        if self.slot < 0:
-            return
-        if self.nesting > 0:
-            raise RuntimeError("unregister() inside a read-side section")
+    def _claimed(self, slot: int, ctr: atomic.Ptr) -> None:
+        self.slot = slot
+        self._ctr = ctr
+        # A dead owner may have left ctr set; nobody else writes it now.
+        atomic.store(self._ctr, 0, atomic.RELEASE)
+        self.seen = atomic.load(self._gp_ptr, atomic.SEQ_CST)
+        if self.flavor == "qsbr":
+            self.thread_online()
+
+    def _released(self) -> None:
         # release: the slot reads 0 only after every access of ours.
         atomic.store(self._ctr, 0, atomic.RELEASE)
-        atomic.compare_exchange(
-            self.gp._owners[self.slot], self._owner, 0, atomic.ACQ_REL, atomic.RELAXED
-        )
         self.slot = -1
         self.nesting = 0
         self.online = False
+
+    def check_outside(self, what: str) -> None:
+        """RcuMisuse if this reader is inside a section (``what`` would wait for itself)."""
+        if self.nesting > 0:
+            raise RcuMisuse(f"{what} inside a read-side section would wait for itself")
 
     # --- memb ---------------------------------------------------------------------
     def read_lock(self) -> None:
         """Enter a read-side section; sections nest.  In qsbr an online reader
         is already inside one; an offline one goes online for the section.
-        Afterwards ``seen`` is the counter value this process last observed:
-        a caller that saw it change re-reads what it caches of published words."""
+        Afterwards ``seen`` is the counter value this reader last observed."""
         n = self.nesting
         if n:
             self.nesting = n + 1
             return
         if self.slot < 0:
-            raise RuntimeError("read_lock() after unregister(): this Rcu has no slot")
+            raise RcuMisuse("read_lock() after unregister(): this Rcu has no slot")
         self.nesting = 1
         if self._memb:
             # Store the counter value last seen, then load the counter, both
@@ -389,7 +387,7 @@ class Rcu:
     def read_unlock(self) -> None:
         """Leave a read-side section."""
         if self.nesting <= 0:
-            raise RuntimeError("read_unlock without a matching read_lock")
+            raise RcuMisuse("read_unlock without a matching read_lock")
         self.nesting -= 1
         if self.nesting == 0:
             if self._memb:
@@ -400,20 +398,11 @@ class Rcu:
                 self._section_online = False
                 self.thread_offline()
 
-    @contextmanager
-    def read_section(self) -> Iterator[None]:
-        """``with rcu.read_section():`` one read-side section."""
-        self.read_lock()
-        try:
-            yield
-        finally:
-            self.read_unlock()
-
     # --- qsbr ---------------------------------------------------------------------
     def thread_online(self) -> None:
         """qsbr: become a reader that is always inside a section."""
         if self.slot < 0:
-            raise RuntimeError("thread_online() after unregister(): this Rcu has no slot")
+            raise RcuMisuse("thread_online() after unregister(): this Rcu has no slot")
         g = atomic.load(self._gp_ptr, atomic.RELAXED)
         while True:
             # seq_cst: as read_lock, so loads of published words come after it.
@@ -433,7 +422,7 @@ class Rcu:
     def thread_offline(self) -> None:
         """qsbr: stop being a reader until thread_online()."""
         if self.nesting > 0:
-            raise RuntimeError("thread_offline() inside a read-side section")
+            raise RcuMisuse("thread_offline() inside a read-side section")
         # release: as read_unlock.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.online = False
@@ -442,7 +431,7 @@ class Rcu:
         """qsbr: a quiescent point.  Returns True if a grace period had
         started (the caller re-reads published words); writes nothing else."""
         if self.nesting:
-            raise RuntimeError("quiescent() inside a read-side section")
+            raise RcuMisuse("quiescent() inside a read-side section")
         g = atomic.load(self._gp_ptr, atomic.SEQ_CST)
         if g == self.seen or not self.online:
             return False
@@ -452,24 +441,118 @@ class Rcu:
         self.seen = g
         return True
 
+    @contextmanager
+    def offline(self) -> Iterator[None]:
+        """Wait offline: an online qsbr reader outside any section goes
+        offline for the block (it must not hold up grace periods while it
+        waits) and comes back online after it; anything else is unchanged.
+        Every waiter (synchronize, barrier, request_extend) uses this."""
+        away = not self._memb and self.online and self.nesting == 0
+        if away:
+            self.thread_offline()
+        try:
+            yield
+        finally:
+            if away:
+                self.thread_online()
+
+
+class Rcu:
+    """This process's reader slot in one map, and its grace periods."""
+
+    def __init__(self, header: Segment, max_readers: int, flavor: str = "memb") -> None:
+        if flavor not in FLAVORS:
+            raise BadInput(f"flavor {flavor!r} is not one of {FLAVORS}")
+        self.flavor = flavor
+        self.gp = GracePeriods(header, max_readers)
+        self.reader = Reader(self.gp, flavor)
+        self._owner = my_owner_word()
+        r = self.reader
+        # The section entry points, bound once: no wrapper call per section.
+        self.read_lock = r.read_lock
+        self.read_unlock = r.read_unlock
+        self.thread_online = r.thread_online
+        self.thread_offline = r.thread_offline
+        self.quiescent = r.quiescent
+        self.offline = r.offline
+        self._register()
+
+    # --- the reader's state, read-only ----------------------------------------------
+    @property
+    def slot(self) -> int:
+        """This reader's slot index, -1 once unregistered."""
+        return self.reader.slot
+
+    @property
+    def nesting(self) -> int:
+        """Depth of the current read-side section (0 outside)."""
+        return self.reader.nesting
+
+    @property
+    def online(self) -> bool:
+        """qsbr: inside a section except at quiescent points and while offline."""
+        return self.reader.online
+
+    @property
+    def seen(self) -> int:
+        """The grace-period counter value this reader last observed."""
+        return self.reader.seen
+
+    # --- slots ------------------------------------------------------------------
+    def _register(self) -> None:
+        n = self.gp.max_readers
+        start = os.getpid() % n
+        for attempt in range(2):
+            for k in range(n):
+                i = (start + k) % n
+                # acq_rel: a claim orders after the previous owner's release.
+                ok, _ = atomic.compare_exchange(
+                    self.gp._owners[i], 0, self._owner, atomic.ACQ_REL, atomic.ACQUIRE
+                )
+                if ok:
+                    self.reader._claimed(i, self.gp._ctrs[i])
+                    return
+            if attempt == 0:
+                for i in range(n):
+                    owner = atomic.load(self.gp._owners[i], atomic.ACQUIRE)
+                    if owner:
+                        self.gp.reclaim(i, owner)
+        pids = sorted({r.pid for r in self.gp.readers()})
+        raise NoReaderSlot(
+            f"all {n} reader slots are claimed by live processes {pids}; "
+            "close a handle or create the map with a larger max_readers"
+        )
+
+    def unregister(self) -> None:
+        """Leave: free the slot (idempotent).  Must be outside any section."""
+        r = self.reader
+        if r.slot < 0:
+            return
+        if r.nesting > 0:
+            raise RcuMisuse("unregister() inside a read-side section")
+        slot = r.slot
+        r._released()
+        atomic.compare_exchange(
+            self.gp._owners[slot], self._owner, 0, atomic.ACQ_REL, atomic.RELAXED
+        )
+
+    @contextmanager
+    def read_section(self) -> Iterator[None]:
+        """``with rcu.read_section():`` one read-side section."""
+        self.read_lock()
+        try:
+            yield
+        finally:
+            self.read_unlock()
+
     # --- grace periods ------------------------------------------------------------
     def synchronize(self, timeout: float | None = None) -> None:
         """Wait for a full grace period: every section begun before has ended.
 
         TimeoutError (naming the slots and pids) after ``timeout`` seconds."""
-        self._check_outside("synchronize()")
-        was_online = self.flavor == "qsbr" and self.online
-        if was_online:
-            self.thread_offline()
-        try:
+        self.reader.check_outside("synchronize()")
+        with self.offline():
             self.gp.wait(self.gp.start_poll(), timeout)
-        finally:
-            if was_online:
-                self.thread_online()
-
-    def _check_outside(self, what: str) -> None:
-        if self.nesting > 0:
-            raise RuntimeError(f"{what} inside a read-side section would wait for itself")
 
     def start_poll(self) -> int:
         """Start a grace period without waiting; see poll()."""
@@ -486,15 +569,9 @@ class Rcu:
 
     def barrier(self, timeout: float | None = None) -> None:
         """Wait until every callback queued by this process has run."""
-        self._check_outside("barrier()")
-        was_online = self.flavor == "qsbr" and self.online
-        if was_online:
-            self.thread_offline()
-        try:
+        self.reader.check_outside("barrier()")
+        with self.offline():
             self.gp.run_callbacks(block=True, timeout=timeout)
-        finally:
-            if was_online:
-                self.thread_online()
 
     def readers(self) -> list[ReaderInfo]:
         """slot, pid, alive, epoch for every claimed slot."""

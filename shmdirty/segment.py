@@ -25,8 +25,6 @@ from __future__ import annotations
 import _posixshmem  # type: ignore[import-not-found]
 import mmap
 import os
-import re
-import secrets
 from typing import Any
 
 import numpy as np
@@ -35,23 +33,12 @@ from . import atomic, layout
 from .errors import CorruptSegment
 
 SHM_DIR = "/dev/shm"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
 
 
-def new_map_name() -> str:
-    """A fresh random map name (the ``<random>`` of ``shmdirty-<random>-<role>``)."""
-    return secrets.token_hex(6)
-
-
-def check_map_name(name: str) -> str:
-    """Accept ``abc`` or ``shmdirty-abc``; return ``abc``. ValueError otherwise."""
-    if isinstance(name, str) and name.startswith(layout.PREFIX):
-        name = name[len(layout.PREFIX):]
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"map name {name!r} must be 1-100 characters of letters, digits, '_' or '.'"
-        )
-    return name
+# Map names are checked and segment names parsed in layout.py (one place).
+new_map_name = layout.new_map_name
+check_map_name = layout.check_map_name
+map_of = layout.map_of
 
 
 class Segment:
@@ -197,21 +184,12 @@ def _unlink_quietly(name: str) -> None:
 
 def list_segments(map_name: str | None = None) -> list[str]:
     """Names in /dev/shm of one map's segments (or of every shmdirty map)."""
-    prefix = layout.PREFIX + (f"{map_name}-" if map_name is not None else "")
+    prefix = layout.map_prefix(map_name)
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.startswith(prefix))
-
-
-def map_of(segment_name: str) -> str | None:
-    """The map name a segment name belongs to, or None if it is not ours."""
-    if not segment_name.startswith(layout.PREFIX):
-        return None
-    rest = segment_name[len(layout.PREFIX):]
-    head, sep, _role = rest.rpartition("-")
-    return head if sep and head else None
 
 
 def list_maps() -> list[str]:

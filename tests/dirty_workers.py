@@ -201,13 +201,14 @@ def crash_mid_publish(name: str, ram_pages: int, block_pages: int, where: str) -
     third growth: ``before_generation`` (table and blocks made and sealed,
     nothing published) or ``before_ram_size`` (generation published, the
     header's RAM size not yet stored, new RAM not yet marked dirty)."""
-    from shmdirty import dirty
+    from shmdirty import coordinator
 
     dm = sd.DirtyMemory.create(ram_pages << 12, block_pages=block_pages, name=name)
     for _ in range(2):
         dm.extend(dm.ram_size + (block_pages << 12))
-    target = dm._gen_ptr if where == "before_generation" else dm._ram_ptr
-    real = dirty.atomic
+    coord = dm._coordinator
+    target = coord.gen_ptr if where == "before_generation" else coord.ram_ptr
+    real = coordinator.atomic
 
     class KillOnStore:
         def __getattr__(self, attr: str) -> Any:
@@ -219,6 +220,6 @@ def crash_mid_publish(name: str, ram_pages: int, block_pages: int, where: str) -
                 os.kill(os.getpid(), signal.SIGKILL)
             real.store(ptr, value, order)
 
-    dirty.atomic = KillOnStore()  # type: ignore[assignment]
+    coordinator.atomic = KillOnStore()  # type: ignore[assignment]
     dm.extend(dm.ram_size + (2 * block_pages << 12))
     raise AssertionError("not killed")

@@ -93,7 +93,7 @@ def online_after_swap(name: str, page: int, loaded: Any, go: Any, conn: Any) -> 
             r = dm.rcu
             before = dm.table.generation
             r.thread_offline()
-            ctr = r._ctr
+            ctr = r.reader.ctr_ptr
             real = rcu.atomic
             held = []
 

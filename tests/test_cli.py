@@ -25,6 +25,7 @@ import pytest
 import shmdirty as sd
 from shmdirty import atomic, cli, layout, segment
 from shmdirty.segment import Segment
+from workers import app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,7 +100,7 @@ def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_pat
     # nearly all of the initial RAM was never sent: the vCPUs rewrote few pages
     assert r["pages_differ"] > 512
     first = r["first_differ"]
-    assert first == sorted(first) and len(first) == cli.FIRST_DIFFS
+    assert first == sorted(first) and len(first) == app.FIRST_DIFFS
     assert all(0 <= p < SMALL_PAGES for p in first)
     assert "DIFFER" in proc.stdout
     assert "first: " + ", ".join(map(str, first)) in proc.stdout.replace("\n", "")

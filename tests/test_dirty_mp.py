@@ -26,63 +26,59 @@ from mp_harness import MIG, PB, PS, WAIT, Migration, Writers, pages_of, run_unti
 
 import shmdirty as sd
 from shmdirty import atomic, layout, segment
+from shmdirty.coordinator import Coordinator
 from shmdirty.segment import Segment
+from shmdirty.table import Table, write_table
 
 
 # --- the broken coordinator -----------------------------------------------------------------
-class CopyingDirtyMemory(sd.DirtyMemory):
+class CopyingCoordinator(Coordinator):
     """The pre-RCU world (QEMU's bitmap_zero_extend): growth COPIES every
     existing block into fresh block segments and publishes a table of those;
     the old blocks go after a grace period.  A writer still in a section on
     the old table writes into blocks no table references any more."""
 
-    def _publish(self, ram_blocks: list[tuple[int, int]],
-                 dirty: tuple[int, int] | None = None,
-                 swap: Any = ()) -> list[int]:
+    def publish(self, ram_blocks: list[tuple[int, int]],
+                dirty: tuple[int, int] | None = None,
+                swap: Any = ()) -> list[int]:
         assert not swap, "this test never takes whole blocks by swapping"
-        t = self._refresh()
+        v = self.view
+        t = v._refresh()
         ram_blocks = sorted(ram_blocks)
         ram_size = max((o + s for o, s in ram_blocks), default=0)
-        need = max(t.num_blocks, -(-(ram_size >> self.page_bits) // self.block_pages))
-        words = self.block_pages // 64
+        need = max(t.num_blocks, -(-(ram_size >> v.page_bits) // v.block_pages))
+        words = v.block_pages // 64
         ids: list[list[int]] = [[] for _ in range(sd.DIRTY_MEMORY_NUM)]
         for c in range(sd.DIRTY_MEMORY_NUM):
             for i in range(need):
-                bid = atomic.fetch_add(self._next_block_ptr, 1, atomic.RELAXED)
-                seg = Segment.create(layout.block_name(self.name, bid),
-                                     layout.block_size(self.block_pages),
+                bid = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
+                seg = Segment.create(layout.block_name(v.name, bid),
+                                     layout.block_size(v.block_pages),
                                      layout.KIND_BLOCK, c, bid)
                 if i < t.num_blocks:      # the copy: a plain read of live words
-                    seg.array(layout.B_WORDS, words)[:] = self._block(c, i).words
+                    seg.array(layout.B_WORDS, words)[:] = v._block(c, i).words
                 seg.seal()
-                self._map_block(bid, seg)
+                v._map_block(bid, seg)
                 ids[c].append(bid)
         g = t.generation + 1
-        flat = [b for c in ids for b in c]
-        tseg = Segment.create(layout.table_name(self.name, g),
-                              layout.table_size(sd.DIRTY_MEMORY_NUM, need, len(ram_blocks)),
-                              layout.KIND_TABLE, g)
-        w = tseg.words
-        w.store(layout.T_RAM_SIZE, ram_size, atomic.RELAXED)
-        w.store(layout.T_NUM_BLOCKS, need, atomic.RELAXED)
-        w.store(layout.T_NUM_RAM_BLOCKS, len(ram_blocks), atomic.RELAXED)
-        body = tseg.array(layout.T_BLOCK_IDS, len(flat) + 2 * len(ram_blocks))
-        body[:] = flat + [x for blk in ram_blocks for x in blk]
-        del body
-        tseg.seal()
-        tseg.close()
-        atomic.store(self._gen_ptr, g, atomic.SEQ_CST)
-        self._rcu.gp.start_poll()
-        atomic.store(self._ram_ptr, ram_size, atomic.RELEASE)
-        old = [layout.table_name(self.name, t.generation)]
-        old += [layout.block_name(self.name, b) for c in t.block_ids for b in c]
-        self._load_table(g)
+        write_table(v.name, Table(g, ram_size, tuple(tuple(c) for c in ids),
+                                  tuple(ram_blocks)))
+        atomic.store(self.gen_ptr, g, atomic.SEQ_CST)
+        self.rcu.gp.start_poll()
+        atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
+        old = [layout.table_name(v.name, t.generation)]
+        old += [layout.block_name(v.name, b) for c in t.block_ids for b in c]
+        v._load_table(g)
 
         def free_old() -> None:
             for n in old:
                 segment.unlink(n)
-        self._rcu.call_rcu(free_old)
+        self.rcu.call_rcu(free_old)
         return []
+
+
+class CopyingDirtyMemory(sd.DirtyMemory):
+    coordinator_class = CopyingCoordinator
 
 
 # --- no lost bits ------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ class Map:
 
     def close(self) -> None:
         for r in self._rcus:
-            r.nesting = 0
+            while r.nesting:
+                r.read_unlock()
             r.unregister()
         self.hdr.close()
 
@@ -404,7 +405,7 @@ def test_nesting_is_one_section(
     c("unlock")                  # outer: the section ends
     assert m.ctr(c.slot) == 0
     assert m.gp.poll(tok)
-    with pytest.raises(WorkerError, match="RuntimeError"):
+    with pytest.raises(WorkerError, match="RcuMisuse"):
         c("unlock")
     c.close()
 

@@ -1,4 +1,4 @@
-"""The RCU-native take (dirty.py ``_take`` / ``_swap_out``, issue 6).
+"""The RCU-native take (dirty.py ``_take``, coordinator.py ``swap_out``, issue 6).
 
 sync_dirty_bitmap, test_and_clear_dirty and snapshot_and_clear_dirty take
 the blocks a range covers whole by swapping a zeroed block in for each (a new
@@ -36,6 +36,7 @@ from mp_harness import Migration, Writers, child_result, run_until_caught, segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
+from shmdirty.coordinator import Coordinator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -261,8 +262,8 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
             n = len(segs(map_name, "b"))
             most = max(most, n)
             assert n <= 3 * nblocks + nwhole, (i, n)
-            assert len(dm._shared.pool) <= nwhole
-            for bid in dm._shared.pool:
+            assert len(dm._coordinator.pool) <= nwhole
+            for bid in dm._coordinator.pool:
                 assert not dm._map_block(bid).words.any(), f"pooled block {bid} is dirty"
         assert dm.generation - g0 >= 40 + 14                # every take swapped
         assert most == 3 * nblocks + nwhole                 # one take's worth, no more
@@ -278,9 +279,9 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
 
         # Growth takes its blocks from the pool (2 for each client: no new
         # segment); they hold the new RAM's bits only, none past its end.
-        assert len(dm._shared.pool) == nwhole
+        assert len(dm._coordinator.pool) == nwhole
         dm.extend((ram_pages + 2 * bp) * PS)
-        assert len(dm._shared.pool) == nwhole - 6
+        assert len(dm._coordinator.pool) == nwhole - 6
         assert len(segs(map_name, "b")) == 3 * (nblocks + 2) + nwhole - 6
         for c in CLIENTS:
             got = np.flatnonzero(bitmap_of(dm, c))
@@ -294,18 +295,22 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
 
 
 # --- 2 and 3. no lost bits while writers write and the coordinator swaps -----------------
-class NoGraceSwap(sd.DirtyMemory):
+class NoGraceCoordinator(Coordinator):
     """BROKEN on purpose: publishes the swap table, then reads, zeroes and
     pools the retired blocks at once, without waiting for a grace period.
     A writer still in a section on the old table writes into a block that
     was already read (its bit is zeroed, or pooled and handed out again as
     some other block)."""
 
-    def _swap_out(self, client: int, idxs: list[int]) -> list[Any]:
-        with self._coord_lock:
-            t = self._refresh()
-            retired = self._publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        return [self._map_block(b) for b in retired]
+    def swap_out(self, client: int, idxs: list[int]) -> list[Any]:
+        with self.shared.lock:
+            t = self.view._refresh()
+            retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
+        return [self.view._map_block(b) for b in retired]
+
+
+class NoGraceSwap(sd.DirtyMemory):
+    coordinator_class = NoGraceCoordinator
 
 
 # Enough pages that most are written once or twice: a write lost in one
@@ -627,7 +632,7 @@ def test_qsbr_reader_back_online_does_not_write_a_retired_block(
         assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 1, (
             f"the write went into a retired block: {value}")
         assert np.flatnonzero(bits_of(dest)).tolist() == [page]
-        for bid in dm._shared.pool:
+        for bid in dm._coordinator.pool:
             assert not dm._map_block(bid).words.any(), f"pooled block {bid} was written"
     finally:
         dm.destroy()

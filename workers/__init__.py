@@ -10,9 +10,10 @@ The coordinator (the process that created the map: the CLI) serves RAM
 requests and watches.  Everything a worker needs arrives as arguments of its
 entry point: a pickled ``DirtyMemory`` handle (it attaches in the child), a
 config dataclass, and a ``Control``: the run's shared ``Flags`` and this
-worker's own report pipe.  Workers report ``(kind, dict)`` tuples; an
-exception is reported as ``("error", {"role", "traceback"})`` and ends the
-process with exit code 1.
+worker's own report pipe.  Workers send the typed reports of
+``workers.reports``; an exception is reported as ``WorkerFailed`` and ends
+the process with exit code 1.  ``workers.app`` is the application that
+starts them, serves as coordinator and reads their reports.
 
 Why not ``multiprocessing.Event`` and one ``Queue``: any process of the run
 may be SIGKILLed (that is a case the CLI handles), and a killed process
@@ -49,7 +50,8 @@ from typing import Any
 
 from shmdirty import atomic
 
-Report = tuple[str, dict[str, Any]]
+from .reports import Ready, Report, WorkerFailed
+
 FLAG_POLL = 0.002   # seconds between two looks at a flag while waiting for it
 PARENT_POLL = 0.05  # seconds between two looks at the coordinator while waiting
 
@@ -112,9 +114,9 @@ class Control:
     flags: Flags
     conn: Connection     # this worker -> coordinator, its own pipe
 
-    def report(self, kind: str, **data: Any) -> None:
+    def report(self, report: Report) -> None:
         """Send one report to the coordinator."""
-        self.conn.send((kind, data))
+        self.conn.send(report)
 
     def aborted(self) -> bool:
         """The coordinator gave up on the run, or died."""
@@ -136,7 +138,7 @@ class Control:
 
     def start(self, role: str) -> bool:
         """Report ``ready``, then wait for go; False if the run was aborted."""
-        self.report("ready", role=role)
+        self.report(Ready(role))
         self.wait(Flags.GO)
         return not self.aborted()
 
@@ -152,7 +154,7 @@ def worker(role: str, ctl: Control) -> Iterator[None]:
         yield
     except BaseException:
         try:
-            ctl.report("error", role=role, traceback=traceback.format_exc())
+            ctl.report(WorkerFailed(role, traceback.format_exc()))
         except OSError:
             pass  # the coordinator is gone
         raise SystemExit(1) from None

@@ -40,7 +40,7 @@ U64Pages = np.ndarray[Any, np.dtype[np.uint64]]
 
 def dst_name(map_name: str, index: int) -> str:
     """The destination segment of RAM block ``index``."""
-    return f"{layout.PREFIX}{map_name}-dst{index}"
+    return layout.dst_name(map_name, index)
 
 
 def segment_name(map_name: str, role: str, index: int) -> str:

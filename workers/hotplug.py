@@ -17,6 +17,7 @@ from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout
 
 from . import Control, Flags, worker
 from .guest import GuestRam
+from .reports import Hotplug, HotplugSkipped
 
 REQUEST_POLL = 0.25   # seconds per request_extend attempt between abort checks
 
@@ -42,7 +43,7 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
     t0 = time.monotonic()
     for at, size in sorted(cfg.schedule):
         if ctl.wait(Flags.STOP, max(0.0, t0 + at - time.monotonic())):
-            ctl.report("hotplug_skipped", at=at, size=size)
+            ctl.report(HotplugSkipped(at, size))
             continue
         if ctl.aborted():
             return
@@ -60,5 +61,4 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
                     return
             except CoordinatorGone:
                 return  # it died: nothing to finish
-        ctl.report("hotplug", at=at, size=size, offset=offset, ram_size=dm.ram_size,
-                   t_ask=t_ask, t_done=time.monotonic())
+        ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))

@@ -34,6 +34,7 @@ from shmdirty import DirtyMemory
 
 from . import Control, Flags, worker
 from .guest import GuestRam
+from .reports import Done, Downtime, DowntimeDone, RoundEnd, RoundStart, Sent, Stopping
 
 STOP_TIMEOUT = 30.0     # seconds to wait for the vCPUs to say they stopped
 REPORT_EVERY = 0.05     # seconds between progress reports
@@ -125,7 +126,7 @@ class Migrator:
                 if ahead > 0:  # the rate limit (like QEMU's max-bandwidth)
                     self.ctl.wait(Flags.ABORT, ahead)
             if now - last >= REPORT_EVERY:
-                self.ctl.report("sent", round=round_no, sent=sent)
+                self.ctl.report(Sent(round_no, sent))
                 last = now
         return time.monotonic() - t0
 
@@ -134,10 +135,10 @@ class Migrator:
         if not ctl.start("migrator"):
             return
         t_go = self.last_sync = time.monotonic()
-        rounds: list[dict[str, Any]] = []
+        rounds: list[RoundEnd] = []
         reason = "max rounds"
         round_no = 0
-        info: dict[str, Any] = {}
+        check: RoundStart | None = None
         while round_no < cfg.max_rounds:
             round_no += 1
             t_sync = time.monotonic()
@@ -148,25 +149,26 @@ class Migrator:
                 dropped = self.bitmap.count()
                 self.bitmap.clear()
             dirty = self.bitmap.count()
-            info = dict(
+            check = RoundStart(
                 round=round_no, ram_size=ram_size, dirty=dirty, newly_dirty=newly,
                 dirty_rate=newly / elapsed if round_no > 1 and elapsed > 0 else None,
                 dropped=dropped, t_start=t_sync)
             if round_no > 1 and dirty <= cfg.threshold:
                 reason = "converged"
                 break
-            ctl.report("round", **info)
+            ctl.report(check)
             pages = self.bitmap.dirty()
             self.bitmap.clear()  # process-local: the pages are in `pages` now
             seconds = self.send(round_no, pages, cfg.bandwidth)
-            info.update(sent=len(pages), seconds=seconds,
-                        throughput=len(pages) * self.dm.page_size / seconds if seconds else None)
-            rounds.append(info)
-            ctl.report("round_end", **info)
+            check = RoundEnd(
+                **vars(check), sent=len(pages), seconds=seconds,
+                throughput=len(pages) * self.dm.page_size / seconds if seconds else None)
+            rounds.append(check)
+            ctl.report(check)
 
         # Stop-and-copy: the guest is paused for all of this (the downtime).
         t_stop = time.monotonic()
-        ctl.report("stopping", pending=self.bitmap.count(), reason=reason, t_stop=t_stop)
+        ctl.report(Stopping(self.bitmap.count(), reason, t_stop))
         flags = ctl.flags
         flags.set(Flags.STOP)
         waiting = [Flags.VCPU_STOPPED + i for i in range(flags.vcpus)]
@@ -184,18 +186,16 @@ class Migrator:
         newly, ram_size = self.sync()
         pages = self.bitmap.dirty()
         self.bitmap.clear()
-        ctl.report("downtime", pages=len(pages), ram_size=ram_size)
+        ctl.report(Downtime(len(pages), ram_size))
         seconds = self.send(0, pages, 0)
         t_end = time.monotonic()
-        ctl.report("done", rounds=rounds, reason=reason, last_check=info,
-                   t_go=t_go, t_stop=t_stop, t_end=t_end,
-                   downtime=dict(pages=len(pages), newly_dirty=newly, ram_size=ram_size,
-                                 seconds=t_end - t_stop, stop_wait=t_stopped - t_stop,
-                                 copy_seconds=seconds))
+        ctl.report(Done(tuple(rounds), reason, check, t_go, t_stop, t_end, DowntimeDone(
+            pages=len(pages), newly_dirty=newly, ram_size=ram_size, seconds=t_end - t_stop,
+            stop_wait=t_stopped - t_stop, copy_seconds=seconds)))
 
 
 def main(dm: DirtyMemory, cfg: MigratorConfig, ctl: Control) -> None:
-    """Entry point: migrate, report ``done`` (or ``error``)."""
+    """Entry point: migrate, report ``Done`` (or ``WorkerFailed``)."""
     with worker("migrator", ctl):
         m = Migrator(dm, cfg, ctl)
         try:

@@ -27,6 +27,7 @@ from shmdirty import DIRTY_MEMORY_MIGRATION, DIRTY_MEMORY_VGA, DirtyMemory
 
 from . import Control, Flags, worker
 from .guest import TAG_VCPU, GuestRam, stamp
+from .reports import VcpuDone
 
 PATTERNS = ("uniform", "hot", "sequential")
 MODES = ("flag", "lebitmap")
@@ -151,7 +152,6 @@ def _run(dm: DirtyMemory, cfg: VcpuConfig, ctl: Control) -> None:
                 written += due
                 batches += 1
             flags.wait(Flags.STOP, INTERVAL)
-        ctl.report("vcpu", index=cfg.index, writes=written, batches=batches,
-                   seconds=time.monotonic() - t0)
+        ctl.report(VcpuDone(cfg.index, written, batches, time.monotonic() - t0))
     finally:
         ram.close()

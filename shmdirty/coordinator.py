@@ -1,0 +1,502 @@
+"""What only the coordinator does: create a map, publish tables, grow RAM,
+serve hot-plug requests, swap whole blocks out, adopt, reap and resign.
+
+Every header word but the grace-period counter and the reader slots (rcu.py)
+is written here, and only here (docs/ARCHITECTURE.md lists them).
+
+Invariants, kept here:
+
+- Only the coordinator writes tables.  It builds the next one aside
+  (reusing every existing block, adding zeroed blocks), publishes it by
+  storing the generation, and unlinks the old table only after a grace
+  period (``call_rcu``).  Blocks are never moved, and growth never frees one.
+- New RAM is dirty for every client: marked before its table is published
+  (so it is dirty even if the coordinator dies right after), and again
+  after (a sync of the old range may have taken the bits set before).
+- A block swapped out of a table is read only after a grace period; until
+  then its bits are in ``Shared.unmerged`` and go back into the live block
+  if the wait is interrupted: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import atomic, bitmap, layout, segment
+from .bitmap import Block
+from .errors import BadInput, CoordinatorGone, CorruptSegment, GraceTimeout, NotCoordinator
+from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
+from .segment import Segment
+from .table import (
+    DIRTY_MEMORY_NUM,
+    EMPTY,
+    Table,
+    as_index,
+    blocks_needed,
+    find_ram_offset,
+    write_table,
+)
+
+if TYPE_CHECKING:
+    from .table import TableView
+
+SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
+SERVE_POLL = 1e-3           # how often serve() looks for requests (s)
+REQUEST_POLL = 2e-4         # how often request_extend() looks for the grant (s)
+
+
+def create_map(name: str, page_bits: int, block_pages: int, max_readers: int,
+               tcg: bool) -> Segment:
+    """Create the header (this process is the coordinator) and the empty
+    table of generation 1; return the sealed header.  FileExistsError if the
+    name is taken; on any other failure nothing is left behind."""
+    try:
+        hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
+                             layout.KIND_HEADER)
+    except FileExistsError:
+        raise FileExistsError(f"map {name!r} already exists (segment "
+                              f"{layout.header_name(name)}): pick another name, or "
+                              "attach to it") from None
+    try:
+        w = hdr.words
+        # Nobody can read the header before seal(): relaxed stores.
+        for off, value in ((layout.H_PAGE_BITS, page_bits),
+                           (layout.H_BLOCK_PAGES, block_pages),
+                           (layout.H_TCG, int(bool(tcg))),
+                           (layout.H_MAX_READERS, max_readers),
+                           (layout.H_GENERATION, 1),
+                           (layout.H_COORD, my_owner_word())):
+            w.store(off, value, atomic.RELAXED)
+        GracePeriods.init_counter(hdr)
+        write_table(name, Table(1, 0, EMPTY.block_ids, ()))
+        hdr.seal()
+    except BaseException:
+        hdr.close()
+        for n in segment.list_segments(name):
+            segment.unlink(n)
+        raise
+    return hdr
+
+
+class Shared:
+    """Coordinator state of one map in this process, shared by its handles
+    (coordinating is per process: every handle of the coordinator's process
+    may publish)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.pool: list[int] = []  # ids of retired blocks, zeroed, for reuse
+        # (client, index, block id) retired by a take whose grace period did
+        # not finish; their bits go back (see restore_unmerged)
+        self.unmerged: list[tuple[int, int, int]] = []
+
+
+class Coordinator:
+    """The coordinator's side of one DirtyMemory handle.  A DirtyMemory
+    subclass swaps in another one through its ``coordinator_class``."""
+
+    def __init__(self, view: TableView, rcu: Rcu, header: Segment, shared: Shared) -> None:
+        self.view = view
+        self.rcu = rcu
+        self.shared = shared
+        w = header.words
+        self.gen_ptr = w.ptr(layout.H_GENERATION)
+        self.coord_ptr = w.ptr(layout.H_COORD)
+        self.req_ptr = w.ptr(layout.H_REQUEST)
+        self.ram_ptr = w.ptr(layout.H_RAM_SIZE)
+        self.next_block_ptr = w.ptr(layout.H_NEXT_BLOCK)
+
+    @property
+    def pool(self) -> list[int]:
+        return self.shared.pool
+
+    # --- who coordinates --------------------------------------------------------------
+    def is_coordinator(self) -> bool:
+        return atomic.load(self.coord_ptr, atomic.ACQUIRE) == my_owner_word()
+
+    def require(self, what: str) -> None:
+        """NotCoordinator unless this process coordinates the map."""
+        coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
+        if coord != my_owner_word():
+            who = f"pid {layout.owner_pid(coord)}" if coord else "no process"
+            raise NotCoordinator(f"{what} is for the coordinator of map {self.view.name} "
+                                 f"({who}); this is pid {os.getpid()}: use request_extend() "
+                                 "or adopt()")
+
+    def adopt(self) -> None:
+        """Become the coordinator if the old one is dead or has left, then
+        finish what it left half done.  NotCoordinator if it is alive or
+        another process won."""
+        mine = my_owner_word()
+        coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
+        if coord == mine:
+            return
+        name = self.view.name
+        if coord and owner_alive(coord):
+            raise NotCoordinator(f"map {name}: coordinator pid {layout.owner_pid(coord)} "
+                                 "is alive")
+        # acq_rel: exactly one adopter wins; it sees everything the old
+        # coordinator published.
+        ok, now = atomic.compare_exchange(self.coord_ptr, coord, mine,
+                                          atomic.ACQ_REL, atomic.ACQUIRE)
+        if not ok:
+            raise NotCoordinator(f"map {name}: pid {layout.owner_pid(now)} adopted it first")
+        self.reap_unreachable()
+
+    def resign(self) -> None:
+        """Leave as coordinator (the last handle of this process closes):
+        restore unmerged bits, run deferred frees, clear the owner word."""
+        if not self.is_coordinator():
+            return
+        try:
+            self.restore_unmerged(timeout=1.0)
+            self.rcu.barrier(timeout=1.0)
+        except GraceTimeout:
+            pass  # an adopter reaps what is left
+        # release: the next coordinator sees all we published.
+        atomic.compare_exchange(self.coord_ptr, my_owner_word(), 0,
+                                atomic.ACQ_REL, atomic.RELAXED)
+
+    def forget(self) -> None:
+        """destroy(): every segment is gone; drop deferred work on them."""
+        self.rcu.gp.drop_callbacks()
+        self.shared.unmerged.clear()
+
+    # --- marking new RAM dirty: the one place -----------------------------------------
+    def mark_dirty(self, block: Callable[[int, int], Block], offset: int, size: int) -> None:
+        """Set every client's bits of [offset, offset+size) in the blocks
+        ``block(client, index)`` gives."""
+        pb = self.view.page_bits
+        for idx, off, num in self.view._walk(offset >> pb, (offset + size) >> pb):
+            for c in range(DIRTY_MEMORY_NUM):
+                bitmap.set_range(block(c, idx), off, num)
+
+    def mark_published(self, offset: int, size: int) -> None:
+        """mark_dirty in the published table, inside a read-side section
+        (a swap by another thread of this process cannot retire the block
+        under us)."""
+        v = self.view
+        v._begin()
+        try:
+            self.mark_dirty(v._block, offset, size)
+        finally:
+            v._end()
+
+    # --- publishing -----------------------------------------------------------------------
+    def publish(self, ram_blocks: list[tuple[int, int]],
+                dirty: tuple[int, int] | None = None,
+                swap: list[tuple[int, int]] | tuple[()] = ()) -> list[int]:
+        """Build and publish the next table for ``ram_blocks``; the old one is
+        unlinked after a grace period.  ``dirty`` (offset, size) is marked
+        dirty for every client before the table is published.  Each (client,
+        index) of ``swap`` gets a zeroed block; the ids of the blocks it
+        replaced are returned.  Nothing changes if this fails."""
+        v = self.view
+        t = v._refresh()
+        ram_blocks = sorted(ram_blocks)
+        ram_size = max((o + s for o, s in ram_blocks), default=0)
+        need = max(t.num_blocks, blocks_needed(ram_size, v.page_bits, v.block_pages))
+        ids = [list(t.block_ids[c]) for c in range(DIRTY_MEMORY_NUM)]
+        made: list[tuple[int, Segment]] = []
+        g = t.generation + 1
+        pool = self.shared.pool
+        taken_from_pool: list[int] = []
+        retired: list[int] = []
+
+        def fresh(c: int) -> int:
+            if pool:
+                taken_from_pool.append(pool.pop())
+                return taken_from_pool[-1]
+            # relaxed: only the coordinator allocates ids; the word lives in
+            # the header so an adopter goes on from it.
+            bid = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
+            seg = Segment.create(layout.block_name(v.name, bid),
+                                 layout.block_size(v.block_pages), layout.KIND_BLOCK, c, bid)
+            made.append((bid, seg))
+            seg.seal()
+            return bid
+
+        placed: list[tuple[int, int]] = []
+        try:
+            for c in range(DIRTY_MEMORY_NUM):
+                for idx in range(t.num_blocks, need):
+                    ids[c].append(fresh(c))
+                    placed.append((c, idx))
+            for c, idx in swap:
+                retired.append(ids[c][idx])
+                ids[c][idx] = fresh(c)
+                placed.append((c, idx))
+            for bid, seg in made:
+                v._map_block(bid, seg)
+            for c, idx in placed:
+                # Where the block sits, for an adopter that finds it retired
+                # but not yet taken (reap_unreachable gives its bits back).
+                w = v._block_segment(ids[c][idx]).words
+                w.store(layout.P_ARG0, c, atomic.RELAXED)
+                w.store(layout.P_ARG2, idx, atomic.RELAXED)
+            if dirty is not None:
+                # Before the publication: no reader can see the new blocks
+                # yet, and setting bits in blocks they can see is harmless.
+                self.mark_dirty(lambda c, idx: v._map_block(ids[c][idx]), *dirty)
+            new = Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks))
+            write_table(v.name, new)  # cleans up after itself
+        except BaseException:
+            pool.extend(taken_from_pool)
+            v._unmap_blocks([bid for bid, _ in made])
+            for _bid, seg in made:
+                seg.close()
+                segment.unlink(seg.name)
+            raise
+        # The publication.  seq_cst: the updater's half of the Dekker pair; a
+        # reader that loads g finds the sealed table and its sealed blocks.
+        atomic.store(self.gen_ptr, g, atomic.SEQ_CST)
+        # Advance the grace-period counter: readers re-read the generation
+        # only when it moved (see TableView._begin).
+        self.rcu.gp.start_poll()
+        # release: request_extend() waiters that see the size see the table.
+        atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
+        v._set_table(new)
+        old = layout.table_name(v.name, t.generation)
+        self.rcu.call_rcu(lambda: segment.unlink(old))
+        return retired
+
+    def _size(self, size: Any, what: str) -> int:
+        n = as_index(size, what)
+        if n <= 0 or n % self.view.page_size:
+            raise BadInput(f"{what} {n:#x} must be a positive multiple of the page size "
+                           f"{self.view.page_size:#x}")
+        return n
+
+    def grow(self, ram_blocks: list[tuple[int, int]], added: tuple[int, int]) -> None:
+        """Publish ``ram_blocks``, of which ``added`` is new: dirty for every client."""
+        self.publish(ram_blocks, dirty=added)
+        # Again after the publication: a sync of the old range may have
+        # taken the bits set before it.
+        self.mark_published(*added)
+
+    def ram_block_add(self, size: Any) -> int:
+        self.require("ram_block_add()")
+        size = self._size(size, "RAM block size")
+        with self.shared.lock:
+            blocks = list(self.view._refresh().ram_blocks)
+            offset = find_ram_offset(blocks, size)
+            self.grow(blocks + [(offset, size)], (offset, size))
+        return offset
+
+    def ram_block_remove(self, offset: Any) -> None:
+        self.require("ram_block_remove()")
+        offset = as_index(offset, "offset")
+        with self.shared.lock:
+            blocks = list(self.view._refresh().ram_blocks)
+            found = [b for b in blocks if b[0] == offset]
+            if not found:
+                raise BadInput(f"no RAM block starts at {offset:#x}; blocks start at "
+                               f"{[hex(o) for o, _ in blocks]}")
+            blocks.remove(found[0])
+            self.publish(blocks)
+
+    def extend(self, new_ram_size: Any) -> None:
+        self.require("extend()")
+        new_ram_size = self._size(new_ram_size, "RAM size")
+        with self.shared.lock:
+            t = self.view._refresh()
+            if new_ram_size <= t.ram_size:
+                return
+            added = (t.ram_size, new_ram_size - t.ram_size)
+            self.grow(list(t.ram_blocks) + [added], added)
+
+    # --- the hot-plug request word: both ends -------------------------------------------
+    def request_extend(self, new_ram_size: Any, timeout: float | None) -> None:
+        v = self.view
+        new_ram_size = self._size(new_ram_size, "RAM size")
+        # Never posted if too large: the coordinator could not grant it.
+        blocks_needed(new_ram_size, v.page_bits, v.block_pages)
+        if self.is_coordinator():
+            self.extend(new_ram_size)
+            return
+        # Post the largest request: a CAS-max (acq_rel; the serve loop loads
+        # it with acquire).
+        cur = atomic.load(self.req_ptr, atomic.ACQUIRE)
+        while cur < new_ram_size:
+            ok, cur = atomic.compare_exchange(self.req_ptr, cur, new_ram_size,
+                                              atomic.ACQ_REL, atomic.ACQUIRE)
+            if ok:
+                break
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.rcu.offline():  # a qsbr reader must not hold up grace periods
+            self._await_ram_size(new_ram_size, timeout, deadline)
+        v._invalidate()  # re-read the table at the next op
+
+    def _await_ram_size(self, new_ram_size: int, timeout: float | None,
+                        deadline: float | None) -> None:
+        name = self.view.name
+        next_check = 0.0
+        coord = 0
+        # acquire: pairs with publish()'s release of the size.
+        while atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size:
+            now = time.monotonic()
+            if now >= next_check:
+                coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
+                if not coord or not owner_alive(coord):
+                    raise CoordinatorGone(
+                        f"map {name}: no live coordinator to grant RAM size "
+                        f"{new_ram_size:#x}; call DirtyMemory.adopt({name!r})")
+                next_check = now + 0.05
+            if deadline is not None and now >= deadline:
+                raise GraceTimeout(
+                    f"map {name}: coordinator pid {layout.owner_pid(coord)} did not grant "
+                    f"RAM size {new_ram_size:#x} within {timeout} s (is it calling serve()?)")
+            time.sleep(REQUEST_POLL)
+
+    def serve(self, stop_event: Any) -> None:
+        self.require("serve()")
+        while stop_event is None or not stop_event.is_set():
+            self.serve_once()
+            if stop_event is not None and hasattr(stop_event, "wait"):
+                stop_event.wait(SERVE_POLL)
+            else:
+                time.sleep(SERVE_POLL)
+
+    def serve_once(self) -> bool:
+        grew = False
+        req = atomic.load(self.req_ptr, atomic.ACQUIRE)
+        if req > atomic.load(self.ram_ptr, atomic.ACQUIRE):
+            self.extend(req)
+            grew = True
+        if req:
+            # Granted (or already met): withdraw it, so that RAM removed later
+            # is not grown back by a stale request.  A CAS: a larger request
+            # posted meanwhile stays for the next round.
+            atomic.compare_exchange(self.req_ptr, req, 0, atomic.ACQ_REL, atomic.RELAXED)
+        if self.rcu.gp.pending:
+            self.rcu.gp.run_callbacks()
+        return grew
+
+    # --- the whole-block swap -------------------------------------------------------------
+    def swap_choice(self, client: int, whole: list[int], swap_min_words: int) -> list[int]:
+        """Which of ``client``'s whole blocks ``whole`` a take should swap
+        out (inside the take's section): all of them when this is the
+        coordinator outside any other section and they hold at least
+        ``swap_min_words`` dirty words, else none."""
+        if self.rcu.nesting != 1 or not self.is_coordinator():
+            return []
+        v = self.view
+        dirty_words = sum(int(np.count_nonzero(v._block(client, i).words)) for i in whole)
+        return whole if dirty_words >= swap_min_words else []
+
+    def swap_out(self, client: int, idxs: list[int]) -> list[Block]:
+        """Put zeroed blocks in place of ``client``'s blocks ``idxs``;
+        return the old ones once no writer can reach them."""
+        self.restore_unmerged()
+        with self.shared.lock:
+            t = self.view._refresh()
+            retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
+        pending = [(client, i, b) for i, b in zip(idxs, retired, strict=True)]
+        self.shared.unmerged.extend(pending)
+        # A grace period: every section that could have found the old blocks
+        # has ended, and its bit sets happen before our reads (the waiter's
+        # seq_cst slot loads pair with the readers' release unlocks).  If the
+        # wait is interrupted, the bits stay in `unmerged` and go back into
+        # the live blocks at the next take or close: nothing is lost.
+        self.rcu.synchronize()
+        for p in pending:
+            self.shared.unmerged.remove(p)
+        return [self.view._map_block(b) for b in retired]
+
+    def recycle(self, block: Block) -> None:
+        block.words[:] = 0  # nobody can reach it: plain stores
+        self.shared.pool.append(block.block_id)
+
+    def restore_unmerged(self, timeout: float | None = None) -> None:
+        """Put back the bits of blocks retired by a take whose grace period
+        was interrupted (they were taken by nobody)."""
+        unmerged = self.shared.unmerged
+        if not unmerged:
+            return
+        self.rcu.synchronize(timeout)
+        v = self.view
+        bw = v.block_pages >> 6
+        t = v._begin()
+        try:
+            for client, idx, bid in list(unmerged):
+                old = v._map_block(bid)
+                if idx < t.num_blocks:
+                    bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
+                unmerged.remove((client, idx, bid))
+                self.recycle(old)
+        finally:
+            v._end()
+
+    # --- adoption: reaping what a dead coordinator left -----------------------------------
+    def reap_unreachable(self) -> None:
+        """After adoption: finish what the old coordinator left half done.
+
+        - A table newer than the published generation was never published,
+          so no reader can hold it: unlinked now (the next table takes its name).
+        - A generation published before the header's RAM size was stored: the
+          old coordinator may have died before marking that RAM dirty too; mark
+          it for every client (a spurious dirty page costs a copy, a missing one
+          loses data), then store the size.
+        - Older tables and blocks in no table go after a grace period."""
+        v = self.view
+        t = v._refresh()
+        # acquire / release: as in publish.
+        shown = atomic.load(self.ram_ptr, atomic.ACQUIRE)
+        if shown != t.ram_size:
+            if shown < t.ram_size:
+                self.mark_published(shown, t.ram_size - shown)
+            atomic.store(self.ram_ptr, t.ram_size, atomic.RELEASE)
+        keep = {layout.table_name(v.name, t.generation)}
+        keep.update(layout.block_name(v.name, b) for ids in t.block_ids for b in ids)
+        stale: list[str] = []
+        stale_blocks: list[int] = []
+        for n in segment.list_segments(v.name):
+            role, index = layout.role_of(n)
+            if n in keep or role not in ("t", "b") or index is None:
+                continue
+            if role == "t" and index > t.generation:
+                segment.unlink(n)
+                continue
+            stale.append(n)
+            if role == "b":
+                stale_blocks.append(index)
+
+        published = t.num_blocks  # positions a block could have been retired from
+
+        def reap() -> None:
+            self.give_back(stale_blocks, published)
+            for n in stale:
+                segment.unlink(n)
+        self.rcu.call_rcu(reap)
+
+    def give_back(self, block_ids: list[int], published: int) -> None:
+        """After a grace period: OR the bits of blocks no table references
+        (retired by a take whose coordinator died before reading them) back
+        into the live block at the position they were taken from.  A block
+        whose position is at or past ``published`` (the number of blocks when
+        this process adopted) was made by a growth that never got published:
+        its bits (new RAM marked dirty early) belong to nobody."""
+        v = self.view
+        v._begin()
+        try:
+            for bid in block_ids:
+                try:
+                    old = v._map_block(bid)
+                except CorruptSegment:
+                    continue  # never sealed: created by a growth that died
+                w = v._block_segment(bid).words
+                # relaxed: written before the table that placed the block
+                # was published, by a coordinator that is dead now.
+                c = w.load(layout.P_ARG0, atomic.RELAXED)
+                idx = w.load(layout.P_ARG2, atomic.RELAXED)
+                if c < DIRTY_MEMORY_NUM and idx < published and old.words.any():
+                    bitmap.or_words(v._block(c, idx), 0, old.words.copy())
+        finally:
+            v._end()
+        v._unmap_blocks(block_ids)

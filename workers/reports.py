@@ -1,0 +1,145 @@
+"""What the processes of a migration tell the application, one class per kind.
+
+Workers send these through their report pipe (``Control.report``); the
+application (``workers.app``) handles some itself (``Ready``, ``WorkerFailed``,
+``VcpuDone``, ``Done``) and hands every one to its ``on_event`` callback,
+with ``Started`` of its own, so a front end (the CLI) can render progress.
+All are frozen dataclasses: picklable, and ``dataclasses.asdict`` gives the
+JSON of a run's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A worker is set up and waits for GO."""
+
+    role: str
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """A worker raised; it exits with code 1 after sending this."""
+
+    role: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """The application: every worker is ready, GO is set (not sent by a worker)."""
+
+    map_name: str
+    ram: int
+    vcpus: int
+    dirty_mode: str
+    pattern: str
+    dirty_rate: float
+    workers: int
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """The migrator synced a pre-copy round's dirty bits and will send them."""
+
+    round: int
+    ram_size: int
+    dirty: int
+    newly_dirty: int
+    dirty_rate: float | None     # pages/s since the last sync; None in round 1
+    dropped: int                 # testing: pages forgotten in this round
+    t_start: float               # monotonic seconds
+
+
+@dataclass(frozen=True)
+class RoundEnd(RoundStart):
+    """A pre-copy round's pages are sent."""
+
+    sent: int
+    seconds: float
+    throughput: float | None     # bytes/s
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Progress inside a round (``round`` 0: stop-and-copy)."""
+
+    round: int
+    sent: int
+
+
+@dataclass(frozen=True)
+class Hotplug:
+    """The hot-plug worker's RAM request was granted."""
+
+    at: float
+    size: int
+    offset: int
+    ram_size: int
+    t_ask: float
+    t_done: float
+
+
+@dataclass(frozen=True)
+class HotplugSkipped:
+    """A scheduled hot-add fell after STOP: the guest is stopping."""
+
+    at: float
+    size: int
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """Pre-copy ended (``reason``: converged | max rounds); the vCPUs stop."""
+
+    pending: int
+    reason: str
+    t_stop: float
+
+
+@dataclass(frozen=True)
+class Downtime:
+    """Stop-and-copy: every writer stopped, ``pages`` are left to send."""
+
+    pages: int
+    ram_size: int
+
+
+@dataclass(frozen=True)
+class VcpuDone:
+    """A vCPU stopped: what it wrote."""
+
+    index: int
+    writes: int
+    batches: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DowntimeDone:
+    pages: int
+    newly_dirty: int
+    ram_size: int
+    seconds: float
+    stop_wait: float
+    copy_seconds: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """The migrator finished: the whole run, as it saw it."""
+
+    rounds: tuple[RoundEnd, ...]
+    reason: str
+    last_check: RoundStart | None   # the last round's sync (a RoundEnd if it was sent)
+    t_go: float
+    t_stop: float
+    t_end: float
+    downtime: DowntimeDone
+
+
+Report = (Ready | WorkerFailed | Started | RoundStart | Sent | Hotplug | HotplugSkipped
+          | Stopping | Downtime | VcpuDone | Done)
