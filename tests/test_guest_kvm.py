@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kvm_skip import needs_binutils, needs_kvm
 
 import shmdirty as sd
 from workers import guest_kvm as g
 from workers.guest_model import expected
-
-from kvm_skip import needs_binutils, needs_kvm
 
 SOURCE = Path(g.__file__).with_name("guest_kvm.S")
 

@@ -7,10 +7,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from kvm_skip import needs_cc, needs_kvm
 
 from workers import kvm
-
-from kvm_skip import needs_cc, needs_kvm
 
 C_LAYOUT = r"""
 #include <stdio.h>

@@ -1,4 +1,4 @@
-"""One live migration of a KVM guest, from start to verdict.
+"""One live migration of a KVM guest, from start to verdict (``--guest kvm``).
 
 Processes (all spawned, each with a pipe of its own to this one):
 
@@ -6,14 +6,17 @@ Processes (all spawned, each with a pipe of its own to this one):
   loopback, builds its own VM from the stream, resumes the guest;
 - VM owner: the map's coordinator, /dev/kvm, the VM and its vCPU threads;
 - dataplane: writes guest RAM on its own and marks it dirty;
-- migrator: ``sync_dirty_bitmap`` and the TCP stream.
+- migrator: ``sync_dirty_bitmap`` and the TCP stream (``workers.sender``).
 
-The verdict: the switchover comparison (source RAM against destination
-RAM, byte for byte or by digests) and the resumed guest's end state
-against the model (``workers.guest_model``).  If the destination is lost
-before the handover, the source guest runs to its end and its end state
-is checked against the model instead.  Nothing of the run (this side's map
-and a loopback receiver's) is left in /dev/shm.
+The migrator's typed reports (``workers.reports``) go to ``on_event``
+as they arrive; the VM owner's and the dataplane's become ``GuestHotadd``
+or stay here.  The verdict: the switchover comparison (source RAM against
+destination RAM, byte for byte or by digests) and the resumed guest's end
+state against the model (``workers.guest_model``).  If the destination is
+lost before the handover, the source guest runs to its end, its end state
+is checked against the model, and ``DestinationGone`` carries that.
+Nothing of the run (this side's map and a loopback receiver's) is left in
+/dev/shm, whatever happens.
 """
 
 from __future__ import annotations
@@ -23,26 +26,39 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from shmdirty import segment
 
 from . import dataplane, receiver, sender, vm_owner
 from . import guest_kvm as g
 from .guest_model import expected
+from .lifecycle import DestinationGone, Failed, RunError, Signals
+from .reports import (
+    DestinationLost,
+    Done,
+    GuestHotadd,
+    GuestStarted,
+    Handover,
+    Report,
+    RoundEnd,
+    RoundStart,
+    Switchover,
+    WorkerFailed,
+)
 
-EXIT_OK, EXIT_DIFFERENT, EXIT_WORKER_FAILED, EXIT_DESTINATION_LOST = 0, 1, 3, 4
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 JOIN_TIMEOUT = 10.0
+POLL = 0.2
 
-Event = Callable[[str, dict[str, Any]], None]
+OnEvent = Callable[[Report], None]
 
 
 @dataclass(frozen=True)
 class KvmRunConfig:
     guest: g.GuestConfig = field(default_factory=g.GuestConfig)
+    why: str = ""                          # why the KVM guest (--guest auto)
     to: tuple[str, int] | None = None      # a receiver elsewhere; None: one on loopback
     bandwidth: float = 0.0                 # bytes/s in pre-copy, 0: no limit
     threshold: int = 1024
@@ -57,76 +73,79 @@ class KvmRunConfig:
     timeout: float = 600.0
 
 
-class RunFailed(Exception):
-    pass
-
-
 class KvmRun:
-    def __init__(self, cfg: KvmRunConfig, on_event: Event) -> None:
-        self.cfg, self.on_event = cfg, on_event
+    def __init__(self, cfg: KvmRunConfig, on_event: OnEvent, signals: Signals) -> None:
+        self.cfg, self.on_event, self.signals = cfg, on_event, signals
         self.ctx = mp.get_context("spawn")
-        self.name = cfg.name or segment.new_map_name()
-        self.dst_name = f"{self.name}_dst"
+        self.map_name = cfg.name or segment.new_map_name()
+        self.dst_name = f"{self.map_name}_dst"
         self.procs: dict[str, Any] = {}
         self.conns: dict[str, Connection] = {}
-        self.reports: dict[str, dict[str, Any]] = {}
-        self.hotadds: list[dict[str, Any]] = []
-        self.rounds: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self.signal: int | None = None
+        self.got: dict[str, Any] = {}          # the last report of each kind
+        self.hotadds: list[GuestHotadd] = []
+        self.rounds: list[RoundEnd] = []
+        self.removed = 0
+        self.deadline = time.monotonic() + cfg.timeout
 
     # -- processes -----------------------------------------------------------------
     def _start(self, role: str, target: Any, *args: Any) -> None:
         mine, theirs = self.ctx.Pipe()
-        p = self.ctx.Process(target=target, args=(*args, theirs), name=f"shmdirty-{role}",
-                             daemon=True)
+        p = self.ctx.Process(target=target, args=(*args, theirs), name=role, daemon=True)
         p.start()
         theirs.close()
         self.procs[role], self.conns[role] = p, mine
 
-    def _await(self, role: str, kind: str) -> dict[str, Any]:
-        """Serve reports until ``role`` says ``kind``."""
-        deadline = time.monotonic() + self.cfg.timeout
-        while kind not in self.reports.get(role, {}):
-            if not self.conns.get(role):
-                raise RunFailed(f"the {role} process ended before it was {kind}")
-            if time.monotonic() > deadline:
-                raise RunFailed(f"the {role} process was not {kind} within {self.cfg.timeout} s")
-            self._serve(0.5)
-        return self.reports[role][kind]  # type: ignore[no-any-return]
+    def _wait(self, cond: Callable[[], bool], what: str) -> None:
+        while not cond():
+            self.signals.check()
+            if time.monotonic() > self.deadline:
+                raise Failed(f"gave up waiting for {what}: the run took longer than "
+                             f"--timeout {self.cfg.timeout:g} s")
+            self._serve(POLL)
+            for role in ("owner", "migrator", "dataplane"):
+                p = self.procs.get(role)
+                if p is not None and p.exitcode not in (None, 0) and role not in self.conns:
+                    raise Failed(f"the {role} process (pid {p.pid}) exited with code "
+                                 f"{p.exitcode}")
 
     def _serve(self, timeout: float) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        live = {c: r for r, c in self.conns.items() if c is not None}
-        for c in wait(list(live), timeout=timeout):
-            role = live[c]  # type: ignore[index]
+        live = {c: r for r, c in self.conns.items()}
+        for ready in wait(list(live), timeout=timeout):
+            c = cast(Connection, ready)
+            role = live[c]
             try:
-                kind, data = c.recv()  # type: ignore[union-attr]
+                msg: Any = c.recv()
             except (EOFError, OSError):
                 self.conns.pop(role)
                 continue
-            self._on_report(role, kind, data)
+            if isinstance(msg, tuple):      # the VM owner and the dataplane: (kind, data)
+                self._on_owner(role, *msg)
+            else:
+                self._on_report(msg)
 
-    def _on_report(self, role: str, kind: str, data: dict[str, Any]) -> None:
-        self.reports.setdefault(role, {})[kind] = data
+    def _on_owner(self, role: str, kind: str, data: dict[str, Any]) -> None:
+        self.got[f"{role}.{kind}"] = data
         if kind == "error":
-            self.errors.append(f"{data.get('role', role)} failed:\n{data.get('traceback', '')}")
-        elif kind == "hotadd":
-            data = dict(data, round=len(self.rounds) + 1)
-            self.hotadds.append(data)
-        elif kind == "round_end":
-            self.rounds.append(data)
-        elif kind == "round" and role == "migrator":
-            if self.cfg.kill_destination_at and data["round"] == self.cfg.kill_destination_at:
-                p = self.procs.get("receiver")
-                if p is not None and p.pid:
-                    os.kill(p.pid, signal.SIGKILL)
-                    self.on_event("killed_destination", {"round": data["round"]})
-        self.on_event(f"{role}.{kind}", data)
+            raise Failed(f"the {data.get('role', role)} process failed:\n{data['traceback']}")
+        if kind == "hotadd":
+            h = GuestHotadd(data["offset"], data["size"], data["t"], tuple(data["progress"]))
+            self.hotadds.append(h)
+            self.on_event(h)
+
+    def _on_report(self, report: Report) -> None:
+        self.got[type(report).__name__] = report
+        if isinstance(report, WorkerFailed):
+            raise Failed(f"the {report.role} process failed:\n{report.traceback}")
+        if isinstance(report, RoundEnd):
+            self.rounds.append(report)
+        elif isinstance(report, RoundStart) and report.round == self.cfg.kill_destination_at:
+            p = self.procs.get("receiver")
+            if p is not None and p.pid:
+                os.kill(p.pid, signal.SIGKILL)   # testing: the destination dies now
+        self.on_event(report)
 
     # -- the run -------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def execute(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.monotonic()
         # Two at a time: a spawned process takes a while to import its modules.
@@ -135,85 +154,105 @@ class KvmRun:
         owner_mig, mig_owner = self.ctx.Pipe()
         owner_dp, dp_owner = self.ctx.Pipe() if cfg.dataplane else (None, None)
         self._start("owner", vm_owner.main,
-                    vm_owner.OwnerConfig(cfg.guest, self.name, cfg.block_pages),
+                    vm_owner.OwnerConfig(cfg.guest, self.map_name, cfg.block_pages),
                     owner_mig, owner_dp)
         if cfg.to is None:
-            host, port = "127.0.0.1", int(self._await("receiver", "listening")["port"])
+            self._wait(lambda: "Listening" in self.got, "the receiver to listen")
+            host, port = "127.0.0.1", self.got["Listening"].port
         else:
             host, port = cfg.to
-        ready = self._await("owner", "ready")
+        self._wait(lambda: "owner.ready" in self.got, "the VM owner")
         if cfg.dataplane:
             first, pages = cfg.guest.dataplane_region()
             self._start("dataplane", dataplane.main,
-                        dataplane.DataplaneConfig(ready["map"], first, pages, cfg.dataplane_rate,
-                                                  cfg.dataplane_forget), dp_owner)
-        scfg = sender.SenderConfig(host, port, ready["map"], cfg.guest.to_json(),
-                                   cfg.bandwidth, cfg.threshold, cfg.max_rounds,
-                                   local=cfg.to is None, drop_round=cfg.drop_round)
-        self._start("migrator", sender.main, scfg, mig_owner)
+                        dataplane.DataplaneConfig(self.map_name, first, pages,
+                                                  cfg.dataplane_rate, cfg.dataplane_forget),
+                        dp_owner)
+        scfg = sender.SenderConfig(host, port, cfg.guest.to_json(), cfg.bandwidth,
+                                   cfg.threshold, cfg.max_rounds, local=cfg.to is None,
+                                   drop_round=cfg.drop_round)
+        self._start("migrator", sender.main, scfg, self.map_name, mig_owner)
         for c in (owner_mig, owner_dp, mig_owner, dp_owner):
             if c is not None:
                 c.close()
-        if cfg.dataplane:
-            self._await("dataplane", "ready")
-        self._await("migrator", "ready")
-        t_go = time.monotonic()
+        self._wait(lambda: "Ready" in self.got and (not cfg.dataplane
+                                                    or "dataplane.ready" in self.got),
+                   "the migrator and the dataplane")
         self.conns["owner"].send("go")
         self.conns["migrator"].send("go")
-        deadline = time.monotonic() + cfg.timeout
-        while self.conns:
-            if time.monotonic() > deadline:
-                raise RunFailed(f"the run did not end within {cfg.timeout} s")
-            self._serve(0.5)
-        return self._verdict(t0, t_go)
+        gc = cfg.guest
+        self.on_event(GuestStarted(self.map_name, gc.ram, gc.vcpus, gc.pattern, gc.total_steps,
+                                   cfg.why, f"{host}:{port}" + (" (loopback receiver)"
+                                                                if cfg.to is None else "")))
+        self._wait(lambda: not self.conns or ("Handover" in self.got
+                                              and "owner" not in self.conns),
+                   "the migration to finish")
+        if "DestinationLost" in self.got:
+            self._wait(lambda: "owner" not in self.conns, "the source guest to finish")
+        self._wait(lambda: not self.conns, "every process to exit")
+        return self._verdict(t0, host, port)
 
-    def _verdict(self, t0: float, t_go: float) -> dict[str, Any]:
-        mig = self.reports.get("migrator", {})
-        owner = self.reports.get("owner", {})
-        rec = self.reports.get("receiver", {})
-        done, failed = mig.get("done"), mig.get("failed")
-        t_exp = time.monotonic()
+    def _verdict(self, t0: float, host: str, port: int) -> dict[str, Any]:
+        t_model = time.monotonic()
         want = expected(self.cfg.guest)
-        model_s = time.monotonic() - t_exp
-        out: dict[str, Any] = {"guest": "kvm", "identical": False, "resumed_ok": False,
-                               "expected": want, "model_seconds": model_s,
-                               "hotadds": self.hotadds, "rounds_detail": self.rounds,
-                               "total_s": time.monotonic() - t0, "wall_s": time.monotonic() - t0,
-                               "run_s": time.monotonic() - t_go, "errors": self.errors}
-        if rec.get("refused"):
-            out["destination_error"] = rec["refused"]["message"]
+        out: dict[str, Any] = {
+            "guest": "kvm", "guest_why": self.cfg.why, "identical": False, "resumed_ok": False,
+            "map": self.map_name, "config": _config(self.cfg),
+            "destination": {"address": f"{host}:{port}", "local": self.cfg.to is None},
+            "expected": want, "model_seconds": time.monotonic() - t_model,
+            "hotplug": [], "round_log": [dict(asdict(r), t_start=0.0) for r in self.rounds],
+            "rounds": len(self.rounds), "pages_sent": 0, "bytes_sent": 0,
+            "throughput_mib_s": None, "downtime_ms": None}
+        done: Done | None = self.got.get("Done")
         if done is not None:
-            result = done["result"] or rec.get("finished") or {}
-            got = result.get("vcpus") or []
-            out.update(self._numbers(done), identical=bool(done["check"]["identical"]),
-                       check=done["check"], destination=got,
-                       resumed_ok=bool(got) and _matches(got, want))
-            out["exit"] = (EXIT_WORKER_FAILED if self.errors else
-                           EXIT_OK if out["identical"] and out["resumed_ok"] else EXIT_DIFFERENT)
-        else:
-            src = (owner.get("guest_done") or {}).get("vcpus") or []
-            out.update(source=src, source_ok=bool(src) and _matches(src, want),
-                       pages_sent=0, rounds=len(self.rounds), downtime_ms=None,
-                       throughput_mib_s=None)
-            if failed is not None:
-                out.update(failure=failed["message"], exit=EXIT_DESTINATION_LOST)
-            else:
-                out["exit"] = EXIT_WORKER_FAILED
+            t_go = done.t_go
+            out["round_log"] = [dict(asdict(r), t_start=r.t_start - t_go) for r in done.rounds]
+            out.update(
+                end_of_precopy=done.reason, downtime=asdict(done.downtime),
+                downtime_ms=done.downtime.seconds * 1e3, precopy_seconds=done.t_stop - t_go,
+                last_check=None if done.last_check is None else
+                dict(asdict(done.last_check), t_start=done.last_check.t_start - t_go),
+                hotplug=[dict(asdict(h), t_done=h.t - t_go, round=_round_at(done, h.t),
+                              during=_phase(done, h.t)) for h in self.hotadds])
+        lost: DestinationLost | None = self.got.get("DestinationLost")
+        sw: Switchover | None = self.got.get("Switchover")
+        ho: Handover | None = self.got.get("Handover")
+        if ho is not None:
+            out.update(pages_sent=ho.pages_sent, bytes_sent=ho.bytes_sent,
+                       throughput_mib_s=ho.bytes_sent / ho.send_seconds / (1 << 20)
+                       if ho.send_seconds else None, vcpu_states=list(ho.vcpu_states))
+            if done is not None:
+                out["migration_seconds"] = done.t_end - done.t_go
+        if sw is not None:
+            out["identical"] = sw.identical
+            out["result"] = {"identical": sw.identical, "method": sw.method,
+                             "compared": sw.compared, "pages_differ": sw.n_differ,
+                             "first_differ": list(sw.differ), "detail": sw.detail,
+                             "switchover_check_seconds": sw.seconds}
+        dest = (ho.result if ho is not None and ho.result else None) or \
+            (self.got["Received"].result if "Received" in self.got else None)
+        got = (dest or {}).get("vcpus") or []
+        out["destination_end"] = got
+        out["resumed_ok"] = bool(got) and _matches(got, want)
+        src = (self.got.get("owner.guest_done") or {}).get("vcpus") or []
+        if src:
+            out["source_end"] = src
+            out["source_ok"] = _matches(src, want)
+        out["checksums"] = {"expected": [w["checksum"] for w in want],
+                            "destination": [v.get("checksum") for v in got],
+                            "source": [v.get("checksum") for v in src]}
+        out["total_s"] = out["wall_seconds"] = time.monotonic() - t0
+        if lost is not None:
+            out["failure"] = lost.message
+            e = DestinationGone(f"the destination was lost: {lost.message}", out)
+            raise e
+        if sw is None or ho is None:
+            raise Failed("the migrator ended without a switchover")
         return out
 
-    def _numbers(self, done: dict[str, Any]) -> dict[str, Any]:
-        page_bytes = done["bytes_sent"]
-        return dict(rounds=len(done["rounds"]), reason=done["reason"],
-                    pages_sent=done["pages_sent"], bytes_sent=page_bytes,
-                    throughput_mib_s=page_bytes / done["send_seconds"] / (1 << 20)
-                    if done["send_seconds"] else None,
-                    downtime_ms=done["downtime"]["seconds"] * 1000,
-                    downtime=done["downtime"], migration_s=done["t_end"] - done["t_go"],
-                    precopy_s=done["t_stop"] - done["t_go"], final_state=done["states"])
-
-    def close(self) -> None:
-        """Stop every process that is still running, then remove every
-        segment of both maps."""
+    def teardown(self) -> None:
+        """Stop every process that is still running (asked, then killed),
+        then remove every segment of both maps."""
         for role in ("migrator", "owner", "receiver"):
             c = self.conns.get(role)
             if c is not None:
@@ -221,17 +260,42 @@ class KvmRun:
                     c.send("abort")
                 except OSError:
                     pass
-        for role, p in self.procs.items():
-            p.join(JOIN_TIMEOUT)
-            if p.is_alive():
+        end = time.monotonic() + JOIN_TIMEOUT
+        for p in self.procs.values():
+            p.join(max(0.0, end - time.monotonic()))
+        for p in self.procs.values():
+            if p.exitcode is None:
                 p.kill()
-                p.join()
+                p.join(2.0)
         for c in self.conns.values():
             c.close()
         self.conns.clear()
-        for name in (self.name, self.dst_name):
+        for name in (self.map_name, self.dst_name):
             for seg in segment.list_segments(name):
-                segment.unlink(seg)
+                if segment.unlink(seg):
+                    self.removed += 1
+
+
+def _config(cfg: KvmRunConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["guest"] = asdict(cfg.guest)
+    d["guest"].pop("extra", None)
+    d["ram"] = cfg.guest.ram
+    d["threshold"] = cfg.threshold
+    return d
+
+
+def _round_at(done: Done, t: float) -> int:
+    """The pre-copy round during which ``t`` fell (0: before the first sync,
+    len(rounds) + 1: stop-and-copy)."""
+    if t >= done.t_stop:
+        return len(done.rounds) + 1
+    return sum(1 for r in done.rounds if r.t_start <= t)
+
+
+def _phase(done: Done, t: float) -> str:
+    n = _round_at(done, t)
+    return "downtime" if t >= done.t_stop else f"pre-copy round {n}" if n else "pre-copy"
 
 
 def _matches(got: list[dict[str, Any]], want: list[dict[str, int]]) -> bool:
@@ -239,24 +303,16 @@ def _matches(got: list[dict[str, Any]], want: list[dict[str, int]]) -> bool:
         all(g_.get(k) == v for k, v in w.items()) for g_, w in zip(got, want, strict=True))
 
 
-def run(cfg: KvmRunConfig, on_event: Event = lambda kind, data: None) -> dict[str, Any]:
-    """Run one migration; SIGINT / SIGTERM stop it cleanly (``exit`` 130 / 143)."""
-    r = KvmRun(cfg, on_event)
-    old = {s_: signal.getsignal(s_) for s_ in EXIT_SIGNAL}
+def run(cfg: KvmRunConfig, on_event: OnEvent) -> dict[str, Any]:
+    """One KVM migration (module doc): the result, or a ``RunError``."""
+    with Signals() as signals:
+        r = KvmRun(cfg, on_event, signals)
+        try:
+            try:
+                return r.execute()
+            finally:
+                r.teardown()
+        except RunError as e:
+            e.map_name, e.removed = r.map_name, r.removed
+            raise
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        r.signal = signum
-
-    for s_ in EXIT_SIGNAL:
-        signal.signal(s_, on_signal)
-    try:
-        return r.run()
-    except KeyboardInterrupt:
-        return {"guest": "kvm", "exit": EXIT_SIGNAL.get(r.signal or signal.SIGINT, 130),
-                "interrupted": True}
-    except RunFailed as e:
-        return {"guest": "kvm", "exit": EXIT_WORKER_FAILED, "errors": [str(e), *r.errors]}
-    finally:
-        r.close()
-        for s_, h in old.items():
-            signal.signal(s_, h)

@@ -37,7 +37,17 @@ Report = Callable[..., None]
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free port)."""
-    return socket.create_server((host, port), reuse_port=False)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Before listen(): accepted sockets inherit it (stream.SOCKET_BUFFER).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s.SOCKET_BUFFER)
+        sock.bind((host, port))
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: False,
@@ -78,7 +88,7 @@ class Destination:
         self.page_size = 1 << int(hello["page_bits"])
         self.dm = DirtyMemory.create(0, page_bits=int(hello["page_bits"]), name=self.map_name)
         if hello.get("guest"):
-            from .vm import GuestVM   # only a KVM destination needs /dev/kvm
+            from .vm import GuestVM  # only a KVM destination needs /dev/kvm
             self.cfg = g.GuestConfig.from_json(hello["guest"])
             self.vm = GuestVM(self.dm, self.cfg, log_dirty=False)
             self.ram = self.vm.ram
@@ -123,6 +133,7 @@ class Destination:
             except PeerGone as e:
                 raise StreamError(f"stream truncated before its end marker: {e}") from None
             if rtype == s.PAGES:
+                assert self.ram is not None
                 numbers, data = s.unpack_pages(count, payload, self.page_size)
                 try:
                     for b, local, sel in self.ram.split(numbers):
@@ -191,28 +202,26 @@ def receive(conn: socket.socket, report: Report, map_name: str | None = None) ->
 
 def main(host: str, port: int, map_name: str | None, parent: Connection) -> None:
     """Process entry point of a receiver started by ``shmdirty migrate``:
-    reports ``listening`` (with the bound port), then ``finished`` with the
-    result, or ``refused`` (the stream was not acceptable) or ``error``."""
+    reports ``Listening`` (with the bound port), then ``Received``, or
+    ``DestinationLost`` (the stream was refused) or ``WorkerFailed``.  It
+    stops listening when its parent says anything or goes away."""
     import signal
     import traceback
+
+    from .reports import DestinationLost, Listening, Received, WorkerFailed
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def report(kind: str, **data: Any) -> None:
-        try:
-            parent.send((kind, data))
-        except OSError:
-            pass
-
     try:
         with listen(host, port) as listener:
-            report("listening", host=host, port=listener.getsockname()[1])
-            conn = accept(listener, should_stop=lambda: parent.poll())
-        if conn is None:
-            return
-        report("finished", **receive(conn, report, map_name))
+            parent.send(Listening(host, listener.getsockname()[1]))
+            conn = accept(listener, should_stop=parent.poll)
+        if conn is not None:
+            parent.send(Received(receive(conn, lambda *a, **k: None, map_name)))
     except (StreamError, PeerGone) as e:
-        report("refused", message=f"{type(e).__name__}: {e}")
+        parent.send(DestinationLost(f"the destination refused the stream: {e}"))
         raise SystemExit(1) from None
     except BaseException:
-        report("error", role="receiver", traceback=traceback.format_exc())
+        try:
+            parent.send(WorkerFailed("receiver", traceback.format_exc()))
+        except OSError:
+            pass
         raise SystemExit(1) from None

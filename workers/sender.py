@@ -33,6 +33,7 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -43,29 +44,52 @@ from shmdirty import DirtyMemory
 
 from . import stream as s
 from .guest import GuestRam, compare
-from .migrator import MigrationBitmap
+from .migration_bitmap import MigrationBitmap
+from .reports import (
+    Connected,
+    DestinationLost,
+    Done,
+    Downtime,
+    DowntimeDone,
+    Handover,
+    Ready,
+    Report,
+    RoundEnd,
+    RoundStart,
+    Sent,
+    Stopping,
+    Switchover,
+    WorkerFailed,
+)
 from .stream import Channel, PeerGone, StreamError
 
 CONNECT_TIMEOUT = 10.0
 RESULT_TIMEOUT = 600.0     # seconds the destination may take to run the guest to its end
 REPORT_EVERY = 0.05
+FIRST_DIFFS = 10         # how many differing pages (or chunks) a mismatch names
 
 
 class Aborted(Exception):
     """The run gave up (Ctrl-C, SIGTERM, or it died)."""
 
 
-class DestinationLost(Exception):
+class Lost(Exception):
     """The destination went away or refused the stream before the handover."""
 
 
 class GuestControl(Protocol):
-    """What the migrator asks of the guest's owner."""
+    """What the migrator asks of whoever runs the guest."""
 
-    def log_sync(self) -> tuple[int, list[int]]: ...
-    def stop(self) -> tuple[list[Any], int]: ...
-    def cont(self) -> None: ...
-    def handover(self) -> None: ...
+    def log_sync(self) -> int:
+        """Put every store made so far into the map's dirty bits; returns
+        the pages the hypervisor's log held (0 where there is none)."""
+    def stop(self) -> list[Any]:
+        """Pause the guest and every writer, log-sync once more; returns the
+        vCPU states (``workers.vm.VcpuState``; none for the simulated guest)."""
+    def cont(self) -> None:
+        """The migration failed after ``stop``: let the source guest run on."""
+    def handover(self) -> None:
+        """The destination takes over: the source guest is discarded."""
 
 
 class OwnerControl:
@@ -84,13 +108,11 @@ class OwnerControl:
             raise RuntimeError(f"the VM owner answered {reply[0]!r} to {msg!r}")
         return tuple(reply[1:])
 
-    def log_sync(self) -> tuple[int, list[int]]:
-        n, progress = self._ask("sync", "synced")
-        return int(n), list(progress)
+    def log_sync(self) -> int:
+        return int(self._ask("sync", "synced")[0])
 
-    def stop(self) -> tuple[list[Any], int]:
-        states, n = self._ask("stop", "stopped")
-        return list(states), int(n)
+    def stop(self) -> list[Any]:
+        return list(self._ask("stop", "stopped")[0])
 
     def cont(self) -> None:
         self.conn.send("cont")
@@ -103,7 +125,6 @@ class OwnerControl:
 class SenderConfig:
     host: str
     port: int
-    map_name: str
     guest: str | None = None        # GuestConfig JSON (KVM); None: the simulated guest
     bandwidth: float = 0.0          # bytes per second during pre-copy; 0: no limit
     threshold: int = 1024           # dirty pages at which pre-copy has converged
@@ -114,67 +135,63 @@ class SenderConfig:
 
 
 class Sender:
-    def __init__(self, cfg: SenderConfig, control: GuestControl, parent: Connection) -> None:
-        self.cfg, self.control, self.parent = cfg, control, parent
-        self.dm = DirtyMemory.attach(cfg.map_name)
-        self.src = GuestRam(cfg.map_name, self.dm.page_bits, "ram")
+    """One migration over one connection (module doc)."""
+
+    def __init__(self, dm: DirtyMemory, cfg: SenderConfig, control: GuestControl,
+                 report: Callable[[Report], None], aborted: Callable[[], bool]) -> None:
+        self.dm, self.cfg, self.control = dm, cfg, control
+        self.report, self.aborted = report, aborted
+        self.src = GuestRam(dm.name, dm.page_bits, "ram")
         self.bitmap = MigrationBitmap()
         self.ch: Channel | None = None
         self.pages_sent = 0
         self.records = 0
         self.send_seconds = 0.0
-        self._buf = np.empty((0, self.dm.page_size // 8), np.uint64)
-
-    def report(self, kind: str, **data: Any) -> None:
-        self.parent.send((kind, data))
+        self._buf = np.empty((0, dm.page_size // 8), np.uint64)
 
     def check_abort(self) -> None:
-        if self.parent.poll():
-            try:
-                msg = self.parent.recv()
-            except EOFError:
-                raise Aborted from None
-            if msg == "abort":
-                raise Aborted
+        if self.aborted():
+            raise Aborted
 
     def connect(self) -> Channel:
         cfg = self.cfg
         try:
             sock = socket.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT)
         except OSError as e:
-            raise DestinationLost(f"cannot connect to {cfg.host}:{cfg.port}: "
-                                  f"{e.strerror or e}") from None
+            raise Lost(f"cannot connect to {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         sock.settimeout(None)
         ch = Channel(sock)
-        ch.preamble()
-        ch.send_json(s.HELLO, {"page_bits": self.dm.page_bits, "guest": cfg.guest,
-                               "digests": not cfg.local, "source_map": self.dm.name})
+        try:
+            ch.preamble()
+            ch.send_json(s.HELLO, {"page_bits": self.dm.page_bits, "guest": cfg.guest,
+                                   "digests": not cfg.local, "source_map": self.dm.name})
+        except PeerGone as e:
+            raise Lost(str(e)) from None
         return ch
 
-    def sync(self) -> tuple[int, int, int]:
-        """Steps 1-2: (pages newly dirty, RAM size, pages KVM logged)."""
+    def sync(self) -> tuple[int, int]:
+        """Steps 1-2: (pages newly dirty, RAM size)."""
         assert self.ch is not None
-        logged, _ = self.control.log_sync()
+        self.control.log_sync()
         blocks = self.dm.ram_blocks()
         if self.src.update(blocks):
             self.ch.send(s.BLOCKS, [s.pack_blocks(self.src.blocks)], count=len(self.src.blocks))
         self.bitmap.extend(self.src.npages)
         ram_size = self.src.npages << self.dm.page_bits
-        return self.dm.sync_dirty_bitmap(self.bitmap.words, 0, ram_size), ram_size, logged
+        return self.dm.sync_dirty_bitmap(self.bitmap.words, 0, ram_size), ram_size
 
     def send_pages(self, round_no: int, pages: np.ndarray[Any, Any], bandwidth: float) -> float:
         """Send ``pages`` (ascending); returns the seconds it took."""
         assert self.ch is not None
         t0 = last = time.monotonic()
         page_size = self.dm.page_size
-        words = page_size // 8
         chunk = self.cfg.chunk_pages
-        buf = self._buf if len(self._buf) >= chunk else np.empty((chunk, words), np.uint64)
-        self._buf = buf     # reused: fresh memory costs a page fault per 4 KiB here
+        if len(self._buf) < chunk:  # reused: fresh memory costs a page fault per 4 KiB here
+            self._buf = np.empty((chunk, page_size // 8), np.uint64)
         for i in range(0, len(pages), chunk):
             self.check_abort()
             part = pages[i:i + chunk]
-            data = buf[:len(part)]
+            data = self._buf[:len(part)]
             for b, local, sel in self.src.split(part):
                 if len(sel) == len(part):
                     np.take(self.src.views[b], local, axis=0, out=data)
@@ -189,107 +206,111 @@ class Sender:
                 if ahead > 0:       # the rate limit (QEMU's max-bandwidth)
                     time.sleep(ahead)
             if now - last >= REPORT_EVERY:
-                self.report("sent", round=round_no, sent=sent)
+                self.report(Sent(round_no, sent))
                 last = now
         seconds = time.monotonic() - t0
         self.pages_sent += len(pages)
         self.send_seconds += seconds
         return seconds
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> None:
+        """Migrate; the outcome is reported (``Done``, ``Switchover``, ``Handover``).
+        Raises ``Lost`` if the destination goes away before the handover."""
         cfg = self.cfg
         self.ch = ch = self.connect()
-        self.report("connected", host=cfg.host, port=cfg.port)
+        self.report(Connected(cfg.host, cfg.port))
         t_go = last_sync = time.monotonic()
-        rounds: list[dict[str, Any]] = []
+        rounds: list[RoundEnd] = []
         reason = "max rounds"
         round_no = 0
+        check: RoundStart | None = None
         stopped = False
         try:
             while round_no < cfg.max_rounds:
                 round_no += 1
                 t_sync = time.monotonic()
-                newly, ram_size, logged = self.sync()
+                newly, ram_size = self.sync()
                 elapsed, last_sync = t_sync - last_sync, t_sync
                 dropped = 0
                 if round_no == cfg.drop_round:
                     dropped = self.bitmap.count()
                     self.bitmap.clear()
                 dirty = self.bitmap.count()
-                info: dict[str, Any] = dict(
+                check = RoundStart(
                     round=round_no, ram_size=ram_size, dirty=dirty, newly_dirty=newly,
-                    logged=logged, dropped=dropped, t_start=t_sync,
-                    dirty_rate=newly / elapsed if round_no > 1 and elapsed > 0 else None)
+                    dirty_rate=newly / elapsed if round_no > 1 and elapsed > 0 else None,
+                    dropped=dropped, t_start=t_sync)
                 if round_no > 1 and dirty <= cfg.threshold:
                     reason = "converged"
                     break
                 ch.send(s.ROUND, [np.array([dirty], "<u8")], count=round_no)
-                self.report("round", **info)
+                self.report(check)
                 pages = self.bitmap.dirty()
-                self.bitmap.clear()
+                self.bitmap.clear()   # process-local: the pages are in `pages` now
                 seconds = self.send_pages(round_no, pages, cfg.bandwidth)
-                info.update(sent=len(pages), seconds=seconds,
-                            throughput=len(pages) * self.dm.page_size / seconds
-                            if seconds else None)
-                rounds.append(info)
-                self.report("round_end", **info)
+                check = RoundEnd(
+                    **vars(check), sent=len(pages), seconds=seconds,
+                    throughput=len(pages) * self.dm.page_size / seconds if seconds else None)
+                rounds.append(check)
+                self.report(check)
 
             # Stop-and-copy: the guest is paused from here (the downtime).
             self.check_abort()
             t_stop = time.monotonic()
-            self.report("stopping", pending=self.bitmap.count(), reason=reason)
-            states, logged = self.control.stop()
+            self.report(Stopping(self.bitmap.count(), reason, t_stop))
+            states = self.control.stop()
             stopped = True
             t_stopped = time.monotonic()
-            newly, ram_size, _ = self.sync()
+            newly, ram_size = self.sync()
             pages = self.bitmap.dirty()
             self.bitmap.clear()
+            self.report(Downtime(len(pages), ram_size))
             seconds = self.send_pages(0, pages, 0)
             ch.send(s.VCPUS, [s.pack_vcpus(states)], count=len(states))
             ch.send(s.END_OF_STREAM, [s.END.pack(self.pages_sent, self.records)])
             _, _, payload = ch.recv_expect(s.LOADED)
-            t_loaded = time.monotonic()
-            loaded = json.loads(bytes(payload))
-            downtime = dict(pages=len(pages), newly_dirty=newly, ram_size=ram_size,
-                            seconds=t_loaded - t_stop, stop_wait=t_stopped - t_stop,
-                            copy_seconds=seconds, logged=logged)
-            self.report("downtime", **downtime)
-            check = self.verify(loaded)
+            t_loaded = time.monotonic()    # the destination holds everything: downtime ends
+            self.report(Done(tuple(rounds), reason, check, t_go, t_stop, t_loaded, DowntimeDone(
+                pages=len(pages), newly_dirty=newly, ram_size=ram_size,
+                seconds=t_loaded - t_stop, stop_wait=t_stopped - t_stop,
+                copy_seconds=seconds)))
+            self.report(self.verify(json.loads(bytes(payload))))
             self.control.handover()
             ch.send(s.RESUME)
         except (PeerGone, StreamError, OSError) as e:
             if stopped:
                 self.control.cont()
-            raise DestinationLost(f"{type(e).__name__}: {e}") from None
+            raise Lost(f"{e}") from None
         except BaseException:
             if stopped:
                 self.control.cont()
+            if self.ch is not None:
+                try:
+                    ch.send(s.ABANDON)
+                except (PeerGone, OSError):
+                    pass
             raise
-        self.report("handed_over", **check)
         ch.sock.settimeout(RESULT_TIMEOUT)
         try:
             _, _, payload = ch.recv_expect(s.RESULT)
             result: dict[str, Any] | None = json.loads(bytes(payload))
             error = None
         except (PeerGone, StreamError) as e:
-            result, error = None, f"{type(e).__name__}: {e}"
-        t_end = time.monotonic()
-        return dict(rounds=rounds, reason=reason, t_go=t_go, t_stop=t_stop, t_end=t_end,
-                    downtime=downtime, check=check, result=result, result_error=error,
-                    pages_sent=self.pages_sent, bytes_sent=self.pages_sent * self.dm.page_size,
-                    send_seconds=self.send_seconds, stream_bytes=ch.bytes_sent,
-                    states=[st.reg_dict() | {"index": st.index, "done": st.done}
-                            for st in states])
+            result, error = None, str(e)
+        self.report(Handover(self.pages_sent, self.pages_sent * self.dm.page_size,
+                             self.send_seconds, ch.bytes_sent, result, error,
+                             tuple(dict(st.reg_dict(), index=st.index, done=st.done)
+                                   for st in states)))
 
-    def verify(self, loaded: dict[str, Any]) -> dict[str, Any]:
+    def verify(self, loaded: dict[str, Any]) -> Switchover:
         """Source RAM (paused) against the destination's, while it waits for RESUME."""
         assert self.ch is not None
         t0 = time.monotonic()
         _, count, payload = self.ch.recv_expect(s.DIGESTS)
         blocks = [tuple(b) for b in loaded["blocks"]]
         if blocks != self.src.blocks:
-            return dict(identical=False, method="layout", differ=[], seconds=0.0,
-                        detail=f"destination RAM blocks {blocks} != source {self.src.blocks}")
+            return Switchover(False, "layout", 0, (), 0, 0.0,
+                              f"destination RAM blocks {blocks} != source {self.src.blocks}")
         if self.cfg.local:
             dst = GuestRam(loaded["map"], self.dm.page_bits, "ram")
             try:
@@ -297,46 +318,52 @@ class Sender:
                 compared, differ, _ = compare(self.src, dst)
             finally:
                 dst.close()
-            return dict(identical=not differ, method="bytes", compared_pages=compared,
-                        differ=differ[:20], n_differ=len(differ),
-                        seconds=time.monotonic() - t0)
+            return Switchover(not differ, "bytes", compared, tuple(differ[:FIRST_DIFFS]),
+                              len(differ), time.monotonic() - t0)
         theirs = [bytes(payload[i * 32:(i + 1) * 32]) for i in range(count)]
         ours = s.ram_digests(self.src.views)
         bad = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b]
         if len(ours) != len(theirs):
             bad.append(min(len(ours), len(theirs)))
-        return dict(identical=not bad, method="digests", compared_chunks=len(ours),
-                    chunk_bytes=s.DIGEST_CHUNK, differ=bad[:20], n_differ=len(bad),
-                    seconds=time.monotonic() - t0)
+        return Switchover(not bad, "digests", len(ours), tuple(bad[:FIRST_DIFFS]), len(bad),
+                          time.monotonic() - t0, f"SHA-256 per {s.DIGEST_CHUNK >> 20} MiB")
 
     def close(self) -> None:
         if self.ch is not None:
             self.ch.close()
         self.src.close()
-        self.dm.close()
 
 
-def main(cfg: SenderConfig, owner: Connection, parent: Connection) -> None:
-    """Process entry point: report ``done``, ``failed`` (destination lost) or ``error``."""
+def main(cfg: SenderConfig, map_name: str, owner: Connection, parent: Connection) -> None:
+    """Process entry point of the KVM run's migrator: the typed reports go
+    to ``parent``; ``DestinationLost`` if the destination went away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sender = None
+    dm = None
+
+    def aborted() -> bool:      # the run said "abort", or is gone (EOF)
+        return parent.poll()
+
     try:
-        sender = Sender(cfg, OwnerControl(owner), parent)
-        parent.send(("ready", {}))
+        dm = DirtyMemory.attach(map_name)
+        sender = Sender(dm, cfg, OwnerControl(owner), parent.send, aborted)
+        parent.send(Ready("migrator"))
         if parent.recv() != "go":
             return
-        parent.send(("done", sender.run()))
-    except Aborted:
+        sender.run()
+    except (Aborted, EOFError):
         pass
-    except DestinationLost as e:
-        parent.send(("failed", {"reason": "destination lost", "message": str(e)}))
+    except Lost as e:
+        parent.send(DestinationLost(str(e)))
     except BaseException:
         try:
-            parent.send(("error", {"role": "migrator", "traceback": traceback.format_exc()}))
+            parent.send(WorkerFailed("migrator", traceback.format_exc()))
         except OSError:
             pass
         raise SystemExit(1) from None
     finally:
         if sender is not None:
             sender.close()
+        if dm is not None:
+            dm.close()
         owner.close()

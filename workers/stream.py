@@ -35,6 +35,10 @@ VCPU = struct.Struct("<II144s312s")   # index, done, kvm_regs, kvm_sregs
 END = struct.Struct("<QQ")            # pages sent, page records sent
 DIGEST_CHUNK = 1 << 20                # bytes of RAM per switchover digest
 MAX_PAYLOAD = 1 << 30
+# Socket buffers of each end.  Small on purpose: what sits in buffers has
+# not arrived, so big buffers would hide a slow destination from the
+# throughput the source measures and add their backlog to the downtime.
+SOCKET_BUFFER = 1 << 20
 
 # source -> destination
 HELLO, BLOCKS, PAGES, ROUND, VCPUS, END_OF_STREAM, RESUME, ABANDON = 1, 2, 3, 4, 5, 6, 7, 8
@@ -61,6 +65,7 @@ class Channel:
         self.sock = sock
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self._buf = bytearray(1 << 20)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -98,7 +103,7 @@ class Channel:
         """A PAGES record: ``numbers`` (global page numbers) and ``data``
         (their contents, C-contiguous, one row per page), then CRC-32."""
         idx = np.ascontiguousarray(numbers, dtype="<u8")
-        crc = zlib.crc32(data, zlib.crc32(idx))
+        crc = zlib.crc32(data.data, zlib.crc32(idx.data))
         self.send(PAGES, [idx, data, CRC.pack(crc)], count=len(idx))
 
     # -- reading ---------------------------------------------------------------
@@ -215,5 +220,5 @@ def ram_digests(views: Sequence[np.ndarray[Any, Any]]) -> list[bytes]:
     for v in views:
         raw = v.reshape(-1).view(np.uint8)
         for i in range(0, len(raw), DIGEST_CHUNK):
-            out.append(hashlib.sha256(raw[i:i + DIGEST_CHUNK]).digest())
+            out.append(hashlib.sha256(raw[i:i + DIGEST_CHUNK].data).digest())
     return out
