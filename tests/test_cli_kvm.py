@@ -25,7 +25,7 @@ from kvm_skip import needs_kvm
 pytestmark = pytest.mark.timeout(120)
 
 CLI = [sys.executable, "-m", "shmdirty.cli"]
-SMALL = ["--guest", "kvm", "--ram", "16M", "--steps", "400000", "--hotplug", "1:8M",
+SMALL = ["--guest", "kvm", "--ram", "16M", "--steps", "4000", "--hotplug", "1:8M",
          "--threshold", "256", "--block-pages", "1024", "--timeout", "90"]
 JSON_KEYS = {"guest", "identical", "resumed_ok", "downtime_ms", "total_s", "pages_sent",
              "throughput_mib_s", "rounds"}

@@ -71,7 +71,7 @@ def dm(map_name: str) -> Iterator[sd.DirtyMemory]:
                                             ("hot", 200_000)])
 def test_vm_ends_as_the_model_says(dm: sd.DirtyMemory, pattern: str, steps: int) -> None:
     from workers.vm import GuestVM
-    cfg = g.GuestConfig(ram=8 << 20, pattern=pattern, steps=steps, hot_pages=16,
+    cfg = g.GuestConfig(ram=8 << 20, pattern=pattern, steps=steps, hot_pages=16, spin=7,
                         dataplane_pages=16, hotplug=((steps // 2, 4 << 20),))
     vm = GuestVM(dm, cfg)
     try:

@@ -23,8 +23,8 @@ MiB = 1 << 20
 
 def migrate(map_name: str, **kw: Any) -> dict[str, Any]:
     guest = g.GuestConfig(ram=16 * MiB, pattern=kw.pop("pattern", "random"),
-                          steps=kw.pop("steps", 400_000), dataplane_pages=64,
-                          hotplug=((5_000, 8 * MiB),))
+                          steps=kw.pop("steps", 4_000), spin=2_000, dataplane_pages=64,
+                          hotplug=((50, 8 * MiB),))
     events: list[str] = []
     cfg = kvm_run.KvmRunConfig(guest=guest, name=map_name, block_pages=1024, timeout=150,
                                threshold=kw.pop("threshold", 256), **kw)

@@ -20,6 +20,7 @@ bytes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -127,6 +128,18 @@ class GuestRam:
             raise CorruptSegment(name, f"holds RAM [{got[0]:#x}, +{got[1]:#x}), expected "
                                  f"[{offset:#x}, +{size:#x})")
         return seg
+
+    def preallocate(self, index: int) -> None:
+        """Give block ``index``'s segment its memory now (``posix_fallocate``):
+        on this machine a batch allocation costs a fraction of the page
+        faults that a first store into each 4 KiB page takes otherwise."""
+        offset, size = self.blocks[index]
+        fd = os.open(os.path.join(segment.SHM_DIR, segment_name(self.map_name, self.role, index)),
+                     os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, RAM_DATA, size)
+        finally:
+            os.close(fd)
 
     def _add(self, seg: Segment, offset: int, size: int) -> None:
         n = size >> self.page_bits

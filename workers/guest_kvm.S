@@ -16,9 +16,11 @@
 #   +40  step      progress: steps done so far (the guest stores it every step)
 #   +48  checksum  the guest's result, stored before it says done
 #   +56  hotplug   4 steps (u64, increasing; 0 = none) at which to ask for a hot-add
+#   +88  spin      LCG iterations per step of the random and hot patterns (>= 1)
 #   +96  regions   up to 8 x (first guest page, pages): this vCPU's RAM, in order
 #
-# Step n (0-based) of the random and hot patterns:
+# Step n (0-based) of the random and hot patterns (the LCG runs `spin` times,
+# so a step costs time, not memory traffic; the model jumps ahead instead):
 #   x   = x * 6364136223846793005 + 1442695040888963407   (mod 2^64; Knuth's MMIX LCG)
 #   i   = ((x >> 32) * N) >> 32        N = pages of all regions (hot: min(hot, that))
 #   p   = the i-th page of the concatenated regions
@@ -48,6 +50,7 @@
         .set P_STEP, 40
         .set P_CHECKSUM, 48
         .set P_HOTPLUG, 56
+        .set P_SPIN, 88
         .set P_REGIONS, 96
         .set MAX_HOTPLUG, 4
         .set PORT_HOTPLUG, 0x10
@@ -96,8 +99,11 @@ loop:
         cmp     qword ptr [r15 + P_PATTERN], 1
         je      sweep
 
-        imul    r14, r11                # random and hot: one page write
+        mov     rcx, [r15 + P_SPIN]     # random and hot: spin, then one page write
+14:     imul    r14, r11
         add     r14, r8
+        dec     rcx
+        jnz     14b
         mov     rax, r14
         shr     rax, 32
         imul    rax, rbx

@@ -44,7 +44,7 @@ PORT_DONE = 0x11
 
 # offsets in a parameter block (guest_kvm.S)
 P_PATTERN, P_STEPS, P_SEED, P_HOT, P_NREG, P_STEP, P_CHECKSUM = 0, 8, 16, 24, 32, 40, 48
-P_HOTPLUG, P_REGIONS = 56, 96
+P_HOTPLUG, P_SPIN, P_REGIONS = 56, 88, 96
 
 PATTERNS = {"random": 0, "sequential": 1, "hot": 2}
 LCG_A = 6364136223846793005
@@ -57,18 +57,18 @@ CODE = bytes.fromhex(
     "4989ff4d8b77104d8b67084d31ed4d31c949bb2d7f954c2df4515849b84f8167"
     "f77e7b051449c7c2ffffffff4983f904730d4b8b44cf384885c074034989c248"
     "31db498b4f20498d77604885c9740d48035e084883c61048ffc9ebee49833f02"
-    "750c498b47184839d873034889c34d39e50f83e50000004d39d50f84cf000000"
-    "49833f0174464d0faff34d01c64c89f048c1e820480fafc348c1e820498d7760"
-    "488b4e084839c872094829c84883c610ebee48030648c1e00c4c89f148c1e917"
-    "81e1ff0100004c0134c8eb774b8d5c3500498d7760498b4f204885c97465488b"
-    "0648c1e00c488b560848d1ea48c1e20c488d3c1049f7c501000000751f4885d2"
-    "7438488b284801dd4801fd48892f4883c0084883c7084883ea08ebe14885d274"
-    "19488b2f488d6c6d004889284883c0084883c7084883ea08ebe24883c61048ff"
-    "c9eb9649ffc54d896f28e91fffffff4489c8e61049ffc1e9c9feffff4831db49"
-    "8b4f20498d77604885c97438488b3e48c1e70c488b560848c1e20c4801fa4839"
-    "d773184889f848c1e8034883c801480faf074801c34883c708ebe34883c61048"
-    "ffc9ebc349895f304889d8e611ebfc")
-DONE = CODE_ADDR + 0x1AB
+    "750c498b47184839d873034889c34d39e50f83ee0000004d39d50f84d8000000"
+    "49833f01744f498b4f584d0faff34d01c648ffc975f44c89f048c1e820480faf"
+    "c348c1e820498d7760488b4e084839c872094829c84883c610ebee48030648c1"
+    "e00c4c89f148c1e91781e1ff0100004c0134c8eb774b8d5c3500498d7760498b"
+    "4f204885c97465488b0648c1e00c488b560848d1ea48c1e20c488d3c1049f7c5"
+    "01000000751f4885d27438488b284801dd4801fd48892f4883c0084883c70848"
+    "83ea08ebe14885d27419488b2f488d6c6d004889284883c0084883c7084883ea"
+    "08ebe24883c61048ffc9eb9649ffc54d896f28e916ffffff4489c8e61049ffc1"
+    "e9c0feffff4831db498b4f20498d77604885c97438488b3e48c1e70c488b5608"
+    "48c1e20c4801fa4839d773184889f848c1e8034883c801480faf074801c34883"
+    "c708ebe34883c61048ffc9ebc349895f304889d8e611ebfc")
+DONE = CODE_ADDR + 0x1B4
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class GuestConfig:
     steps: int = 0                  # 0: the pattern's default (DEFAULT_STEPS)
     seed: int = 1
     hot_pages: int = 64
+    spin: int = 0                   # LCG iterations per step (random, hot); 0: DEFAULT_SPIN
     hotplug: tuple[tuple[int, int], ...] = ()
     dataplane_pages: int = 256
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -96,7 +97,7 @@ class GuestConfig:
             raise ValueError(f"pattern {self.pattern!r}: one of {', '.join(PATTERNS)}")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ValueError(f"{self.vcpus} vCPUs: 1 to {MAX_VCPUS}")
-        if self.steps < 0 or self.seed < 0 or self.hot_pages < 1 or self.dataplane_pages < 0:
+        if min(self.steps, self.seed, self.spin, self.dataplane_pages) < 0 or self.hot_pages < 1:
             raise ValueError("steps, seed and dataplane pages must be >= 0, hot pages >= 1")
         if self.ram % (2 << 20) or self.ram < 4 << 20:
             raise ValueError(f"RAM {self.ram} bytes: a multiple of 2 MiB, at least 4 MiB")
@@ -120,6 +121,10 @@ class GuestConfig:
     @property
     def total_steps(self) -> int:
         return self.steps or DEFAULT_STEPS[self.pattern]
+
+    @property
+    def total_spin(self) -> int:
+        return self.spin or DEFAULT_SPIN
 
     @property
     def ram_total(self) -> int:
@@ -165,9 +170,14 @@ class GuestConfig:
         return cls(**d)
 
 
-# Steps per vCPU when --steps is not given: a few seconds of guest work on
-# this machine while it is being migrated.
-DEFAULT_STEPS = {"random": 3_000_000, "sequential": 40, "hot": 40_000_000}
+# Steps per vCPU when --steps is not given, and LCG iterations per step:
+# about 5-8 s of guest work on this machine (2 vCPUs, 128 MiB + 64 MiB),
+# longer than its migration, so the destination resumes a running guest.
+# The spin keeps the random pattern's page writes (~6,000/s per vCPU) below
+# what the stream carries, so its pre-copy can converge; sequential sweeps
+# dirty whole arrays per pass and never converge (QEMU would throttle).
+DEFAULT_STEPS = {"random": 40_000, "sequential": 200, "hot": 40_000}
+DEFAULT_SPIN = 20_000
 
 
 def params_addr(vcpu: int) -> int:
@@ -185,6 +195,7 @@ def boot_image(cfg: GuestConfig) -> list[tuple[int, bytes]]:
         p[P_STEPS // 8] = cfg.total_steps
         p[P_SEED // 8] = cfg.seed_of(v)
         p[P_HOT // 8] = cfg.hot_pages
+        p[P_SPIN // 8] = cfg.total_spin
         for k, (step, _) in enumerate(cfg.hotplug):
             p[P_HOTPLUG // 8 + k] = step
         regions = cfg.regions(v, 0)

@@ -4,8 +4,15 @@ It computes, from the ``GuestConfig`` alone, what every vCPU of a correct
 run ends with: its checksum and its final registers.  It shares nothing
 with the VM but the configuration and the region layout; the program's
 rules are re-implemented here from the comments of ``guest_kvm.S``.
-The writes of the random and hot patterns are additions, so their order
-does not matter and a whole batch is one ``np.add.at``.
+
+- random and hot: a step runs the LCG ``spin`` times, i.e. one step of the
+  LCG x -> A^spin x + C (1 + A + ... + A^(spin-1)); a batch of steps is then
+  a jump-ahead table, and the writes are additions, so their order does not
+  matter and a whole batch is one ``np.add.at``;
+- sequential: every word of a half-region holds c + d * B (B: the guest
+  address of the word's b-half partner) with scalars c and d that every
+  pass changes the same way, so passes cost O(1) each and only the final
+  contents are built.
 """
 
 from __future__ import annotations
@@ -32,13 +39,21 @@ _Q = PAGE // 8   # u64 per page
 U64Array = np.ndarray[Any, np.dtype[np.uint64]]
 
 
-def _lcg_tables(n: int) -> tuple[U64Array, U64Array]:
-    """a[k] = A^(k+1), c[k] = C * (1 + A + ... + A^k) mod 2^64, k < n: then
-    x after k+1 more steps is a[k] * x + c[k]."""
-    powers = np.full(n, LCG_A, np.uint64)
+def _lcg_step(spin: int) -> tuple[int, int]:
+    """(a, c): ``spin`` LCG iterations as one, x -> a x + c (mod 2^64)."""
+    a, c = 1, 0
+    for _ in range(spin):
+        a, c = (a * LCG_A) & U64, (c * LCG_A + LCG_C) & U64
+    return a, c
+
+
+def _lcg_tables(n: int, step: tuple[int, int]) -> tuple[U64Array, U64Array]:
+    """a[k] = A^(k+1), c[k] = C * (1 + A + ... + A^k) mod 2^64 for the LCG
+    ``step`` = (A, C), k < n: x after k+1 more steps is a[k] * x + c[k]."""
+    powers = np.full(n, step[0], np.uint64)
     np.multiply.accumulate(powers, out=powers)                 # A^1 .. A^n
     prev = np.concatenate(([np.uint64(1)], powers[:-1]))        # A^0 .. A^(n-1)
-    c = np.cumsum(prev * np.uint64(LCG_C), dtype=np.uint64)
+    c = np.cumsum(prev * np.uint64(step[1]), dtype=np.uint64)
     return powers, c
 
 
@@ -46,7 +61,7 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
     """Per vCPU: {"checksum", and the registers the program leaves}."""
     steps = cfg.total_steps
     hot_steps = [s for s, _ in cfg.hotplug if s < steps]
-    a_tab, c_tab = _lcg_tables(min(BATCH, steps) or 1)
+    a_tab, c_tab = _lcg_tables(min(BATCH, steps) or 1, _lcg_step(cfg.total_spin))
     out = []
     for v in range(cfg.vcpus):
         final = cfg.regions(v, len(hot_steps))
@@ -58,7 +73,6 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
             lo, hi = bounds[k], bounds[k + 1]
             npages = sum(sizes[:k + 1])
             if cfg.pattern == "sequential":
-                _sweep(mem, final[:k + 1], x, lo, hi)
                 continue
             if cfg.pattern == "hot":
                 npages = min(npages, cfg.hot_pages)
@@ -69,6 +83,8 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
                 page = ((xs >> np.uint64(32)) * np.uint64(npages)) >> np.uint64(32)
                 word = page * np.uint64(_Q) + ((xs >> np.uint64(23)) & np.uint64(511))
                 np.add.at(mem, word.astype(np.intp), xs)
+        if cfg.pattern == "sequential":
+            _sweep(mem, final, x, bounds)
         checksum = 0
         pos = 0
         for first, pages in final:
@@ -90,20 +106,22 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
     return out
 
 
-def _sweep(mem: U64Array, regions: list[tuple[int, int]], x: int, lo: int, hi: int) -> None:
-    """Passes [lo, hi) of the sequential pattern over ``regions`` (first page,
-    pages), concatenated in ``mem``; ``x`` is the seed."""
-    for n in range(lo, hi):
-        pos = 0
-        for first, pages in regions:
-            half = pages // 2 * _Q
-            a = mem[pos:pos + half]
-            b = mem[pos + half:pos + 2 * half]
-            if n % 2 == 0:
-                addr_b = (np.arange(half, dtype=np.uint64) + np.uint64(first * _Q + half)) \
-                    * np.uint64(8)
-                np.add(a, np.uint64((x + n) & U64), out=b)
-                b += addr_b
-            else:
-                np.multiply(b, np.uint64(3), out=a)
-            pos += pages * _Q
+def _sweep(mem: U64Array, regions: list[tuple[int, int]], x: int, bounds: list[int]) -> None:
+    """The sequential pattern's end contents of ``regions`` (first page,
+    pages), concatenated in ``mem``; region k joins at pass ``bounds[k]``;
+    ``x`` is the seed.  Per half-region, word = c + d * B (module doc)."""
+    end = bounds[-1]
+    pos = 0
+    for k, (first, pages) in enumerate(regions):
+        ac = ad = bc = bd = 0              # a = ac + ad * B, b = bc + bd * B
+        for n in range(bounds[k], end):
+            if n % 2 == 0:                 # copy: b = a + x + n + B
+                bc, bd = (ac + x + n) & U64, (ad + 1) & U64
+            else:                          # scale: a = 3 b
+                ac, ad = (3 * bc) & U64, (3 * bd) & U64
+        half = pages // 2 * _Q
+        addr_b = (np.arange(half, dtype=np.uint64) + np.uint64(first * _Q + half)) \
+            * np.uint64(8)
+        mem[pos:pos + half] = addr_b * np.uint64(ad) + np.uint64(ac)
+        mem[pos + half:pos + 2 * half] = addr_b * np.uint64(bd) + np.uint64(bc)
+        pos += pages * _Q

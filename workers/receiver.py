@@ -167,7 +167,8 @@ class Destination:
                 for i, (offset, size) in enumerate(blocks[len(have):], len(have)):
                     if self.dm.ram_block_add(size) != offset:
                         raise ValueError(f"RAM block {i} does not go to {offset:#x} here")
-                self.ram.update(self.dm.ram_blocks(), create=True)
+                for i in self.ram.update(self.dm.ram_blocks(), create=True):
+                    self.ram.preallocate(i)
         except ValueError as e:
             raise StreamError(f"BLOCKS record: {e}") from None
         self.report("blocks", blocks=list(self.ram.blocks))

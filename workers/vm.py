@@ -68,6 +68,10 @@ class _VcpuThread(threading.Thread):
 
     def run(self) -> None:
         vm, vcpu = self.vm, self.vcpu
+        if vm.vcpu_nice:
+            # Below the migration's own processes on a host with as many cores
+            # as vCPUs: a guest that computes would starve the stream.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), vm.vcpu_nice)
         try:
             while not vm.closing:
                 if vm.stopping:
@@ -107,12 +111,14 @@ class GuestVM:
     """A VM over the map's guest RAM; this process is the map's coordinator.
 
     ``log_dirty``: register slots with ``KVM_MEM_LOG_DIRTY_PAGES`` (the
-    source; the destination does not log)."""
+    source; the destination does not log); ``vcpu_nice``: the vCPU threads'
+    nice value (0: this process's)."""
 
-    def __init__(self, dm: DirtyMemory, cfg: g.GuestConfig, *, log_dirty: bool = True) -> None:
+    def __init__(self, dm: DirtyMemory, cfg: g.GuestConfig, *, log_dirty: bool = True,
+                 vcpu_nice: int = 0) -> None:
         if dm.page_bits != g.PAGE_BITS:
             raise ValueError(f"the KVM guest needs 4 KiB pages, the map has {dm.page_size}")
-        self.dm, self.cfg, self.log_dirty = dm, cfg, log_dirty
+        self.dm, self.cfg, self.log_dirty, self.vcpu_nice = dm, cfg, log_dirty, vcpu_nice
         self.ram = GuestRam(dm.name, dm.page_bits, "ram")
         self._logs: list[np.ndarray[Any, np.dtype[np.uint64]]] = []
         self._events: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
@@ -156,6 +162,7 @@ class GuestVM:
                 raise ValueError(f"RAM block {i} went to {offset:#x}, expected {blk[0]:#x}")
         new = self.ram.update(self.dm.ram_blocks(), create=True)
         for i in new:
+            self.ram.preallocate(i)
             offset, size = self.ram.blocks[i]
             self.vm.set_memory_region(i, offset, size, self.ram.views[i].ctypes.data,
                                       log_dirty=self.log_dirty)

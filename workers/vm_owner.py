@@ -39,6 +39,7 @@ class OwnerConfig:
     guest: g.GuestConfig
     name: str | None = None
     block_pages: int = 1 << 15
+    vcpu_nice: int = 10         # the vCPU threads yield the cores to the migration
 
 
 class VmOwner:
@@ -60,7 +61,8 @@ class VmOwner:
             pass
 
     def run(self) -> None:
-        self.vm = vm = GuestVM(self.dm, self.cfg.guest, log_dirty=True)
+        self.vm = vm = GuestVM(self.dm, self.cfg.guest, log_dirty=True,
+                               vcpu_nice=self.cfg.vcpu_nice)
         vm.boot()
         self.report("ready", map=self.dm.name, blocks=self.dm.ram_blocks())
         msg = self.parent.recv()
