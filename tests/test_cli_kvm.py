@@ -16,11 +16,10 @@ from typing import Any
 
 import psutil
 import pytest
+from kvm_skip import needs_kvm
 
 from shmdirty import segment
 from workers import app, kvm
-
-from kvm_skip import needs_kvm
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -89,3 +89,43 @@ def test_vm_ends_as_the_model_says(dm: sd.DirtyMemory, pattern: str, steps: int)
     # the model is not vacuous: another seed, another end
     other = expected(g.GuestConfig(**{**cfg.__dict__, "seed": cfg.seed + 1}))
     assert other[0]["checksum"] != want[0]["checksum"]
+
+
+@needs_kvm
+def test_a_paused_guest_resumes_in_another_vm_with_its_hot_add(map_name: str) -> None:
+    """The receiver's path without a socket: pause a VM, copy its RAM and
+    vCPU state into a fresh VM over another map, run that to the end: the
+    model's end, whether the hot-add was made before or after the pause."""
+    from workers.vm import GuestVM
+    cfg = g.GuestConfig(ram=8 << 20, pattern="random", steps=30_000, spin=50,
+                        dataplane_pages=16, hotplug=((29_000, 4 << 20),))
+    src_dm = sd.DirtyMemory.create(cfg.ram, block_pages=1024, name=map_name)
+    dst_dm = sd.DirtyMemory.create(0, name=f"{map_name}_dst")
+    src = dst = None
+    try:
+        src = GuestVM(src_dm, cfg)
+        src.boot()
+        src.start()
+        src.handle_events(timeout=0.05)
+        states = src.pause()
+        before = src.progress()
+        dst = GuestVM(dst_dm, cfg, log_dirty=False)
+        dst.ensure_blocks(src_dm.ram_blocks())
+        for s_view, d_view in zip(src.ram.views, dst.ram.views, strict=True):
+            d_view[:] = s_view
+        hotadds = src.hotadd_counts
+        dst.restore(states, hotadds)
+        dst.run_to_end(timeout=60)
+        got = dst.results()
+        assert not dst.errors
+        assert dst_dm.ram_blocks() == cfg.block_offsets()
+        if all(p < 29_000 for p in before):      # paused before: the destination hot-added
+            assert dst.hotadds and len(src_dm.ram_blocks()) == 1
+    finally:
+        for vm in (src, dst):
+            if vm is not None:
+                vm.close()
+        src_dm.destroy()
+        dst_dm.destroy()
+    for v, want in enumerate(expected(cfg)):
+        assert {k: got[v][k] for k in want} == want
