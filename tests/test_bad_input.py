@@ -289,3 +289,24 @@ def test_boundary_inputs_are_accepted(dm: Any) -> None:
     assert dm.ram_size == RAM
     dm.extend(PS)                                            # smaller: a no-op
     assert dm.ram_size == RAM
+
+
+@pytest.mark.timeout(60)
+def test_closed_handle_refuses_coordinator_calls(map_name: str) -> None:
+    """A closed handle's coordinator methods fail with a ShmDirtyError before
+    touching the header (which may be unmapped), and change nothing."""
+    dm = sd.DirtyMemory.create(64 * 4096, block_pages=64, name=map_name)
+    try:
+        other = sd.DirtyMemory.attach(map_name)
+        other.close()
+        for call in (lambda: other.extend(128 * 4096),
+                     lambda: other.request_extend(128 * 4096, timeout=1),
+                     lambda: other.ram_block_add(4096),
+                     lambda: other.ram_block_remove(0),
+                     lambda: other.serve_once(),
+                     lambda: other.destroy()):
+            with pytest.raises(sd.ShmDirtyError):
+                call()
+        assert dm.ram_size == 64 * 4096 and dm.ram_blocks() == [(0, 64 * 4096)]
+    finally:
+        dm.destroy()
