@@ -275,7 +275,7 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         hotplug=args.hotplug if args.hotplug is not None else ((1.0, (64 if kvm else 32) << 20),),
         block_pages=args.block_pages or ((1 << 15) if kvm else 4096),
         bandwidth=args.bandwidth if args.bandwidth is not None else (0.0 if kvm else 24.0),
-        threshold=args.threshold if args.threshold is not None else (1024 if kvm else 256),
+        threshold=args.threshold if args.threshold is not None else (512 if kvm else 256),
         max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
         drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=args.to,
         steps=args.steps, dataplane_rate=args.dataplane_rate,
@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial guest RAM (default 128M kvm, 64M sim)")
     m.add_argument("--steps", type=_count, default=0, metavar="N",
                    help="kvm: guest steps per vCPU (default: the pattern's)")
-    m.add_argument("--dataplane-rate", type=_non_negative, default=2000, metavar="N",
-                   help="kvm: dataplane writes per second, 0 = no dataplane (default 2000)")
+    m.add_argument("--dataplane-rate", type=_non_negative, default=1000, metavar="N",
+                   help="kvm: dataplane writes per second, 0 = no dataplane (default 1000)")
     m.add_argument("--plot", metavar="PATH", help="write a PNG of dirty and sent pages per "
                    "round to PATH")
     m.add_argument("--vcpus", type=_count, default=2, metavar="N", help="vCPU processes "
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24 sim, 0 kvm)")
     m.add_argument("--threshold", type=_count, default=None, metavar="PAGES",
                    help="pre-copy ends when at most this many pages are dirty (default 256 "
-                        "sim, 1024 kvm)")
+                        "sim, 512 kvm)")
     m.add_argument("--max-rounds", type=_positive_int, default=30, metavar="N",
                    help="pre-copy rounds at most (default 30)")
     m.add_argument("--seed", type=int, default=1, help="random seed of the vCPUs (default 1)")

@@ -94,7 +94,7 @@ class MigrateConfig:
     guest_why: str = ""
     to: tuple[str, int] | None = None   # a receiver elsewhere; None: one on loopback
     steps: int = 0              # KVM: guest steps per vCPU, 0: the pattern's default
-    dataplane_rate: float = 2000.0      # KVM: dataplane requests/s, 0: no dataplane
+    dataplane_rate: float = 1000.0      # KVM: dataplane requests/s, 0: no dataplane
     dataplane_forget: bool = False      # testing: a dataplane that forgets to mark
     kill_destination_at: int = 0        # testing: SIGKILL the loopback receiver at round N
 

@@ -61,10 +61,10 @@ class KvmRunConfig:
     why: str = ""                          # why the KVM guest (--guest auto)
     to: tuple[str, int] | None = None      # a receiver elsewhere; None: one on loopback
     bandwidth: float = 0.0                 # bytes/s in pre-copy, 0: no limit
-    threshold: int = 1024
+    threshold: int = 512
     max_rounds: int = 30
     dataplane: bool = True
-    dataplane_rate: float = 2000.0
+    dataplane_rate: float = 1000.0
     dataplane_forget: bool = False         # testing: a dataplane that forgets to mark
     drop_round: int = 0                    # testing: a migrator that loses a round
     kill_destination_at: int = 0           # testing: SIGKILL the receiver at this round

@@ -127,7 +127,7 @@ class SenderConfig:
     port: int
     guest: str | None = None        # GuestConfig JSON (KVM); None: the simulated guest
     bandwidth: float = 0.0          # bytes per second during pre-copy; 0: no limit
-    threshold: int = 1024           # dirty pages at which pre-copy has converged
+    threshold: int = 512            # dirty pages at which pre-copy has converged
     max_rounds: int = 30
     chunk_pages: int = 256          # pages per PAGES record
     local: bool = True              # the destination's segments are on this machine

@@ -23,6 +23,7 @@ is past it) and parks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -290,8 +291,14 @@ class GuestVM:
         self.stopping = True
         running = [v for v, t in self.threads.items() if v not in self.done]
         for v in running:
-            self.threads[v].vcpu.set_immediate_exit(True)
-            signal.pthread_kill(self.threads[v].ident or 0, STOP_SIGNAL)
+            t = self.threads[v]
+            t.vcpu.set_immediate_exit(True)
+            if self.vcpu_nice:
+                # Stopping is the downtime: let a niced thread park at once.
+                # Lowering a nice value needs CAP_SYS_NICE; without it, best effort.
+                with contextlib.suppress(PermissionError):
+                    os.setpriority(os.PRIO_PROCESS, t.native_id or 0, 0)
+            signal.pthread_kill(t.ident or 0, STOP_SIGNAL)
         while any(v not in self.parked and v not in self.done for v in running):
             self.handle_events(timeout=1.0)
         return self.states()
@@ -302,6 +309,8 @@ class GuestVM:
         for v in list(self.parked):
             t = self.threads[v]
             t.vcpu.set_immediate_exit(False)
+            if self.vcpu_nice:
+                os.setpriority(os.PRIO_PROCESS, t.native_id or 0, self.vcpu_nice)
             self.parked.discard(v)
             t.go.set()
 

@@ -114,8 +114,9 @@ class VmOwner:
             self.logged += n
             self.migrator.send(("synced", n, vm.progress()))
         elif msg == "stop":
-            self._dataplane("stop")
+            self._dataplane("stop", wait=False)    # both stop at once ...
             states = vm.pause()
+            self._dataplane_stopped()              # ... then its last mark is in
             self.paused = True
             n = vm.log_sync()
             self.migrator.send(("stopped", states, n))
@@ -131,15 +132,26 @@ class VmOwner:
             self._dataplane("cont")
             self.paused = False
 
-    def _dataplane(self, msg: str) -> None:
-        """Tell the dataplane ``msg``; for ``stop``, wait until it stopped."""
+    def _dataplane(self, msg: str, wait: bool = True) -> None:
+        """Tell the dataplane ``msg``; for ``stop`` (and ``wait``), wait
+        until it stopped."""
         if self.dataplane is None:
             return
         try:
             self.dataplane.send(msg)
-            if msg == "stop":
-                while self.dataplane.recv() != "stopped":
-                    pass
+        except OSError:
+            self.dataplane = None
+            raise RuntimeError("the dataplane process is gone") from None
+        if msg == "stop" and wait:
+            self._dataplane_stopped()
+
+    def _dataplane_stopped(self) -> None:
+        """Wait for the dataplane's ``stopped``: sent after its last write and mark."""
+        if self.dataplane is None:
+            return
+        try:
+            while self.dataplane.recv() != "stopped":
+                pass
         except (EOFError, OSError):
             self.dataplane = None
             raise RuntimeError("the dataplane process is gone") from None
