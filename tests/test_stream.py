@@ -97,12 +97,14 @@ def test_a_whole_sim_stream_is_loaded_then_cleaned_up(
     ch, dst = pair
     out = run_receiver(dst, map_name)
     sim_hello(ch)
-    send_sim_ram(ch)
+    ch.send(s.BLOCKS, [s.pack_blocks([(0, 64 << 12)])], count=1)
+    ch.recv_expect(s.READY)                    # the receiver allocated the block
+    assert segment.list_segments(map_name)     # its RAM exists meanwhile
+    ch.send_pages(*pages(list(range(64))))
     ch.send(s.END_OF_STREAM, [s.END.pack(64, 1)])
     _, _, payload = ch.recv_expect(s.LOADED)
     loaded = json.loads(bytes(payload))
     assert loaded["pages"] == 64 and loaded["map"] == map_name
-    assert segment.list_segments(map_name)              # its RAM exists meanwhile
     _, count, payload = ch.recv_expect(s.DIGESTS)
     n, data = pages(list(range(64)))
     ours = s.ram_digests([data])

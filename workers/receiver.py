@@ -171,6 +171,7 @@ class Destination:
                     self.ram.preallocate(i)
         except ValueError as e:
             raise StreamError(f"BLOCKS record: {e}") from None
+        self.ch.send(s.READY)       # their memory is allocated: pages may come
         self.report("blocks", blocks=list(self.ram.blocks))
 
     def close(self) -> None:

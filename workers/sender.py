@@ -174,8 +174,12 @@ class Sender:
         assert self.ch is not None
         self.control.log_sync()
         blocks = self.dm.ram_blocks()
-        if self.src.update(blocks):
+        new = self.src.update(blocks)
+        if new:
             self.ch.send(s.BLOCKS, [s.pack_blocks(self.src.blocks)], count=len(self.src.blocks))
+            for i in new:                  # map them here while the destination allocates
+                self.src.populate(i)
+            self.ch.recv_expect(s.READY)   # its RAM for them is allocated
         self.bitmap.extend(self.src.npages)
         ram_size = self.src.npages << self.dm.page_bits
         return self.dm.sync_dirty_bitmap(self.bitmap.words, 0, ram_size), ram_size
