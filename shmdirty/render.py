@@ -188,14 +188,17 @@ def summary(res: dict[str, Any], out: Console) -> None:
     if r["identical"]:
         out.print(f"[bold green]source and destination are identical[/bold green]: "
                   f"{r['pages_compared']} pages ({fmt_bytes(r['bytes_compared'])}) compared "
-                  f"byte for byte, {r['pages_written_by_vcpus']} of them last written by a vCPU",
+                  + ("byte for byte" if r.get("method", "bytes") == "bytes"
+                     else "by SHA-256 chunk digests")
+                  + f", {r['pages_written_by_vcpus']} of them last written by a vCPU",
                   highlight=False, soft_wrap=True)
     elif r["missing"]:
         error(out, f"the destination is incomplete: {r['missing']}")
     else:
         first = ", ".join(str(p) for p in r["first_differ"])
-        error(out, f"source and destination DIFFER in {r['pages_differ']} of "
-                    f"{r['pages_compared']} pages; first: {first}")
+        unit = "pages" if r.get("method", "bytes") == "bytes" else "1 MiB chunks"
+        error(out, f"source and destination DIFFER in {r['pages_differ']} {unit}; "
+                   f"first: {first}")
 
 
 def _kvm_verdict(res: dict[str, Any], out: Console) -> None:

@@ -143,3 +143,30 @@ def test_guest_auto_says_why_and_kvm_refuses_without_kvm(monkeypatch: pytest.Mon
     monkeypatch.setattr(kvm, "usable", lambda: (True, "/dev/kvm works"))
     assert app.choose_guest("auto")[0] == "kvm"
     assert app.choose_guest("sim")[0] == "sim"
+
+
+def test_the_simulated_guest_goes_to_a_receiver_elsewhere_too(map_name: str,
+                                                              tmp_path: Path) -> None:
+    rx = subprocess.Popen([*CLI, "receive", "--listen", "127.0.0.1:0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    js = tmp_path / "sim.json"
+    try:
+        assert rx.stdout is not None
+        port = re.search(r":(\d+)", rx.stdout.readline())
+        assert port
+        proc = subprocess.run(
+            [*CLI, "migrate", "--guest", "sim", "--name", map_name, "--ram", "4M",
+             "--hotplug", "0.05:2M", "--bandwidth", "8", "--block-pages", "256",
+             "--threshold", "32", "--timeout", "45", "--to", f"127.0.0.1:{port.group(1)}",
+             "--json", str(js)], capture_output=True, text=True, timeout=90)
+        rx_out, _ = rx.communicate(timeout=60)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rx.returncode == 0, rx_out
+    res = json.loads(js.read_text())
+    assert res["guest"] == "sim" and res["resumed_ok"] is None and res["identical"] is True
+    assert res["result"]["method"] == "digests"
+    assert segment.list_segments(map_name) == []
