@@ -212,6 +212,8 @@ def _kvm_verdict(res: dict[str, Any], out: Console) -> None:
         error(out, f"source and destination DIFFER at the switchover in {r['pages_differ']} "
                     f"{'pages' if r['method'] == 'bytes' else 'chunks'}; first: "
                     f"{', '.join(map(str, r['first_differ']))}")
+    for _, size in res.get("destination_hotadds") or []:
+        say(out, f"hot-add of +{fmt_bytes(size)} made on the destination, after the resume")
     hexes = ", ".join(f"{c:#018x}" for c in sums["expected"])
     if res["resumed_ok"]:
         out.print(f"[bold green]the resumed guest ended as the model says[/bold green]: "

@@ -233,6 +233,8 @@ class KvmRun:
             (self.got["Received"].result if "Received" in self.got else None)
         got = (dest or {}).get("vcpus") or []
         out["destination_end"] = got
+        out["destination_blocks"] = (dest or {}).get("blocks")
+        out["destination_hotadds"] = (dest or {}).get("hotadds", [])
         out["resumed_ok"] = bool(got) and _matches(got, want)
         src = (self.got.get("owner.guest_done") or {}).get("vcpus") or []
         if src:
