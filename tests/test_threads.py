@@ -23,6 +23,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -79,6 +80,7 @@ def slots_of_pid(dm: sd.DirtyMemory) -> list[int]:
     return sorted(r.slot for r in dm.rcu.readers() if r.pid == os.getpid())
 
 
+@contextmanager
 def outside_view(name: str) -> Iterator[Any]:
     """The map's reader slots, seen through a header mapping that holds no slot."""
     hdr = Segment.attach(layout.header_name(name), layout.KIND_HEADER)
@@ -204,9 +206,17 @@ def test_close_frees_every_threads_slot(map_name: str) -> None:
     thread, the other thread alive and outside any section) frees both
     slots; the other thread's next op raises ShmDirtyError."""
     coord = sd.DirtyMemory.create(1 << 20, max_readers=8, name=map_name)
+    err: list[BaseException] = []
+
+    def again() -> None:
+        try:
+            dm.set_dirty_flag(0, MIG)
+        except BaseException as e:
+            err.append(e)
+
+    t = None
     try:
-        for view in outside_view(map_name):
-            base = {r.slot for r in view.readers()}
+        with outside_view(map_name) as view:
             dm = sd.DirtyMemory.attach(map_name)   # shares this process's slots
             dm.set_dirty_flag(0, MIG)
             coord.close()                           # dm is the last handle now
@@ -215,22 +225,14 @@ def test_close_frees_every_threads_slot(map_name: str) -> None:
             assert len(during) == 2, during
             dm.close()
             assert {r.slot for r in view.readers()} == set(), "close left a thread's slot"
-            err: list[BaseException] = []
             t.leave.set()
-
-            def again() -> None:
-                try:
-                    dm.set_dirty_flag(0, MIG)
-                except BaseException as e:
-                    err.append(e)
             t2 = threading.Thread(target=again)
             t2.start()
             t2.join(WAIT)
             assert err and isinstance(err[0], sd.ShmDirtyError), err
-            t.thread.join(WAIT)
-            del base
     finally:
-        segment.unlink(layout.header_name(map_name))
+        if t is not None:
+            t.stop()
         for n in segment.list_segments(map_name):
             segment.unlink(n)
 
