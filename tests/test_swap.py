@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rel_workers
 import swap_workers as workers
 from mp_harness import Migration, Writers, child_result, run_until_caught, segs
 
@@ -321,16 +322,23 @@ ADDS = (6, 15, 24, 33)       # a hot-add before these syncs
 BATCH, QUIESCENT_EVERY = 60, 20
 
 
+PARK = 30.0                  # the parked reader gives up after this long (s)
+
+
 def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
-                  children: list[Any], seed: int) -> dict[str, int]:
+                  children: list[Any], seed: int, parked: bool = False) -> dict[str, int]:
     """The test body: 2 writers; the coordinator syncs SYNCS times with the
     swap forced and hot-adds RAM a few times; returns what the migration
-    bitmap lost (and holds extra) below the limit."""
+    bitmap lost (and holds extra) below the limit.  With ``parked``, a
+    third reader (of ``flavor``) sits inside one section (qsbr: online,
+    never quiescent) through every sync, and writes one page with the
+    table it entered with when it is let go at the end."""
     rng = np.random.default_rng(seed)
     steps = rng.integers(1, 2 * BP, size=len(ADDS))
     ram0 = 48 * BP + 17
     max_pages = ram0 + int(steps.sum())
     dm = cls.create(ram0 * PS, block_pages=BP, name=name)
+    park: dict[str, Any] = {}
     try:
         dm.swap_min_words = FORCE
         limit = ctx.Value("q", 0)
@@ -338,6 +346,18 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
         mig.open_up()
         ws = Writers(ctx, children, name, 2, flavor, max_pages, limit, seed,
                      batch=BATCH, quiescent_every=QUIESCENT_EVERY)
+        if parked:
+            park["page"] = int(rng.integers(BP, 2 * BP))   # in a block every sync takes whole
+            park["entered"], park["release"] = ctx.Event(), ctx.Event()
+            park["conn"], child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=rel_workers.parked_reader,
+                            args=(name, flavor, park["entered"], park["release"],
+                                  park["page"], PARK, child), name="parked")
+            p.start()
+            children.append(p)
+            child.close()
+            park["proc"] = p
+            assert park["entered"].wait(WAIT), "the parked reader never got in"
         g0 = dm.generation
         most_blocks = 0
         for i in range(SYNCS):
@@ -352,8 +372,17 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
             mig.sync()
             most_blocks = max(most_blocks, len(segs(name, "b")))
         swaps = dm.generation - g0 - len(ADDS)
+        if parked:
+            park["release"].set()
+            assert park["conn"].poll(WAIT), "the parked reader reported nothing"
+            status, value = park["conn"].recv()
+            assert status == "ok", value
+            park.update(value)
+            park["proc"].join(WAIT)
         ws.wait(2)
         written, ops = ws.finish(max_pages)
+        if parked:
+            written = np.union1d(written, [park["page"]])
         mig.sync()
         assert limit.value == dm.ram_size >> PB == max_pages
         found = np.flatnonzero(bits_of(mig.dest)[:max_pages])
@@ -361,10 +390,13 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
         extra = np.setdiff1d(found, written)
         nblocks = -(-max_pages // BP)
     finally:
+        if "release" in park:
+            park["release"].set()
         dm.destroy()
     assert segment.list_segments(name) == []
     return {"written": len(written), "lost": len(lost), "extra": len(extra), "ops": ops,
-            "swaps": swaps, "blocks_max": most_blocks, "blocks_bound": 3 * nblocks + nblocks}
+            "swaps": swaps, "blocks_max": most_blocks, "blocks_bound": 3 * nblocks + nblocks,
+            "parked_released": park.get("released")}
 
 
 @pytest.mark.timeout(60)
@@ -384,6 +416,25 @@ def test_no_lost_bits_while_swapping(map_name: str, spawn_ctx: Any, children: li
         assert r["lost"] == 0, r
         assert r["extra"] == 0, r                  # nothing but the writers' bits below the limit
         assert r["blocks_max"] <= r["blocks_bound"], r
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="issue 10: a swapping sync waits for a parked reader")
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_no_lost_bits_while_swapping_with_a_parked_reader(
+        map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:
+    """The same run with a reader parked inside one section through every
+    sync: no sync waits for it (it is let go only after the last one), and
+    its late write into a block retired long before is not lost."""
+    r = swap_and_sync(map_name, sd.DirtyMemory, flavor, spawn_ctx, children, seed=7,
+                      parked=True)
+    print(r)
+    assert r["parked_released"] is True, f"a sync waited for the parked reader: {r}"
+    assert r["written"] > 500 and r["ops"] > 0, r
+    assert r["swaps"] >= 1, r
+    assert r["lost"] == 0, r
+    assert r["extra"] == 0, r
+    assert r["blocks_max"] <= r["blocks_bound"], r
 
 
 # --- 4. the fallbacks -----------------------------------------------------------------------
