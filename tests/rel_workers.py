@@ -237,7 +237,11 @@ def probe_closed(name: str, scenario: str, conn: Any) -> None:
             dm.close()
         out: dict[str, dict[str, str]] = {}
         for kind, obj in objs.items():
-            names = [n for n in dir(type(obj)) if not n.startswith("_") and n not in SKIP]
+            names = [n for n in dir(type(obj)) if not n.startswith("_") and n not in SKIP
+                     # class attributes that are classes, and static methods,
+                     # use no handle
+                     and not isinstance(getattr(type(obj), n), type)
+                     and not isinstance(type(obj).__dict__.get(n), staticmethod)]
             if kind == "read_section":
                 names = ["__enter__"]
             out[kind] = {n: _call_in_grandchild(obj, kind, n, 10.0) for n in names}

@@ -62,7 +62,6 @@ class ParkedReader:
         return dict(value)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a swapping take waits for every reader")
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
 def test_taking_accessors_return_while_a_reader_is_parked(
         map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:
@@ -152,8 +151,6 @@ class Counts:
         return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: serve() polls every millisecond and checks "
-                   "liveness on every poll while a callback waits")
 def test_serve_backs_off_like_synchronize(map_name: str, spawn_ctx: Any, children: list[Any],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     dm = sd.DirtyMemory.create(1 << 20, name=map_name)

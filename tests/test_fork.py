@@ -42,7 +42,6 @@ def my_slots(dm: sd.DirtyMemory) -> list[int]:
     return [r.slot for r in dm.rcu.readers() if r.pid == os.getpid()]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a forked child reuses its parent's slot")
 def test_forked_child_does_not_end_the_parents_grace_period(map_name: str,
                                                             children: list[Any]) -> None:
     """The parent sits in a section with a grace period started; a forked
@@ -78,7 +77,6 @@ def test_forked_child_does_not_end_the_parents_grace_period(map_name: str,
         dm.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a forked child's close frees its parent's slot")
 @pytest.mark.parametrize("use", [False, True], ids=["unused", "used"])
 @pytest.mark.parametrize("with_block", [False, True], ids=["close", "with"])
 def test_forked_child_close_frees_only_its_own_slot(map_name: str, spawn_ctx: Any,
@@ -137,16 +135,7 @@ def test_forked_child_is_never_the_coordinator(map_name: str, children: list[Any
         dm.destroy()
 
 
-POOL_IDS = ["spawn-pickled", "fork-pickled", "fork-inherited"]
-
-
-@pytest.mark.parametrize("how", [
-    "spawn-pickled",
-    pytest.param("fork-pickled", marks=pytest.mark.xfail(
-        strict=True, reason="issue 10: fork Pool workers use the parent's slot")),
-    pytest.param("fork-inherited", marks=pytest.mark.xfail(
-        strict=True, reason="issue 10: fork Pool workers use the parent's slot")),
-])
+@pytest.mark.parametrize("how", ["spawn-pickled", "fork-pickled", "fork-inherited"])
 def test_fork_pool_works_like_spawn_pool(map_name: str, how: str) -> None:
     """Pool workers dirty pages while the parent sits in a section with a
     grace period started: the grace period waits for the parent, every

@@ -22,7 +22,6 @@ from shmdirty import segment
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: leaving create()'s with-block only closes")
 def test_with_create_destroys_on_exit(map_name: str) -> None:
     with sd.DirtyMemory.create(1 << 20, name=map_name) as dm:
         dm.set_dirty_flag(0, sd.DIRTY_MEMORY_VGA)
@@ -32,7 +31,6 @@ def test_with_create_destroys_on_exit(map_name: str) -> None:
         dm.get_dirty_flag(0, sd.DIRTY_MEMORY_VGA)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: leaving create()'s with-block only closes")
 def test_with_create_destroys_when_the_block_raises(map_name: str) -> None:
     with pytest.raises(KeyError), sd.DirtyMemory.create(1 << 20, name=map_name):
         raise KeyError("boom")
@@ -57,7 +55,6 @@ def test_with_attach_closes_and_the_map_lives_on(map_name: str) -> None:
         coord.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: attaching a missing map says 'corrupt'")
 @pytest.mark.parametrize("how", ["attach", "attach-qsbr", "adopt", "prefixed"])
 def test_missing_map_raises_map_not_found(map_name: str, how: str) -> None:
     name = "shmdirty-" + map_name if how == "prefixed" else map_name

@@ -29,8 +29,6 @@ WAIT = 20.0
 SPAWN = mp.get_context("spawn")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a Pool worker that fails to unpickle a "
-                   "handle dies quietly and map() never returns")
 @pytest.mark.parametrize("why", ["destroyed", "no-slot"])
 def test_pool_reports_a_handle_that_cannot_attach(map_name: str, why: str) -> None:
     dm = sd.DirtyMemory.create(1 << 20, max_readers=1, name=map_name)
@@ -60,8 +58,6 @@ def test_pool_reports_a_handle_that_cannot_attach(map_name: str, why: str) -> No
         live.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a ProcessPoolExecutor breaks every future "
-                   "when a handle fails to unpickle")
 def test_executor_fails_only_the_task_whose_handle_cannot_attach(map_name: str) -> None:
     gone = sd.DirtyMemory.create(1 << 20, name=map_name)
     live = sd.DirtyMemory.create(1 << 20, name=map_name + "l")

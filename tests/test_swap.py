@@ -419,7 +419,6 @@ def test_no_lost_bits_while_swapping(map_name: str, spawn_ctx: Any, children: li
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="issue 10: a swapping sync waits for a parked reader")
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
 def test_no_lost_bits_while_swapping_with_a_parked_reader(
         map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:

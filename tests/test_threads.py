@@ -106,7 +106,6 @@ def bare_header(map_name: str) -> Iterator[Segment]:
         segment.unlink(hdr.name)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: threads share one nesting and one slot")
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
 def test_grace_period_in_one_thread_waits_for_a_reader_in_another(
         bare_header: Segment, flavor: str) -> None:
@@ -132,7 +131,6 @@ def test_grace_period_in_one_thread_waits_for_a_reader_in_another(
         r.unregister()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: threads share one nesting and one slot")
 def test_sync_in_one_thread_waits_for_a_section_in_another(map_name: str) -> None:
     """The same through one DirtyMemory handle and read_section()."""
     dm = sd.DirtyMemory.create(1 << 20, name=map_name)
@@ -155,7 +153,6 @@ def test_sync_in_one_thread_waits_for_a_section_in_another(map_name: str) -> Non
         dm.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: one slot per process, not per thread")
 def test_each_thread_has_its_own_slot_until_it_ends(map_name: str) -> None:
     dm = sd.DirtyMemory.create(1 << 20, max_readers=8, name=map_name)
     try:
@@ -173,7 +170,6 @@ def test_each_thread_has_its_own_slot_until_it_ends(map_name: str) -> None:
         dm.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: one slot per process, not per thread")
 def test_threads_run_out_of_slots_and_get_them_back(map_name: str) -> None:
     dm = sd.DirtyMemory.create(1 << 20, max_readers=2, name=map_name)
     try:
@@ -200,7 +196,6 @@ def test_threads_run_out_of_slots_and_get_them_back(map_name: str) -> None:
         dm.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: one slot per process, not per thread")
 def test_close_frees_every_threads_slot(map_name: str) -> None:
     """An attached handle used by two threads: closing it (in the main
     thread, the other thread alive and outside any section) frees both
@@ -341,17 +336,8 @@ def _thread_torture(spawn_ctx: Any, children: list[Any], map_name: str, flavor: 
             segment.unlink(name)
 
 
-_SHARED = pytest.mark.xfail(strict=True, reason="issue 10: threads sharing one Rcu share "
-                            "one nesting: the updater's synchronize() refuses or goes offline "
-                            "for every thread")
-
-
-@pytest.mark.parametrize(("flavor", "broken"), [
-    pytest.param("memb", False, marks=_SHARED, id="memb-grace"),
-    pytest.param("qsbr", False, marks=_SHARED, id="qsbr-grace"),
-    pytest.param("memb", True, marks=_SHARED, id="memb-busted"),
-    pytest.param("qsbr", True, id="qsbr-busted"),
-])
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+@pytest.mark.parametrize("broken", [False, True], ids=["grace", "busted"])
 def test_thread_torture(spawn_ctx: Any, children: list[Any], map_name: str, flavor: str,
                         broken: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if broken:
