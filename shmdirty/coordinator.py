@@ -56,7 +56,8 @@ SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap cos
 SWAP_GRACE_BUDGET = 0.02    # longest a swap waits for its grace period (s): a few
                             # scheduler slices, so a reader that was only preempted
                             # inside a section still lets the swap end cleanly
-SERVE_POLL = 1e-3           # how often serve() looks for requests (s)
+SERVE_POLL = 1e-3           # how often serve() looks for requests (s) ...
+SERVE_POLL_IDLE = 4e-3      # ... backing off to this while none comes (s)
 REQUEST_POLL = 2e-4         # how often request_extend() looks for the grant (s)
 
 
@@ -374,12 +375,18 @@ class Coordinator:
 
     def serve(self, stop_event: Any) -> None:
         self.require("serve()")
+        poll = SERVE_POLL
         while stop_event is None or not stop_event.is_set():
+            asked = atomic.load(self.req_ptr, atomic.RELAXED) != 0  # a hint only
             self.serve_once()
+            # Idle, it looks less often (a request is granted within 4 ms);
+            # callbacks waiting on a long reader back off on their own
+            # (GracePeriods.run_callbacks): it never polls hot.
+            poll = SERVE_POLL if asked else min(poll * 2, SERVE_POLL_IDLE)
             if stop_event is not None and hasattr(stop_event, "wait"):
-                stop_event.wait(SERVE_POLL)
+                stop_event.wait(poll)
             else:
-                time.sleep(SERVE_POLL)
+                time.sleep(poll)
 
     def serve_once(self) -> bool:
         grew = False

@@ -37,7 +37,9 @@ _SLEEP_MAX = 2e-3          # longest back-off sleep (s)
 _LIVENESS_EVERY = 5e-3     # how often a waiter checks owners of blocking slots (s)
 _CALLBACK_POLL_MAX = 10e-3  # longest gap between two looks at a callback batch's
                             # grace period (s): callbacks free memory, nobody waits
-                            # on them, so serve() looks 100 times a second at most
+                            # on them, so serve() looks 100 times a second at most,
+_CALLBACK_LIVENESS = 50e-3  # and checks the blocking owners' liveness (a /proc read
+                            # and a psutil call each) 20 times a second at most
 
 
 # --- process identity --------------------------------------------------------
@@ -264,7 +266,7 @@ class GracePeriods:
         Without ``block`` it is cheap to call often (serve(), quiescent()):
         a batch still waiting is looked at again only after a back-off that
         doubles up to 10 ms, and its owners' liveness is checked at most
-        every 5 ms, so a long reader costs a waiting caller little CPU."""
+        every 50 ms, so a long reader costs a waiting caller little CPU."""
         self._check_open()
         me = threading.get_ident()
         if self._running_in == me:
@@ -313,7 +315,7 @@ class GracePeriods:
             return False
         liveness = now >= self._next_liveness
         if liveness:
-            self._next_liveness = now + _LIVENESS_EVERY
+            self._next_liveness = now + _CALLBACK_LIVENESS
         if self.poll(self._batch_token, check_owners=liveness):
             return True
         self._next_look = now + self._look_every

@@ -26,7 +26,7 @@ import pytest
 import rel_workers as W
 
 import shmdirty as sd
-from shmdirty import rcu
+from shmdirty import grace
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,7 +103,7 @@ class VirtualClock:
     """time.monotonic and time.sleep, on a clock that moves only when slept on."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.monotonic()   # deadlines taken before the patch stay meaningful
 
     def monotonic(self) -> float:
         return self.now
@@ -132,7 +132,7 @@ class Counts:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.scans = self.alive = 0
-        scan, alive = rcu.GracePeriods._blockers, rcu.owner_alive
+        scan, alive = grace.GracePeriods._blockers, grace.owner_alive
 
         def counted_scan(gp: Any, token: int) -> Any:
             self.scans += 1
@@ -142,8 +142,8 @@ class Counts:
             self.alive += 1
             return alive(word)
 
-        monkeypatch.setattr(rcu.GracePeriods, "_blockers", counted_scan)
-        monkeypatch.setattr(rcu, "owner_alive", counted_alive)
+        monkeypatch.setattr(grace.GracePeriods, "_blockers", counted_scan)
+        monkeypatch.setattr(grace, "owner_alive", counted_alive)
 
     def take(self) -> tuple[int, int]:
         out = (self.scans, self.alive)
