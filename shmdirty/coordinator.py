@@ -52,6 +52,8 @@ from .table import (
 if TYPE_CHECKING:
     from .table import TableView
 
+Words = np.ndarray[Any, np.dtype[np.uint64]]
+
 SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
 SWAP_GRACE_BUDGET = 0.02    # longest a swap waits for its grace period (s): a few
                             # scheduler slices, so a reader that was only preempted
@@ -415,32 +417,40 @@ class Coordinator:
         dirty_words = sum(int(np.count_nonzero(v._block(client, i).words)) for i in whole)
         return whole if dirty_words >= swap_min_words else []
 
-    def swap_out(self, client: int, idxs: list[int]) -> list[tuple[Block, bool]]:
-        """Put zeroed blocks in place of ``client``'s blocks ``idxs``; return
-        each old block and whether its grace period has ended.  If it has,
-        no writer can reach it: read it with plain loads, then recycle() it.
-        If not (the wait is bounded by the handle's ``swap_grace_budget``),
-        writers may still set bits in it: take them with atomics; the block
-        stays retired until give_back_due() returns what lands there later."""
+    def swap_out(self, client: int, idxs: list[int]) -> list[tuple[Words, Block | None]]:
+        """Put zeroed blocks in place of ``client``'s blocks ``idxs``; return,
+        for each, the bits taken from the old block, and the block itself
+        when its grace period has ended (nobody can reach it: the words are
+        its plain contents; the caller merges them, then recycle()s it).  The
+        wait is bounded by the handle's ``swap_grace_budget``: past it,
+        writers may still set bits in the old block, so they are taken with
+        atomics here and the block stays retired until give_back_due()
+        returns what lands there later."""
         self.give_back_due()
         with self.shared.lock:
             t = self.view._refresh()
             retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        # A token taken now (after the publication) ends once every section
-        # that could have found the old blocks has ended; entries are
-        # recorded before the wait, so an interrupted wait loses nothing.
-        token = self.rcu.gp.start_poll()
+            # A token taken now (after the publication) ends once every
+            # section that could have found the old blocks has ended.
+            token = self.rcu.gp.start_poll()
+        blocks = [self.view._map_block(b) for b in retired]
         pending = [(client, i, b, token) for i, b in zip(idxs, retired, strict=True)]
-        self.shared.retired.extend(pending)
         try:
             # The wait: the readers' bit sets happen before our plain reads
             # (the waiter's seq_cst slot loads pair with their release unlocks).
             self.rcu.synchronize(timeout=self.view.swap_grace_budget)
-        except GraceTimeout:
-            return [(self.view._map_block(b), False) for b in retired]
-        for p in pending:
-            self.shared.retired.remove(p)
-        return [(self.view._map_block(b), True) for b in retired]
+        except BaseException as e:
+            late = isinstance(e, GraceTimeout)
+            # Taken before they are listed: no other thread gives them back
+            # (and pools them) under our feet.  An interrupted wait takes
+            # nothing: every bit goes back.
+            taken = [bitmap.take(b, 0, self.view.block_pages)[1] for b in blocks] if late else []
+            with self.shared.lock:
+                self.shared.retired.extend(pending)
+            if not late:
+                raise
+            return [(w, None) for w in taken]
+        return [(b.words, b) for b in blocks]
 
     def recycle(self, block: Block) -> None:
         block.words[:] = 0  # nobody can reach it: plain stores
@@ -460,22 +470,23 @@ class Coordinator:
                     gp.wait(max(e[3] for e in retired), timeout)
             except GraceTimeout:
                 pass
-        due = [e for e in retired if gp.poll(e[3])]
-        if not due:
-            return
         v = self.view
         bw = v.block_pages >> 6
-        t = v._begin()
-        try:
-            for e in due:
-                client, idx, bid, _ = e
-                old = v._map_block(bid)
-                if idx < t.num_blocks and old.words.any():
-                    bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
-                retired.remove(e)
-                self.recycle(old)
-        finally:
-            v._end()
+        with self.shared.lock:  # threads of this process take at once: one gives back
+            due = [e for e in retired if gp.poll(e[3])]
+            if not due:
+                return
+            t = v._begin()
+            try:
+                for e in due:
+                    client, idx, bid, _ = e
+                    old = v._map_block(bid)
+                    if idx < t.num_blocks and old.words.any():
+                        bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
+                    retired.remove(e)
+                    self.recycle(old)
+            finally:
+                v._end()
 
     # --- adoption: reaping what a dead coordinator left -----------------------------------
     def reap_unreachable(self) -> None:

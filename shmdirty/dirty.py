@@ -18,7 +18,7 @@ only for the grace-period counter (memb) and the bitmap words themselves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -154,33 +154,6 @@ class DirtyMemory(TableView):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_unpickle, (self.name, self.flavor))
 
-    # A handle unpickled (in a pool worker, say) holds only the map's name
-    # and flavor until its first use attaches it: an error (MapNotFound,
-    # NoReaderSlot) then surfaces inside the task that used it, where the
-    # pool reports it, not in the worker's unpickling, which some pools
-    # take for their end of input.  Only such a pending handle ever lacks
-    # an attribute: __getattr__ is not called for an attached one.
-    @classmethod
-    def _pending(cls, name: str, flavor: str) -> DirtyMemory:
-        dm = cls.__new__(cls)
-        dm.__dict__.update(name=name, flavor=flavor, _pending_attach=True)
-        return dm
-
-    if not TYPE_CHECKING:  # (mypy keeps checking every other attribute)
-        def __getattr__(self, attr: str) -> Any:
-            d = self.__dict__
-            if attr.startswith("__") or not d.get("_pending_attach"):
-                if d.get("_closed"):
-                    raise HandleClosed(f"this handle of map {d.get('name')} is closed")
-                raise AttributeError(attr)
-            d["_pending_attach"] = False
-            try:
-                self._open(d["name"], handles.acquire(d["name"], d["flavor"]), self)
-            except BaseException:
-                d["_pending_attach"] = True   # the next use tries again
-                raise
-            return getattr(self, attr)
-
     # --- properties -----------------------------------------------------------
     def _open_check(self) -> None:
         # The header's words are unmapped once the last handle closes.
@@ -259,7 +232,7 @@ class DirtyMemory(TableView):
         except AttributeError:
             r = self._rcu.reader     # this thread's first op
         plain = r.online and r.seen == self._seen
-        t = self._table if plain else self._begin()
+        t = self._table if plain else self._begin(r)
         try:
             if addr.__class__ is int and 0 <= addr < t.ram_size:
                 page = addr >> self.page_bits
@@ -274,7 +247,7 @@ class DirtyMemory(TableView):
             self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, _RELEASE)
         finally:
             if not plain:
-                self._end()
+                self._end(r)
 
     def get_dirty_flag(self, addr: int, client: int) -> bool:
         """Is the page holding ``addr`` dirty for ``client``?"""
@@ -471,12 +444,10 @@ class DirtyMemory(TableView):
         finally:
             self._end()
         if swap:
-            for idx, (block, ended) in zip(swap, coord.swap_out(client, swap), strict=True):
-                if ended:          # nobody can reach it: plain loads
-                    merge(idx * bw, block.words)
+            for idx, (words, block) in zip(swap, coord.swap_out(client, swap), strict=True):
+                merge(idx * bw, words)
+                if block is not None:   # its grace period ended: zeroed and pooled
                     coord.recycle(block)
-                else:              # a late writer may: atomics, and it stays retired
-                    merge(idx * bw, bitmap.take(block, 0, bp)[1])
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
@@ -579,6 +550,38 @@ class _Section:
         self._dm._end()
 
 
+class _Unattached(DirtyMemory):
+    """A handle unpickled (in a pool worker, say): it holds only the map's
+    name and flavor until its first use attaches it, and then becomes a
+    plain DirtyMemory.  An error (MapNotFound, NoReaderSlot) so surfaces
+    inside the task that used the handle, where the pool reports it, not in
+    the worker's unpickling, which some pools take for their end of input.
+    (A class of its own: a ``__getattr__`` on DirtyMemory would slow every
+    attribute load of every op.)"""
+
+    def __getattr__(self, attr: str) -> Any:
+        d = self.__dict__
+        if attr.startswith("__") or not d.get("_pending_attach"):
+            if d.get("_closed"):
+                raise HandleClosed(f"this handle of map {d.get('name')} is closed")
+            raise AttributeError(attr)
+        d["_pending_attach"] = False
+        try:
+            self._open(d["name"], handles.acquire(d["name"], d["flavor"]), self)
+        except BaseException:
+            d["_pending_attach"] = True   # the next use tries again
+            raise
+        self.__class__ = DirtyMemory  # type: ignore[assignment]
+        return getattr(self, attr)
+
+    def __repr__(self) -> str:
+        if self.__dict__.get("_pending_attach"):
+            return f"<DirtyMemory {self.name} (attaches on first use)>"
+        return super().__repr__()
+
+
 def _unpickle(name: str, flavor: str) -> DirtyMemory:
-    return DirtyMemory._pending(name, flavor)
+    dm = _Unattached.__new__(_Unattached)
+    dm.__dict__.update(name=name, flavor=flavor, _pending_attach=True)
+    return dm
 

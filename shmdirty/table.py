@@ -253,17 +253,19 @@ class TableView:
         return self._table
 
     # --- sections ---------------------------------------------------------------------
-    def _begin(self) -> Table:
-        """Enter a read-side section; return the table to use in it.
+    def _begin(self, r: Any = None) -> Table:
+        """Enter a read-side section of this thread (``r``: its Reader, if the
+        caller has it at hand); return the table to use in it.
 
         The generation is re-read only when the grace-period counter moved
         since this view last looked: the coordinator advances it after
         every publication, and a table published but not yet followed by an
         advance is one a grace period will still wait for us on."""
-        try:
-            r = self._local.reader
-        except AttributeError:
-            r = self._rcu.reader   # this thread's first op
+        if r is None:
+            try:
+                r = self._local.reader
+            except AttributeError:
+                r = self._rcu.reader   # this thread's first op
         r.read_lock()
         if r.seen != self._seen:
             try:
@@ -274,8 +276,8 @@ class TableView:
             self._seen = r.seen
         return self._table
 
-    def _end(self) -> None:
-        self._local.reader.read_unlock()
+    def _end(self, r: Any = None) -> None:
+        (self._local.reader if r is None else r).read_unlock()
 
     def _invalidate(self) -> None:
         """Re-read the generation at the next section."""

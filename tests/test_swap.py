@@ -306,11 +306,11 @@ class NoGraceCoordinator(Coordinator):
     some other block)."""
 
     def swap_out(self, client: int, idxs: list[int]) -> list[Any]:
-        """(block, grace period ended), as Coordinator.swap_out; it lies."""
+        """(words, block to recycle), as Coordinator.swap_out: no grace period."""
         with self.shared.lock:
             t = self.view._refresh()
             retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        return [(self.view._map_block(b), True) for b in retired]
+        return [(b.words, b) for b in map(self.view._map_block, retired)]
 
 
 class NoGraceSwap(sd.DirtyMemory):
