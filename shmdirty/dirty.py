@@ -162,7 +162,7 @@ class DirtyMemory(TableView):
 
     @property
     def rcu(self) -> Rcu:
-        """This process's RCU reader and grace periods for the map."""
+        """This process's readers of the map (one per thread) and its grace periods."""
         self._open_check()
         return self._rcu  # type: ignore[no-any-return]
 
