@@ -46,9 +46,11 @@ fork(): a forked child inherits the parent's Readers, which point at the
 parent's slots.  An at-fork handler detaches them in the child: the child's
 first use claims a slot of its own, it never stores into or frees a slot of
 its parent, and the parent's call_rcu callbacks are dropped (they are the
-parent's work).  A child forked inside a read-side section must leave the
-sections it inherited before it uses the map (RcuMisuse says so): the
-parent's section does not protect the child.
+parent's work).  A child forked inside a read-side section starts outside
+any section: the parent's section does not protect the child (its slot is
+the parent's), so the child's next op opens a section of its own, and
+leaving the inherited sections (a ``with`` block unwinding in an
+``os.fork()`` child) does nothing.
 
 A reader that dies inside a section must not stall anyone: a waiter checks
 the owner of a slot that holds it up, and a slot whose owner is gone, a
@@ -95,16 +97,17 @@ class Reader:
     DirtyMemory's hottest path reads two of them per op.  ``slot`` is -1
     until the first use claims one (and again once it is freed)."""
 
-    __slots__ = ("flavor", "slot", "nesting", "online", "seen", "owner", "left", "_rcu",
+    __slots__ = ("flavor", "slot", "nesting", "inherited", "online", "seen", "owner", "left",
+                 "_rcu",
                  "_memb", "_cell", "_zero", "_store_cell", "_load_cell", "_gp_ptr", "_ctr",
                  "_section_online", "_own_word", "__weakref__")
 
     def __init__(self, rcu: Rcu) -> None:
         self.flavor = rcu.flavor
         self.slot = -1
-        # Invariant: > 0 inside a section; < 0 only in a forked child whose
-        # parent forked inside -nesting sections (see _detach).
-        self.nesting = 0
+        self.nesting = 0        # > 0 inside a section
+        self.inherited = 0      # sections the parent was in at fork(): leaving
+                                # them does nothing (see _detach)
         self.online = False
         self.seen = 0           # set when a slot is claimed
         self.owner = 0          # the owner word the slot was claimed with
@@ -142,8 +145,8 @@ class Reader:
     def _released(self) -> None:
         # release: the slot reads 0 only after every access of ours.
         atomic.store(self._ctr, 0, atomic.RELEASE)
-        self._detach()
         self.nesting = 0
+        self._detach()
 
     def _detach(self) -> None:
         """Forget the slot without touching it (it is not ours any more)."""
@@ -151,8 +154,9 @@ class Reader:
         self._ctr = atomic.ffi.cast("char *", self._own_word)
         self.online = False
         self._section_online = False
-        if self.nesting > 0:  # forked inside a section: see the module doc
-            self.nesting = -self.nesting
+        # Forked inside a section: the child is outside any (module doc).
+        self.inherited += self.nesting
+        self.nesting = 0
 
     def check_outside(self, what: str) -> None:
         """RcuMisuse if this reader is inside a section (``what`` would wait for itself)."""
@@ -165,7 +169,7 @@ class Reader:
         is already inside one; an offline one goes online for the section.
         Afterwards ``seen`` is the counter value this reader last observed."""
         n = self.nesting
-        if n > 0:
+        if n:
             self.nesting = n + 1
             return
         if self.slot < 0:
@@ -197,9 +201,9 @@ class Reader:
             self.nesting = n
             return
         if n < 0:
-            if n == -1:
+            if not self.inherited:
                 raise RcuMisuse("read_unlock without a matching read_lock")
-            self.nesting = n + 2  # leaving a section inherited through fork
+            self.inherited -= 1   # leaving a section inherited through fork
             return
         self.nesting = 0
         if self._memb:
@@ -399,10 +403,6 @@ class Rcu:
         self._check_open()
         if r.left:
             raise RcuMisuse("this thread unregister()ed from the map: it has no slot")
-        if r.nesting < 0:
-            raise RcuMisuse(f"this process was forked inside {-r.nesting} read-side "
-                            "section(s) of its parent: leave them before using the map "
-                            "here (the parent's sections do not protect the child)")
         gp = self.gp
         n = gp.max_readers
         owner = my_owner_word()

@@ -78,6 +78,16 @@ def fork_use_and_close(dm: sd.DirtyMemory, use: bool, with_block: bool, conn: An
     _report(conn, run)
 
 
+def fork_in_section(dm: sd.DirtyMemory) -> int:
+    """os.fork() inside ``dm.read_section()``; the child dirties MIGRATION
+    page 1 in it.  Both return the fork's result when the block has unwound."""
+    with dm.read_section():
+        pid = os.fork()
+        if pid == 0:
+            dm.set_dirty_flag(dm.page_size, MIG)
+    return pid
+
+
 def try_attach(name: str, conn: Any) -> None:
     """(spawn target) Attach and report "attached" or the error's type name."""
 

@@ -117,6 +117,83 @@ def test_forked_child_close_frees_only_its_own_slot(map_name: str, spawn_ctx: An
         dm.destroy()
 
 
+@pytest.mark.parametrize("how", ["mp", "os.fork"])
+def test_child_forked_inside_a_section_is_outside_any(map_name: str, children: list[Any],
+                                                       how: str) -> None:
+    """The parent forks inside a section.  The child's ops open sections of
+    its own (its own slot); leaving the inherited section in the child
+    (os.fork: the with-block unwinds there too) does nothing.  The parent's
+    grace period still waits for the parent."""
+    dm = sd.DirtyMemory.create(1 << 20, max_readers=4, name=map_name)
+    try:
+        mine = my_slots(dm)
+        theirs, child = FORK.Pipe(duplex=False)
+        go = FORK.Event()
+        with dm.read_section():
+            tok = dm.rcu.start_poll()
+            if how == "mp":
+                p = FORK.Process(target=W.fork_dirty_thrice, args=(dm, go, child))
+                p.start()
+                children.append(p)
+                pid = p.pid
+            else:
+                pid = os.fork()
+                if pid == 0:   # the child: still inside the parent's with-block
+                    code = 1
+                    try:
+                        W.fork_dirty_thrice(dm, go, child)
+                        code = 0
+                    finally:
+                        os._exit(code)   # leaves the with-block unexited, as mp does;
+                                         # fork_dirty_thrice's own ops nest inside it
+            child.close()
+            go.set()
+            out = recv(theirs)
+            assert "error" not in out, out
+            assert not dm.rcu.poll(tok), "the child ended the parent's grace period"
+            assert my_slots(dm) == mine
+        if how == "mp":
+            p.join(WAIT)
+            assert p.exitcode == 0
+        else:
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        dm.rcu.synchronize(timeout=WAIT)
+        assert dm.rcu.poll(tok)
+        assert dm.get_dirty_flag(0, MIG)
+    finally:
+        dm.destroy()
+
+
+def test_os_fork_child_unwinds_an_inherited_section(map_name: str) -> None:
+    """os.fork() inside a section: in the child the section is left as the
+    with-block unwinds (a no-op), after an op that opened its own section;
+    one read_unlock more is still misuse.  The child always leaves by
+    os._exit, whatever happens, never back into pytest."""
+    dm = sd.DirtyMemory.create(1 << 20, max_readers=4, name=map_name)
+    parent = os.getpid()
+    try:
+        try:
+            pid = W.fork_in_section(dm)
+        except BaseException:
+            if os.getpid() != parent:
+                os._exit(9)              # the with-block failed to unwind in the child
+            raise
+        if pid == 0:
+            code = 8
+            try:
+                dm.rcu.read_unlock()     # no section left: misuse
+            except sd.RcuMisuse:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert dm.get_dirty_flag(dm.page_size, MIG)   # the child's op landed
+    finally:
+        dm.destroy()
+
+
 def test_forked_child_is_never_the_coordinator(map_name: str, children: list[Any]) -> None:
     """(A guard that holds today: coordinator identity is per process.)"""
     dm = sd.DirtyMemory.create(1 << 20, max_readers=4, name=map_name)

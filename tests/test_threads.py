@@ -301,7 +301,15 @@ def _thread_torture(spawn_ctx: Any, children: list[Any], map_name: str, flavor: 
         sys.setswitchinterval(1e-4)   # threads interleave often
         for gen in range(2, updates + 2):
             new = publish(gen)
-            r.synchronize(timeout=10)
+            try:
+                r.synchronize(timeout=10)
+            except sd.RcuMisuse as e:
+                # Only a broken variant (threads sharing one reader) gets
+                # here: the updater found "itself" inside a reader's section.
+                reports.append({"violations": 1, "sections": 0, "reads": 0,
+                                "hist": [0] * RW.PIPE_LEN, "examples": [repr(e)],
+                                "pid": os.getpid()})
+                break
             old.words.store(RW.O_MARK, RW.POISON, atomic.SEQ_CST)
             objects.remove(old)
             old.close()
@@ -337,23 +345,36 @@ def _thread_torture(spawn_ctx: Any, children: list[Any], map_name: str, flavor: 
 
 
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
-@pytest.mark.parametrize("broken", [False, True], ids=["grace", "busted"])
+@pytest.mark.parametrize("how", ["grace", "busted", "one-reader"])
 def test_thread_torture(spawn_ctx: Any, children: list[Any], map_name: str, flavor: str,
-                        broken: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if broken:
+                        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``busted``: a grace period that does not wait; ``one-reader``: every
+    thread of the process shares the first thread's reader (one slot, one
+    nesting: the bug issue 10 fixed).  Both must be caught."""
+    broken = how != "grace"
+    if how == "busted":
         monkeypatch.setattr(GracePeriods, "wait", lambda self, token, timeout=None: None)
+    elif how == "one-reader":
+        first: dict[Rcu, Any] = {}
+
+        def one_reader(self: Rcu) -> Any:
+            if self not in first:
+                first[self] = self._new_reader()   # the creating thread's, for all
+            return first[self]
+
+        monkeypatch.setattr(Rcu, "reader", property(one_reader))
     seen = []
     for _attempt in range(5 if broken else 1):
         reports = _thread_torture(spawn_ctx, children, map_name, flavor, updates=1000)
         violations = sum(x["violations"] for x in reports)
         hist = [sum(x["hist"][i] for x in reports) for i in range(RW.PIPE_LEN)]
         seen.append((violations, hist))
-        print(f"\n{flavor} thread torture, {'busted' if broken else 'correct'} grace periods: "
-              f"pipe-age histogram {hist}, {violations} violations")
+        print(f"\n{flavor} thread torture, {how}: pipe-age histogram {hist}, "
+              f"{violations} violations")
         if broken and violations:
             break
     if broken:
-        assert violations > 0, f"a grace period that does not wait went unnoticed: {seen}"
+        assert violations > 0, f"the broken variant {how} went unnoticed: {seen}"
         return
     assert violations == 0, [x["examples"] for x in reports if x["violations"]]
     assert hist[2:] == [0] * (RW.PIPE_LEN - 2), f"pipe age above 1: {hist}"
