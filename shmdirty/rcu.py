@@ -68,6 +68,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from . import atomic
 from .errors import BadInput, HandleClosed, NoReaderSlot, RcuMisuse
 from .grace import (
@@ -100,7 +102,7 @@ class Reader:
     __slots__ = ("flavor", "slot", "nesting", "inherited", "online", "seen", "owner", "left",
                  "_rcu",
                  "_memb", "_cell", "_zero", "_store_cell", "_load_cell", "_gp_ptr", "_ctr",
-                 "_section_online", "_own_word", "__weakref__")
+                 "_section_online", "_own", "__weakref__")
 
     def __init__(self, rcu: Rcu) -> None:
         self.flavor = rcu.flavor
@@ -123,8 +125,8 @@ class Reader:
         self._gp_ptr = rcu.gp._gp
         # A private word: ``_ctr`` points here while no slot is held, so a
         # stray store never lands in somebody else's slot.
-        self._own_word = atomic.new_cell()
-        self._ctr: atomic.Ptr = atomic.ffi.cast("char *", self._own_word)
+        self._own = atomic.Words(np.zeros(1, np.uint64))
+        self._ctr: atomic.Ptr = self._own.ptr(0)
         self._section_online = False  # qsbr: went online for one section
 
     @property
@@ -151,7 +153,7 @@ class Reader:
     def _detach(self) -> None:
         """Forget the slot without touching it (it is not ours any more)."""
         self.slot = -1
-        self._ctr = atomic.ffi.cast("char *", self._own_word)
+        self._ctr = self._own.ptr(0)
         self.online = False
         self._section_online = False
         # Forked inside a section: the child is outside any (module doc).
