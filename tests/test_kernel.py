@@ -427,7 +427,10 @@ def test_memb_set_dirty_flag_inside_a_section_leaves_it_open(kernel: Any,
     dm = sd.DirtyMemory.create(4 << 20, name=map_name)
     try:
         assert dm.flavor == "memb"
-        slot = dm._reader.slot
+        dm.set_dirty_flag(0, 2)             # this thread's first op claims its slot
+        r = dm._rcu.reader                  # this thread's reader
+        slot = r.slot
+        assert slot >= 0
 
         def epoch() -> int:
             return next(r.epoch for r in dm.rcu.readers() if r.slot == slot)
@@ -439,7 +442,6 @@ def test_memb_set_dirty_flag_inside_a_section_leaves_it_open(kernel: Any,
             dm.set_dirty_flag(8192, 2)
             assert epoch() != 0, "set_dirty_flag ended the caller's section"
             # the broken variant: the compiled section although nesting is 1
-            r = dm._reader
             assert r.section_words is not None
             kernel.memb_set_page(*r.section_words, r.seen, dm._blocks, 2, 12288,
                                  dm.ram_size, dm.page_bits, dm.block_pages, atomic.RELEASE)
