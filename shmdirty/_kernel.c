@@ -231,7 +231,6 @@ static int range_ok(Py_ssize_t first, Py_ssize_t count, Py_ssize_t nwords)
     return 1;
 }
 
-static inline uint64_t lo_mask(unsigned b) { return b ? ONES >> (64 - b) : 0; }
 /* Mask of word w's bits inside [first, end); w0 = first / 64, w1 = (end - 1) / 64. */
 static inline uint64_t word_mask(Py_ssize_t w, Py_ssize_t w0, Py_ssize_t w1, Py_ssize_t first,
                                  Py_ssize_t end)
