@@ -30,7 +30,7 @@ from .errors import (
     RcuMisuse,
 )
 from .handles import MapState
-from .rcu import FLAVORS, Rcu, my_owner_word
+from .rcu import FLAVORS, Rcu
 from .snapshot import DirtySnapshot
 from .table import (
     DIRTY_CLIENTS_ALL,
@@ -80,7 +80,6 @@ class DirtyMemory(TableView):
         self._rcu: Any = rcu
         self.flavor = rcu.flavor
         hdr = shared.header.words
-        self._coord_ptr = hdr.ptr(layout.H_COORD)
         self._ram_ptr = hdr.ptr(layout.H_RAM_SIZE)
         self._coordinator = self.coordinator_class(self, rcu, shared.header, shared.coord)
         self._section = _Section(self)
@@ -109,6 +108,7 @@ class DirtyMemory(TableView):
         name = layout.new_map_name() if name is None else layout.check_map_name(name)
         hdr = create_map(name, page_bits, block_pages, max_readers, tcg)
         dm = cls._open(name, handles.acquire(name, "memb", hdr))
+        dm._coordinator.take_role()
         dm._created = True
         if ram_size:
             try:
@@ -178,8 +178,10 @@ class DirtyMemory(TableView):
 
     @property
     def is_coordinator(self) -> bool:
+        """True for the handle create() or adopt() returned while its process
+        coordinates the map; a handle from attach() never is."""
         self._open_check()
-        return atomic.load(self._coord_ptr, atomic.ACQUIRE) == my_owner_word()
+        return self._coordinator.is_coordinator()
 
     @property
     def generation(self) -> int:
@@ -512,7 +514,9 @@ class DirtyMemory(TableView):
             if self._shared.refs == 1 and self._rcu.sections_open():
                 raise RcuMisuse(f"map {self.name}: close() while another thread is inside "
                                 "a read-side section")
-            if self._shared.refs == 1:
+            # The process leaves the coordinator role with its last handle,
+            # or its last coordinating one (attached handles cannot use it).
+            if self._coordinator.drop_role() or self._shared.refs == 1:
                 self._coordinator.resign()
             self._closed = True
             # Every later op fails clearly (the header is unmapped below).
