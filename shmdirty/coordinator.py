@@ -36,15 +36,7 @@ import numpy as np
 
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
-from .errors import (
-    BadInput,
-    CoordinatorGone,
-    CorruptSegment,
-    GraceTimeout,
-    MapExists,
-    NotCoordinator,
-    check_timeout,
-)
+from .errors import BadInput, CoordinatorGone, CorruptSegment, GraceTimeout, NotCoordinator
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
 from .segment import Segment
 from .table import (
@@ -75,13 +67,10 @@ def create_map(name: str, page_bits: int, block_pages: int, max_readers: int,
                tcg: bool) -> Segment:
     """Create the header (this process is the coordinator) and the empty
     table of generation 1; return the sealed header.  FileExistsError if the
-    name is taken (MapExists: nothing made, the existing map untouched); on
-    any other failure nothing is left behind."""
-    try:
-        hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
-                             layout.KIND_HEADER)
-    except FileExistsError:
-        raise MapExists(name) from None
+    name is taken (nothing made, the existing map untouched); on any other
+    failure nothing is left behind."""
+    hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
+                         layout.KIND_HEADER)
     try:
         w = hdr.words
         # Nobody can read the header before seal(): relaxed stores.
@@ -116,14 +105,11 @@ class Shared:
         # the live block at (client, index) once the token's grace period
         # has ended (give_back_due)
         self.retired: list[tuple[int, int, int, int]] = []
-        # The handles (their Coordinator) that create() or adopt() returned:
-        # only they coordinate; attach() in the same process does not.
-        self.roles: set[Coordinator] = set()
+        self.roles: set[Coordinator] = set()  # of the handles create()/adopt() gave
 
     def forked(self) -> None:
-        """In a forked child: the pool and the retired blocks are the
-        parent's work, and so is the coordinator role; a fresh lock (a
-        parent thread may have held it)."""
+        """In a forked child: the pool, the retired blocks and the role are the
+        parent's; a fresh lock (a parent thread may have held it)."""
         self.lock = threading.RLock()
         self.pool = []
         self.retired = []
@@ -150,10 +136,9 @@ class Coordinator:
         return self.shared.pool
 
     # --- who coordinates --------------------------------------------------------------
-    # The role is a handle's: the one create() or adopt() returned, while its
-    # process owns the header's coordinator word.  A handle attach() gives
-    # is not the coordinator, even in the coordinator's own process.
-    def process_coordinates(self) -> bool:
+    # The role is a handle's (create(), adopt()) while its process owns the
+    # header's coordinator word; attach() never gives it, even in that process.
+    def process_coordinates(self) -> bool:  # whatever the handle
         return atomic.load(self.coord_ptr, atomic.ACQUIRE) == my_owner_word()
 
     def is_coordinator(self) -> bool:
@@ -165,10 +150,9 @@ class Coordinator:
 
     def drop_role(self) -> bool:
         """This handle closes: True if it was the process's last coordinating one."""
-        if self not in self.shared.roles:
-            return False
+        had = self in self.shared.roles
         self.shared.roles.discard(self)
-        return not self.shared.roles
+        return had and not self.shared.roles
 
     def require(self, what: str) -> None:
         """NotCoordinator unless this handle is the coordinator's (create(),
@@ -181,9 +165,8 @@ class Coordinator:
                                  "or adopt()")
         if self not in self.shared.roles:
             raise NotCoordinator(f"{what} is for the coordinator of map {self.view.name}: "
-                                 "this handle came from attach(), which never coordinates "
-                                 "(use the handle create() or adopt() returned, or "
-                                 "request_extend())")
+                                 "a handle from attach() never coordinates (use the one "
+                                 "create() or adopt() returned, or request_extend())")
 
     def adopt(self) -> None:
         """Become the coordinator if the old one is dead or has left, then
@@ -371,7 +354,6 @@ class Coordinator:
 
     # --- the hot-plug request word: both ends -------------------------------------------
     def request_extend(self, new_ram_size: Any, timeout: float | None) -> None:
-        timeout = check_timeout(timeout)
         v = self.view
         new_ram_size = self._size(new_ram_size, "RAM size")
         # Never posted if too large: the coordinator could not grant it.
@@ -385,28 +367,25 @@ class Coordinator:
             with self.rcu.offline():  # a qsbr reader must not hold up grace periods
                 self._await_ram_size(new_ram_size, timeout, deadline)
         except BaseException as e:
-            # A request that raised is withdrawn, so the error changes nothing:
-            # the word goes back to 0 only if it still holds this request's
-            # value (a larger request posted meanwhile is another caller's).
-            # acq_rel on success: ordered with the serve loop's acquire load
-            # of the word and its own CAS back to 0; relaxed on failure (we
-            # then touch nothing).
+            # A request that raised is withdrawn (the error changes nothing):
+            # the word goes back to 0 only if it still holds our value (a
+            # larger one is another caller's).  acq_rel on success, ordered
+            # with the serve loop's acquire load and its own CAS to 0;
+            # relaxed on failure (we then touch nothing).
             atomic.compare_exchange(self.req_ptr, new_ram_size, 0,
                                     atomic.ACQ_REL, atomic.RELAXED)
-            # Remaining race, accepted: a grant that lands just as the timeout
-            # fires is reported as success (checked here, acquire: pairs with
-            # publish()'s release); a coordinator that loaded the request
-            # before the withdrawal but publishes after this check still
-            # grows RAM after the caller got its error.  Another caller
-            # waiting for the same size re-posts it (_await_ram_size).
+            # Remaining race, accepted: a grant that lands as the timeout fires
+            # is reported as success (acquire: pairs with publish()'s release);
+            # a coordinator that loaded the request before the withdrawal but
+            # publishes after this check still grows RAM after the error.  A
+            # caller waiting for the same size re-posts it (_await_ram_size).
             if (not isinstance(e, GraceTimeout)
                     or atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size):
                 raise
         v._invalidate()  # re-read the table at the next op
 
     def _post(self, new_ram_size: int) -> None:
-        """Post the largest request: a CAS-max (acq_rel; the serve loop loads
-        it with acquire)."""
+        """Post the largest request: a CAS-max (acq_rel; serve loads it with acquire)."""
         cur = atomic.load(self.req_ptr, atomic.ACQUIRE)
         while cur < new_ram_size:
             ok, cur = atomic.compare_exchange(self.req_ptr, cur, new_ram_size,

@@ -358,13 +358,18 @@ class TableView:
             self._blocks = []
 
     # --- ranges -------------------------------------------------------------------------
-    def _reaching(self, t: Table, lo: int, end: int, what: str) -> Table:
+    def _reaching(self, t: Table, lo: int, end: int, what: str, pages: bool = False) -> Table:
         """A table whose RAM holds bytes [lo, end): ``t``, or the newest (a
-        qsbr reader's table may be behind); BadInput about ``what`` if none.
+        qsbr reader's table may be behind); BadInput about ``what`` if none,
+        giving RAM in pages if ``what`` counts pages, else in bytes.
         Callers test ``t`` inline first: this is the slow path."""
         if lo < 0 or end > t.ram_size:
             t = self._refresh()
             if lo < 0 or end > t.ram_size:
+                if pages:
+                    raise BadInput(f"{what} is outside guest RAM: pages "
+                                   f"[0, {t.ram_size >> self.page_bits}) "
+                                   f"({t.ram_size:#x} bytes)")
                 raise BadInput(f"{what} is outside guest RAM [0, {t.ram_size:#x})")
         return t
 

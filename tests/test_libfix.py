@@ -192,3 +192,34 @@ def test_create_of_an_existing_name_is_map_exists(map_name: str) -> None:
         assert dm.ram_size == 64 * 4096 and dm.is_coordinator
     finally:
         dm.destroy()
+
+
+# --- 7. what the docs say ----------------------------------------------------------------
+def test_set_dirty_pages_error_counts_pages(map_name: str) -> None:
+    import numpy as np
+    dm = sd.DirtyMemory.create(256 * 4096, block_pages=64, name=map_name)
+    try:
+        dm.test_and_clear_dirty(0, 256 * 4096, W.MIG)   # new RAM starts dirty
+        with pytest.raises(sd.BadInput) as e:
+            dm.set_dirty_pages(np.array([3, 256]), W.MIG)
+        assert "page numbers [3, 256] is outside guest RAM: pages [0, 256)" in str(e.value)
+        assert not dm.get_dirty_flag(3 * 4096, W.MIG)      # nothing changed
+    finally:
+        dm.destroy()
+
+
+def test_closed_handle_objects_as_the_readme_says(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(64 * 4096, block_pages=64, name=map_name)
+    a = sd.DirtyMemory.attach(map_name)
+    r = a.rcu
+    a.close()
+    with pytest.raises(sd.HandleClosed):
+        _ = a.rcu
+    r.synchronize(timeout=10)          # another handle is open: the shared rcu works
+    gp = r.gp
+    dm.destroy()
+    for use in (lambda: dm.rcu, gp.start_poll, lambda: gp.wait(1, 0), r.synchronize,
+                lambda: r.barrier(1), lambda: dm.read_section().__enter__()):
+        with pytest.raises(sd.HandleClosed):
+            use()
+    assert r.gp is gp                  # the attribute itself still reads
