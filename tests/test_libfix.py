@@ -150,6 +150,11 @@ def test_attach_in_the_creating_process_is_not_coordinator(map_name: str) -> Non
         assert dm.ram_size == 64 * 4096 and os.path.exists(
             os.path.join(segment.SHM_DIR, f"shmdirty-{map_name}-hdr"))
         a.close()
+        u = pickle.loads(pickle.dumps(dm))   # an unpickled handle attaches: no role
+        assert not u.is_coordinator
+        with pytest.raises(sd.NotCoordinator):
+            u.extend(1 << 20)
+        u.close()
         dm.extend(128 * 4096)   # the creator still coordinates
         assert dm.ram_size == 128 * 4096
         # The creator leaves first: its process resigns; an attached handle adopts.
