@@ -234,3 +234,32 @@ def test_check_ram_layout_takes_what_fits() -> None:
     s.check_ram_layout([(0, 1 << 20)] * 3, available=3 << 20)
     with pytest.raises(StreamError, match="more than"):
         s.check_ram_layout([(0, 1 << 20)] * 3, available=(3 << 20) - 1)
+
+
+def test_shmdirty_receive_refuses_a_crafted_layout_with_exit_5() -> None:
+    """The reported case end to end: 5000 x 1 MiB RAM blocks to `shmdirty
+    receive` exit 5 (the stream was refused) with a clear message, at once,
+    before any RAM is allocated (the session's leak check sees no segment)."""
+    import re
+    import subprocess
+    import sys
+    rx = subprocess.Popen([sys.executable, "-m", "shmdirty.cli", "receive", "--listen",
+                           "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        assert rx.stdout is not None
+        line = rx.stdout.readline()
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        with socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=30) as sock:
+            ch = Channel(sock)
+            sim_hello(ch)
+            blocks = [(i << 20, 1 << 20) for i in range(5000)]
+            ch.send(s.BLOCKS, [s.pack_blocks(blocks)], count=len(blocks))
+            out, _ = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    assert rx.returncode == 5, out
+    assert "5000 RAM blocks" in out and "Traceback" not in out, out
