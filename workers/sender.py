@@ -66,6 +66,7 @@ from .stream import Channel, PeerGone, StreamError
 CONNECT_TIMEOUT = 10.0
 RESULT_TIMEOUT = 600.0     # seconds the destination may take to run the guest to its end
 REPORT_EVERY = 0.05
+STOP_AND_COPY = -1       # drop_round value that drops the stop-and-copy set (testing)
 FIRST_DIFFS = 10         # how many differing pages (or chunks) a mismatch names
 
 
@@ -132,6 +133,7 @@ class SenderConfig:
     chunk_pages: int = 256          # pages per PAGES record
     local: bool = True              # the destination's segments are on this machine
     drop_round: int = 0             # testing: forget this round's dirty pages
+                                    # (STOP_AND_COPY: the final set)
 
 
 class Sender:
@@ -269,6 +271,9 @@ class Sender:
             pages = self.bitmap.dirty()
             self.bitmap.clear()
             self.report(Downtime(len(pages), ram_size))
+            if cfg.drop_round == STOP_AND_COPY:
+                # testing: the guest is paused, so nothing can dirty these pages again
+                pages = pages[:0]
             seconds = self.send_pages(0, pages, 0)
             ch.send(s.VCPUS, [s.pack_vcpus(states)], count=len(states))
             ch.send(s.END_OF_STREAM, [s.END.pack(self.pages_sent, self.records)])
