@@ -18,10 +18,13 @@ C11 memory order; callers say in a comment why they need it.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import threading
 import warnings
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import Any
 
 import cffi
@@ -36,11 +39,32 @@ SEQ_CST = 5
 _ORDERS = (RELAXED, ACQUIRE, RELEASE, ACQ_REL, SEQ_CST)
 WORD = 8
 MASK64 = (1 << 64) - 1
-VERIFIED_ATOMICS_VERSION = "1.0.3"
+# Package -> version prefix whose internal op table the fast path was
+# verified on.  `atomics2` is the maintained fork (Python 3.12+ installs it
+# instead of `atomics`); its 1.1 moved fetch_add into arithmetic_ops.
+VERIFIED = {"atomics": "1.0.3", "atomics2": "1.1."}
+VERIFIED_ATOMICS_VERSION = VERIFIED["atomics"]
 
 ffi = cffi.FFI()
 
 Ptr = Any  # a cffi `char *` to an 8-byte aligned word
+
+
+def atomics_package() -> tuple[Any, str, str]:
+    """The atomics package in use: (module, distribution name, version).
+
+    ``atomics`` when installed, else its fork ``atomics2``; ImportError if neither."""
+    for dist in VERIFIED:
+        try:
+            mod = importlib.import_module(dist)
+        except ImportError:
+            continue
+        try:
+            version = getattr(mod, "__version__", None) or _dist_version(dist)
+        except PackageNotFoundError:
+            version = "unknown"
+        return mod, dist, str(version)
+    raise ImportError("shmdirty needs the `atomics` package (or its fork `atomics2`)")
 
 
 class _Scratch(threading.local):
@@ -102,9 +126,12 @@ class _FastBackend(_Backend):
     name = "fast"
 
     def __init__(self) -> None:
-        from atomics._impl.patomic import Patomic  # the verified internals
-
+        _, dist, _ = atomics_package()
+        # the verified internals
+        Patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
         ops = Patomic.ops(WORD)
+        # atomics 1.0.3: unsigned_ops; atomics2 1.1: arithmetic_ops
+        arithmetic = getattr(ops, "unsigned_ops", None) or ops.arithmetic_ops
 
         def fn(ctype_fp: Any, sig: str) -> Any:
             address = ctypes.cast(ctype_fp, ctypes.c_void_p).value
@@ -122,7 +149,7 @@ class _FastBackend(_Backend):
         self._fetch_or = fn(ops.binary_ops.fp_fetch_or, fetch)
         self._or = fn(ops.binary_ops.fp_or, "void(*)(void *, void *, int)")
         self._fetch_and = fn(ops.binary_ops.fp_fetch_and, fetch)
-        self._fetch_add = fn(ops.unsigned_ops.fp_fetch_add, fetch)
+        self._fetch_add = fn(arithmetic.fp_fetch_add, fetch)
         self._test_set = fn(ops.bitwise_ops.fp_test_set, "int(*)(void *, int, int)")
         self._test_reset = fn(ops.bitwise_ops.fp_test_reset, "int(*)(void *, int, int)")
         # The C functions themselves, for the hottest paths.
@@ -217,8 +244,7 @@ class _PublicBackend(_Backend):
     name = "public"
 
     def __init__(self) -> None:
-        import atomics
-
+        atomics, _, _ = atomics_package()
         self._atomics = atomics
         self._orders = {o: atomics.MemoryOrder(o) for o in _ORDERS}
         self.load = self._load
@@ -286,16 +312,10 @@ def _pick_backend() -> _Backend:
     if os.environ.get("SHMDIRTY_ATOMICS") == "public":
         return _PublicBackend()
     try:
-        import atomics
-
-        version = getattr(atomics, "__version__", None)
-        if version is None:
-            from importlib.metadata import version as _v
-
-            version = _v("atomics")
-        if version != VERIFIED_ATOMICS_VERSION:
-            raise RuntimeError(f"atomics {version}, fast path verified on "
-                               f"{VERIFIED_ATOMICS_VERSION}")
+        _, dist, version = atomics_package()
+        if not version.startswith(VERIFIED[dist]):
+            raise RuntimeError(f"{dist} {version}, fast path verified on "
+                               f"{VERIFIED[dist].rstrip('.')}")
         return _FastBackend()
     except Exception as exc:  # internals moved: stay correct, get slower
         warnings.warn(
