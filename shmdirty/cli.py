@@ -8,9 +8,8 @@ byte.  Exit codes: 0 identical, 1 different, 2 bad usage or not a map,
 3 a worker failed, 128 + signal number when interrupted (130 Ctrl-C,
 143 SIGTERM), after stopping the workers and removing every segment.
 
-The worker processes live in the top-level ``workers`` package; only the
-migrate path imports it (lazily), so ``inspect`` / ``ls`` / ``gc`` load
-nothing but the library.
+The application lives in the repository's ``workers/`` folder, installed
+as ``shmdirty._workers``.
 
 ``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``.  ``ls`` and
 ``gc`` never attach a map: they read the header's owner words directly, so
@@ -39,11 +38,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# The application: the one import of workers/ from the library (the layer
-# above it; docs/ARCHITECTURE.md).
-from workers import app, reports
-
 from . import layout, segment
+
+# The application: the one import of workers/ (shmdirty._workers, a symlink
+# to it) from the library, the layer above it (docs/ARCHITECTURE.md).
+from ._workers import app, reports
 from .errors import ShmDirtyError
 from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
 

@@ -24,8 +24,8 @@ import pytest
 
 import shmdirty as sd
 from shmdirty import atomic, cli, layout, segment
+from shmdirty._workers import app
 from shmdirty.segment import Segment
-from workers import app
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,9 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUPTOOLS_NEEDED = 77  # pyproject's build-system: SPDX license strings
-# Top-level names the wheel may hold besides its .dist-info.  `workers` moves
-# under shmdirty once issue 9's split of the migrate app lands.
-TOP_LEVEL = {"shmdirty", "workers"}
 
 
 def _setuptools_major() -> int:
@@ -64,10 +61,12 @@ def test_the_wheel_holds_only_the_shmdirty_package(wheel: Path) -> None:
                                                     if n.endswith(".dist-info/METADATA"))))
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
     dist_info = f"shmdirty-{meta['Version']}.dist-info"
-    assert {n.split("/")[0] for n in names} == TOP_LEVEL | {dist_info}
-    assert not any(n.startswith(("perf/", "tests/")) for n in names)
-    # perf ships inside shmdirty, with the C source its `c` baseline compiles
-    for f in ("shmdirty/py.typed", "shmdirty/_perf/__main__.py", "shmdirty/_perf/cbench.c"):
+    assert {n.split("/")[0] for n in names} == {"shmdirty", dist_info}
+    # workers/ and perf/ ship inside shmdirty, perf with the C source its `c`
+    # baseline compiles
+    for f in ("shmdirty/py.typed", "shmdirty/cli.py", "shmdirty/_workers/app.py",
+              "shmdirty/_workers/vcpu.py", "shmdirty/_perf/__main__.py",
+              "shmdirty/_perf/cbench.c"):
         assert f in names
     assert b"shmdirty = shmdirty.cli:main" in entry_points
 
@@ -97,12 +96,12 @@ def test_installed_wheel_migrates_outside_the_checkout(wheel: Path, tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(target)}
     where = subprocess.run(
         [sys.executable, "-c", "import importlib.util as u, shmdirty, shmdirty._perf; "
-         "print(shmdirty.__file__); print(u.find_spec('perf'))"],
+         "print(shmdirty.__file__); print(u.find_spec('perf'), u.find_spec('workers'))"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     module_file, perf_spec = where.stdout.split("\n")[:2]
     assert Path(module_file).is_relative_to(target)
-    assert perf_spec == "None"  # no top-level `perf` from the wheel
+    assert perf_spec == "None None"  # no top-level `perf` or `workers` from the wheel
     out = tmp_path / "run.json"
     run = subprocess.run(
         [str(target / "bin" / "shmdirty"), "migrate", "--name", map_name, "--ram", "4M",

@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 import pytest
+
 from shmdirty._perf import harness, micro, report
 from shmdirty._perf.registry import IMPL_NAMES, OP_NAMES
 from shmdirty._perf.workloads import OPS
