@@ -5,10 +5,12 @@ give identical results:
 
 - ``fast``: patomic's compiled op table (the C functions behind every
   `atomics` view) called as cffi function pointers, with cffi pointer
-  arithmetic for the address.  About 0.3 us per op.
+  arithmetic for the address.  0.6 us per fetch_or in the `python -m perf`
+  run of docs/PERFORMANCE.md.
 - ``public``: the package's public ``atomicview`` API, one view per op.
-  About 25 us per op; used when the internals are not the ones the fast
-  path was verified on (atomics 1.0.3), or when ``SHMDIRTY_ATOMICS=public``.
+  46 us per fetch_or in that run (78x the fast path); used when the
+  internals are not the ones the fast path was verified on (``VERIFIED``:
+  atomics 1.0.3, atomics2 1.1.x), or when ``SHMDIRTY_ATOMICS=public``.
 
 A word is named by a cffi ``char *`` pointer (``Words.ptr(offset)``) so hot
 paths do their address arithmetic once.  Every function takes an explicit
@@ -320,7 +322,8 @@ def _pick_backend() -> _Backend:
     except Exception as exc:  # internals moved: stay correct, get slower
         warnings.warn(
             f"shmdirty: atomics fast path unavailable ({exc}); using the public "
-            "atomicview API (about 50x slower)",
+            "atomicview API (78x slower per fetch_or in the `python -m perf` run of "
+            "docs/PERFORMANCE.md)",
             RuntimeWarning,
             stacklevel=2,
         )

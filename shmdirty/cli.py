@@ -25,9 +25,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -45,104 +49,53 @@ from . import layout, segment
 from ._workers import app, reports
 from .errors import ShmDirtyError
 from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
+from .options import (
+    count,
+    fmt_bytes,
+    fraction,
+    map_arg,
+    natural,
+    non_negative,
+    page_size_arg,
+    parse_schedule,
+    positive,
+    positive_whole,
+    whole,
+    writable_file,
+)
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
+EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
+
+MIGRATE_EXITS = """\
+exit codes:
+  0        source and destination are identical
+  1        they differ (the summary names the first differing pages)
+  2        bad options, or the map cannot be made (nothing was started)
+  3        a worker failed, the run timed out, or the --json file could not be written
+  130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
+INSPECT_EXITS = """\
+exit codes:
+  0  shown
+  2  bad options, or NAME is not a readable map (the reason goes to stderr)
+  130  interrupted by Ctrl-C"""
+LS_EXITS = """\
+exit codes:
+  0  listed (also when there is no map)
+  2  bad options
+  130  interrupted by Ctrl-C"""
+GC_EXITS = """\
+exit codes:
+  0  listed or removed (maps that are in use are left alone and named)
+  2  bad options, or a NAME is not a map (the others are still handled)
+  130  interrupted by Ctrl-C"""
 
 PAGE_BITS = app.PAGE_BITS
 FIRST_DIFFS = app.FIRST_DIFFS
 __all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
-
-
-# --- sizes ------------------------------------------------------------------------
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
-          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``512K``, ``64M``, ``1G`` (binary units) -> bytes."""
-    t = text.strip().upper()
-    num = t.rstrip("BKMGI")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 64M, 1G") \
-            from None
-    if unit not in _UNITS or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 64M, 1G")
-    return int(value * _UNITS[unit])
-
-
-def page_size_arg(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0 or size % (1 << PAGE_BITS):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive multiple of the "
-                                         f"{1 << PAGE_BITS}-byte page")
-    return size
-
-
-def parse_schedule(text: str) -> tuple[tuple[float, int], ...]:
-    """``1:32M,2.5:16M`` -> ((1.0, 32 MiB), (2.5, 16 MiB)); ``none`` -> ()."""
-    if text.strip().lower() in ("", "none", "off"):
-        return ()
-    out = []
-    for item in text.split(","):
-        at, sep, size = item.partition(":")
-        try:
-            seconds = float(at)
-        except ValueError:
-            seconds = -1.0
-        if not sep or seconds < 0:
-            raise argparse.ArgumentTypeError(
-                f"hot-plug item {item!r} is not SECONDS:SIZE (e.g. 1.5:32M)")
-        out.append((seconds, page_size_arg(size)))
-    return tuple(sorted(out))
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return v
-
-
-def _count(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    v = float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return v
-
-
-def map_arg(text: str) -> str:
-    """A map name: ``abc``, ``shmdirty-abc`` or one of its segment names."""
-    try:
-        return segment.check_map_name(text)
-    except ValueError as e:
-        m = segment.map_of(text)
-        if m is not None:
-            try:
-                return segment.check_map_name(m)
-            except ValueError:
-                pass
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _render_inspect(info: dict[str, Any], out: Console) -> None:
@@ -198,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     try:
         info = inspect_map(args.name)
     except (LookupError, ShmDirtyError) as e:
-        _error(out, str(e))
+        _error(str(e))
         return EXIT_USAGE
     if args.json:
         print(json.dumps(info, indent=2))
@@ -209,7 +162,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
 
 # --- ls and gc ------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace, out: Console) -> int:
-    statuses = [map_status(m) for m in segment.list_maps()]
+    statuses = [map_status(m) for m in sorted(segment.list_maps(), key=natural)]
     shown = [s for s in statuses if args.all or s.state == "live"]
     if not shown:
         _say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
@@ -232,14 +185,14 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: Console) -> int:
-    names = args.names or segment.list_maps()
+    names = args.names or sorted(segment.list_maps(), key=natural)
     code = EXIT_OK
     garbage: list[MapStatus] = []
     for name in names:
         st = map_status(name)
         if st.state == "absent":
             if args.names:  # (a map that vanished since list_maps() is no error)
-                _error(out, f"{name!r} is not a map: no shmdirty-{name}-* segment in "
+                _error(f"{name!r} is not a map: no shmdirty-{name}-* segment in "
                             f"{segment.SHM_DIR}")
                 code = EXIT_USAGE
         elif st.garbage:
@@ -254,7 +207,7 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     _say(out, f"{len(garbage)} dead map(s), {total} segment(s):")
     for st in garbage:
         _say(out, f"  {st.name}: {st.why}")
-        for n in st.segments:
+        for n in sorted(st.segments, key=natural):
             _say(out, f"    {n}")
     if not args.yes:
         _say(out, "run `shmdirty gc --yes` to remove them")
@@ -269,8 +222,10 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     return code
 
 
-def _error(out: Console, msg: str) -> None:
-    out.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+def _error(msg: str) -> None:
+    """An error message, on stderr (stdout stays clean for --json and pipes)."""
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(msg)}",
+                                                soft_wrap=True)
 
 
 def _say(out: Console, msg: str) -> None:
@@ -301,7 +256,7 @@ class _Progress:
             self.out.print(f"shmdirty migrate: map {ev.map_name} started: "
                            f"{fmt_bytes(ev.ram)} guest RAM, {ev.vcpus} vCPU(s) "
                            f"({ev.dirty_mode}, {ev.pattern}, {ev.dirty_rate:g} pages/s "
-                           f"each), {ev.workers} workers", highlight=False, soft_wrap=True)
+                           f"each), {ev.workers} workers", highlight=False)
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
                                      TimeElapsedColumn(), console=self.out)
@@ -326,11 +281,19 @@ class _Progress:
             self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
                        "the guest is stopping")
         elif isinstance(ev, reports.Stopping):
-            why = (f"converged (at most {self.cfg.threshold} dirty pages)"
-                   if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
-            self._note(f"pre-copy {why}; stopping the vCPUs, {ev.pending} pages pending")
-        elif isinstance(ev, reports.Downtime) and pr is not None:
-            self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
+            # What is known now: the last check's count when pre-copy
+            # converged.  After the last round was sent nothing is counted
+            # yet: the final sync, once the vCPUs stop, finds what is dirty.
+            if ev.reason == "converged":
+                self._note(f"pre-copy converged: {ev.pending} dirty pages <= threshold "
+                           f"{self.cfg.threshold}; stopping the vCPUs")
+            else:
+                self._note(f"pre-copy ran out of rounds ({self.cfg.max_rounds}); stopping "
+                           "the vCPUs, then syncing what they dirtied")
+        elif isinstance(ev, reports.Downtime):
+            self._note(f"stop-and-copy: {ev.pages} pages to send with the vCPUs stopped")
+            if pr is not None:
+                self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
             self._t_round = time.monotonic()
         elif isinstance(ev, reports.Done):
             if pr is not None and 0 in self.tasks:
@@ -339,16 +302,18 @@ class _Progress:
 
     def _note(self, text: str) -> None:
         con = self.progress.console if self.progress is not None else self.out
-        con.print(text, highlight=False, soft_wrap=True)
+        con.print(text, highlight=False)  # wrapped at the terminal's width
 
 
 def _render_summary(res: dict[str, Any], out: Console) -> None:
+    """The rounds as a table that fits 80 columns (numbers never wrap, notes
+    do), then the totals and the verdict."""
     ps = 1 << PAGE_BITS
-    table = Table(title="migration summary", title_justify="left")
-    for col, just in (("round", "right"), ("RAM", "right"), ("dirty pages", "right"),
-                      ("sent pages", "right"), ("sent", "right"), ("time", "right"),
-                      ("dirty rate", "right"), ("throughput", "right"), ("notes", "left")):
-        table.add_column(col, justify=just, no_wrap=just == "right")  # type: ignore[arg-type]
+    table = Table(title=f"migration summary (pages of {fmt_bytes(ps)})", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for col in ("round", "RAM", "dirty", "time", "dirty/s", "MiB/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("notes", overflow="fold")
     for r in res["rounds"]:
         notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
                  if h["during"] == f"pre-copy round {r['round']}"]
@@ -356,20 +321,22 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
             notes.append("bulk")
         if r["dropped"]:
             notes.append(f"DROPPED {r['dropped']} pages")
+        elif r["sent"] != r["dirty"]:
+            notes.append(f"{r['sent']} pages sent")
         rate = r["dirty_rate"]
         tp = r["throughput"]
-        table.add_row(str(r["round"]), fmt_bytes(r["ram_size"]), str(r["dirty"]), str(r["sent"]),
-                      fmt_bytes(r["sent"] * ps), f"{r['seconds']:.2f} s",
-                      f"{rate:,.0f} pages/s" if rate is not None else "-",
-                      f"{tp / (1 << 20):.1f} MiB/s" if tp else "-", ", ".join(notes))
+        table.add_row(str(r["round"]), fmt_bytes(r["ram_size"]), str(r["dirty"]),
+                      f"{r['seconds']:.2f} s",
+                      f"{rate:,.0f}" if rate is not None else "-",
+                      f"{tp / (1 << 20):.1f}" if tp else "-", ", ".join(notes))
     d = res["downtime"]
     tp = d["pages"] * ps / d["copy_seconds"] if d["copy_seconds"] else 0
     notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
              if h["during"] == "downtime"]
-    table.add_row("downtime", fmt_bytes(d["ram_size"]), str(d["pages"]), str(d["pages"]),
-                  fmt_bytes(d["pages"] * ps), f"{d['seconds'] * 1e3:.0f} ms", "-",
-                  f"{tp / (1 << 20):.1f} MiB/s" if tp else "-",
-                  ", ".join(notes + [f"vCPUs stopped: {d['stop_wait'] * 1e3:.0f} ms"]))
+    table.add_row("downtime", fmt_bytes(d["ram_size"]), str(d["pages"]),
+                  f"{d['seconds'] * 1e3:.0f} ms", "-",
+                  f"{tp / (1 << 20):.1f}" if tp else "-",
+                  ", ".join(notes + [f"vCPUs stopped in {d['stop_wait'] * 1e3:.0f} ms"]))
     out.print(table)
 
     sent = sum(r["sent"] for r in res["rounds"]) + d["pages"]
@@ -394,6 +361,12 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
                                 if rates else "-, ")
                  + f"({writes} page writes by {len(res['vcpus'])} vCPU(s), "
                  f"{res['config']['dirty_mode']}, {res['config']['pattern']})")
+    asked, reached = res["config"]["dirty_rate"], vcpu_rate(res)
+    if reached is not None:
+        short = reached < RATE_REACHED * asked
+        grid.add_row("vCPU rate", f"{reached:,.0f} pages/s per vCPU of {asked:,.0f} requested"
+                     + ("[bold red] — NOT REACHED: this machine could not keep up[/]"
+                        if short else ""))
     hot = ", ".join(f"+{fmt_bytes(h['size'])} at {h['t_done']:.2f} s ({h['during']})"
                     for h in res["hotplug"]) or "none"
     grid.add_row("RAM", f"{fmt_bytes(res['config']['ram'])} -> "
@@ -406,13 +379,27 @@ def _render_summary(res: dict[str, Any], out: Console) -> None:
         out.print(f"[bold green]source and destination are identical[/bold green]: "
                   f"{r['pages_compared']} pages ({fmt_bytes(r['bytes_compared'])}) compared "
                   f"byte for byte, {r['pages_written_by_vcpus']} of them last written by a vCPU",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     elif r["missing"]:
-        _error(out, f"the destination is incomplete: {r['missing']}")
+        _verdict(out, f"the destination is incomplete: {r['missing']}")
     else:
         first = ", ".join(str(p) for p in r["first_differ"])
-        _error(out, f"source and destination DIFFER in {r['pages_differ']} of "
-                    f"{r['pages_compared']} pages; first: {first}")
+        _verdict(out, f"source and destination DIFFER in {r['pages_differ']} of "
+                      f"{r['pages_compared']} pages; first: {first}")
+
+
+RATE_REACHED = 0.9  # a vCPU rate below this share of --dirty-rate is reported
+
+
+def vcpu_rate(res: dict[str, Any]) -> float | None:
+    """Pages/s one vCPU wrote on average (None: no vCPU ran)."""
+    rates = [v["writes"] / v["seconds"] for v in res["vcpus"] if v["seconds"] > 0]
+    return sum(rates) / len(rates) if rates else None
+
+
+def _verdict(out: Console, msg: str) -> None:
+    """A failed comparison: the run's result, so on stdout with the summary."""
+    out.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False)
 
 
 def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
@@ -429,21 +416,29 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
         finally:
             progress.close()
     except app.Interrupted as e:
-        out.print(f"interrupted by {e}: workers stopped, map {e.map_name} removed "
-                  f"({e.removed} segments)", highlight=False, soft_wrap=True)
+        _error(f"interrupted by {e}: workers stopped, map {e.map_name} removed "
+               f"({e.removed} segments)")
         return 128 + e.signum
     except app.Failed as e:
-        _error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        _error(f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
         return EXIT_FAILED
     except app.Usage as e:
-        _error(out, str(e))
+        _error(str(e))
         return EXIT_USAGE
     _render_summary(res, out)
     code = EXIT_OK if res["result"]["identical"] else EXIT_MISMATCH
     res["exit_code"] = code
+    reached = vcpu_rate(res)
+    res["vcpu_rate"] = {"requested": cfg.dirty_rate, "reached": reached,
+                        "short": reached is not None and reached < RATE_REACHED * cfg.dirty_rate}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        text = json.dumps(res, indent=2)  # whole before the file is touched
+        try:
+            with open(args.json, "w") as f:
+                f.write(text)
+        except OSError as e:  # checked up front; this is a race or a full disk
+            _error(f"could not write --json {args.json}: {e.strerror or e}")
+            return EXIT_FAILED
     return code
 
 
@@ -452,23 +447,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shmdirty",
         description="QEMU's RCU dirty-memory bitmap in POSIX shared memory: a live "
-                    "migration demo and tools to look at maps.")
+                    "migration demo and tools to look at maps.",
+        epilog="Each command lists its exit codes in its --help.  Bad options exit 2.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
     m = sub.add_parser("migrate", help="run a live migration with RAM hot-add, check it "
                        "byte for byte", description="vCPU processes dirty guest RAM while a "
                        "migrator pre-copies it round by round and RAM is hot-added; then "
-                       "stop-and-copy, then the destination is compared with the source. "
-                       "Exit 0 if identical, 1 if not.")
+                       "stop-and-copy, then the destination is compared with the source.",
+                       epilog=MIGRATE_EXITS, formatter_class=raw)
     m.add_argument("--ram", type=page_size_arg, default=64 << 20, metavar="SIZE",
                    help="initial guest RAM (default 64M)")
-    m.add_argument("--vcpus", type=_count, default=2, metavar="N", help="vCPU processes "
+    m.add_argument("--vcpus", type=count, default=2, metavar="N", help="vCPU processes "
                    "(default 2)")
-    m.add_argument("--dirty-rate", type=_non_negative, default=2000, metavar="PAGES",
+    m.add_argument("--dirty-rate", type=non_negative, default=2000, metavar="PAGES",
                    help="pages each vCPU writes per second (default 2000)")
     m.add_argument("--pattern", choices=("uniform", "hot", "sequential"), default="uniform",
                    help="where vCPUs write (default uniform)")
-    m.add_argument("--hot-fraction", type=_non_negative, default=0.05, metavar="F",
+    m.add_argument("--hot-fraction", type=fraction, default=0.05, metavar="F",
                    help="hot pattern: share of RAM in each vCPU's hot set (default 0.05)")
     m.add_argument("--dirty-mode", choices=("flag", "lebitmap"), default="flag",
                    help="flag: set_dirty_flag per page; lebitmap: KVM-style bitmaps merged "
@@ -476,35 +474,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hotplug", type=parse_schedule, default=((1.0, 32 << 20),),
                    metavar="SCHEDULE", help="RAM hot-adds as SECONDS:SIZE[,...] after the "
                    "start, or 'none' (default 1:32M)")
-    m.add_argument("--block-pages", type=_positive_int, default=4096, metavar="N",
+    m.add_argument("--block-pages", type=positive_whole, default=4096, metavar="N",
                    help="pages per dirty-bitmap block (default 4096 = 16 MiB of RAM; QEMU "
                         "uses 2097152)")
-    m.add_argument("--bandwidth", type=_non_negative, default=24.0, metavar="MIB",
+    m.add_argument("--bandwidth", type=non_negative, default=24.0, metavar="MIB",
                    help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24)")
-    m.add_argument("--threshold", type=_count, default=256, metavar="PAGES",
+    m.add_argument("--threshold", type=count, default=256, metavar="PAGES",
                    help="pre-copy ends when at most this many pages are dirty (default 256)")
-    m.add_argument("--max-rounds", type=_positive_int, default=30, metavar="N",
+    m.add_argument("--max-rounds", type=positive_whole, default=30, metavar="N",
                    help="pre-copy rounds at most (default 30)")
-    m.add_argument("--seed", type=int, default=1, help="random seed of the vCPUs (default 1)")
-    m.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    m.add_argument("--seed", type=whole, default=1, help="random seed of the vCPUs (default 1)")
+    m.add_argument("--json", type=writable_file, metavar="PATH",
+                   help="write the results as JSON to PATH")
     m.add_argument("--name", type=map_arg, default=None, help="map name (default: random)")
-    m.add_argument("--timeout", type=_non_negative, default=300.0, metavar="SECONDS",
+    m.add_argument("--timeout", type=positive, default=300.0, metavar="SECONDS",
                    help="give up after this long (default 300)")
     # Testing: the migrator forgets the dirty pages of this round, so the
     # final comparison must fail.
-    m.add_argument("--drop-round", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--drop-round", type=count, default=0, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_migrate)
 
-    i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots")
+    i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots",
+                       epilog=INSPECT_EXITS, formatter_class=raw)
     i.add_argument("name", type=map_arg, metavar="NAME", help="map name (see `shmdirty ls`)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 
-    ls = sub.add_parser("ls", help="list live maps")
+    ls = sub.add_parser("ls", help="list live maps", epilog=LS_EXITS, formatter_class=raw)
     ls.add_argument("-a", "--all", action="store_true", help="also dead and unreadable maps")
     ls.set_defaults(func=cmd_ls)
 
-    g = sub.add_parser("gc", help="remove segments of maps whose processes are all dead")
+    g = sub.add_parser("gc", help="remove segments of maps whose processes are all dead",
+                       epilog=GC_EXITS, formatter_class=raw)
     g.add_argument("names", nargs="*", type=map_arg, metavar="NAME",
                    help="only these maps (default: every map)")
     g.add_argument("--yes", action="store_true", help="remove them (default: only list)")
@@ -512,19 +513,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    parser = build_parser()
+def version() -> str:
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error (argparse printed it)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    # Logs and pipes get a wide console (COLUMNS still wins): the summary
-    # table has nine columns.
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
-    out = Console(highlight=False, width=wide)
-    code: int = args.func(args, out)
-    return code
+        return _dist_version("shmdirty")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (each command's --help
+    lists them).  Ctrl-C at any point exits 130 without a traceback; during a
+    migration the run stops its workers and removes its segments first."""
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or a usage error (argparse printed it)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        # Logs and pipes get a wide console (COLUMNS still wins).
+        wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
+        out = Console(highlight=False, width=wide)
+        code: int = args.func(args, out)
+        return code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

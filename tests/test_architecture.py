@@ -21,7 +21,7 @@ PACKAGES = ("shmdirty", "workers", "perf")
 # shmdirty's layers, lowest first (docs/ARCHITECTURE.md): a module imports
 # only modules before it.  errors, layout and atomic are the ground.
 LAYERS = ("errors", "layout", "atomic", "segment", "rcu", "bitmap", "table", "snapshot",
-          "coordinator", "dirty", "maps", "cli")
+          "coordinator", "dirty", "maps", "options", "cli")
 
 pytestmark = pytest.mark.timeout(60)
 

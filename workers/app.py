@@ -17,7 +17,7 @@ happens, every worker is stopped (asked first, then signalled) and every
 segment of the map is removed before ``run`` returns or raises.
 
 Where the guest comes from is ``_jobs()``: the simulated vCPUs today; a
-KVM guest (DESIGN.md section 4, ``--guest kvm``) would add its VM owner and
+KVM guest (``--guest kvm``) would add its VM owner and
 dataplane processes there, beside them.
 """
 
@@ -152,9 +152,11 @@ def run(cfg: MigrateConfig, on_event: OnEvent) -> dict[str, Any]:
         m = Migration(cfg, on_event, signals)
         try:
             try:
-                return m.execute()
+                result = m.execute()
             finally:
                 m.teardown()
+            signals.check()  # a signal during the comparison or the teardown still counts
+            return result
         except RunError as e:
             e.map_name, e.removed = m.map_name, m.removed
             raise
@@ -222,8 +224,8 @@ class Migration:
         written = 0
         if missing:
             compared = src.npages
-        else:
-            compared, differ, written = compare(src, dst)
+        else:  # block by block, honouring Ctrl-C / SIGTERM between blocks
+            compared, differ, written = compare(src, dst, self.signals.check)
         d = self.done
         t0 = d.t_go
         hotplugs = []

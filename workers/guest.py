@@ -20,7 +20,7 @@ bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -159,14 +159,17 @@ class GuestRam:
         self._starts = np.zeros(0, dtype=np.int64)
 
 
-def compare(src: GuestRam, dst: GuestRam) -> tuple[int, list[int], int]:
+def compare(src: GuestRam, dst: GuestRam,
+            between_blocks: Callable[[], None] = lambda: None) -> tuple[int, list[int], int]:
     """Byte-for-byte comparison: (pages compared, global numbers of the pages
-    that differ, pages whose stamp says a vCPU wrote them)."""
+    that differ, pages whose stamp says a vCPU wrote them).  ``between_blocks``
+    is called before each RAM block (it may raise to stop the comparison)."""
     if src.blocks != dst.blocks:
         raise ValueError(f"source RAM blocks {src.blocks} != destination blocks {dst.blocks}")
     differ: list[int] = []
     written = 0
     for (offset, _), s, d in zip(src.blocks, src.views, dst.views, strict=True):
+        between_blocks()
         rows = np.flatnonzero((s != d).any(axis=1))
         differ.extend((rows + (offset >> src.page_bits)).tolist())
         written += int(np.count_nonzero(s[:, 0] & np.uint64(TAG_MASK) == np.uint64(TAG_VCPU)))

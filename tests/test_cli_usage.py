@@ -1,0 +1,240 @@
+"""The command line as a user meets it (issue 13): errors on stderr with the
+exit codes --help documents, options refused before anything starts (exit
+2, plain words, no traceback), Ctrl-C honoured at every stage, --version,
+a summary that reads at 80 columns, gc in natural order, an unreachable
+dirty rate reported, and docs that name what is really there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shmdirty import cli, layout, segment
+from shmdirty._workers import app
+from shmdirty.options import PAGE_BITS
+from shmdirty.segment import Segment
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small run: 4 MiB, no hot-add, unlimited bandwidth (a few seconds).
+SMALL = ["--ram", "4M", "--block-pages", "256", "--dirty-rate", "300", "--hotplug", "none",
+         "--bandwidth", "0", "--timeout", "60"]
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def _migrate(map_name: str, *argv: str, env: dict[str, str] | None = None,
+             script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``shmdirty migrate`` as a user runs it (a process of its own)."""
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "shmdirty.cli"]
+    return subprocess.run([*cmd, "migrate", "--name", map_name, *argv], capture_output=True,
+                          text=True, timeout=80, env=env)
+
+
+# --- errors, exit codes, --help, --version ---------------------------------------------------
+def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str],
+                                               map_name: str) -> None:
+    code, out, err = _main(capsys, "inspect", map_name, "--json")
+    assert (code, out) == (2, "")            # the JSON stream stays clean
+    assert "is not a map" in err
+    code, out, err = _main(capsys, "gc", "--yes", map_name)
+    assert code == 2 and "is not a map" in err and "is not a map" not in out
+    code, out, err = _main(capsys, "inspect", "no such map!")
+    assert code == 2 and out == "" and "must be 1-100 characters" in err
+
+
+@pytest.mark.parametrize(("command", "codes"), [
+    ("migrate", ("0 ", "1 ", "2 ", "3 ", "130/143")),
+    ("inspect", ("0 ", "2 ", "130")),
+    ("ls", ("0 ", "2 ", "130")),
+    ("gc", ("0 ", "2 ", "130")),
+])
+def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str], command: str,
+                                        codes: tuple[str, ...]) -> None:
+    code, out, _ = _main(capsys, command, "--help")
+    assert code == 0
+    listed = out[out.index("exit codes:"):]
+    for c in codes:
+        assert re.search(rf"^\s+{re.escape(c)}", listed, re.M), (c, listed)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _main(capsys, "--version")
+    assert code == 0 and out.strip() == f"shmdirty {version('shmdirty')}"
+
+
+def test_option_pages_match_the_application() -> None:
+    assert PAGE_BITS == app.PAGE_BITS
+
+
+# --- options checked before anything starts -----------------------------------------------------
+BAD_OPTIONS = [
+    (["--ram", "inf"], "is not a size"),
+    (["--ram", "nan"], "is not a size"),
+    (["--ram", "1e400"], "is not a size"),
+    (["--hotplug", "1:inf"], "is not a size"),
+    (["--hotplug", "inf:4M"], "is not SECONDS:SIZE"),
+    (["--hotplug", "nan:4M"], "is not SECONDS:SIZE"),
+    (["--dirty-rate", "nan"], "is not a finite number"),
+    (["--dirty-rate", "-1"], "must not be negative"),
+    (["--bandwidth", "inf"], "is not a finite number"),
+    (["--timeout", "nan"], "is not a finite number"),
+    (["--timeout", "inf"], "is not a finite number"),
+    (["--timeout", "0"], "must be more than 0"),
+    (["--hot-fraction", "5"], "is not a fraction in (0, 1]"),
+    (["--hot-fraction", "0"], "is not a fraction in (0, 1]"),
+    (["--vcpus", "abc"], "'abc' is not a whole number"),
+    (["--seed", "1.5"], "'1.5' is not a whole number"),
+    (["--max-rounds", "0"], "must be a positive whole number"),
+    (["--json", "/nonexistent/dir/x.json"], "directory '/nonexistent/dir' does not exist"),
+    (["--block-pages", "100"], "must be a multiple of 64"),   # checked by the application
+    (["--vcpus", "62"], "at most 61"),
+]
+
+
+@pytest.mark.parametrize(("argv", "why"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_exit_2_in_plain_words_before_anything_starts(
+        capsys: pytest.CaptureFixture[str], map_name: str, argv: list[str], why: str) -> None:
+    before = psutil.Process().children(recursive=True)
+    code, out, err = _main(capsys, "migrate", "--name", map_name, *argv)
+    assert code == 2 and why in err, err
+    assert "Traceback" not in err and out == ""
+    # no internal names: argparse says "invalid <function name> value" for a
+    # type function that raises ValueError
+    assert not re.search(r"invalid \w+ value", err), err
+    assert segment.list_segments(map_name) == []                   # no map was made
+    assert psutil.Process().children(recursive=True) == before     # no worker was spawned
+
+
+def test_json_to_a_directory_is_refused(capsys: pytest.CaptureFixture[str], map_name: str,
+                                        tmp_path: Path) -> None:
+    code, _, err = _main(capsys, "migrate", "--name", map_name, "--json", str(tmp_path))
+    assert code == 2 and "it is a directory" in err
+
+
+def test_the_real_program_says_bad_options_without_a_traceback(map_name: str) -> None:
+    for argv in (["--ram", "inf"], ["--hotplug", "1:inf"], ["--dirty-rate", "nan"]):
+        r = _migrate(map_name, *argv)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "error: argument" in r.stderr
+        assert r.stdout == ""
+
+
+# --- Ctrl-C at every stage -----------------------------------------------------------------------
+# Runs cli.main with one stage wrapped to deliver a real SIGINT to the
+# process while that stage runs.
+STAGE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from shmdirty import cli
+    from shmdirty._workers import app
+
+    stage = os.environ["STAGE"]
+    if stage == "compare":
+        real_compare = app.compare
+        def compare(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_compare(*args)
+        app.compare = compare
+    else:
+        real_render = cli._render_summary
+        def render(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_render(*args)
+        cli._render_summary = render
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("stage", ["compare", "summary"])
+def test_ctrl_c_is_honoured_during_the_final_stages(map_name: str, stage: str,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    r = _migrate(map_name, *SMALL, "--json", str(out), script=STAGE_SCRIPT,
+                 env={**os.environ, "STAGE": stage})
+    assert r.returncode == 130, r.stdout + r.stderr
+    assert "identical" not in r.stdout
+    assert "Traceback" not in r.stderr and "interrupted" in r.stderr
+    assert not out.exists()                        # no result written for a stopped run
+    assert segment.list_segments(map_name) == []
+
+
+# --- what a run prints -------------------------------------------------------------------------
+def test_a_run_reads_at_80_columns_and_claims_no_false_page_counts(
+        map_name: str, tmp_path: Path) -> None:
+    # 2 x 3000 pages/s against 8 MiB/s: pre-copy runs out of rounds, and the
+    # stop-and-copy has thousands of pages to send.
+    out = tmp_path / "r.json"
+    r = _migrate(map_name, "--ram", "4M", "--block-pages", "256", "--hotplug", "0.05:2M",
+                 "--dirty-rate", "3000", "--bandwidth", "8", "--max-rounds", "3",
+                 "--pattern", "sequential", "--timeout", "60", "--json", str(out),
+                 env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.stdout
+    assert "…" not in r.stdout                      # nothing cut off
+    assert res["end_of_precopy"] == "max rounds"
+    pages = res["downtime"]["pages"]
+    assert pages > 100
+    assert "pages pending" not in r.stdout           # nothing counted before the final sync
+    assert f"stop-and-copy: {pages} pages to send" in r.stdout
+    row = next(line for line in lines if line.lstrip().startswith("downtime") and "ms" in line)
+    assert f" {pages} " in row                       # the table's downtime row, whole
+    assert res["vcpu_rate"]["requested"] == 3000
+
+
+def test_an_unreachable_dirty_rate_is_reported(map_name: str, tmp_path: Path) -> None:
+    # 10 million pages/s from one Python vCPU: no machine of this kind gets there.
+    out = tmp_path / "r.json"
+    r = _migrate(map_name, "--ram", "4M", "--block-pages", "256", "--hotplug", "none",
+                 "--vcpus", "1", "--dirty-rate", "1e7", "--bandwidth", "0", "--max-rounds", "2",
+                 "--timeout", "60", "--json", str(out), env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    rate = json.loads(out.read_text())["vcpu_rate"]
+    assert rate["short"] is True and rate["reached"] < 0.9 * rate["requested"]
+    assert "NOT REACHED" in r.stdout and "10,000,000 requested" in r.stdout
+
+
+def test_gc_lists_segments_in_natural_order(capsys: pytest.CaptureFixture[str],
+                                            map_name: str) -> None:
+    # leftovers of a map whose header never came to be: gc's to list
+    for i in range(12):
+        Segment.create(layout.block_name(map_name, i), 4096, layout.KIND_BLOCK).close()
+    code, out, _ = _main(capsys, "gc", map_name)
+    assert code == 0
+    listed = [w for w in out.split() if w.startswith(f"shmdirty-{map_name}-b")]
+    assert listed == [layout.block_name(map_name, i) for i in range(12)]   # b2 before b10
+    code, out, _ = _main(capsys, "gc", "--yes", map_name)
+    assert code == 0 and "removed 12 segment(s)" in out
+
+
+# --- docs ----------------------------------------------------------------------------------------
+def test_docs_name_only_what_is_in_the_repository() -> None:
+    sources = [p for d in ("shmdirty", "workers", "perf") for p in (ROOT / d).glob("*.py")]
+    for p in sources + [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for doc in re.findall(r"\b(\w+\.md)\b", p.read_text()):
+            assert (ROOT / doc).exists() or (ROOT / "docs" / doc).exists(), (p.name, doc)
+
+
+def test_readme_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = {int(v) for v in re.findall(r"layout version (\d+)", readme)}
+    assert shown == {layout.LAYOUT_VERSION}
+    assert "SHMDIRTY_ATOMICS" in readme
+    for v in ("3.11", "3.12", "3.13"):
+        assert f"Python :: {v}" in (ROOT / "pyproject.toml").read_text() and v in readme
