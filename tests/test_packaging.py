@@ -80,6 +80,13 @@ def test_markers_pick_atomics_per_python(wheel: Path) -> None:
     assert requires["atomics"] == 'atomics==1.0.3;python_version<"3.12"'
     assert requires["atomics2"] == 'atomics2<1.2,>=1.1;python_version>="3.12"'
     assert meta["Requires-Python"] == ">=3.11"
+    # `pip install .` / `make demo` get only what running needs; the test
+    # tools come with the [test] extra, matplotlib with [bench]
+    plain = {name for name, req in requires.items() if "extra==" not in req}
+    assert plain == {"numpy", "psutil", "atomics", "atomics2", "cffi", "rich"}
+    for tool in ("pytest", "pytest-timeout", "hypothesis", "mypy", "ruff"):
+        assert "extra==\"test\"" in requires[tool], requires[tool]
+    assert "extra==\"bench\"" in requires["matplotlib"]
     classifiers = meta.get_all("Classifier")
     for v in ("3.11", "3.12", "3.13"):
         assert f"Programming Language :: Python :: {v}" in classifiers
