@@ -96,7 +96,10 @@ def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_pat
     assert segment.list_segments(map_name) == []
     r = res["result"]
     assert not r["identical"]
-    assert res["rounds"][0]["dropped"] == 1024 and res["rounds"][0]["sent"] == 0
+    # round 1 dropped every page of the RAM it saw (4 MiB, or 6 MiB when the
+    # hot-add at 0.05 s landed before its sync on a busy machine)
+    round1 = res["rounds"][0]
+    assert round1["dropped"] == round1["ram_size"] // PAGE >= 1024 and round1["sent"] == 0
     # nearly all of the initial RAM was never sent: the vCPUs rewrote few pages
     assert r["pages_differ"] > 512
     first = r["first_differ"]
