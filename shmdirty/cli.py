@@ -79,18 +79,18 @@ exit codes:
   130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
 INSPECT_EXITS = """\
 exit codes:
-  0  shown
-  2  bad options, or NAME is not a readable map (the reason goes to stderr)
+  0    shown
+  2    bad options, or NAME is not a readable map (the reason goes to stderr)
   130  interrupted by Ctrl-C"""
 LS_EXITS = """\
 exit codes:
-  0  listed (also when there is no map)
-  2  bad options
+  0    listed (also when there is no map)
+  2    bad options
   130  interrupted by Ctrl-C"""
 GC_EXITS = """\
 exit codes:
-  0  listed or removed (maps that are in use are left alone and named)
-  2  bad options, or a NAME is not a map (the others are still handled)
+  0    listed or removed (maps that are in use are left alone and named)
+  2    bad options, or a NAME is not a map (the others are still handled)
   130  interrupted by Ctrl-C"""
 
 PAGE_BITS = app.PAGE_BITS
