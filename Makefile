@@ -33,7 +33,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml | $(PY)
+$(VENV)/.installed-%: pyproject.toml shmdirty/_kernel.c | $(PY)  # the editable install compiles the kernel
 	$(PY) -m pip install --quiet -e '.$(EXTRAS_$*)'
 	touch $@
 

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     command = "python -m perf " + shlex.join(sys.argv[1:] if argv is None else argv)
     machine = machine_info()
+    # Workers are spawned: they run on the backend this process picked.
+    os.environ["SHMDIRTY_ATOMICS"] = machine["atomic_backend"]
+    backend_line = (f"atomics backend: {machine['atomic_backend']} "
+                    f"(patomic from {machine['atomics_package']})")
+    err.print(backend_line, highlight=False)
     try:
         with sigterm_as_exit():
             outcome = run_bench(cfg, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc = document(outcome, machine, command)
     print_report(doc, console)
+    console.print(backend_line, highlight=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = [write_json(doc, RESULTS_DIR / "bench.json")]
     if args.json:

@@ -52,5 +52,6 @@ def machine_info() -> dict[str, Any]:
         "atomics": _version("atomics"),
         "atomics2": _version("atomics2"),
         "atomic_backend": atomic.backend.name,
+        "atomics_package": " ".join(atomic.atomics_package()[1:]),
         "cc": compiler_version(),
     }

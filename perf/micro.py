@@ -88,15 +88,23 @@ def atomic_micro(prefix: str, quick: bool) -> list[dict[str, Any]]:
             for _ in range(n):
                 f(offset, 1, seq)
 
+        n = 50_000 * scale
+        try:
+            atomic.use_backend("kernel")
+        except Exception:  # not compiled at install: no kernel row
+            pass
+        else:
+            rows.append(_row("atomic", "fetch_or, compiled kernel (C extension, address)",
+                             best_ns(by_ptr, n), n, backend="kernel", key="kernel"))
         fast_note = None
         try:
-            atomic.use_backend("fast")
+            atomic.use_backend("cffi")
         except Exception as exc:  # the fast path's internals are not there
             fast_note = f"fast backend unavailable: {exc}"
         n = 50_000 * scale
-        rows.append(_row("atomic", "fetch_or, fast path (cffi pointer)", best_ns(by_ptr, n), n,
+        rows.append(_row("atomic", "fetch_or, cffi path (function pointer)", best_ns(by_ptr, n), n,
                          backend=atomic.backend.name, note=fast_note, key="fast"))
-        rows.append(_row("atomic", "fetch_or, fast path (checked Words method)",
+        rows.append(_row("atomic", "fetch_or, cffi path (checked Words method)",
                          best_ns(by_words, n), n, backend=atomic.backend.name,
                          key="fast_checked"))
         atomic.use_backend("public")

@@ -1,20 +1,27 @@
 """Hardware atomics on 64-bit words of shared buffers.
 
-This is the only module that talks to the `atomics` package.  Two backends
-give identical results:
+This is the only module that talks to the `atomics` package (or its
+maintained fork `atomics2`) and to shmdirty's compiled kernel.  Every atomic
+instruction is one of patomic's op functions, the ones the package ships;
+``patomic_ops()`` reads their addresses from the package's 8-byte op table.
+Three backends call them and give identical results:
 
-- ``fast``: patomic's compiled op table (the C functions behind every
-  `atomics` view) called as cffi function pointers, with cffi pointer
-  arithmetic for the address.  0.6 us per fetch_or in the `python -m perf`
-  run of docs/PERFORMANCE.md.
-- ``public``: the package's public ``atomicview`` API, one view per op.
-  46 us per fetch_or in that run (78x the fast path); used when the
-  internals are not the ones the fast path was verified on (``VERIFIED``:
-  atomics 1.0.3, atomics2 1.1.x), or when ``SHMDIRTY_ATOMICS=public``.
+- ``kernel``: ``shmdirty._kernel``, a small C extension built at install
+  (optional: no compiler, no kernel).  A METH_FASTCALL call per op (tens of
+  ns), and batch loops over a whole bitmap block (``batch``).
+- ``cffi``: the same functions as cffi function pointers, about 1 us per op;
+  batch work is the numpy + per-word loops of shmdirty.bitmap.
+- ``public``: the package's public ``atomicview`` API, one view per op
+  (about 25 us per op); used when the package is not a version whose
+  internals were verified, or on request.
 
-A word is named by a cffi ``char *`` pointer (``Words.ptr(offset)``) so hot
-paths do their address arithmetic once.  Every function takes an explicit
-C11 memory order; callers say in a comment why they need it.
+``SHMDIRTY_ATOMICS=kernel|cffi|public`` picks one (an unavailable choice is
+an ImportError); unset, the first that works, with one RuntimeWarning at
+import when that is not the kernel.  A word is named by its address, a
+Python int (``Words.ptr(offset)`` checks it against its buffer), so hot
+paths do their address arithmetic once and any backend can use any
+address.  Every op takes an explicit C11 memory order; callers say in a
+comment why they need it.
 """
 
 from __future__ import annotations
@@ -41,32 +48,69 @@ SEQ_CST = 5
 _ORDERS = (RELAXED, ACQUIRE, RELEASE, ACQ_REL, SEQ_CST)
 WORD = 8
 MASK64 = (1 << 64) - 1
-# Package -> version prefix whose internal op table the fast path was
-# verified on.  `atomics2` is the maintained fork (Python 3.12+ installs it
-# instead of `atomics`); its 1.1 moved fetch_add into arithmetic_ops.
+# Package -> version prefix whose internal op table this module was verified
+# on (atomics2 1.1 renamed signed_ops / unsigned_ops to arithmetic_ops).
 VERIFIED = {"atomics": "1.0.3", "atomics2": "1.1."}
 VERIFIED_ATOMICS_VERSION = VERIFIED["atomics"]
+BACKENDS = ("kernel", "cffi", "public")
+# ns per fetch_or from Python, the micro rows of three `python -m perf --quick`
+# runs on the loaded 2-core project machine (docs/PERFORMANCE.md, Results):
+# the warning quotes them.
+MEASURED_NS = {"kernel": (118, 201), "cffi": (1920, 2175)}
 
 ffi = cffi.FFI()
 
-Ptr = Any  # a cffi `char *` to an 8-byte aligned word
+Ptr = int  # the address of an 8-byte aligned word
 
 
 def atomics_package() -> tuple[Any, str, str]:
     """The atomics package in use: (module, distribution name, version).
 
-    ``atomics`` when installed, else its fork ``atomics2``; ImportError if neither."""
+    ``atomics`` if installed, else its fork ``atomics2``; ImportError if neither."""
     for dist in VERIFIED:
         try:
             mod = importlib.import_module(dist)
         except ImportError:
             continue
-        try:
-            version = getattr(mod, "__version__", None) or _dist_version(dist)
-        except PackageNotFoundError:
-            version = "unknown"
+        version = getattr(mod, "__version__", None)
+        if version is None:
+            try:
+                version = _dist_version(dist)
+            except PackageNotFoundError:
+                version = "unknown"
         return mod, dist, str(version)
     raise ImportError("shmdirty needs the `atomics` package (or its fork `atomics2`)")
+
+
+def patomic_ops() -> dict[str, int]:
+    """Addresses of patomic's op functions for 8-byte words, from the atomics
+    package's internal ``Patomic.ops(8)`` table: {name: address}.
+
+    The one place that reads the table.  RuntimeError if the package is not a
+    verified version (VERIFIED) or an op is missing.  The library stays
+    loaded: the package caches it."""
+    _, dist, version = atomics_package()
+    if not version.startswith(VERIFIED[dist]):
+        raise RuntimeError(f"{dist} {version}: the op table was verified on {dist} "
+                           f"{VERIFIED[dist]}")
+    patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
+    ops = patomic.ops(WORD)
+    # atomics 1.0.3: signed_ops / unsigned_ops; atomics2 1.1: arithmetic_ops.
+    arith = ops.arithmetic_ops if hasattr(ops, "arithmetic_ops") else ops.unsigned_ops
+    table = {
+        "load": ops.fp_load, "store": ops.fp_store,
+        "exchange": ops.xchg_ops.fp_exchange, "cmpxchg_strong": ops.xchg_ops.fp_cmpxchg_strong,
+        "or": ops.binary_ops.fp_or, "fetch_or": ops.binary_ops.fp_fetch_or,
+        "fetch_and": ops.binary_ops.fp_fetch_and, "fetch_add": arith.fp_fetch_add,
+        "test_set": ops.bitwise_ops.fp_test_set, "test_reset": ops.bitwise_ops.fp_test_reset,
+    }
+    out = {}
+    for name, fp in table.items():
+        address = ctypes.cast(fp, ctypes.c_void_p).value
+        if not address:
+            raise RuntimeError(f"patomic ({dist} {version}) has no {name} for 8-byte words")
+        out[name] = address
+    return out
 
 
 class _Scratch(threading.local):
@@ -84,6 +128,9 @@ class _Backend:
     """One implementation of every op; each is a plain callable attribute."""
 
     name = "abstract"
+    # The kernel's batch loops over one block (shmdirty.bitmap uses them),
+    # or None: bitmap then uses numpy and the per-word ops below.
+    batch: Any = None
     load: Callable[[Ptr, int], int]
     store: Callable[[Ptr, int, int], None]
     exchange: Callable[[Ptr, int, int], int]
@@ -93,13 +140,7 @@ class _Backend:
     fetch_add: Callable[[Ptr, int, int], int]
     bit_test_set: Callable[[Ptr, int, int], bool]
     bit_test_reset: Callable[[Ptr, int, int], bool]
-    bit_test_set_raw: Callable[[Ptr, int, int], Any]  # bit_test_set minus the bool()
-    # For callers that own a cell (a cffi uint64_t[1] no other thread uses):
-    # store_cell(p, cell, order) stores cell[0]; load_cell(p, order, cell)
-    # loads into cell[0].  On the fast backend these are the C functions.
-    store_cell: Callable[[Ptr, Any, int], None]
-    load_cell: Callable[[Ptr, int, Any], None]
-
+    fence: Callable[[], None]
     or_many: Callable[[Ptr, list[int], list[int], int], None]
     take_many: Callable[[Ptr, list[int], list[int], int], list[int]]
 
@@ -121,51 +162,65 @@ class _Backend:
                 out.append(self.fetch_and(p, ~m & MASK64, order) & m)
         return out
 
+    def _fence(self) -> None:
+        # A word no other process sees: a seq_cst read-modify-write on it is
+        # a full fence (a locked instruction on x86-64, a barrier pair on
+        # AArch64).
+        self.fetch_add(_fence_ptr, 0, SEQ_CST)
 
-class _FastBackend(_Backend):
-    """patomic's op table for 8-byte words, called through cffi."""
 
-    name = "fast"
+class _KernelBackend(_Backend):
+    """shmdirty._kernel: patomic's functions called from C."""
+
+    name = "kernel"
 
     def __init__(self) -> None:
-        _, dist, _ = atomics_package()
-        # the verified internals
-        Patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
-        ops = Patomic.ops(WORD)
-        # atomics 1.0.3: unsigned_ops; atomics2 1.1: arithmetic_ops
-        arithmetic = getattr(ops, "unsigned_ops", None) or ops.arithmetic_ops
+        # The compiled module, optional (ImportError when it was not built).
+        k: Any = importlib.import_module(f"{__package__}._kernel")
+        k.setup(patomic_ops())
+        self.batch = k
+        self.load = k.load
+        self.store = k.store
+        self.exchange = k.exchange
+        self.compare_exchange = k.compare_exchange
+        self.fetch_or = k.fetch_or
+        self.fetch_and = k.fetch_and
+        self.fetch_add = k.fetch_add
+        self.bit_test_set = k.bit_test_set
+        self.bit_test_reset = k.bit_test_reset
+        self.fence = k.fence
+        self.or_many = self._or_many
+        self.take_many = self._take_many
 
-        def fn(ctype_fp: Any, sig: str) -> Any:
-            address = ctypes.cast(ctype_fp, ctypes.c_void_p).value
-            if not address:
-                raise RuntimeError(f"patomic has no {sig} for 8-byte words")
-            return ffi.cast(sig, address)
 
-        fetch = "void(*)(void *, void *, int, void *)"
-        self._load = fn(ops.fp_load, "void(*)(void *, int, void *)")
-        self._store = fn(ops.fp_store, "void(*)(void *, void *, int)")
-        self._xchg = fn(ops.xchg_ops.fp_exchange, fetch)
-        self._cmpxchg = fn(
-            ops.xchg_ops.fp_cmpxchg_strong, "int(*)(void *, void *, void *, int, int)"
-        )
-        self._fetch_or = fn(ops.binary_ops.fp_fetch_or, fetch)
-        self._or = fn(ops.binary_ops.fp_or, "void(*)(void *, void *, int)")
-        self._fetch_and = fn(ops.binary_ops.fp_fetch_and, fetch)
-        self._fetch_add = fn(arithmetic.fp_fetch_add, fetch)
-        self._test_set = fn(ops.bitwise_ops.fp_test_set, "int(*)(void *, int, int)")
-        self._test_reset = fn(ops.bitwise_ops.fp_test_reset, "int(*)(void *, int, int)")
-        # The C functions themselves, for the hottest paths.
-        self.bit_test_set_raw = self._test_set
-        self.store_cell = self._store
-        self.load_cell = self._load
+class _CffiBackend(_Backend):
+    """patomic's op functions called through cffi (no compiler needed)."""
+
+    name = "cffi"
+
+    def __init__(self) -> None:
+        table = patomic_ops()
+
+        def fn(name: str, sig: str) -> Any:
+            # The word is passed as uintptr_t: an address in an integer
+            # register, as a `void *` is on every ABI patomic supports.
+            return ffi.cast(sig, table[name])
+
+        fetch = "void(*)(uintptr_t, void *, int, void *)"
+        c_load = fn("load", "void(*)(uintptr_t, int, void *)")
+        c_store = fn("store", "void(*)(uintptr_t, void *, int)")
+        c_xchg = fn("exchange", fetch)
+        c_cmpxchg = fn("cmpxchg_strong", "int(*)(uintptr_t, void *, void *, int, int)")
+        c_or = fn("fetch_or", fetch)
+        c_or_void = fn("or", "void(*)(uintptr_t, void *, int)")
+        c_and = fn("fetch_and", fetch)
+        c_add = fn("fetch_add", fetch)
+        c_set = fn("test_set", "int(*)(uintptr_t, int, int)")
+        c_reset = fn("test_reset", "int(*)(uintptr_t, int, int)")
 
         # Plain closures, not methods: each op is one Python call around one
         # C call.  The per-thread cell carries arguments and results.
         scratch = _scratch
-        c_load, c_store, c_xchg = self._load, self._store, self._xchg
-        c_cmpxchg, c_or, c_and, c_add = (self._cmpxchg, self._fetch_or,
-                                         self._fetch_and, self._fetch_add)
-        c_set, c_reset = self._test_set, self._test_reset
 
         def load(p: Ptr, order: int) -> int:
             c = scratch.cell
@@ -205,8 +260,6 @@ class _FastBackend(_Backend):
         def bit_test_reset(p: Ptr, bit: int, order: int) -> bool:
             return bool(c_reset(p, bit, order))
 
-        c_or_void = self._or
-
         def or_many(base: Ptr, words: list[int], values: list[int], order: int) -> None:
             c = ffi.new("uint64_t[1]")
             for w, v in zip(words, values, strict=True):
@@ -238,17 +291,17 @@ class _FastBackend(_Backend):
         self.fetch_add = fetch_add
         self.bit_test_set = bit_test_set
         self.bit_test_reset = bit_test_reset
+        self.fence = self._fence
 
 
 class _PublicBackend(_Backend):
-    """The same operations through ``atomics.atomicview``, one view per op."""
+    """The same operations through ``atomicview``, one view per op."""
 
     name = "public"
 
     def __init__(self) -> None:
-        atomics, _, _ = atomics_package()
-        self._atomics = atomics
-        self._orders = {o: atomics.MemoryOrder(o) for o in _ORDERS}
+        self._atomics, _, _ = atomics_package()
+        self._orders = {o: self._atomics.MemoryOrder(o) for o in _ORDERS}
         self.load = self._load
         self.store = self._store
         self.exchange = self._exchange
@@ -258,17 +311,13 @@ class _PublicBackend(_Backend):
         self.fetch_add = self._fetch_add
         self.bit_test_set = self._bit_test_set
         self.bit_test_reset = self._bit_test_reset
-        self.bit_test_set_raw = self._bit_test_set
         self.or_many = self._or_many
         self.take_many = self._take_many
-        self.store_cell = lambda p, cell, order: self._store(p, int(cell[0]), order)
-
-        def load_cell(p: Ptr, order: int, cell: Any) -> None:
-            cell[0] = self._load(p, order)
-        self.load_cell = load_cell
+        self.fence = self._fence
 
     def _view(self, p: Ptr) -> Any:
-        return self._atomics.atomicview(buffer=ffi.buffer(p, WORD), atype=self._atomics.UINT)
+        return self._atomics.atomicview(buffer=ffi.buffer(ffi.cast("char *", p), WORD),
+                                        atype=self._atomics.UINT)
 
     def _load(self, p: Ptr, order: int) -> int:
         with self._view(p) as v:
@@ -310,43 +359,81 @@ class _PublicBackend(_Backend):
             return bool(v.bit_test_reset(bit, self._orders[order]))
 
 
-def _pick_backend() -> _Backend:
-    if os.environ.get("SHMDIRTY_ATOMICS") == "public":
-        return _PublicBackend()
-    try:
-        _, dist, version = atomics_package()
-        if not version.startswith(VERIFIED[dist]):
-            raise RuntimeError(f"{dist} {version}, fast path verified on "
-                               f"{VERIFIED[dist].rstrip('.')}")
-        return _FastBackend()
-    except Exception as exc:  # internals moved: stay correct, get slower
-        warnings.warn(
-            f"shmdirty: atomics fast path unavailable ({exc}); using the public "
-            "atomicview API (78x slower per fetch_or in the `python -m perf` run of "
-            "docs/PERFORMANCE.md)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return _PublicBackend()
+_CLASSES: dict[str, type[_Backend]] = {
+    "kernel": _KernelBackend, "cffi": _CffiBackend, "public": _PublicBackend,
+}
 
+
+def available() -> list[str]:
+    """The backends this process can use, fastest first."""
+    out = []
+    for name in BACKENDS:
+        try:
+            _CLASSES[name]()
+        except Exception:
+            continue
+        out.append(name)
+    return out
+
+
+def _pick_backend() -> _Backend:
+    want = os.environ.get("SHMDIRTY_ATOMICS", "")
+    if want:
+        if want not in _CLASSES:
+            raise ImportError(f"SHMDIRTY_ATOMICS={want!r} is not one of {', '.join(BACKENDS)}")
+        try:
+            return _CLASSES[want]()
+        except Exception as exc:
+            raise ImportError(f"SHMDIRTY_ATOMICS={want}: that backend is unavailable "
+                              f"({exc})") from exc
+    try:
+        return _KernelBackend()
+    except ImportError:
+        why: Exception | str = "shmdirty._kernel was not built at install (no C compiler?)"
+    except Exception as exc:
+        why = exc
+    try:
+        chosen: _Backend = _CffiBackend()
+        (k_lo, k_hi), (c_lo, c_hi) = MEASURED_NS["kernel"], MEASURED_NS["cffi"]
+        slower = (f"{c_lo // k_hi}-{c_hi // k_lo}x slower per atomic op (measured "
+                  f"{c_lo}-{c_hi} ns per fetch_or against {k_lo}-{k_hi} ns on the kernel, "
+                  "docs/PERFORMANCE.md), and bulk calls lose the kernel's C loops")
+    except Exception as exc:  # internals moved: stay correct, get slower
+        why = exc
+        chosen = _PublicBackend()
+        slower = "about 300x slower per atomic op"
+    warnings.warn(
+        f"shmdirty: the compiled kernel is unavailable ({why}); using the {chosen.name} "
+        f"backend, {slower}.  Reinstall with a C compiler (gcc and the Python headers) "
+        "for the kernel.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return chosen
+
+
+# A private word for _Backend._fence (its address stays fixed: cffi owns it).
+_fence_cell = ffi.new("uint64_t[2]")
+_fence_ptr: Ptr = int(ffi.cast("uintptr_t", _fence_cell))
 
 backend: _Backend = _pick_backend()
 
 
 def use_backend(name: str) -> _Backend:
-    """Switch this process to the ``fast`` or ``public`` backend (tests, perf)."""
-    global backend, load, store, exchange, compare_exchange
-    global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
-    if name not in ("fast", "public"):
-        raise ValueError(f"atomics backend {name!r} is not 'fast' or 'public'")
-    backend = _FastBackend() if name == "fast" else _PublicBackend()
+    """Switch this process to backend ``name`` (tests, perf); ``fast`` is the
+    cffi backend's old name.  Objects made before keep the ops they bound."""
+    global backend
+    name = "cffi" if name == "fast" else name
+    if name not in _CLASSES:
+        raise ValueError(f"atomics backend {name!r} is not one of {', '.join(BACKENDS)}")
+    backend = _CLASSES[name]()
     _bind()
     return backend
 
 
 def _bind() -> None:
-    global load, store, exchange, compare_exchange, or_many, take_many
-    global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset
+    global load, store, exchange, compare_exchange, or_many, take_many, batch
+    global fetch_or, fetch_and, fetch_add, bit_test_set, bit_test_reset, fence
     load = backend.load
     store = backend.store
     or_many = backend.or_many
@@ -358,6 +445,8 @@ def _bind() -> None:
     fetch_add = backend.fetch_add
     bit_test_set = backend.bit_test_set
     bit_test_reset = backend.bit_test_reset
+    fence = backend.fence
+    batch = backend.batch
 
 
 load: Callable[[Ptr, int], int]
@@ -371,22 +460,11 @@ fetch_and: Callable[[Ptr, int, int], int]
 fetch_add: Callable[[Ptr, int, int], int]
 bit_test_set: Callable[[Ptr, int, int], bool]
 bit_test_reset: Callable[[Ptr, int, int], bool]
+fence: Callable[[], None]
+"""A full memory fence (sequentially consistent)."""
+batch: Any
+"""The kernel's batch loops (shmdirty/_kernel.c), or None on other backends."""
 _bind()
-
-# A word no other process sees: a seq_cst read-modify-write on it is a full
-# fence (a locked instruction on x86-64, a barrier pair on AArch64).
-_fence_cell = ffi.new("uint64_t[2]")
-_fence_ptr = ffi.cast("char *", _fence_cell)
-
-
-def new_cell() -> Any:
-    """A private cffi uint64_t[1] for store_cell / load_cell."""
-    return ffi.new("uint64_t[1]")
-
-
-def fence() -> None:
-    """A full memory fence (sequentially consistent)."""
-    backend.fetch_add(_fence_ptr, 0, SEQ_CST)
 
 
 class Words:
@@ -403,13 +481,13 @@ class Words:
         self.size = mv.nbytes
         mv.release()
         self._cbuf: Any = ffi.from_buffer("char[]", buffer, True)
-        self.base: Ptr = ffi.cast("char *", self._cbuf)
-        if int(ffi.cast("uintptr_t", self.base)) % WORD:
+        self.base: Ptr = int(ffi.cast("uintptr_t", self._cbuf))
+        if self.base % WORD:
             self.release()
             raise ValueError("buffer is not 8-byte aligned")
 
     def ptr(self, offset: int) -> Ptr:
-        """A pointer to the word at ``offset``; ValueError if unaligned or outside."""
+        """The address of the word at ``offset``; ValueError if unaligned or outside."""
         if self._cbuf is None:
             raise ValueError("atomic words used after release()")
         if not isinstance(offset, int) or offset % WORD or not 0 <= offset <= self.size - WORD:
@@ -454,7 +532,7 @@ class Words:
         if self._cbuf is not None:
             ffi.release(self._cbuf)
             self._cbuf = None
-            self.base = None
+            self.base = 0
 
 
 def _u64(value: int) -> int:

@@ -1,15 +1,16 @@
 """The command line: ``shmdirty migrate | inspect NAME | ls | gc``.
 
-``migrate`` is a live migration: this process creates the map and the
-guest RAM, becomes the coordinator (it grants hot-plug requests with
-``serve_once()`` in its loop), and runs the workers of ``workers/`` in
-spawned processes.  It ends by comparing source and destination byte for
-byte.  Exit codes: 0 identical, 1 different, 2 bad usage or not a map,
-3 a worker failed, 128 + signal number when interrupted (130 Ctrl-C,
-143 SIGTERM), after stopping the workers and removing every segment.
+``migrate`` is a live migration over TCP (``workers.app``): a KVM guest
+where /dev/kvm works (``--guest auto``), else simulated vCPU processes;
+``receive`` is its destination.  Exit codes: 0 identical (and, for KVM,
+resumed to the expected end), 1 different, 2 bad usage or not a map, 3 a
+worker failed, 4 the destination was lost before the handover, 5 (receive)
+the stream was refused or broke, 128 + signal number when interrupted
+(130 Ctrl-C, 143 SIGTERM), after stopping the workers and removing every
+segment.
 
-The application lives in the repository's ``workers/`` folder, installed
-as ``shmdirty._workers``.
+The application lives in the repository's ``workers/`` folder, installed as
+``shmdirty._workers``.
 
 ``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``.  ``ls`` and
 ``gc`` never attach a map: they read the header's owner words directly, so
@@ -23,35 +24,23 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from . import layout, segment
 
 # The application: the one import of workers/ (shmdirty._workers, a symlink
 # to it) from the library, the layer above it (docs/ARCHITECTURE.md).
-from ._workers import app, reports
+from ._workers import app
 from .errors import ShmDirtyError
 from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
 from .options import (
     count,
-    fmt_bytes,
     fraction,
     map_arg,
     natural,
@@ -63,20 +52,30 @@ from .options import (
     whole,
     writable_file,
 )
+from .render import Progress, error, fmt_bytes, say, summary
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
+EXIT_DESTINATION_LOST = 4
+EXIT_STREAM = 5
 EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 MIGRATE_EXITS = """\
 exit codes:
-  0        source and destination are identical
+  0        identical (kvm: and the guest resumed to its expected end)
   1        they differ (the summary names the first differing pages)
   2        bad options, or the map cannot be made (nothing was started)
-  3        a worker failed, the run timed out, or the --json file could not be written
+  3        a worker failed, the run timed out, or --json / --plot could not be written
+  4        the destination was lost before the handover
   130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
+RECEIVE_EXITS = """\
+exit codes:
+  0    received and resumed
+  2    bad options, or HOST:PORT cannot be listened on
+  5    the stream was refused or broke
+  130  interrupted by Ctrl-C (143: SIGTERM)"""
 INSPECT_EXITS = """\
 exit codes:
   0    shown
@@ -96,6 +95,15 @@ exit codes:
 PAGE_BITS = app.PAGE_BITS
 FIRST_DIFFS = app.FIRST_DIFFS
 __all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:4444)")
+    return host.strip("[]"), int(port)
+
 
 
 def _render_inspect(info: dict[str, Any], out: Console) -> None:
@@ -151,7 +159,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     try:
         info = inspect_map(args.name)
     except (LookupError, ShmDirtyError) as e:
-        _error(str(e))
+        error(out, str(e))
         return EXIT_USAGE
     if args.json:
         print(json.dumps(info, indent=2))
@@ -165,7 +173,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
     statuses = [map_status(m) for m in sorted(segment.list_maps(), key=natural)]
     shown = [s for s in statuses if args.all or s.state == "live"]
     if not shown:
-        _say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
+        say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
         return EXIT_OK
     table = Table(box=None, pad_edge=False)
     table.add_column("map", no_wrap=True, min_width=max(len(s.name) for s in shown))
@@ -192,254 +200,134 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
         st = map_status(name)
         if st.state == "absent":
             if args.names:  # (a map that vanished since list_maps() is no error)
-                _error(f"{name!r} is not a map: no shmdirty-{name}-* segment in "
+                error(out, f"{name!r} is not a map: no shmdirty-{name}-* segment in "
                             f"{segment.SHM_DIR}")
                 code = EXIT_USAGE
         elif st.garbage:
             garbage.append(st)
         elif args.names or st.state != "live":
-            _say(out, f"map {name}: {st.state}" + (f" ({st.why})" if st.why else "")
+            say(out, f"map {name}: {st.state}" + (f" ({st.why})" if st.why else "")
                  + "; left alone")
     if not garbage:
-        _say(out, "nothing to collect")
+        say(out, "nothing to collect")
         return code
     total = sum(len(s.segments) for s in garbage)
-    _say(out, f"{len(garbage)} dead map(s), {total} segment(s):")
+    say(out, f"{len(garbage)} dead map(s), {total} segment(s):")
     for st in garbage:
-        _say(out, f"  {st.name}: {st.why}")
+        say(out, f"  {st.name}: {st.why}")
         for n in sorted(st.segments, key=natural):
-            _say(out, f"    {n}")
+            say(out, f"    {n}")
     if not args.yes:
-        _say(out, "run `shmdirty gc --yes` to remove them")
+        say(out, "run `shmdirty gc --yes` to remove them")
         return code
     removed = 0
     for st in garbage:
         again, gone = collect(st.name)
         if not again.garbage:
-            _say(out, f"map {st.name} is {again.state} now; left alone")
+            say(out, f"map {st.name} is {again.state} now; left alone")
         removed += gone
-    _say(out, f"removed {removed} segment(s)")
+    say(out, f"removed {removed} segment(s)")
     return code
 
 
-def _error(msg: str) -> None:
-    """An error message, on stderr (stdout stays clean for --json and pipes)."""
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(msg)}",
-                                                soft_wrap=True)
+def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.MigrateConfig:
+    """The options, with each guest's own defaults where none was given."""
+    kvm = guest == "kvm"
+    return app.MigrateConfig(
+        ram=args.ram or ((128 if kvm else 64) << 20), vcpus=args.vcpus,
+        dirty_rate=args.dirty_rate, pattern=args.pattern, hot_fraction=args.hot_fraction,
+        dirty_mode=args.dirty_mode,
+        hotplug=args.hotplug if args.hotplug is not None else ((1.0, (64 if kvm else 32) << 20),),
+        block_pages=args.block_pages or ((1 << 15) if kvm else 4096),
+        bandwidth=args.bandwidth if args.bandwidth is not None else (0.0 if kvm else 24.0),
+        threshold=args.threshold if args.threshold is not None else (512 if kvm else 256),
+        max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
+        drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=args.to,
+        steps=args.steps, dataplane_rate=args.dataplane_rate,
+        dataplane_forget=args.dataplane_forget, kill_destination_at=args.kill_destination_at)
 
 
-def _say(out: Console, msg: str) -> None:
-    """One message line, never wrapped (names and pids stay greppable)."""
-    out.print(msg, highlight=False, soft_wrap=True)
-
-
-# --- migrate: rendering the application's events -------------------------------------------
-class _Progress:
-    """Renders the typed events of a migration: notes, a progress bar per round."""
-
-    def __init__(self, cfg: app.MigrateConfig, out: Console) -> None:
-        self.cfg, self.out = cfg, out
-        self.progress: Progress | None = None
-        self.tasks: dict[int, TaskID] = {}
-        self.t_go = 0.0
-        self._t_round = 0.0
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-    def __call__(self, ev: reports.Report) -> None:
-        pr = self.progress
-        if isinstance(ev, reports.Started):
-            self.t_go = time.monotonic()
-            self.out.print(f"shmdirty migrate: map {ev.map_name} started: "
-                           f"{fmt_bytes(ev.ram)} guest RAM, {ev.vcpus} vCPU(s) "
-                           f"({ev.dirty_mode}, {ev.pattern}, {ev.dirty_rate:g} pages/s "
-                           f"each), {ev.workers} workers", highlight=False)
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
-                                     TimeElapsedColumn(), console=self.out)
-            self.progress.start()
-        elif isinstance(ev, reports.RoundEnd):
-            if pr is not None and ev.round in self.tasks:
-                tp = ev.throughput
-                pr.update(self.tasks[ev.round], completed=max(ev.sent, 1),
-                          speed=f"{tp / (1 << 20):.0f} MiB/s" if tp else "")
-        elif isinstance(ev, reports.RoundStart) and pr is not None:
-            self.tasks[ev.round] = pr.add_task(f"round {ev.round}", total=max(ev.dirty, 1),
-                                               completed=0 if ev.dirty else 1, speed="")
-            self._t_round = time.monotonic()
-        elif isinstance(ev, reports.Sent) and pr is not None and ev.round in self.tasks:
-            dt = time.monotonic() - self._t_round
-            speed = f"{ev.sent * (1 << app.PAGE_BITS) / dt / (1 << 20):.0f} MiB/s" if dt else ""
-            pr.update(self.tasks[ev.round], completed=ev.sent, speed=speed)
-        elif isinstance(ev, reports.Hotplug):
-            self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t_done - self.t_go:.2f} s, "
-                       f"RAM now {fmt_bytes(ev.ram_size)}")
-        elif isinstance(ev, reports.HotplugSkipped):
-            self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
-                       "the guest is stopping")
-        elif isinstance(ev, reports.Stopping):
-            # What is known now: the last check's count when pre-copy
-            # converged.  After the last round was sent nothing is counted
-            # yet: the final sync, once the vCPUs stop, finds what is dirty.
-            if ev.reason == "converged":
-                self._note(f"pre-copy converged: {ev.pending} dirty pages <= threshold "
-                           f"{self.cfg.threshold}; stopping the vCPUs")
-            else:
-                self._note(f"pre-copy ran out of rounds ({self.cfg.max_rounds}); stopping "
-                           "the vCPUs, then syncing what they dirtied")
-        elif isinstance(ev, reports.Downtime):
-            self._note(f"stop-and-copy: {ev.pages} pages to send with the vCPUs stopped")
-            if pr is not None:
-                self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
-            self._t_round = time.monotonic()
-        elif isinstance(ev, reports.Done):
-            if pr is not None and 0 in self.tasks:
-                pr.update(self.tasks[0], completed=max(ev.downtime.pages, 1))
-            self.close()
-
-    def _note(self, text: str) -> None:
-        con = self.progress.console if self.progress is not None else self.out
-        con.print(text, highlight=False)  # wrapped at the terminal's width
-
-
-def _render_summary(res: dict[str, Any], out: Console) -> None:
-    """The rounds as a table that fits 80 columns (numbers never wrap, notes
-    do), then the totals and the verdict."""
-    ps = 1 << PAGE_BITS
-    table = Table(title=f"migration summary (pages of {fmt_bytes(ps)})", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for col in ("round", "RAM", "dirty", "time", "dirty/s", "MiB/s"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("notes", overflow="fold")
-    for r in res["rounds"]:
-        notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
-                 if h["during"] == f"pre-copy round {r['round']}"]
-        if r["round"] == 1:
-            notes.append("bulk")
-        if r["dropped"]:
-            notes.append(f"DROPPED {r['dropped']} pages")
-        elif r["sent"] != r["dirty"]:
-            notes.append(f"{r['sent']} pages sent")
-        rate = r["dirty_rate"]
-        tp = r["throughput"]
-        table.add_row(str(r["round"]), fmt_bytes(r["ram_size"]), str(r["dirty"]),
-                      f"{r['seconds']:.2f} s",
-                      f"{rate:,.0f}" if rate is not None else "-",
-                      f"{tp / (1 << 20):.1f}" if tp else "-", ", ".join(notes))
-    d = res["downtime"]
-    tp = d["pages"] * ps / d["copy_seconds"] if d["copy_seconds"] else 0
-    notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
-             if h["during"] == "downtime"]
-    table.add_row("downtime", fmt_bytes(d["ram_size"]), str(d["pages"]),
-                  f"{d['seconds'] * 1e3:.0f} ms", "-",
-                  f"{tp / (1 << 20):.1f}" if tp else "-",
-                  ", ".join(notes + [f"vCPUs stopped in {d['stop_wait'] * 1e3:.0f} ms"]))
-    out.print(table)
-
-    sent = sum(r["sent"] for r in res["rounds"]) + d["pages"]
-    rates = [r["dirty_rate"] for r in res["rounds"] if r["dirty_rate"] is not None]
-    if res["last_check"] and res["last_check"].get("dirty_rate") is not None:
-        rates.append(res["last_check"]["dirty_rate"])
-    writes = sum(v["writes"] for v in res["vcpus"])
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="cyan", no_wrap=True)
-    grid.add_column()
-    end = ("converged: " + str(res["last_check"]["dirty"]) + " dirty pages <= threshold "
-           + str(res["config"]["threshold"])) if res["end_of_precopy"] == "converged" \
-        else "ran out of rounds"
-    grid.add_row("pre-copy", f"{len(res['rounds'])} round(s) in {res['precopy_seconds']:.2f} s, "
-                             f"{end}")
-    grid.add_row("downtime", f"{d['seconds'] * 1e3:.0f} ms, {d['pages']} pages "
-                             f"({fmt_bytes(d['pages'] * ps)}) sent while stopped")
-    grid.add_row("sent", f"{sent} pages ({fmt_bytes(sent * ps)}) in "
-                         f"{res['migration_seconds']:.2f} s: "
-                         f"{sent * ps / res['migration_seconds'] / (1 << 20):.1f} MiB/s")
-    grid.add_row("dirty rate", (f"{sum(rates) / len(rates):,.0f} pages/s on average "
-                                if rates else "-, ")
-                 + f"({writes} page writes by {len(res['vcpus'])} vCPU(s), "
-                 f"{res['config']['dirty_mode']}, {res['config']['pattern']})")
-    asked, reached = res["config"]["dirty_rate"], vcpu_rate(res)
-    if reached is not None:
-        short = reached < RATE_REACHED * asked
-        grid.add_row("vCPU rate", f"{reached:,.0f} pages/s per vCPU of {asked:,.0f} requested"
-                     + ("[bold red] — NOT REACHED: this machine could not keep up[/]"
-                        if short else ""))
-    hot = ", ".join(f"+{fmt_bytes(h['size'])} at {h['t_done']:.2f} s ({h['during']})"
-                    for h in res["hotplug"]) or "none"
-    grid.add_row("RAM", f"{fmt_bytes(res['config']['ram'])} -> "
-                        f"{fmt_bytes(res['downtime']['ram_size'])}; hot-adds: {hot}")
-    grid.add_row("wall time", f"{res['wall_seconds']:.2f} s (with process start-up)")
-    out.print(grid)
-
-    r = res["result"]
-    if r["identical"]:
-        out.print(f"[bold green]source and destination are identical[/bold green]: "
-                  f"{r['pages_compared']} pages ({fmt_bytes(r['bytes_compared'])}) compared "
-                  f"byte for byte, {r['pages_written_by_vcpus']} of them last written by a vCPU",
-                  highlight=False)
-    elif r["missing"]:
-        _verdict(out, f"the destination is incomplete: {r['missing']}")
-    else:
-        first = ", ".join(str(p) for p in r["first_differ"])
-        _verdict(out, f"source and destination DIFFER in {r['pages_differ']} of "
-                      f"{r['pages_compared']} pages; first: {first}")
-
-
-RATE_REACHED = 0.9  # a vCPU rate below this share of --dirty-rate is reported
-
-
-def vcpu_rate(res: dict[str, Any]) -> float | None:
-    """Pages/s one vCPU wrote on average (None: no vCPU ran)."""
-    rates = [v["writes"] / v["seconds"] for v in res["vcpus"] if v["seconds"] > 0]
-    return sum(rates) / len(rates) if rates else None
-
-
-def _verdict(out: Console, msg: str) -> None:
-    """A failed comparison: the run's result, so on stdout with the summary."""
-    out.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False)
+def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) -> bool:
+    """Write --json / --plot (their paths were checked up front); False if
+    one could not be written after all (a race, a full disk)."""
+    try:
+        if args.json:
+            text = json.dumps(res, indent=2, default=str)  # whole before the file is touched
+            with open(args.json, "w") as f:
+                f.write(text)
+        if args.plot and res.get("round_log") is not None and res.get("downtime"):
+            app.plot_rounds(res, args.plot)
+            out.print(f"plot: {args.plot}", highlight=False)
+    except OSError as e:
+        error(out, f"could not write {e.filename or 'the results'}: {e.strerror or e}")
+        return False
+    return True
 
 
 def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
-    cfg = app.MigrateConfig(
-        ram=args.ram, vcpus=args.vcpus, dirty_rate=args.dirty_rate, pattern=args.pattern,
-        hot_fraction=args.hot_fraction, dirty_mode=args.dirty_mode, hotplug=args.hotplug,
-        block_pages=args.block_pages, bandwidth=args.bandwidth, threshold=args.threshold,
-        max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
-        drop_round=args.drop_round, name=args.name)
-    progress = _Progress(cfg, out)
+    try:
+        cfg = _migrate_config(args, *app.choose_guest(args.guest))
+    except app.Usage as e:
+        error(out, str(e))
+        return EXIT_USAGE
+    progress = Progress(cfg, out)
     try:
         try:
             res = app.run(cfg, progress)
         finally:
             progress.close()
     except app.Interrupted as e:
-        _error(f"interrupted by {e}: workers stopped, map {e.map_name} removed "
-               f"({e.removed} segments)")
+        error(out, f"interrupted by {e}: workers stopped, map {e.map_name} removed "
+                   f"({e.removed} segments)")
         return 128 + e.signum
+    except app.DestinationGone as e:
+        error(out, f"migration FAILED: {e}")
+        src = e.result.get("source_ok")
+        if src is not None:
+            out.print(f"the source guest ran on to its end: "
+                      f"{'as the model says' if src else 'NOT as the model says'}",
+                      highlight=False, soft_wrap=True)
+        e.result["exit_code"] = EXIT_DESTINATION_LOST
+        _write_outputs(args, e.result, out)
+        return EXIT_DESTINATION_LOST
     except app.Failed as e:
-        _error(f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
         return EXIT_FAILED
     except app.Usage as e:
-        _error(str(e))
+        error(out, str(e))
         return EXIT_USAGE
-    _render_summary(res, out)
-    code = EXIT_OK if res["result"]["identical"] else EXIT_MISMATCH
-    res["exit_code"] = code
-    reached = vcpu_rate(res)
-    res["vcpu_rate"] = {"requested": cfg.dirty_rate, "reached": reached,
-                        "short": reached is not None and reached < RATE_REACHED * cfg.dirty_rate}
-    if args.json:
-        text = json.dumps(res, indent=2)  # whole before the file is touched
-        try:
-            with open(args.json, "w") as f:
-                f.write(text)
-        except OSError as e:  # checked up front; this is a race or a full disk
-            _error(f"could not write --json {args.json}: {e.strerror or e}")
-            return EXIT_FAILED
+    summary(res, out)
+    ok = res["identical"] and res["resumed_ok"] is not False
+    res["exit_code"] = code = EXIT_OK if ok else EXIT_MISMATCH
+    if not _write_outputs(args, res, out):
+        return EXIT_FAILED
     return code
+
+
+def cmd_receive(args: argparse.Namespace, out: Console) -> int:
+    def progress(kind: str, **data: Any) -> None:
+        if kind in ("blocks", "resumed", "abandoned"):
+            say(out, f"receive: {kind} {data.get('blocks', data.get('vcpus', ''))}")
+
+    try:
+        res = app.receive(args.listen[0], args.listen[1], progress,
+                          lambda port: say(out, f"receive: listening on "
+                                                 f"{args.listen[0]}:{port}"))
+    except app.StreamRefused as e:
+        error(out, f"receive: {e}; nothing was left behind")
+        return EXIT_STREAM
+    except OSError as e:
+        error(out, f"receive: cannot listen on {args.listen[0]}:{args.listen[1]}: {e}")
+        return EXIT_USAGE
+    except app.Interrupted as e:
+        out.print(f"receive: interrupted by {e}; nothing was left behind")
+        return 128 + e.signum
+    say(out, f"receive: {res['pages']} pages loaded; guest "
+              + ("resumed and finished" if res.get("resumed") else "not resumed"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    return EXIT_OK
 
 
 # --- the parser ---------------------------------------------------------------------------------
@@ -458,29 +346,41 @@ def build_parser() -> argparse.ArgumentParser:
                        "migrator pre-copies it round by round and RAM is hot-added; then "
                        "stop-and-copy, then the destination is compared with the source.",
                        epilog=MIGRATE_EXITS, formatter_class=raw)
-    m.add_argument("--ram", type=page_size_arg, default=64 << 20, metavar="SIZE",
-                   help="initial guest RAM (default 64M)")
+    m.add_argument("--guest", choices=("auto", "kvm", "sim"), default="auto",
+                   help="kvm: a real KVM guest; sim: simulated vCPU processes; auto (default): "
+                        "kvm where /dev/kvm works")
+    m.add_argument("--to", type=host_port, default=None, metavar="HOST:PORT",
+                   help="send to a `shmdirty receive` there (default: start one on loopback)")
+    m.add_argument("--ram", type=page_size_arg, default=None, metavar="SIZE",
+                   help="initial guest RAM (default 128M kvm, 64M sim)")
+    m.add_argument("--steps", type=count, default=0, metavar="N",
+                   help="kvm: guest steps per vCPU (default: the pattern's)")
+    m.add_argument("--dataplane-rate", type=non_negative, default=1000, metavar="N",
+                   help="kvm: dataplane writes per second, 0 = no dataplane (default 1000)")
+    m.add_argument("--plot", type=writable_file, metavar="PATH",
+                   help="write a PNG of dirty and sent pages per round to PATH")
     m.add_argument("--vcpus", type=count, default=2, metavar="N", help="vCPU processes "
                    "(default 2)")
     m.add_argument("--dirty-rate", type=non_negative, default=2000, metavar="PAGES",
                    help="pages each vCPU writes per second (default 2000)")
-    m.add_argument("--pattern", choices=("uniform", "hot", "sequential"), default="uniform",
-                   help="where vCPUs write (default uniform)")
+    m.add_argument("--pattern", choices=("uniform", "random", "hot", "sequential"),
+                   default="uniform", help="where vCPUs write (default uniform = random)")
     m.add_argument("--hot-fraction", type=fraction, default=0.05, metavar="F",
                    help="hot pattern: share of RAM in each vCPU's hot set (default 0.05)")
     m.add_argument("--dirty-mode", choices=("flag", "lebitmap"), default="flag",
                    help="flag: set_dirty_flag per page; lebitmap: KVM-style bitmaps merged "
                         "with set_dirty_lebitmap (default flag)")
-    m.add_argument("--hotplug", type=parse_schedule, default=((1.0, 32 << 20),),
-                   metavar="SCHEDULE", help="RAM hot-adds as SECONDS:SIZE[,...] after the "
-                   "start, or 'none' (default 1:32M)")
-    m.add_argument("--block-pages", type=positive_whole, default=4096, metavar="N",
-                   help="pages per dirty-bitmap block (default 4096 = 16 MiB of RAM; QEMU "
+    m.add_argument("--hotplug", type=parse_schedule, default=None, metavar="SCHEDULE",
+                   help="RAM hot-adds as AT:SIZE[,...] or 'none'; AT is seconds after the start "
+                   "(sim) or percent of the guest's steps (kvm) (default 1:32M sim, 1:64M kvm)")
+    m.add_argument("--block-pages", type=positive_whole, default=0, metavar="N",
+                   help="pages per dirty-bitmap block (default 4096 sim, 32768 kvm; QEMU "
                         "uses 2097152)")
-    m.add_argument("--bandwidth", type=non_negative, default=24.0, metavar="MIB",
-                   help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24)")
-    m.add_argument("--threshold", type=count, default=256, metavar="PAGES",
-                   help="pre-copy ends when at most this many pages are dirty (default 256)")
+    m.add_argument("--bandwidth", type=non_negative, default=None, metavar="MIB",
+                   help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24 sim, 0 kvm)")
+    m.add_argument("--threshold", type=count, default=None, metavar="PAGES",
+                   help="pre-copy ends when at most this many pages are dirty (default 256 "
+                        "sim, 512 kvm)")
     m.add_argument("--max-rounds", type=positive_whole, default=30, metavar="N",
                    help="pre-copy rounds at most (default 30)")
     m.add_argument("--seed", type=whole, default=1, help="random seed of the vCPUs (default 1)")
@@ -492,7 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     # Testing: the migrator forgets the dirty pages of this round, so the
     # final comparison must fail.
     m.add_argument("--drop-round", type=count, default=0, help=argparse.SUPPRESS)
+    # Testing (kvm): a dataplane that forgets to mark; the receiver killed at round N.
+    m.add_argument("--dataplane-forget", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--kill-destination-at", type=count, default=0, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_migrate)
+
+    r = sub.add_parser("receive", help="the destination of `migrate --to`: receive one "
+                       "migration, resume the guest", description="Listen on HOST:PORT for one "
+                       "migration stream (docs/STREAM.md), build the guest's RAM (and VM) "
+                       "here, resume it to its end, then exit.", epilog=RECEIVE_EXITS,
+                       formatter_class=raw)
+    r.add_argument("--listen", type=host_port, required=True, metavar="HOST:PORT")
+    r.add_argument("--json", type=writable_file, metavar="PATH",
+                   help="write the result as JSON to PATH")
+    r.set_defaults(func=cmd_receive)
 
     i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots",
                        epilog=INSPECT_EXITS, formatter_class=raw)
@@ -536,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args, out)
         return code
     except KeyboardInterrupt:
-        _error("interrupted")
+        error(Console(stderr=True), "interrupted")
         return EXIT_INTERRUPTED
 
 

@@ -13,9 +13,15 @@ Invariants, kept here:
 - New RAM is dirty for every client: marked before its table is published
   (so it is dirty even if the coordinator dies right after), and again
   after (a sync of the old range may have taken the bits set before).
-- A block swapped out of a table is read only after a grace period; until
-  then its bits are in ``Shared.unmerged`` and go back into the live block
-  if the wait is interrupted: nothing is lost.
+- A block swapped out of a table is read with plain loads only after a
+  grace period.  The swap waits for it only within a small budget
+  (``swap_grace_budget``): no reader can stall a take.  Past the budget the
+  take clears the retired block word by word (atomic exchanges, as for a
+  partial block) and leaves it in ``Shared.retired``; once its grace period
+  has ended, whatever a late writer put there meanwhile goes back into the
+  live block at the same position (``give_back_due``), so no bit is lost.
+  While a block is retired no new swap is made: at most one take's worth of
+  blocks waits.
 """
 
 from __future__ import annotations
@@ -46,8 +52,14 @@ from .table import (
 if TYPE_CHECKING:
     from .table import TableView
 
+Words = np.ndarray[Any, np.dtype[np.uint64]]
+
 SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
-SERVE_POLL = 1e-3           # how often serve() looks for requests (s)
+SWAP_GRACE_BUDGET = 0.02    # longest a swap waits for its grace period (s): a few
+                            # scheduler slices, so a reader that was only preempted
+                            # inside a section still lets the swap end cleanly
+SERVE_POLL = 1e-3           # how often serve() looks for requests (s) ...
+SERVE_POLL_IDLE = 4e-3      # ... backing off to this while none comes (s)
 REQUEST_POLL = 2e-4         # how often request_extend() looks for the grant (s)
 
 
@@ -92,9 +104,18 @@ class Shared:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.pool: list[int] = []  # ids of retired blocks, zeroed, for reuse
-        # (client, index, block id) retired by a take whose grace period did
-        # not finish; their bits go back (see restore_unmerged)
-        self.unmerged: list[tuple[int, int, int]] = []
+        # (client, index, block id, grace-period token) of blocks a swap
+        # retired and no plain read has emptied yet: their bits go back into
+        # the live block at (client, index) once the token's grace period
+        # has ended (give_back_due)
+        self.retired: list[tuple[int, int, int, int]] = []
+
+    def forked(self) -> None:
+        """In a forked child: the pool and the retired blocks are the
+        parent's work; a fresh lock (a parent thread may have held it)."""
+        self.lock = threading.RLock()
+        self.pool = []
+        self.retired = []
 
 
 class Coordinator:
@@ -151,11 +172,11 @@ class Coordinator:
 
     def resign(self) -> None:
         """Leave as coordinator (the last handle of this process closes):
-        restore unmerged bits, run deferred frees, clear the owner word."""
+        give retired blocks back, run deferred frees, clear the owner word."""
         if not self.is_coordinator():
             return
         try:
-            self.restore_unmerged(timeout=1.0)
+            self.give_back_due(timeout=1.0)
             self.rcu.barrier(timeout=1.0)
         except GraceTimeout:
             pass  # an adopter reaps what is left
@@ -166,7 +187,7 @@ class Coordinator:
     def forget(self) -> None:
         """destroy(): every segment is gone; drop deferred work on them."""
         self.rcu.gp.drop_callbacks()
-        self.shared.unmerged.clear()
+        self.shared.retired.clear()
 
     # --- marking new RAM dirty: the one place -----------------------------------------
     def mark_dirty(self, block: Callable[[int, int], Block], offset: int, size: int) -> None:
@@ -356,12 +377,18 @@ class Coordinator:
 
     def serve(self, stop_event: Any) -> None:
         self.require("serve()")
+        poll = SERVE_POLL
         while stop_event is None or not stop_event.is_set():
+            asked = atomic.load(self.req_ptr, atomic.RELAXED) != 0  # a hint only
             self.serve_once()
+            # Idle, it looks less often (a request is granted within 4 ms);
+            # callbacks waiting on a long reader back off on their own
+            # (GracePeriods.run_callbacks): it never polls hot.
+            poll = SERVE_POLL if asked else min(poll * 2, SERVE_POLL_IDLE)
             if stop_event is not None and hasattr(stop_event, "wait"):
-                stop_event.wait(SERVE_POLL)
+                stop_event.wait(poll)
             else:
-                time.sleep(SERVE_POLL)
+                time.sleep(poll)
 
     def serve_once(self) -> bool:
         grew = False
@@ -384,54 +411,82 @@ class Coordinator:
         out (inside the take's section): all of them when this is the
         coordinator outside any other section and they hold at least
         ``swap_min_words`` dirty words, else none."""
-        if self.rcu.nesting != 1 or not self.is_coordinator():
+        if self.rcu.nesting != 1 or self.shared.retired or not self.is_coordinator():
             return []
         v = self.view
         dirty_words = sum(int(np.count_nonzero(v._block(client, i).words)) for i in whole)
         return whole if dirty_words >= swap_min_words else []
 
-    def swap_out(self, client: int, idxs: list[int]) -> list[Block]:
-        """Put zeroed blocks in place of ``client``'s blocks ``idxs``;
-        return the old ones once no writer can reach them."""
-        self.restore_unmerged()
+    def swap_out(self, client: int, idxs: list[int]) -> list[tuple[Words, Block | None]]:
+        """Put zeroed blocks in place of ``client``'s blocks ``idxs``; return,
+        for each, the bits taken from the old block, and the block itself
+        when its grace period has ended (nobody can reach it: the words are
+        its plain contents; the caller merges them, then recycle()s it).  The
+        wait is bounded by the handle's ``swap_grace_budget``: past it,
+        writers may still set bits in the old block, so they are taken with
+        atomics here and the block stays retired until give_back_due()
+        returns what lands there later."""
+        self.give_back_due()
         with self.shared.lock:
             t = self.view._refresh()
             retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        pending = [(client, i, b) for i, b in zip(idxs, retired, strict=True)]
-        self.shared.unmerged.extend(pending)
-        # A grace period: every section that could have found the old blocks
-        # has ended, and its bit sets happen before our reads (the waiter's
-        # seq_cst slot loads pair with the readers' release unlocks).  If the
-        # wait is interrupted, the bits stay in `unmerged` and go back into
-        # the live blocks at the next take or close: nothing is lost.
-        self.rcu.synchronize()
-        for p in pending:
-            self.shared.unmerged.remove(p)
-        return [self.view._map_block(b) for b in retired]
+            # A token taken now (after the publication) ends once every
+            # section that could have found the old blocks has ended.
+            token = self.rcu.gp.start_poll()
+        blocks = [self.view._map_block(b) for b in retired]
+        pending = [(client, i, b, token) for i, b in zip(idxs, retired, strict=True)]
+        try:
+            # The wait: the readers' bit sets happen before our plain reads
+            # (the waiter's seq_cst slot loads pair with their release unlocks).
+            self.rcu.synchronize(timeout=self.view.swap_grace_budget)
+        except BaseException as e:
+            late = isinstance(e, GraceTimeout)
+            # Taken before they are listed: no other thread gives them back
+            # (and pools them) under our feet.  An interrupted wait takes
+            # nothing: every bit goes back.
+            taken = [bitmap.take(b, 0, self.view.block_pages)[1] for b in blocks] if late else []
+            with self.shared.lock:
+                self.shared.retired.extend(pending)
+            if not late:
+                raise
+            return [(w, None) for w in taken]
+        return [(b.words, b) for b in blocks]
 
     def recycle(self, block: Block) -> None:
         block.words[:] = 0  # nobody can reach it: plain stores
         self.shared.pool.append(block.block_id)
 
-    def restore_unmerged(self, timeout: float | None = None) -> None:
-        """Put back the bits of blocks retired by a take whose grace period
-        was interrupted (they were taken by nobody)."""
-        unmerged = self.shared.unmerged
-        if not unmerged:
+    def give_back_due(self, timeout: float = 0.0) -> None:
+        """OR the bits of retired blocks whose grace period has ended back
+        into the live blocks at their positions, and pool them.  Waits for
+        those grace periods up to ``timeout`` seconds (0: only polls)."""
+        retired = self.shared.retired
+        if not retired:
             return
-        self.rcu.synchronize(timeout)
+        gp = self.rcu.gp
+        if timeout:
+            try:
+                with self.rcu.offline():
+                    gp.wait(max(e[3] for e in retired), timeout)
+            except GraceTimeout:
+                pass
         v = self.view
         bw = v.block_pages >> 6
-        t = v._begin()
-        try:
-            for client, idx, bid in list(unmerged):
-                old = v._map_block(bid)
-                if idx < t.num_blocks:
-                    bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
-                unmerged.remove((client, idx, bid))
-                self.recycle(old)
-        finally:
-            v._end()
+        with self.shared.lock:  # threads of this process take at once: one gives back
+            due = [e for e in retired if gp.poll(e[3])]
+            if not due:
+                return
+            t = v._begin()
+            try:
+                for e in due:
+                    client, idx, bid, _ = e
+                    old = v._map_block(bid)
+                    if idx < t.num_blocks and old.words.any():
+                        bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
+                    retired.remove(e)
+                    self.recycle(old)
+            finally:
+                v._end()
 
     # --- adoption: reaping what a dead coordinator left -----------------------------------
     def reap_unreachable(self) -> None:

@@ -17,17 +17,20 @@ only for the grace-period counter (memb) and the bitmap words themselves.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import atomic, bitmap, layout, segment
-from .coordinator import SWAP_MIN_WORDS, Coordinator, Shared, create_map
-from .errors import BadInput, CorruptSegment, ShmDirtyError
+from . import atomic, bitmap, handles, layout, segment
+from .coordinator import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Coordinator, create_map
+from .errors import (
+    BadInput,
+    HandleClosed,
+    RcuMisuse,
+)
+from .handles import MapState
 from .rcu import FLAVORS, Rcu, my_owner_word
-from .segment import Segment
 from .snapshot import DirtySnapshot
 from .table import (
     DIRTY_CLIENTS_ALL,
@@ -59,34 +62,20 @@ _RELEASE = atomic.RELEASE
 _index, _client, _mask, _clients = as_index, check_client, check_mask, clients_of
 
 
-class _Shared:
-    """What every handle of one map in this process shares: the header
-    mapping, the one reader slot (one slot per process), and the
-    coordinator's state (coordinating is per process)."""
-
-    def __init__(self, header: Segment, rcu: Rcu) -> None:
-        self.header = header
-        self.rcu = rcu
-        self.refs = 0
-        self.coord = Shared()
-
-
-_shared: dict[str, _Shared] = {}
-_shared_lock = threading.Lock()
-
-
 class DirtyMemory(TableView):
     """A dirty-memory map in shared memory (README.md, "The library")."""
 
     #: What the coordinator methods delegate to; a subclass may swap in its
     #: own (tests do, to show a broken publication or swap is caught).
     coordinator_class: type[Coordinator] = Coordinator
+    #: Made by create() in this process: leaving its with-block destroys the map.
+    _created = False
 
     # --- construction ---------------------------------------------------------
-    def __init__(self, name: str, shared: _Shared) -> None:
+    def __init__(self, name: str, shared: MapState) -> None:
         """Use create(), attach() or adopt()."""
         rcu = shared.rcu
-        self._init_view(name, shared.header, rcu.reader)
+        self._init_view(name, shared.header, rcu)
         self._shared = shared
         self._rcu: Any = rcu
         self.flavor = rcu.flavor
@@ -95,10 +84,16 @@ class DirtyMemory(TableView):
         self._ram_ptr = hdr.ptr(layout.H_RAM_SIZE)
         self._coordinator = self.coordinator_class(self, rcu, shared.header, shared.coord)
         self._section = _Section(self)
-        self._set_bit = atomic.backend.bit_test_set_raw
+        self._set_page, self._set_pages = bitmap.page_setters()
+        # memb: set_dirty_flag's whole section in one C call (kernel only).
+        self._memb_set_page = (atomic.batch.memb_set_page
+                               if atomic.batch and self.flavor == "memb" else None)
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
         self.swap_min_words = SWAP_MIN_WORDS
+        # How long a swap may wait for its grace period (s) before it takes
+        # the retired blocks word by word instead (coordinator.py).
+        self.swap_grace_budget = SWAP_GRACE_BUDGET
         self._closed = False
         self._begin()  # the first table
         self._end()
@@ -113,7 +108,8 @@ class DirtyMemory(TableView):
             page_bits, block_pages, max_readers, ram_size)
         name = layout.new_map_name() if name is None else layout.check_map_name(name)
         hdr = create_map(name, page_bits, block_pages, max_readers, tcg)
-        dm = cls._open(name, hdr, "memb")
+        dm = cls._open(name, handles.acquire(name, "memb", hdr))
+        dm._created = True
         if ram_size:
             try:
                 dm.ram_block_add(ram_size)
@@ -124,62 +120,33 @@ class DirtyMemory(TableView):
 
     @classmethod
     def attach(cls, name: str, *, flavor: str = "memb") -> DirtyMemory:
-        """Attach to an existing map as a reader/writer of ``flavor``."""
+        """Attach to an existing map as a reader/writer of ``flavor``.
+        MapNotFound if there is no such map."""
         if flavor not in FLAVORS:
             raise BadInput(f"flavor {flavor!r} is not one of {FLAVORS}")
         name = layout.check_map_name(name)
-        with _shared_lock:
-            sh = _shared.get(name)
-            if sh is not None:
-                if sh.rcu.flavor != flavor:
-                    raise BadInput(f"this process already reads map {name} as {sh.rcu.flavor}")
-                return cls._new(name, sh)
-        hdr = Segment.attach(layout.header_name(name), layout.KIND_HEADER, layout.HEADER_FIXED)
-        readers = hdr.words.load(layout.H_MAX_READERS, atomic.RELAXED)
-        if hdr.size < layout.header_size(readers):
-            hdr.close()
-            raise CorruptSegment(hdr.name, f"is {hdr.size} bytes, too small for "
-                                 f"{readers} reader slots")
-        return cls._open(name, hdr, flavor)
+        return cls._open(name, handles.acquire(name, flavor))
 
     @classmethod
-    def _open(cls, name: str, hdr: Segment, flavor: str) -> DirtyMemory:
-        readers = hdr.words.load(layout.H_MAX_READERS, atomic.RELAXED)
-        with _shared_lock:
-            try:
-                sh = _shared[name] = _Shared(hdr, Rcu(hdr, readers, flavor))
-            except BaseException:
-                hdr.close()
-                raise
-            return cls._new(name, sh)
-
-    @classmethod
-    def _new(cls, name: str, sh: _Shared) -> DirtyMemory:
-        # Called with _shared_lock held.
-        sh.refs += 1
+    def _open(cls, name: str, st: MapState, into: DirtyMemory | None = None) -> DirtyMemory:
+        """A handle on ``st`` (whose reference the caller took): new, or ``into``."""
         try:
-            return cls(name, sh)
+            dm = cls.__new__(cls) if into is None else into
+            dm.__init__(name, st)  # type: ignore[misc]
+            return dm
         except BaseException:
-            cls._drop(name, sh)
+            with handles.lock:
+                handles.release(name, st)
             raise
-
-    @staticmethod
-    def _drop(name: str, sh: _Shared) -> None:
-        sh.refs -= 1
-        if sh.refs == 0:
-            _shared.pop(name, None)
-            sh.rcu.unregister()
-            sh.header.close()
 
     @classmethod
     def adopt(cls, name: str) -> DirtyMemory:
         """Become the coordinator of ``name`` if its coordinator is dead (or
         has left).  NotCoordinator if it is alive or another process won."""
         name = layout.check_map_name(name)
-        with _shared_lock:
-            sh = _shared.get(name)
+        st = handles.known(name)
         # A process that reads the map already adopts in the flavor it reads in.
-        dm = cls.attach(name, flavor="memb" if sh is None else sh.rcu.flavor)
+        dm = cls.attach(name, flavor="memb" if st is None else st.rcu.flavor)
         try:
             dm._coordinator.adopt()
         except BaseException:
@@ -194,11 +161,11 @@ class DirtyMemory(TableView):
     def _open_check(self) -> None:
         # The header's words are unmapped once the last handle closes.
         if self._closed:
-            raise ShmDirtyError(f"this handle of map {self.name} is closed")
+            raise HandleClosed(f"this handle of map {self.name} is closed: attach again")
 
     @property
     def rcu(self) -> Rcu:
-        """This process's RCU reader and grace periods for the map."""
+        """This process's readers of the map (one per thread) and its grace periods."""
         self._open_check()
         return self._rcu  # type: ignore[no-any-return]
 
@@ -234,11 +201,20 @@ class DirtyMemory(TableView):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        """Leaving ``with DirtyMemory.create(...) as dm:`` destroys the map (in
+        the process that created it, while it coordinates); any other handle
+        (attached, unpickled, inherited through fork) is closed."""
+        if self._created and not self._closed and self.is_coordinator:
+            self.destroy()
+        else:
+            self.close()
 
     def quiescent(self) -> None:
         """qsbr: a quiescent point; the table is re-read if it may have moved."""
-        r = self._reader
+        try:
+            r = self._local.reader
+        except AttributeError:
+            r = self._rcu.reader   # this thread's first use
         # Only while online (inside a section): a table read outside one may
         # be unlinked before it is attached.  Offline, the next op catches up.
         if (r.quiescent() or r.seen != self._seen) and r.online:
@@ -250,28 +226,41 @@ class DirtyMemory(TableView):
     # --- accessors -----------------------------------------------------------------
     def set_dirty_flag(self, addr: int, client: int) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
-        # The hottest op, written out: one C call for the bit, and a qsbr
-        # reader that is online with a current table skips section entry.
-        if client.__class__ is not int or not 0 <= client < 3:
-            client = _client(client)
-        r = self._reader
-        plain = r.online and r.seen == self._seen
-        t = self._table if plain else self._begin()
+        # The hottest op, written out: past the RCU check, one C call does
+        # the argument checks, page -> block, word and bit, and the op
+        # (release: whoever takes the bit, with acquire, sees what was
+        # written before it: the guest page).  Anything it declines (bad
+        # input, a block not mapped yet) takes the slow path.
         try:
-            if addr.__class__ is int and 0 <= addr < t.ram_size:
-                page = addr >> self.page_bits
-            else:
-                page = self._page(t, addr)
-            bp = self.block_pages
-            idx = page // bp
-            bit = page - idx * bp
-            b = self._blocks[client][idx] or self._block(client, idx)
-            # release: whoever takes the bit (acquire) sees what was written
-            # before it (the guest page).
-            self._set_bit(b.base + ((bit >> 6) << 3), bit & 63, _RELEASE)
+            r = self._local.reader   # this thread's reader: one lookup
+        except AttributeError:
+            r = self._rcu.reader     # this thread's first op
+        if r.online and r.seen == self._seen:
+            # qsbr, online, table current: already inside a section.
+            if self._set_page(self._blocks, client, addr, self._table.ram_size,
+                              self.page_bits, self.block_pages, _RELEASE):
+                return
+        elif (self._memb_set_page and not r.nesting and r.seen == self._seen
+              and (words := r.section_words)):
+            # memb on the kernel, outside any section: open one, set the bit,
+            # close it, in one C call (Reader.section_words), if the counter
+            # still reads `seen` (else the slow path re-reads the table).
+            if self._memb_set_page(words[0], words[1], r.seen, self._blocks, client, addr,
+                                   self._table.ram_size, self.page_bits, self.block_pages,
+                                   _RELEASE):
+                return
+        self._set_dirty_flag_slow(r, addr, client)
+
+    def _set_dirty_flag_slow(self, r: Any, addr: Any, client: Any) -> None:
+        client = _client(client)
+        t = self._begin(r)
+        try:
+            if not self._set_page(self._blocks, client, addr, t.ram_size, self.page_bits,
+                                  self.block_pages, _RELEASE):
+                idx, bit = divmod(self._page(t, addr), self.block_pages)
+                bitmap.set_range(self._block(client, idx), bit, 1)  # release: as above
         finally:
-            if not plain:
-                self._end()
+            self._end(r)
 
     def get_dirty_flag(self, addr: int, client: int) -> bool:
         """Is the page holding ``addr`` dirty for ``client``?"""
@@ -288,8 +277,7 @@ class DirtyMemory(TableView):
         client = _client(client)
         t, page, end = self._enter_range(start, length)
         try:
-            return any(bitmap.any_set(self._block(client, idx), off, num)
-                       for idx, off, num in self._walk(page, end))
+            return bool(self._over(bitmap.WALK_ANY, client, page, end))
         finally:
             self._end()
 
@@ -298,8 +286,7 @@ class DirtyMemory(TableView):
         client = _client(client)
         t, page, end = self._enter_range(start, length)
         try:
-            return all(bitmap.all_set(self._block(client, idx), off, num)
-                       for idx, off, num in self._walk(page, end))
+            return bool(self._over(bitmap.WALK_ALL, client, page, end))
         finally:
             self._end()
 
@@ -310,8 +297,7 @@ class DirtyMemory(TableView):
         try:
             clean = 0
             for c in _clients(mask):
-                if not all(bitmap.all_set(self._block(c, idx), off, num)
-                           for idx, off, num in self._walk(page, end)):
+                if not self._over(bitmap.WALK_ALL, c, page, end):
                     clean |= 1 << c
             return clean
         finally:
@@ -322,16 +308,22 @@ class DirtyMemory(TableView):
         mask = _mask(mask)
         t, page, end = self._enter_range(start, length)
         try:
-            clients = _clients(mask)
-            for idx, off, num in self._walk(page, end):
-                for c in clients:
-                    bitmap.set_range(self._block(c, idx), off, num)
+            for c in _clients(mask):
+                self._over(bitmap.WALK_SET, c, page, end)
         finally:
             self._end()
 
     def test_and_clear_dirty(self, start: int, length: int, client: int) -> bool:
         """Clear [start, start+length) for ``client``; True if any page was dirty."""
         client = _client(client)
+        t, page, end = self._enter_range(start, length)
+        try:
+            if end - page < self.block_pages or not self.is_coordinator:
+                # Nothing to swap (no block covered whole, or not the
+                # coordinator): one call, the words taken one by one.
+                return bool(self._over(bitmap.WALK_TAKE, client, page, end))
+        finally:
+            self._end()
         dirty = False
 
         def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
@@ -356,11 +348,8 @@ class DirtyMemory(TableView):
         try:
             for idx, off, num in self._walk(page0, end):
                 k = idx * self.block_pages + off - page0   # source bit of block bit `off`
-                w0 = off >> 6
-                nwords = ((off + num - 1) >> 6) - w0 + 1
-                words = bitmap.shifted(bits, k - (off & 63), nwords, k, k + num)
                 for c in clients:
-                    bitmap.or_words(self._block(c, idx), w0, words)
+                    bitmap.or_bitmap(self._block(c, idx), off, num, bits, k)
         finally:
             self._end()
 
@@ -397,21 +386,12 @@ class DirtyMemory(TableView):
             lo, hi = int(pages.min()), int(pages.max())
             if lo < 0 or (hi + 1) << self.page_bits > t.ram_size:
                 self._reaching(t, lo, (hi + 1) << self.page_bits, f"page numbers [{lo}, {hi}]")
-            p = pages.astype(np.uint64)
-            bw = self.block_pages >> 6
-            gword = p >> np.uint64(6)
-            bits = np.left_shift(np.uint64(1), p & np.uint64(63))
-            order = np.argsort(gword, kind="stable")
-            gword, bits = gword[order], bits[order]
-            uniq, starts = np.unique(gword, return_index=True)
-            merged = np.bitwise_or.reduceat(bits, starts)
-            blk = uniq // np.uint64(bw)
-            cuts = np.flatnonzero(np.diff(blk)) + 1
-            for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)], strict=True):
-                idx = int(blk[lo_i])
-                bitmap.or_sparse(self._block(client, idx),
-                                 (uniq[lo_i:hi_i] - np.uint64(idx * bw)).astype(np.intp),
-                                 merged[lo_i:hi_i])
+            p = np.ascontiguousarray(pages, dtype=np.int64)
+            # release: as set_dirty_flag.  One call; it names a block to map
+            # first if one is not mapped yet.
+            while (idx := self._set_pages(self._blocks[client], p, self.block_pages,
+                                          _RELEASE)) >= 0:
+                self._block(client, idx)
         finally:
             self._end()
 
@@ -450,17 +430,16 @@ class DirtyMemory(TableView):
         and zeroed for reuse: no atomics at all (coordinator.swap_out)."""
         bp, bw = self.block_pages, self.block_pages >> 6
         swap: list[int] = []
+        coord = self._coordinator
+        coord.give_back_due()   # late bits of retired blocks first (coordinator only)
         t, page, end = self._enter_range(start, length)
         try:
             if check is not None:
                 check(end)
             pieces = list(self._walk(page, end))
             whole = [idx for idx, _, num in pieces if num == bp]
-            if whole and self._rcu.nesting == 1 and self.is_coordinator:
-                dirty_words = sum(int(np.count_nonzero(self._block(client, i).words))
-                                  for i in whole)
-                if dirty_words >= self.swap_min_words:
-                    swap = whole
+            if whole:
+                swap = coord.swap_choice(client, whole, self.swap_min_words)
             for idx, off, num in pieces:
                 if num == bp and swap:
                     continue
@@ -469,10 +448,10 @@ class DirtyMemory(TableView):
         finally:
             self._end()
         if swap:
-            coord = self._coordinator
-            for idx, block in zip(swap, coord.swap_out(client, swap), strict=True):
-                merge(idx * bw, block.words)
-                coord.recycle(block)
+            for idx, (words, block) in zip(swap, coord.swap_out(client, swap), strict=True):
+                merge(idx * bw, words)
+                if block is not None:   # its grace period ended: zeroed and pooled
+                    coord.recycle(block)
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
@@ -520,26 +499,33 @@ class DirtyMemory(TableView):
 
     # --- leaving -----------------------------------------------------------------
     def close(self) -> None:
-        """Leave: free this process's slot (with its last handle), unmap."""
-        if self._closed:
+        """Leave: free this process's slots (every thread's, with its last
+        handle), unmap.  Other threads must not be using the handle."""
+        d = self.__dict__
+        if d.get("_pending_attach"):   # never attached: nothing to leave
+            d.update(_pending_attach=False, _closed=True)
+        if d.get("_closed"):
             return
-        if self._reader.nesting:
-            raise ShmDirtyError(f"map {self.name}: close() inside a read-side section")
-        with _shared_lock:
+        if self._rcu.nesting:
+            raise RcuMisuse(f"map {self.name}: close() inside a read-side section")
+        with handles.lock:
+            if self._shared.refs == 1 and self._rcu.sections_open():
+                raise RcuMisuse(f"map {self.name}: close() while another thread is inside "
+                                "a read-side section")
             if self._shared.refs == 1:
                 self._coordinator.resign()
             self._closed = True
             # Every later op fails clearly (the header is unmapped below).
-            self._rcu = self._reader = self._coordinator = _CLOSED
+            self._rcu = self._local = self._coordinator = handles.CLOSED
             self._unmap_blocks()
-            self._drop(self.name, self._shared)
+            handles.release(self.name, self._shared)
 
     def destroy(self) -> None:
         """Coordinator: unlink every segment of this map, then close."""
         self._open_check()
         self._coordinator.require("destroy()")
-        if self._reader.nesting:  # as close(), refused before anything is unlinked
-            raise ShmDirtyError(f"map {self.name}: destroy() inside a read-side section")
+        if self._rcu.nesting:  # as close(), refused before anything is unlinked
+            raise RcuMisuse(f"map {self.name}: destroy() inside a read-side section")
         for n in segment.list_segments(self.name):
             segment.unlink(n)
         self._coordinator.forget()
@@ -568,24 +554,38 @@ class _Section:
         self._dm._end()
 
 
-class _Closed:
-    """Stands in for the Rcu, the Reader and the Coordinator of a closed
-    handle: every op fails clearly."""
+class _Unattached(DirtyMemory):
+    """A handle unpickled (in a pool worker, say): it holds only the map's
+    name and flavor until its first use attaches it, and then becomes a
+    plain DirtyMemory.  An error (MapNotFound, NoReaderSlot) so surfaces
+    inside the task that used the handle, where the pool reports it, not in
+    the worker's unpickling, which some pools take for their end of input.
+    (A class of its own: a ``__getattr__`` on DirtyMemory would slow every
+    attribute load of every op.)"""
 
-    nesting = 0
-    online = False
-    seen = -2
-    flavor = "closed"
+    def __getattr__(self, attr: str) -> Any:
+        d = self.__dict__
+        if attr.startswith("__") or not d.get("_pending_attach"):
+            if d.get("_closed"):
+                raise HandleClosed(f"this handle of map {d.get('name')} is closed")
+            raise AttributeError(attr)
+        d["_pending_attach"] = False
+        try:
+            self._open(d["name"], handles.acquire(d["name"], d["flavor"]), self)
+        except BaseException:
+            d["_pending_attach"] = True   # the next use tries again
+            raise
+        self.__class__ = DirtyMemory  # type: ignore[assignment]
+        return getattr(self, attr)
 
-    def read_lock(self) -> None:
-        raise ShmDirtyError("this DirtyMemory handle is closed")
-
-    def __getattr__(self, name: str) -> Any:
-        raise ShmDirtyError("this DirtyMemory handle is closed")
-
-
-_CLOSED: Any = _Closed()
+    def __repr__(self) -> str:
+        if self.__dict__.get("_pending_attach"):
+            return f"<DirtyMemory {self.name} (attaches on first use)>"
+        return super().__repr__()
 
 
 def _unpickle(name: str, flavor: str) -> DirtyMemory:
-    return DirtyMemory.attach(name, flavor=flavor)
+    dm = _Unattached.__new__(_Unattached)
+    dm.__dict__.update(name=name, flavor=flavor, _pending_attach=True)
+    return dm
+

@@ -39,3 +39,18 @@ class CoordinatorGone(ShmDirtyError, RuntimeError):
 class RcuMisuse(ShmDirtyError, RuntimeError):
     """An RCU call made where its rules forbid it: an unlock without a lock,
     a grace-period wait inside a read-side section, a reader without a slot."""
+
+
+class HandleClosed(ShmDirtyError, ValueError):
+    """A handle, or an object it gave out (its Rcu, a read section), used after
+    close() or destroy(): its mappings are gone.  Attach again."""
+
+
+class MapNotFound(ShmDirtyError, FileNotFoundError):
+    """No map of that name exists (its header segment is missing)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no map named {name!r} (no shared memory segment "
+                         f"shmdirty-{name}-hdr): it was destroyed or never created; "
+                         "`shmdirty ls` lists the live maps")
+        self.map = name

@@ -1,16 +1,17 @@
-"""Read-copy-update across processes: reader slots and grace periods.
+"""Read-copy-update across processes and threads: reader slots and section entry.
 
-The protocol is QEMU's util/rcu.c and liburcu's, with processes for threads
-and shared-memory words for their variables:
+The protocol is QEMU's util/rcu.c and liburcu's, with shared-memory words
+for their variables:
 
 - ``gp`` is a 64-bit grace-period counter in the header.  It starts at 1 and
   only grows, so it never wraps and one wait per grace period suffices.
-- Every reader process claims a slot: an owner word (pid and kernel start
-  time, one CAS) and ``ctr``.  ``ctr`` is 0 outside a read-side section, and
-  otherwise the value of ``gp`` the reader saw when its section began.
+- Every reader claims a slot: an owner word (pid and kernel start time, one
+  CAS) and ``ctr``.  ``ctr`` is 0 outside a read-side section, and otherwise
+  the value of ``gp`` the reader saw when its section began.
 - A grace period advances ``gp`` to ``target`` and waits until every claimed
   slot holds 0 or a value >= ``target``: every section that began before the
-  advance has ended.  Concurrent grace periods overlap freely.
+  advance has ended.  Concurrent grace periods overlap freely.  Waiting,
+  polling and call_rcu are grace.py's, written once for every waiter.
 
 Why it is safe (the Dekker pair): the updater publishes (seq_cst store), then
 advances ``gp`` and loads each ``ctr`` (seq_cst); a reader stores its ``ctr``
@@ -29,302 +30,108 @@ Two flavors share everything but section entry:
   fresh value is stored as well (a third atomic, only then), so grace
   periods do not wait for sections that began after them.  An old value in
   ``ctr`` is always safe: it only makes a grace period wait longer.
-  ``read_unlock`` stores 0.  Nesting is process-local.
+  ``read_unlock`` stores 0.
 - ``qsbr``: an online reader is always inside a section, except at
   ``quiescent()`` (store the current ``gp`` if it moved) and while offline.
+
+Readers are per thread, as liburcu registers threads: an Rcu (one per map
+per process) gives every thread that uses it a ``Reader`` of its own, with
+its own slot (claimed on first use, freed when the thread ends, when it
+calls ``unregister()``, or when the Rcu closes), nesting and counter.  So a
+grace period started in one thread waits for a section in another.  A slot's
+owner word names the process (threads have no start time a waiter could
+check); a thread's slot is freed by the thread itself, as it ends.
+
+fork(): a forked child inherits the parent's Readers, which point at the
+parent's slots.  An at-fork handler detaches them in the child: the child's
+first use claims a slot of its own, it never stores into or frees a slot of
+its parent, and the parent's call_rcu callbacks are dropped (they are the
+parent's work).  A child forked inside a read-side section starts outside
+any section: the parent's section does not protect the child (its slot is
+the parent's), so the child's next op opens a section of its own, and
+leaving the inherited sections (a ``with`` block unwinding in an
+``os.fork()`` child) does nothing.
 
 A reader that dies inside a section must not stall anyone: a waiter checks
 the owner of a slot that holds it up, and a slot whose owner is gone, a
 zombie, or a different process reusing the pid (another start time) is
-reclaimed.
-
-A Rcu object serves one process and claims a slot of its own (two Rcu
-objects never share one: their nesting is separate, and one's unregister
-would free the other's slot); DirtyMemory keeps one Rcu per map per process,
-shared by every handle.  The state of the reader (its slot, nesting depth,
-the counter value it saw, online or not) is a ``Reader`` object of its own:
-one per Rcu today, and the unit a per-thread reader would multiply.  It is
-not for concurrent use by several threads.
+reclaimed.  Once closed, an Rcu and its GracePeriods raise HandleClosed
+rather than reach the unmapped header.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections import deque
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any
 
-import psutil
+import numpy as np
 
-from . import atomic, layout
-from .errors import BadInput, GraceTimeout, NoReaderSlot, RcuMisuse
+from . import atomic
+from .errors import BadInput, HandleClosed, NoReaderSlot, RcuMisuse
+from .grace import (
+    GracePeriods,
+    ReaderInfo,
+    my_owner_word,
+    owner_alive,
+    start_ticks,
+)
 from .segment import Segment
 
+__all__ = ["FLAVORS", "GracePeriods", "Rcu", "Reader", "ReaderInfo", "my_owner_word",
+           "owner_alive", "start_ticks"]
+
 FLAVORS = ("memb", "qsbr")
-_SPINS = 4                 # busy checks before a waiter starts sleeping: one check
-                           # reads every slot (~30 us for 64 slots through cffi), so
-                           # this is ~0.1 ms; 64 (~2 ms, a scheduler slice) kept a
-                           # preempted reader off the CPU it needed (perf/ RCU micro)
-_SLEEP_MIN = 20e-6         # first back-off sleep (s)
-_SLEEP_MAX = 2e-3          # longest back-off sleep (s)
-_LIVENESS_EVERY = 5e-3     # how often a waiter checks owners of blocking slots (s)
+_SEQ_CST, _RELEASE = atomic.SEQ_CST, atomic.RELEASE
 
 
-# --- process identity --------------------------------------------------------
-def start_ticks(pid: int) -> int | None:
-    """The kernel start time of ``pid`` in clock ticks since boot, or None.
-
-    Unlike psutil's create_time(), it does not move when the wall clock is
-    stepped, so it identifies a process exactly.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[19])  # field 22 of the whole line
-
-
-_me: tuple[int, int] | None = None
-
-
-def my_owner_word() -> int:
-    """The owner word of this process: its pid and start time, packed."""
-    global _me
-    pid = os.getpid()
-    if _me is None or _me[0] != pid:
-        ticks = start_ticks(pid)
-        assert ticks is not None
-        _me = (pid, layout.owner_word(pid, ticks))
-    return _me[1]
-
-
-def owner_alive(word: int) -> bool:
-    """Is the process recorded in an owner word still the same live process?"""
-    pid = layout.owner_pid(word)
-    if start_ticks(pid) != layout.owner_start(word):
-        return False  # gone, or the pid now belongs to another process
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.AccessDenied:
-        return True  # it exists with the right start time: never take a live slot
-    except psutil.Error:
-        return False
-
-
-class ReaderInfo(NamedTuple):
-    slot: int
-    pid: int
-    alive: bool
-    epoch: int  # the slot's ctr: 0 outside a section
-
-
-# --- grace periods: shared by both flavors and by every process --------------
-class GracePeriods:
-    """Grace periods over the slots of one header segment."""
-
-    def __init__(self, header: Segment, max_readers: int) -> None:
-        self.header = header
-        self.max_readers = max_readers
-        w = header.words
-        self._gp = w.ptr(layout.H_GP)
-        self._owners = [w.ptr(layout.slot_offset(i) + layout.S_OWNER) for i in range(max_readers)]
-        self._ctrs = [w.ptr(layout.slot_offset(i) + layout.S_CTR) for i in range(max_readers)]
-        self._callbacks: deque[Callable[[], object]] = deque()
-        self._batch: deque[Callable[[], object]] = deque()
-        self._batch_token = 0
-        self._running = False  # run_callbacks is running a batch (re-entry guard)
-        # The newest token this process saw complete; every older one is
-        # complete too.  Keeps poll() monotonic: a section that begins after a
-        # token completed may store an older counter (memb stores the value
-        # it saw last) and would otherwise make the token poll False again.
-        self._completed = 0
-
-    @staticmethod
-    def init_counter(header: Segment) -> None:
-        """Set a new header's counter to 1 (before the header is sealed)."""
-        # relaxed: nobody reads the header before its seal (a release).
-        header.words.store(layout.H_GP, 1, atomic.RELAXED)
-
-    def counter(self) -> int:
-        """The current grace-period counter."""
-        return atomic.load(self._gp, atomic.SEQ_CST)
-
-    def start_poll(self) -> int:
-        """Start a grace period; the token polls True once it has elapsed."""
-        # seq_cst: orders everything this process did before (an unpublish)
-        # before the advance, and the advance before the slot loads that follow.
-        return atomic.fetch_add(self._gp, 1, atomic.SEQ_CST) + 1
-
-    def _blockers(self, token: int) -> list[tuple[int, int]]:
-        """(slot, owner) of every claimed slot whose section began before ``token``."""
-        found = []
-        for i in range(self.max_readers):
-            # seq_cst: the updater's half of the Dekker pair (see module doc).
-            ctr = atomic.load(self._ctrs[i], atomic.SEQ_CST)
-            if ctr == 0 or ctr >= token:
-                continue
-            # acquire: a free slot (0) means its last section's accesses are
-            # done, since unregister's release CAS came after them.
-            owner = atomic.load(self._owners[i], atomic.ACQUIRE)
-            if owner == 0:
-                continue
-            found.append((i, owner))
-        return found
-
-    def reclaim(self, slot: int, owner: int) -> bool:
-        """Free ``slot`` if ``owner`` still holds it and is dead. True if freed."""
-        if owner_alive(owner):
-            return False
-        # acq_rel CAS: only one reclaimer wins, and nobody else's claim is undone.
-        ok, _ = atomic.compare_exchange(
-            self._owners[slot], owner, 0, atomic.ACQ_REL, atomic.ACQUIRE
-        )
-        return ok
-
-    def poll(self, token: int, *, check_owners: bool = True) -> bool:
-        """Has a full grace period passed since ``start_poll()`` returned ``token``?"""
-        if token <= self._completed:
-            return True
-        if token > self.counter():
-            # Never handed out: "complete" now, it would end every later
-            # grace period up to it at once (see _completed).
-            raise BadInput(f"grace-period token {token} was never started: the "
-                           f"counter is at {self.counter()}")
-        blockers = self._blockers(token)
-        if blockers and check_owners:
-            blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
-        if blockers:
-            return False
-        self._completed = max(self._completed, token)
-        return True
-
-    def wait(self, token: int, timeout: float | None = None) -> None:
-        """Block until the grace period ``token`` has elapsed (see synchronize)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spins = 0
-        sleep = _SLEEP_MIN
-        next_check = time.monotonic() + _LIVENESS_EVERY
-        while True:
-            if token <= self._completed:
-                return
-            blockers = self._blockers(token)
-            if not blockers:
-                self._completed = max(self._completed, token)
-                return
-            now = time.monotonic()
-            if now >= next_check or (deadline is not None and now >= deadline):
-                blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
-                next_check = now + _LIVENESS_EVERY
-                if not blockers:
-                    continue
-                if deadline is not None and now >= deadline:
-                    who = ", ".join(f"slot {s} (pid {layout.owner_pid(o)})" for s, o in blockers)
-                    raise GraceTimeout(
-                        f"grace period {token} not complete after {timeout} s: "
-                        f"still waiting for reader {who} to leave its read-side section"
-                    )
-            if spins < _SPINS:
-                spins += 1
-                continue
-            # Back-off while readers finish; progress is re-checked above.
-            time.sleep(sleep)
-            sleep = min(sleep * 2, _SLEEP_MAX)
-
-    # --- call_rcu: written once for both flavors --------------------------------
-    def call_rcu(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` in this process after a grace period (batched)."""
-        self._callbacks.append(fn)
-        self.run_callbacks()
-
-    def run_callbacks(self, block: bool = False, timeout: float | None = None) -> int:
-        """Run the callbacks whose grace period has passed; start the next
-        batch.  With ``block``, wait until every queued callback has run."""
-        if self._running:
-            # Called from a callback (its call_rcu): the pass under way starts
-            # the new callback's grace period once the current batch is done.
-            # Running on here would run a new batch before its grace period.
-            if block:
-                raise RcuMisuse("barrier() inside an RCU callback would wait for itself")
-            return 0
-        self._running = True
-        try:
-            return self._run_callbacks(block, timeout)
-        finally:
-            self._running = False
-
-    def _run_callbacks(self, block: bool, timeout: float | None) -> int:
-        ran = 0
-        while True:
-            if self._batch:
-                done = self.poll(self._batch_token)
-                if not done and block:
-                    self.wait(self._batch_token, timeout)
-                    done = True
-                if not done:
-                    return ran
-                while self._batch:
-                    self._batch.popleft()()
-                    ran += 1
-            if not self._callbacks:
-                return ran
-            # One grace period for every callback queued so far.
-            self._batch, self._callbacks = self._callbacks, deque()
-            self._batch_token = self.start_poll()
-
-    def drop_callbacks(self) -> None:
-        """Forget every queued callback (the map is being destroyed)."""
-        self._callbacks.clear()
-        self._batch.clear()
-
-    @property
-    def pending(self) -> int:
-        return len(self._callbacks) + len(self._batch)
-
-    def readers(self) -> list[ReaderInfo]:
-        """Every claimed slot: slot, pid, alive, epoch."""
-        out = []
-        for i in range(self.max_readers):
-            owner = atomic.load(self._owners[i], atomic.ACQUIRE)
-            if owner:
-                ctr = atomic.load(self._ctrs[i], atomic.ACQUIRE)
-                out.append(ReaderInfo(i, layout.owner_pid(owner), owner_alive(owner), ctr))
-        return out
-
-
-# --- the reader side ---------------------------------------------------------
+# --- one thread's reader -----------------------------------------------------------------
 class Reader:
-    """One reader's slot and state: the section entry of both flavors.
+    """One thread's slot and state: the section entry of both flavors.
 
     Outside rcu.py its fields are read-only: ``nesting`` (depth of the
     current section, 0 outside), ``online`` (qsbr: inside a section except
     at quiescent points and while offline), ``seen`` (the grace-period
     counter this reader last observed; a caller that sees it move re-reads
     what it caches of published words).  Plain attributes, not properties:
-    DirtyMemory's hottest path reads two of them per op."""
+    DirtyMemory's hottest path reads two of them per op.  ``slot`` is -1
+    until the first use claims one (and again once it is freed)."""
 
-    __slots__ = ("flavor", "slot", "nesting", "online", "seen", "_memb", "_cell", "_zero",
-                 "_store_cell", "_load_cell", "_gp_ptr", "_ctr", "_section_online")
+    __slots__ = ("flavor", "slot", "nesting", "inherited", "online", "seen", "owner", "left",
+                 "_rcu",
+                 "section_words", "_memb", "_store", "_load", "_gp_ptr", "_ctr",
+                 "_section_online", "_own", "__weakref__")
 
-    def __init__(self, gp: GracePeriods, flavor: str) -> None:
-        self.flavor = flavor
+    def __init__(self, rcu: Rcu) -> None:
+        self.flavor = rcu.flavor
         self.slot = -1
-        self.nesting = 0
+        self.nesting = 0        # > 0 inside a section
+        self.inherited = 0      # sections the parent was in at fork(): leaving
+                                # them does nothing (see _detach)
         self.online = False
-        self.seen = 0          # set on register
-        self._memb = flavor == "memb"
-        # Hot path: this reader's own cells and the C functions, called
-        # without a wrapper.
-        self._cell = atomic.new_cell()
-        self._zero = atomic.new_cell()
-        self._store_cell = atomic.backend.store_cell
-        self._load_cell = atomic.backend.load_cell
-        self._gp_ptr = gp._gp
-        self._ctr = gp._gp     # replaced by the slot's ctr on claim
+        self.seen = 0           # set when a slot is claimed
+        self.owner = 0          # the owner word the slot was claimed with
+        self.left = False       # unregister()ed: no slot is claimed again
+        self._rcu = rcu
+        self._memb = rcu.flavor == "memb"
+        # Hot path: the backend's ops, bound once (on the kernel backend
+        # these are the C functions themselves).
+        self._store = atomic.store
+        self._load = atomic.load
+        self._gp_ptr = rcu.gp._gp
+        # memb with a slot: (this slot's counter, the grace-period counter),
+        # the two words of a read-side section run in C (shmdirty/_kernel.c
+        # memb_set_page stores and loads them exactly as read_lock /
+        # read_unlock do, with the GIL held); only for a caller outside any
+        # section (nesting 0).  None otherwise.
+        self.section_words: tuple[int, int] | None = None
+        # A private word: ``_ctr`` points here while no slot is held, so a
+        # stray store never lands in somebody else's slot.
+        self._own = atomic.Words(np.zeros(1, np.uint64))
+        self._ctr: atomic.Ptr = self._own.ptr(0)
         self._section_online = False  # qsbr: went online for one section
 
     @property
@@ -332,9 +139,11 @@ class Reader:
         """The address of this reader's ``ctr`` word (tests hook stores to it)."""
         return self._ctr
 
-    def _claimed(self, slot: int, ctr: atomic.Ptr) -> None:
+    def _claimed(self, slot: int, ctr: atomic.Ptr, owner: int) -> None:
         self.slot = slot
+        self.owner = owner
         self._ctr = ctr
+        self.section_words = (ctr, self._gp_ptr) if self._memb else None
         # A dead owner may have left ctr set; nobody else writes it now.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.seen = atomic.load(self._gp_ptr, atomic.SEQ_CST)
@@ -344,9 +153,19 @@ class Reader:
     def _released(self) -> None:
         # release: the slot reads 0 only after every access of ours.
         atomic.store(self._ctr, 0, atomic.RELEASE)
-        self.slot = -1
         self.nesting = 0
+        self._detach()
+
+    def _detach(self) -> None:
+        """Forget the slot without touching it (it is not ours any more)."""
+        self.slot = -1
+        self._ctr = self._own.ptr(0)
+        self.section_words = None
         self.online = False
+        self._section_online = False
+        # Forked inside a section: the child is outside any (module doc).
+        self.inherited += self.nesting
+        self.nesting = 0
 
     def check_outside(self, what: str) -> None:
         """RcuMisuse if this reader is inside a section (``what`` would wait for itself)."""
@@ -363,46 +182,53 @@ class Reader:
             self.nesting = n + 1
             return
         if self.slot < 0:
-            raise RcuMisuse("read_lock() after unregister(): this Rcu has no slot")
+            self._rcu._claim(self)   # first use in this thread (or after a fork)
         self.nesting = 1
         if self._memb:
             # Store the counter value last seen, then load the counter, both
             # seq_cst: the reader's half of the Dekker pair (module doc).  The
             # value stored may be old; that only makes a grace period wait
             # for this section, and the next section stores the fresh one.
-            c = self._cell
-            c[0] = self.seen
-            self._store_cell(self._ctr, c, atomic.SEQ_CST)
-            self._load_cell(self._gp_ptr, atomic.SEQ_CST, c)
-            if c[0] != self.seen:
+            seen = self.seen
+            self._store(self._ctr, seen, _SEQ_CST)
+            g = self._load(self._gp_ptr, _SEQ_CST)
+            if g != seen:
                 # The counter moved: store the fresh value too, so a grace
                 # period that began before this section does not wait for it
                 # (the caller re-reads what was published: ``seen`` moved).
-                self.seen = c[0]
-                self._store_cell(self._ctr, c, atomic.SEQ_CST)
+                self.seen = g
+                self._store(self._ctr, g, _SEQ_CST)
         elif not self.online:
             self.thread_online()
             self._section_online = True
 
     def read_unlock(self) -> None:
         """Leave a read-side section."""
-        if self.nesting <= 0:
-            raise RcuMisuse("read_unlock without a matching read_lock")
-        self.nesting -= 1
-        if self.nesting == 0:
-            if self._memb:
-                # release: every access of the section happens before a
-                # waiter that sees 0.
-                self._store_cell(self._ctr, self._zero, atomic.RELEASE)
-            elif self._section_online:
-                self._section_online = False
-                self.thread_offline()
+        n = self.nesting - 1
+        if n > 0:
+            self.nesting = n
+            return
+        if n < 0:
+            if not self.inherited:
+                raise RcuMisuse("read_unlock without a matching read_lock")
+            self.inherited -= 1   # leaving a section inherited through fork
+            return
+        self.nesting = 0
+        if self._memb:
+            # release: every access of the section happens before a waiter
+            # that sees 0.
+            self._store(self._ctr, 0, _RELEASE)
+        elif self._section_online:
+            self._section_online = False
+            self.thread_offline()
 
     # --- qsbr ---------------------------------------------------------------------
     def thread_online(self) -> None:
         """qsbr: become a reader that is always inside a section."""
         if self.slot < 0:
-            raise RcuMisuse("thread_online() after unregister(): this Rcu has no slot")
+            self._rcu._claim(self)   # a qsbr claim goes online
+            if self.online:
+                return
         g = atomic.load(self._gp_ptr, atomic.RELAXED)
         while True:
             # seq_cst: as read_lock, so loads of published words come after it.
@@ -423,6 +249,9 @@ class Reader:
         """qsbr: stop being a reader until thread_online()."""
         if self.nesting > 0:
             raise RcuMisuse("thread_offline() inside a read-side section")
+        if self.slot < 0:
+            self._rcu._check_open()
+            return  # no slot: offline already
         # release: as read_unlock.
         atomic.store(self._ctr, 0, atomic.RELEASE)
         self.online = False
@@ -432,6 +261,13 @@ class Reader:
         started (the caller re-reads published words); writes nothing else."""
         if self.nesting:
             raise RcuMisuse("quiescent() inside a read-side section")
+        if self.slot < 0:
+            # First use in this thread: a qsbr reader claims and goes online.
+            if self.flavor != "qsbr":
+                self._rcu._check_open()
+                return False
+            self._rcu._claim(self)
+            return True
         g = atomic.load(self._gp_ptr, atomic.SEQ_CST)
         if g == self.seen or not self.online:
             return False
@@ -457,101 +293,225 @@ class Reader:
                 self.thread_online()
 
 
+class _ThreadExit:
+    """Kept in a thread's slot of ``Rcu._local`` next to its Reader: when the
+    thread ends, Python drops both and this frees the reader's slot."""
+
+    __slots__ = ("rcu", "reader")
+
+    def __init__(self, rcu: Rcu, reader: Reader) -> None:
+        self.rcu = weakref.ref(rcu)
+        self.reader = reader
+
+    def __del__(self) -> None:
+        rcu = self.rcu()
+        if rcu is not None:
+            rcu._thread_ended(self.reader)
+
+
+# Every live Rcu of this process, for the at-fork handler.
+_all: weakref.WeakSet[Rcu] = weakref.WeakSet()
+
+
 class Rcu:
-    """This process's reader slot in one map, and its grace periods."""
+    """One map's readers in this process (one per thread) and its grace periods."""
 
     def __init__(self, header: Segment, max_readers: int, flavor: str = "memb") -> None:
         if flavor not in FLAVORS:
             raise BadInput(f"flavor {flavor!r} is not one of {FLAVORS}")
         self.flavor = flavor
         self.gp = GracePeriods(header, max_readers)
-        self.reader = Reader(self.gp, flavor)
-        self._owner = my_owner_word()
-        r = self.reader
-        # The section entry points, bound once: no wrapper call per section.
-        self.read_lock = r.read_lock
-        self.read_unlock = r.read_unlock
-        self.thread_online = r.thread_online
-        self.thread_offline = r.thread_offline
-        self.quiescent = r.quiescent
-        self.offline = r.offline
-        self._register()
+        self._lock = threading.Lock()        # guards _claimed and slot claims
+        self._local = threading.local()      # .reader, .exit: this thread's
+        self._claimed: set[Reader] = set()   # readers holding a slot
+        self._closed = False
+        self._pid = os.getpid()
+        _all.add(self)
+        self._claim(self.reader)  # the creating thread: NoReaderSlot now, not later
 
-    # --- the reader's state, read-only ----------------------------------------------
+    # --- this thread's reader ---------------------------------------------------------
+    @property
+    def reader(self) -> Reader:
+        """This thread's Reader (a new one, without a slot yet, on first use)."""
+        try:
+            return self._local.reader  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._new_reader()
+
+    def _new_reader(self) -> Reader:
+        self._check_open()
+        r = Reader(self)
+        self._local.reader = r
+        self._local.exit = _ThreadExit(self, r)
+        return r
+
     @property
     def slot(self) -> int:
-        """This reader's slot index, -1 once unregistered."""
+        """This thread's slot index, -1 before its first use or once freed."""
         return self.reader.slot
 
     @property
     def nesting(self) -> int:
-        """Depth of the current read-side section (0 outside)."""
+        """Depth of this thread's current read-side section (0 outside)."""
         return self.reader.nesting
 
     @property
     def online(self) -> bool:
-        """qsbr: inside a section except at quiescent points and while offline."""
+        """qsbr: this thread is inside a section except at quiescent points."""
         return self.reader.online
 
     @property
     def seen(self) -> int:
-        """The grace-period counter value this reader last observed."""
+        """The grace-period counter value this thread last observed."""
         return self.reader.seen
 
-    # --- slots ------------------------------------------------------------------
-    def _register(self) -> None:
-        n = self.gp.max_readers
-        start = os.getpid() % n
-        for attempt in range(2):
-            for k in range(n):
-                i = (start + k) % n
-                # acq_rel: a claim orders after the previous owner's release.
-                ok, _ = atomic.compare_exchange(
-                    self.gp._owners[i], 0, self._owner, atomic.ACQ_REL, atomic.ACQUIRE
-                )
-                if ok:
-                    self.reader._claimed(i, self.gp._ctrs[i])
-                    return
-            if attempt == 0:
-                for i in range(n):
-                    owner = atomic.load(self.gp._owners[i], atomic.ACQUIRE)
-                    if owner:
-                        self.gp.reclaim(i, owner)
-        pids = sorted({r.pid for r in self.gp.readers()})
-        raise NoReaderSlot(
-            f"all {n} reader slots are claimed by live processes {pids}; "
-            "close a handle or create the map with a larger max_readers"
-        )
+    def read_lock(self) -> None:
+        """Enter a read-side section in this thread (see Reader.read_lock)."""
+        self.reader.read_lock()
 
-    def unregister(self) -> None:
-        """Leave: free the slot (idempotent).  Must be outside any section."""
-        r = self.reader
-        if r.slot < 0:
-            return
-        if r.nesting > 0:
-            raise RcuMisuse("unregister() inside a read-side section")
-        slot = r.slot
-        r._released()
-        atomic.compare_exchange(
-            self.gp._owners[slot], self._owner, 0, atomic.ACQ_REL, atomic.RELAXED
-        )
+    def read_unlock(self) -> None:
+        """Leave this thread's read-side section."""
+        self.reader.read_unlock()
+
+    def thread_online(self) -> None:
+        """qsbr: this thread becomes a reader that is always inside a section."""
+        self.reader.thread_online()
+
+    def thread_offline(self) -> None:
+        """qsbr: this thread stops being a reader until thread_online()."""
+        self.reader.thread_offline()
+
+    def quiescent(self) -> bool:
+        """qsbr: a quiescent point of this thread (see Reader.quiescent)."""
+        return self.reader.quiescent()
+
+    def offline(self) -> Any:
+        """``with rcu.offline():`` wait offline (see Reader.offline)."""
+        self._check_open()
+        return self.reader.offline()
 
     @contextmanager
     def read_section(self) -> Iterator[None]:
         """``with rcu.read_section():`` one read-side section."""
-        self.read_lock()
+        r = self.reader
+        r.read_lock()
         try:
             yield
         finally:
-            self.read_unlock()
+            r.read_unlock()
+
+    # --- slots ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HandleClosed(f"{self.gp.header.name}: this Rcu is closed (its handle "
+                               "was closed or destroyed): attach again")
+
+    def _claim(self, r: Reader) -> None:
+        """Give ``r`` (this thread's reader) a slot of its own."""
+        self._check_open()
+        if r.left:
+            raise RcuMisuse("this thread unregister()ed from the map: it has no slot")
+        gp = self.gp
+        n = gp.max_readers
+        owner = my_owner_word()
+        with self._lock:
+            start = (os.getpid() + len(self._claimed)) % n
+            for attempt in range(2):
+                for k in range(n):
+                    i = (start + k) % n
+                    # acq_rel: a claim orders after the previous owner's release.
+                    ok, _ = atomic.compare_exchange(gp._owners[i], 0, owner,
+                                                    atomic.ACQ_REL, atomic.ACQUIRE)
+                    if ok:
+                        self._claimed.add(r)
+                        r._claimed(i, gp._ctrs[i], owner)
+                        return
+                if attempt == 0:
+                    for i in range(n):
+                        o = atomic.load(gp._owners[i], atomic.ACQUIRE)
+                        if o:
+                            gp.reclaim(i, o)
+        pids = sorted({x.pid for x in gp.readers()})
+        raise NoReaderSlot(
+            f"all {n} reader slots of {gp.header.name} are claimed by live processes "
+            f"{pids} (one slot per thread that uses the map); close a handle, end a "
+            "thread, or create the map with a larger max_readers")
+
+    def _release(self, r: Reader) -> None:
+        """Free ``r``'s slot (called with _lock held)."""
+        self._claimed.discard(r)
+        slot = r.slot
+        if slot < 0:
+            return
+        if r.owner != my_owner_word():
+            r._detach()  # the parent's slot, seen from a forked child: not ours
+            return
+        r._released()
+        atomic.compare_exchange(self.gp._owners[slot], r.owner, 0,
+                                atomic.ACQ_REL, atomic.RELAXED)
+
+    def _thread_ended(self, r: Reader) -> None:
+        if self._closed or os.getpid() != self._pid or r.slot < 0:
+            return  # freed already, or a forked child cleaning up the parent's threads
+        with self._lock:
+            self._release(r)
+
+    def unregister(self) -> None:
+        """This thread leaves: its slot is freed and it claims none again
+        (idempotent).  Must be outside any section."""
+        try:
+            r = self._local.reader
+        except AttributeError:
+            return
+        if r.nesting > 0:
+            raise RcuMisuse("unregister() inside a read-side section")
+        if not self._closed:
+            with self._lock:
+                self._release(r)
+        r.left = True
+
+    def close(self) -> None:
+        """Free every thread's slot; every later use raises HandleClosed
+        (idempotent).  RcuMisuse if a thread is inside a section."""
+        if self._closed:
+            return
+        with self._lock:
+            inside = [r for r in self._claimed if r.nesting > 0]
+            if inside:
+                raise RcuMisuse(f"{len(inside)} thread(s) of this process are inside a "
+                                f"read-side section of {self.gp.header.name}")
+            for r in list(self._claimed):
+                self._release(r)
+            self._closed = True
+            self.gp.close()
+
+    def sections_open(self) -> int:
+        """How many of this process's threads are inside a read-side section."""
+        with self._lock:
+            return sum(1 for r in self._claimed if r.nesting > 0)
+
+    def _forked(self) -> None:
+        """In a forked child (see the module doc)."""
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        for r in self._claimed:
+            r._detach()
+        self._claimed = set()
+        self.gp.forked()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # --- grace periods ------------------------------------------------------------
     def synchronize(self, timeout: float | None = None) -> None:
-        """Wait for a full grace period: every section begun before has ended.
+        """Wait for a full grace period: every section begun before, in any
+        thread or process, has ended.
 
         TimeoutError (naming the slots and pids) after ``timeout`` seconds."""
-        self.reader.check_outside("synchronize()")
-        with self.offline():
+        r = self.reader
+        r.check_outside("synchronize()")
+        with r.offline():
             self.gp.wait(self.gp.start_poll(), timeout)
 
     def start_poll(self) -> int:
@@ -569,10 +529,19 @@ class Rcu:
 
     def barrier(self, timeout: float | None = None) -> None:
         """Wait until every callback queued by this process has run."""
-        self.reader.check_outside("barrier()")
-        with self.offline():
+        r = self.reader
+        r.check_outside("barrier()")
+        with r.offline():
             self.gp.run_callbacks(block=True, timeout=timeout)
 
     def readers(self) -> list[ReaderInfo]:
         """slot, pid, alive, epoch for every claimed slot."""
         return self.gp.readers()
+
+
+def _after_fork_in_child() -> None:
+    for rcu in list(_all):
+        rcu._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

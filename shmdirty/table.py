@@ -21,6 +21,7 @@ Invariants, kept here:
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
 from .errors import BadInput, CorruptSegment
-from .rcu import Reader
+from .rcu import Rcu
 from .segment import Segment
 
 DIRTY_MEMORY_VGA = 0
@@ -72,6 +73,8 @@ def as_words(bits: Any, what: str) -> tuple[np.ndarray[Any, np.dtype[np.uint64]]
 
 
 def check_client(client: Any) -> int:
+    if client.__class__ is int and 0 <= client < DIRTY_MEMORY_NUM:
+        return client
     c = as_index(client, "client")
     if not 0 <= c < DIRTY_MEMORY_NUM:
         raise BadInput(f"client {c} is not one of 0 (VGA), 1 (CODE), 2 (MIGRATION)")
@@ -216,8 +219,9 @@ class TableView:
     block_pages: int
     tcg: bool
     max_readers: int
+    swap_grace_budget: float   # set by DirtyMemory; read by the coordinator's swap
 
-    def _init_view(self, name: str, header: Segment, reader: Reader) -> None:
+    def _init_view(self, name: str, header: Segment, rcu: Rcu) -> None:
         self.name = name
         w = header.words
         # The geometry is immutable after creation: relaxed loads.
@@ -227,7 +231,17 @@ class TableView:
         self.tcg = bool(w.load(layout.H_TCG, atomic.RELAXED))
         self.max_readers = w.load(layout.H_MAX_READERS, atomic.RELAXED)
         self._gen_ptr = w.ptr(layout.H_GENERATION)
-        self._reader: Any = reader
+        # This thread's Reader is ``self._local.reader`` (one threading.local
+        # lookup per op: readers are per thread, rcu.py); a thread's first op
+        # makes it through ``self._rcu.reader``.
+        self._rcu: Any = rcu
+        self._local: Any = rcu._local
+        # The table is shared by the handle's threads and only moves forward
+        # (_set_table, under _view_lock).  That is safe for every thread: a
+        # thread uses it only inside its own section, after checking that
+        # the counter it saw there equals the ``_seen`` that was stored after
+        # a refresh made at that counter; a newer table is always safe.
+        self._view_lock = threading.Lock()
         self._seen = -1  # the reader's counter value this view's table is checked against
         self._table = EMPTY
         # Per client, per table index: the mapped block (None until first use).
@@ -241,14 +255,19 @@ class TableView:
         return self._table
 
     # --- sections ---------------------------------------------------------------------
-    def _begin(self) -> Table:
-        """Enter a read-side section; return the table to use in it.
+    def _begin(self, r: Any = None) -> Table:
+        """Enter a read-side section of this thread (``r``: its Reader, if the
+        caller has it at hand); return the table to use in it.
 
         The generation is re-read only when the grace-period counter moved
         since this view last looked: the coordinator advances it after
         every publication, and a table published but not yet followed by an
         advance is one a grace period will still wait for us on."""
-        r = self._reader
+        if r is None:
+            try:
+                r = self._local.reader
+            except AttributeError:
+                r = self._rcu.reader   # this thread's first op
         r.read_lock()
         if r.seen != self._seen:
             try:
@@ -259,8 +278,8 @@ class TableView:
             self._seen = r.seen
         return self._table
 
-    def _end(self) -> None:
-        self._reader.read_unlock()
+    def _end(self, r: Any = None) -> None:
+        (self._local.reader if r is None else r).read_unlock()
 
     def _invalidate(self) -> None:
         """Re-read the generation at the next section."""
@@ -277,10 +296,13 @@ class TableView:
         self._set_table(read_table(self.name, g))
 
     def _set_table(self, t: Table) -> None:
-        mapped = self._mapped
-        self._blocks = [[mapped[b][0] if b in mapped else None for b in ids]
-                        for ids in t.block_ids]
-        self._table = t
+        with self._view_lock:
+            if t.generation < self._table.generation:
+                return  # another thread moved further already: keep the newer
+            mapped = self._mapped
+            self._blocks = [[mapped[b][0] if b in mapped else None for b in ids]
+                            for ids in t.block_ids]
+            self._table = t
 
     # --- block mappings -----------------------------------------------------------------
     def _block(self, client: int, idx: int) -> Block:
@@ -300,8 +322,13 @@ class TableView:
                                  layout.block_size(self.block_pages))
         b = Block(block_id, seg.array(layout.B_WORDS, self.block_pages // 64),
                   seg.words.base + layout.B_WORDS)
-        self._mapped[block_id] = (b, seg)
-        return b
+        # setdefault (one step under the GIL): of two threads mapping the
+        # same block at once, one mapping is kept and the other closed.
+        m = self._mapped.setdefault(block_id, (b, seg))
+        if m[1] is not seg:
+            del b
+            seg.close()
+        return m[0]
 
     def _block_segment(self, block_id: int) -> Segment:
         self._map_block(block_id)
@@ -330,6 +357,10 @@ class TableView:
 
     def _range(self, t: Table, start: Any, length: Any) -> tuple[Table, int, int]:
         """The page range [page, end) of (start, length), checked against RAM."""
+        if (start.__class__ is int and length.__class__ is int and 0 <= start
+                and 0 < length <= t.ram_size - start):
+            # The common case, checked without the conversions below.
+            return t, start >> self.page_bits, -(-(start + length) >> self.page_bits)
         start = as_index(start, "start")
         length = as_index(length, "length")
         if length < 0:
@@ -347,7 +378,10 @@ class TableView:
         every range accessor.  The caller leaves with ``_end()``; on bad
         input the section is left here.  (``_begin`` written in: one call
         less per op.)"""
-        r = self._reader
+        try:
+            r = self._local.reader
+        except AttributeError:
+            r = self._rcu.reader   # this thread's first op
         r.read_lock()
         try:
             if r.seen != self._seen:
@@ -366,3 +400,11 @@ class TableView:
 
     def _walk(self, page: int, end: int) -> Iterator[tuple[int, int, int]]:
         return bitmap.walk(page, end, self.block_pages)
+
+    def _over(self, op: int, client: int, page: int, end: int) -> int:
+        """bitmap.walk_blocks over pages [page, end) of ``client``: one call
+        (one C call on the kernel), after mapping any block it names."""
+        blocks = self._blocks[client]
+        while (r := bitmap.walk_blocks(blocks, page, end, self.block_pages, op)) < 0:
+            self._block(client, -1 - r)
+        return r

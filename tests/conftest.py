@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import pytest
 
-from shmdirty import segment
+from shmdirty import atomic, segment
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shmdirty"
@@ -49,6 +49,36 @@ def pytest_configure(config: pytest.Config) -> None:
     # Workers are spawned, never forked: that is how shmdirty is used, and a
     # fork would share the parent's mappings and hide attach bugs.
     mp.set_start_method("spawn", force=True)
+
+
+# The atomics backends the accessor suites run on (tests/test_atomic.py adds
+# `public`, whose batch work is the same Python code as `cffi`'s).
+SUITE_BACKENDS = ("kernel", "cffi")
+AVAILABLE_BACKENDS = atomic.available()
+
+
+def use_atomics_backend(name: str) -> str:
+    """Switch this process to backend ``name`` (skip if unavailable); returns
+    the one to switch back to."""
+    if name not in AVAILABLE_BACKENDS:
+        pytest.skip(f"the {name} atomics backend is not available here "
+                    "(kernel: not compiled at install)")
+    before = atomic.backend.name
+    atomic.use_backend(name)
+    return before
+
+
+@pytest.fixture(params=SUITE_BACKENDS)
+def atomics_backend(request: pytest.FixtureRequest,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test on one atomics backend, in this process and (through
+    SHMDIRTY_ATOMICS) in the processes it spawns."""
+    before = use_atomics_backend(request.param)
+    monkeypatch.setenv("SHMDIRTY_ATOMICS", request.param)
+    try:
+        yield request.param
+    finally:
+        atomic.use_backend(before)
 
 
 @pytest.fixture

@@ -54,10 +54,22 @@ def torture_reader(map_name: str, max_readers: int, flavor: str, reads: int,
     "examples"} on ``conn``.
     """
     hdr = attach_header(map_name, max_readers)
+    r = rcu.Rcu(hdr, max_readers, flavor)
+    conn.send(("ready", r.slot, os.getpid()))
+    report = torture_loop(hdr, r, map_name, flavor, reads)
+    r.unregister()
+    hdr.close()
+    conn.send(report)
+    conn.close()
+
+
+def torture_loop(hdr: Segment, r: rcu.Rcu, map_name: str, flavor: str,
+                 reads: int) -> dict[str, Any]:
+    """The reading of ``torture_reader`` with an Rcu the caller owns (which
+    several threads may share); returns the report."""
     w = hdr.words
     pub = w.ptr(PUBLISHED)
     stop = w.ptr(STOP)
-    r = rcu.Rcu(hdr, max_readers, flavor)
     cache: dict[int, tuple[Segment, Any, Any]] = {}
     hist = [0] * PIPE_LEN
     violations = 0
@@ -72,7 +84,6 @@ def torture_reader(map_name: str, max_readers: int, flavor: str, reads: int,
         if len(examples) < 5:
             examples.append(what)
 
-    conn.send(("ready", r.slot, os.getpid()))
     while not load(stop, atomic.ACQUIRE):
         if memb:
             r.read_lock()
@@ -113,14 +124,11 @@ def torture_reader(map_name: str, max_readers: int, flavor: str, reads: int,
                 s = cache.pop(old)[0]
                 if s is not None:
                     s.close()
-    r.unregister()
     for s, _, _ in cache.values():
         if s is not None:
             s.close()
-    hdr.close()
-    conn.send({"reads": nreads, "sections": sections, "violations": violations,
-               "hist": hist, "examples": examples, "pid": os.getpid()})
-    conn.close()
+    return {"reads": nreads, "sections": sections, "violations": violations,
+            "hist": hist, "examples": examples, "pid": os.getpid()}
 
 
 # --- a reader that obeys commands ---------------------------------------------

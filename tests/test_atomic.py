@@ -1,15 +1,14 @@
-"""shmdirty.atomic: every op and order on both backends, input checks, real races.
+"""shmdirty.atomic: every op and order on every backend, input checks, real races.
 
-The single-process tests run each op on the ``fast`` and the ``public``
-backend and check it against plain integer arithmetic.  A random op
-sequence is run on both backends and on a pure-Python model of the word
-array, which must agree exactly.  The multiprocess tests put one word in a
+The single-process tests run each op on the ``kernel`` (when built), ``cffi``
+and ``public`` backends and check it against plain integer arithmetic.  A
+random op sequence is run on every backend and on a pure-Python model of the
+word array, which must agree exactly.  The multiprocess tests put one word in a
 real shared-memory segment and hammer it from spawned processes.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 import subprocess
@@ -33,9 +32,19 @@ CAS_ORDERS = [(s, f) for s in RMW_ORDERS for f in LOAD_ORDERS if f <= s]
 EDGE_VALUES = (0, 1, 1 << 63, MASK64, MASK64 - 1, 0x5555_5555_5555_5555)
 
 
-@pytest.fixture(params=["fast", "public"])
+AVAILABLE = atomic.available()
+
+
+def _need(name: str) -> None:
+    if name not in AVAILABLE:
+        pytest.skip(f"the {name} atomics backend is not available here "
+                    "(kernel: not compiled at install)")
+
+
+@pytest.fixture(params=atomic.BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Any:
     """Run the test on one backend, then restore the one the process had."""
+    _need(request.param)
     before = atomic.backend.name
     atomic.use_backend(request.param)
     try:
@@ -344,7 +353,7 @@ def test_backends_and_model_agree(seed: int) -> None:
     before = atomic.backend.name
     results: dict[str, tuple[list[Any], list[int]]] = {}
     try:
-        for name in ("fast", "public"):
+        for name in AVAILABLE:
             atomic.use_backend(name)
             assert atomic.backend.name == name
             g = Guarded(seed)
@@ -356,43 +365,77 @@ def test_backends_and_model_agree(seed: int) -> None:
         atomic.use_backend(before)
     mem = [int(x) for x in Guarded(seed).mem]
     model = (_run_model(ops, mem), mem)
-    assert results["fast"] == model
-    assert results["public"] == model
+    assert set(results) == set(AVAILABLE)
+    for name in AVAILABLE:
+        assert results[name] == model, name
 
 
-def test_default_backend_is_fast_and_env_selects_public() -> None:
+def test_default_backend_is_the_fastest_and_env_selects() -> None:
     code = ("import shmdirty.atomic as a; w = a.Words(bytearray(16)); "
             "w.store(8, 2**64-1); print(a.backend.name, w.fetch_add(8, 3), w.load(8))")
     env = {k: v for k, v in os.environ.items() if k != "SHMDIRTY_ATOMICS"}
     got = {}
-    for choice in (None, "public"):
+    for choice in (None, *AVAILABLE):
         if choice:
             env["SHMDIRTY_ATOMICS"] = choice
-        r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+        # an explicit choice never warns; the default warns only without the kernel
+        strict = ["-W", "error::RuntimeWarning"] if choice or "kernel" in AVAILABLE else []
+        r = subprocess.run([sys.executable, *strict, "-c", code],
                            env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         got[choice] = r.stdout.split()
     # atomics is pinned to the version the fast path was verified on: no warning
     wrapped = str((MASK64 + 3) % (1 << 64))
-    assert got[None] == ["fast", str(MASK64), wrapped]
-    assert got["public"] == ["public", str(MASK64), wrapped]
+    assert got[None] == [AVAILABLE[0], str(MASK64), wrapped]
+    for name in AVAILABLE:
+        assert got[name] == [name, str(MASK64), wrapped]
+
+
+def test_without_the_kernel_import_warns_once_and_uses_cffi() -> None:
+    # As after `CC=/bin/false pip install .`: shmdirty._kernel cannot be imported.
+    code = ("import sys, warnings; sys.modules['shmdirty._kernel'] = None\n"
+            "with warnings.catch_warnings(record=True) as got:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import shmdirty.atomic as a, shmdirty.dirty, shmdirty.bitmap\n"
+            "print(a.backend.name, a.batch, len(got))\n"
+            "print(got[0].message)")
+    env = {k: v for k, v in os.environ.items() if k != "SHMDIRTY_ATOMICS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, message = r.stdout.splitlines()[:2]
+    assert first == "cffi None 1"
+    assert "compiled kernel is unavailable" in message and "slower" in message
+
+
+def test_env_asking_for_a_missing_backend_fails_at_import() -> None:
+    code = "import shmdirty.atomic"
+    for bad, why in (("fsat", "not one of"), ("kernel", "unavailable")):
+        if bad == "kernel" and "kernel" in AVAILABLE:
+            continue
+        env = {**os.environ, "SHMDIRTY_ATOMICS": bad}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and why in r.stderr, r.stderr
 
 
 def test_fallback_warns_when_internals_differ(monkeypatch: pytest.MonkeyPatch) -> None:
-    atomics, dist, installed = atomic.atomics_package()
-    Patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
+    import importlib
+
+    atomics, dist, real = atomic.atomics_package()  # atomics 1.0.3 or atomics2 1.1
+    patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
 
     monkeypatch.delenv("SHMDIRTY_ATOMICS", raising=False)
     monkeypatch.setattr(atomics, "__version__", "9.9.9", raising=False)
     with pytest.warns(RuntimeWarning, match="9.9.9"):
         assert atomic._pick_backend().name == "public"
-    monkeypatch.setattr(atomics, "__version__", installed)  # a verified one
-    assert atomic._pick_backend().name == "fast"
+    monkeypatch.setattr(atomics, "__version__", real, raising=False)
+    assert atomic._pick_backend().name == AVAILABLE[0]
 
     def moved(*args: Any) -> Any:
         raise AttributeError("op table moved")
 
-    monkeypatch.setattr(Patomic, "ops", moved)
+    monkeypatch.setattr(patomic, "ops", moved)
     with pytest.warns(RuntimeWarning, match="op table moved"):
         assert atomic._pick_backend().name == "public"
 
@@ -426,10 +469,12 @@ def fetch_add_worker(name: str, backend: str, n: int, barrier: Any, conn: Any) -
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize(("backend_name", "n"), [("fast", 100_000), ("public", 3_000)])
+@pytest.mark.parametrize(("backend_name", "n"),
+                         [("kernel", 100_000), ("cffi", 100_000), ("public", 3_000)])
 def test_fetch_add_from_4_processes_is_exact(
     spawn_ctx: Any, children: list[Any], map_name: str, backend_name: str, n: int
 ) -> None:
+    _need(backend_name)
     nproc = 4
     seg = Segment.create(layout.block_name(map_name, 0), 4096, layout.KIND_BLOCK)
     seg.words.store(NEIGHBOUR_OFF, 0xDEAD_BEEF)

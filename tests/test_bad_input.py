@@ -19,6 +19,9 @@ import pytest
 
 import shmdirty as sd
 
+# Every case on every atomics backend (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("atomics_backend")
+
 PS = 4096
 BP = 64
 PAGES = 3 * BP

@@ -33,8 +33,8 @@ PAGE = 4096
 # A small migration: 4 MiB + a 2 MiB hot-add, bitmap blocks of 256 pages so
 # both cross block edges; 8 MiB/s makes the bulk round last >= 0.5 s, so the
 # hot-add at 0.05 s lands in pre-copy; 2 x 300 pages/s converges.
-SMALL = ["--ram", "4M", "--vcpus", "2", "--dirty-rate", "300", "--hotplug", "0.05:2M",
-         "--bandwidth", "8", "--block-pages", "256", "--threshold", "32",
+SMALL = ["--guest", "sim", "--ram", "4M", "--vcpus", "2", "--dirty-rate", "300",
+         "--hotplug", "0.05:2M", "--bandwidth", "8", "--block-pages", "256", "--threshold", "32",
          "--max-rounds", "20", "--timeout", "45"]
 SMALL_PAGES = (6 << 20) // PAGE
 
@@ -70,8 +70,8 @@ def test_migrate_end_to_end(map_name: str, tmp_path: Path, mode: str) -> None:
     assert r["pages_written_by_vcpus"] > 0
     assert all(v["writes"] > 0 for v in res["vcpus"]) and len(res["vcpus"]) == 2
     assert [h["during"].startswith("pre-copy") for h in res["hotplug"]] == [True]
-    assert res["rounds"][0]["sent"] == 1024             # the bulk round sent every page
-    assert len(res["rounds"]) >= 2
+    assert res["round_log"][0]["sent"] == 1024             # the bulk round sent every page
+    assert res["rounds"] >= 2
     assert res["downtime"]["ram_size"] == 6 << 20
     assert res["config"]["dirty_mode"] == mode and res["exit_code"] == 0
     assert "migration summary" in proc.stdout and "downtime" in proc.stdout
@@ -85,7 +85,7 @@ def test_migrate_that_never_converges_ends_identical_after_stop_and_copy(
                          "--pattern", "sequential", json_path=tmp_path / "r.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert segment.list_segments(map_name) == []
-    assert res["end_of_precopy"] == "max rounds" and len(res["rounds"]) == 3
+    assert res["end_of_precopy"] == "max rounds" and res["rounds"] == 3
     assert res["downtime"]["newly_dirty"] > 100 and res["downtime"]["pages"] > 100
     assert res["result"]["identical"] and res["result"]["pages_compared"] == SMALL_PAGES
 
@@ -98,7 +98,7 @@ def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_pat
     assert not r["identical"]
     # round 1 dropped every page of the RAM it saw (4 MiB, or 6 MiB when the
     # hot-add at 0.05 s landed before its sync on a busy machine)
-    round1 = res["rounds"][0]
+    round1 = res["round_log"][0]
     assert round1["dropped"] == round1["ram_size"] // PAGE >= 1024 and round1["sent"] == 0
     # nearly all of the initial RAM was never sent: the vCPUs rewrote few pages
     assert r["pages_differ"] > 512
@@ -131,7 +131,8 @@ def _read_line_with(proc: subprocess.Popen[str], needle: str, timeout: float) ->
 def test_signal_mid_run_stops_workers_and_removes_every_segment(
         map_name: str, sig: signal.Signals, code: int) -> None:
     # 16 MiB at 4 MiB/s: the bulk round alone takes 4 s, so the signal lands mid-run.
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name,
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+            "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--hotplug", "0:4M",
             "--timeout", "45"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -155,15 +156,17 @@ def test_signal_mid_run_stops_workers_and_removes_every_segment(
 
 
 def test_a_worker_killed_mid_run_fails_the_run_and_removes_everything(map_name: str) -> None:
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name,
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+            "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = _read_line_with(proc, f"map {map_name} started", 30)
         workers = [c for c in psutil.Process(proc.pid).children()
                    if "spawn_main" in " ".join(c.cmdline())]
-        assert len(workers) == 4  # 2 vCPUs, hotplug, migrator
-        workers[0].kill()         # vcpu0: it was started first
+        assert len(workers) == 5  # the receiver, 2 vCPUs, hotplug, migrator
+        workers = workers[1:]     # in start order: the receiver first, then vcpu0
+        workers[0].kill()
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -178,14 +181,15 @@ def test_a_worker_killed_mid_run_fails_the_run_and_removes_everything(map_name: 
 
 def test_workers_leave_when_the_coordinator_is_sigkilled(
         capsys: pytest.CaptureFixture[str], map_name: str) -> None:
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name,
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+            "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _read_line_with(proc, f"map {map_name} started", 30)
         workers = [c for c in psutil.Process(proc.pid).children()
                    if "spawn_main" in " ".join(c.cmdline())]
-        assert len(workers) == 4
+        assert len(workers) == 5  # the receiver, 2 vCPUs, hotplug, migrator
     finally:
         proc.kill()
         proc.communicate(timeout=30)

@@ -23,7 +23,7 @@ from mp_harness import child_result, segs
 import shmdirty as sd
 from shmdirty import layout, segment
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("atomics_backend")]
 
 PB = 12
 PS = 1 << PB
@@ -92,7 +92,7 @@ def test_create_attach_close_destroy(make: Any, map_name: str) -> None:
 
     dm.destroy()
     assert segment.list_segments(map_name) == []
-    with pytest.raises(sd.CorruptSegment):
+    with pytest.raises(sd.MapNotFound):
         sd.DirtyMemory.attach(map_name)
 
 
@@ -106,15 +106,17 @@ def test_close_inside_a_section_refuses_and_keeps_the_handle(make: Any) -> None:
     assert len(dm.rcu.readers()) == 1
 
 
-def test_missing_map_is_a_corrupt_segment_naming_it(map_name: str) -> None:
+def test_missing_map_is_map_not_found_naming_it(map_name: str) -> None:
+    """(issue 10: not "corrupt"; tests/test_lifecycle.py checks the message.)"""
     for call in (lambda: sd.DirtyMemory.attach(map_name),
                  lambda: sd.DirtyMemory.attach(map_name, flavor="qsbr"),
                  lambda: sd.DirtyMemory.adopt(map_name)):
-        with pytest.raises(sd.CorruptSegment) as info:
+        with pytest.raises(sd.MapNotFound) as info:
             call()
-        assert info.value.segment == layout.header_name(map_name)
+        assert info.value.map == map_name
         assert layout.header_name(map_name) in str(info.value)
-        assert isinstance(info.value, OSError)
+        assert isinstance(info.value, FileNotFoundError)
+        assert not isinstance(info.value, sd.CorruptSegment)
     assert segment.list_segments(map_name) == []    # a failed attach creates nothing
 
 

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 from model import DIRTY_MEMORY_NUM, RefDirtyMemory
 
 import shmdirty as sd
+from shmdirty import atomic
 
 # A passing run takes seconds; a failing one spends up to 5 minutes shrinking
 # (hypothesis' own limit), and the minimal example is the useful output, so
@@ -52,10 +53,14 @@ def _short(x: Any) -> str:
 
 
 class DirtyMachine(RuleBasedStateMachine):
-    """One map and one model, the same operations on both."""
+    """One map and one model, the same operations on both, on the atomics
+    backend BACKEND."""
+
+    BACKEND = "kernel"
 
     def __init__(self) -> None:
         super().__init__()
+        self.before = ""
         self.dm: Any = None
         self.model: RefDirtyMemory | None = None
         self.name = ""
@@ -78,6 +83,8 @@ class DirtyMachine(RuleBasedStateMachine):
             label="ram_pages",
         )
         self.name = "hm" + secrets.token_hex(6)
+        self.before = atomic.backend.name
+        atomic.use_backend(self.BACKEND)
         self.model = RefDirtyMemory(ram_pages * PS, page_bits=PAGE_BITS,
                                     block_pages=block_pages, tcg=tcg)
         self.dm = sd.DirtyMemory.create(ram_pages * PS, page_bits=PAGE_BITS,
@@ -90,6 +97,8 @@ class DirtyMachine(RuleBasedStateMachine):
         self.dest_r = np.zeros(words, np.uint64)
 
     def teardown(self) -> None:
+        if self.before:
+            atomic.use_backend(self.before)
         if self.dm is None:
             return
         self.dm.destroy()
@@ -400,10 +409,28 @@ class DirtyMachine(RuleBasedStateMachine):
                 assert self.dm.get_dirty_flag(last, c) == dirty, f"{where}: last page"
 
 
-DirtyMachine.TestCase.settings = settings(
+class CffiMachine(DirtyMachine):
+    BACKEND = "cffi"
+
+
+SETTINGS = settings(
     max_examples=40,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TestDirtyMemoryAgainstModel = DirtyMachine.TestCase
+DirtyMachine.TestCase.settings = SETTINGS
+CffiMachine.TestCase.settings = SETTINGS
+
+
+def _on(machine: type[DirtyMachine]) -> Any:
+    """The machine's TestCase, skipped where its backend is unavailable: each
+    backend must agree with the model, hence with the others."""
+    missing = machine.BACKEND not in atomic.available()
+    return pytest.mark.skipif(missing, reason=f"the {machine.BACKEND} atomics backend is "
+                              "not available here (kernel: not compiled at install)")(
+        machine.TestCase)
+
+
+TestDirtyMemoryAgainstModel = _on(DirtyMachine)             # the kernel backend
+TestDirtyMemoryAgainstModelCffi = _on(CffiMachine)

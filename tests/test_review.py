@@ -122,7 +122,7 @@ def test_serve_once_on_a_closed_handle_raises(
         got = None
     p.join(WAIT)
     assert p.exitcode == 0, f"the child died with exit code {p.exitcode}"
-    assert got == ("ShmDirtyError", True)
+    assert got == ("HandleClosed", True)    # a ShmDirtyError (issue 10)
     assert segment.list_segments(map_name) == []
 
 

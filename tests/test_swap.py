@@ -2,19 +2,23 @@
 
 sync_dirty_bitmap, test_and_clear_dirty and snapshot_and_clear_dirty take
 the blocks a range covers whole by swapping a zeroed block in for each (a new
-table), waiting one grace period and reading the retired block with plain
-numpy; retired blocks are zeroed and pooled for reuse.  Here:
+table), waiting one grace period (within a budget, issue 10) and reading
+the retired block with plain numpy; retired blocks are zeroed and pooled
+for reuse.  Past the budget the retired blocks are taken word by word and
+what lands in them later is given back.  Here:
 
 - the swap gives exactly what the per-word path gives (results, dest,
   what is left), for every kind of range; the pool recycles and hands out
   zeroed blocks;
 - no bit is lost while spawned writers (memb sections, qsbr quiescent
   points) dirty pages and the coordinator swaps in a loop and hot-adds RAM;
-  the same test catches a swap that skips the grace period;
+  also when every swap runs past its budget; the same test catches a swap
+  that skips the grace period, and holds with a reader parked in one
+  section through every sync;
 - the fallbacks: no swap inside a read-side section, below the threshold,
   or in a process that is not the coordinator;
-- a reader parked in a section holds a swap back until it leaves (and its
-  late write is taken), and a SIGKILLed one does not hang it;
+- a reader parked in a section does not hold a swap back (its late write
+  is given back and taken later), and a SIGKILLed one does not hang it;
 - a qsbr reader coming back online while a swap completes writes into the
   published block, not the retired one.
 
@@ -25,12 +29,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+import rel_workers
 import swap_workers as workers
 from mp_harness import Migration, Writers, child_result, run_until_caught, segs
 
@@ -303,10 +306,11 @@ class NoGraceCoordinator(Coordinator):
     some other block)."""
 
     def swap_out(self, client: int, idxs: list[int]) -> list[Any]:
+        """(words, block to recycle), as Coordinator.swap_out: no grace period."""
         with self.shared.lock:
             t = self.view._refresh()
             retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        return [self.view._map_block(b) for b in retired]
+        return [(b.words, b) for b in map(self.view._map_block, retired)]
 
 
 class NoGraceSwap(sd.DirtyMemory):
@@ -321,23 +325,45 @@ ADDS = (6, 15, 24, 33)       # a hot-add before these syncs
 BATCH, QUIESCENT_EVERY = 60, 20
 
 
+PARK = 30.0                  # the parked reader gives up after this long (s)
+
+
 def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
-                  children: list[Any], seed: int) -> dict[str, int]:
+                  children: list[Any], seed: int, parked: bool = False,
+                  budget: float | None = None) -> dict[str, int]:
     """The test body: 2 writers; the coordinator syncs SYNCS times with the
     swap forced and hot-adds RAM a few times; returns what the migration
-    bitmap lost (and holds extra) below the limit."""
+    bitmap lost (and holds extra) below the limit.  With ``parked``, a
+    third reader (of ``flavor``) sits inside one section (qsbr: online,
+    never quiescent) through every sync, and writes one page with the
+    table it entered with when it is let go at the end."""
     rng = np.random.default_rng(seed)
     steps = rng.integers(1, 2 * BP, size=len(ADDS))
     ram0 = 48 * BP + 17
     max_pages = ram0 + int(steps.sum())
     dm = cls.create(ram0 * PS, block_pages=BP, name=name)
+    park: dict[str, Any] = {}
     try:
         dm.swap_min_words = FORCE
+        if budget is not None:
+            dm.swap_grace_budget = budget
         limit = ctx.Value("q", 0)
         mig = Migration(dm, limit)
         mig.open_up()
         ws = Writers(ctx, children, name, 2, flavor, max_pages, limit, seed,
                      batch=BATCH, quiescent_every=QUIESCENT_EVERY)
+        if parked:
+            park["page"] = int(rng.integers(BP, 2 * BP))   # in a block every sync takes whole
+            park["entered"], park["release"] = ctx.Event(), ctx.Event()
+            park["conn"], child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=rel_workers.parked_reader,
+                            args=(name, flavor, park["entered"], park["release"],
+                                  park["page"], PARK, child), name="parked")
+            p.start()
+            children.append(p)
+            child.close()
+            park["proc"] = p
+            assert park["entered"].wait(WAIT), "the parked reader never got in"
         g0 = dm.generation
         most_blocks = 0
         for i in range(SYNCS):
@@ -352,8 +378,17 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
             mig.sync()
             most_blocks = max(most_blocks, len(segs(name, "b")))
         swaps = dm.generation - g0 - len(ADDS)
+        if parked:
+            park["release"].set()
+            assert park["conn"].poll(WAIT), "the parked reader reported nothing"
+            status, value = park["conn"].recv()
+            assert status == "ok", value
+            park.update(value)
+            park["proc"].join(WAIT)
         ws.wait(2)
         written, ops = ws.finish(max_pages)
+        if parked:
+            written = np.union1d(written, [park["page"]])
         mig.sync()
         assert limit.value == dm.ram_size >> PB == max_pages
         found = np.flatnonzero(bits_of(mig.dest)[:max_pages])
@@ -361,29 +396,60 @@ def swap_and_sync(name: str, cls: type[sd.DirtyMemory], flavor: str, ctx: Any,
         extra = np.setdiff1d(found, written)
         nblocks = -(-max_pages // BP)
     finally:
+        if "release" in park:
+            park["release"].set()
         dm.destroy()
     assert segment.list_segments(name) == []
     return {"written": len(written), "lost": len(lost), "extra": len(extra), "ops": ops,
-            "swaps": swaps, "blocks_max": most_blocks, "blocks_bound": 3 * nblocks + nblocks}
+            "swaps": swaps, "blocks_max": most_blocks, "blocks_bound": 3 * nblocks + nblocks,
+            "parked_released": park.get("released")}
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
-@pytest.mark.parametrize("broken", [False, True], ids=["grace", "no-grace"])
+@pytest.mark.parametrize("how", ["grace", "late", "no-grace"])
 def test_no_lost_bits_while_swapping(map_name: str, spawn_ctx: Any, children: list[Any],
-                                     flavor: str, broken: bool) -> None:
+                                     flavor: str, how: str) -> None:
+    """``grace``: the default budget; ``late``: a budget of 0, so a swap
+    whose grace period is not over at once takes its retired blocks word by
+    word and gives back later what lands there (issue 10); ``no-grace``:
+    broken on purpose, must lose bits."""
+    broken = how == "no-grace"
     cls = NoGraceSwap if broken else sd.DirtyMemory
+    budget = 0.0 if how == "late" else None
     r = run_until_caught(
-        lambda name, seed: swap_and_sync(name, cls, flavor, spawn_ctx, children, seed=seed),
-        map_name, broken, f"{flavor} {'no-grace' if broken else 'grace'}")
+        lambda name, seed: swap_and_sync(name, cls, flavor, spawn_ctx, children, seed=seed,
+                                         budget=budget),
+        map_name, broken, f"{flavor} {how}")
     assert r["written"] > 500 and r["ops"] > 0, r
-    assert r["swaps"] >= SYNCS, r                  # the syncs did swap
+    # The syncs did swap.  A swap whose grace period outlasts its budget
+    # leaves its blocks retired, and takes go word by word until they are
+    # given back: with budget 0 that is most takes, with the default a few.
+    assert r["swaps"] >= {"grace": SYNCS // 2, "late": 1, "no-grace": SYNCS}[how], r
     if broken:
         assert r["lost"] > 0, f"the swap without a grace period was not caught in 3 attempts: {r}"
     else:
         assert r["lost"] == 0, r
         assert r["extra"] == 0, r                  # nothing but the writers' bits below the limit
         assert r["blocks_max"] <= r["blocks_bound"], r
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_no_lost_bits_while_swapping_with_a_parked_reader(
+        map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:
+    """The same run with a reader parked inside one section through every
+    sync: no sync waits for it (it is let go only after the last one), and
+    its late write into a block retired long before is not lost."""
+    r = swap_and_sync(map_name, sd.DirtyMemory, flavor, spawn_ctx, children, seed=7,
+                      parked=True)
+    print(r)
+    assert r["parked_released"] is True, f"a sync waited for the parked reader: {r}"
+    assert r["written"] > 500 and r["ops"] > 0, r
+    assert r["swaps"] >= 1, r
+    assert r["lost"] == 0, r
+    assert r["extra"] == 0, r
+    assert r["blocks_max"] <= r["blocks_bound"], r
 
 
 # --- 4. the fallbacks -----------------------------------------------------------------------
@@ -481,38 +547,6 @@ class Parked:
         assert self.entered.wait(WAIT), "the reader never entered its section"
 
 
-class SyncThread:
-    """A sync_dirty_bitmap of all RAM in a thread; ``finished`` when it returns.
-    Until then nothing else in this process may use the map's Rcu."""
-
-    def __init__(self, dm: sd.DirtyMemory, dest: np.ndarray[Any, Any]) -> None:
-        self.finished = threading.Event()
-        self.result: dict[str, Any] = {}
-        g0 = dm.generation
-
-        def run() -> None:
-            try:
-                self.result["newly"] = dm.sync_dirty_bitmap(dest, 0, dm.ram_size)
-            except BaseException as e:  # reported by the test
-                self.result["error"] = e
-            finally:
-                self.finished.set()
-
-        self.thread = threading.Thread(target=run, name="swapping-sync", daemon=True)
-        self.thread.start()
-        # The swap table is published first, then the grace period is waited for.
-        deadline = time.monotonic() + WAIT
-        while dm.generation == g0 and not self.finished.is_set():
-            assert time.monotonic() < deadline, "the sync never published its swap"
-            self.finished.wait(0.001)
-
-    def join(self) -> int:
-        assert self.finished.wait(WAIT), "the sync never finished"
-        self.thread.join(WAIT)
-        assert "error" not in self.result, self.result["error"]
-        return int(self.result["newly"])
-
-
 @pytest.mark.timeout(45)
 def test_coordinator_killed_mid_swap_loses_no_bit(map_name: str, spawn_ctx: Any,
                                                   children: list[Any]) -> None:
@@ -540,8 +574,14 @@ def test_coordinator_killed_mid_swap_loses_no_bit(map_name: str, spawn_ctx: Any,
 
 
 @pytest.mark.timeout(45)
-def test_parked_reader_holds_the_swap_back(map_name: str, spawn_ctx: Any,
-                                           children: list[Any]) -> None:
+def test_parked_reader_does_not_hold_the_swap_back(map_name: str, spawn_ctx: Any,
+                                                   children: list[Any]) -> None:
+    """(issue 10) A reader parked inside a section does not hold a swapping
+    sync back: the swap waits for its grace period only within the budget,
+    then takes the retired blocks word by word.  The reader's late write,
+    into the block it entered with (retired by then), is given back to the
+    live block once it leaves, and the next sync has it.  A reader SIGKILLed
+    inside its section is reclaimed and its retired blocks are pooled."""
     bp = 64
     ram_pages = 4 * bp
     late_a, late_b = 5, 2 * bp + 9             # pages in blocks the sync covers whole
@@ -551,42 +591,41 @@ def test_parked_reader_holds_the_swap_back(map_name: str, spawn_ctx: Any,
         dm.swap_min_words = FORCE
         a = Parked(spawn_ctx, children, map_name, late_a)
         b = Parked(spawn_ctx, children, map_name, late_b)
+        dest = np.zeros(ram_pages // 64, dtype=np.uint64)
 
-        # A reader inside a section holds the swap back; it writes into the
-        # block it entered with, now retired, before it leaves: the sync,
-        # which reads retired blocks only after the grace period, has it.
         a.park()
         g0 = dm.generation
-        dest = np.zeros(ram_pages // 64, dtype=np.uint64)
-        s = SyncThread(dm, dest)
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0   # returns, a still inside
+        assert dm.generation == g0 + 1                            # it did swap
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0   # word by word meanwhile
         assert dm.generation == g0 + 1
-        assert not s.finished.wait(0.3), "the swap did not wait for the parked reader"
         a.release.set()
-        assert s.join() == 1
-        assert np.flatnonzero(bits_of(dest)).tolist() == [late_a]
         assert a.conn.poll(WAIT)
         status, value = a.conn.recv()
         assert status == "ok", value
         assert value["generation"] == g0         # it did write with the old table
         a.proc.join(WAIT)
         assert a.proc.exitcode == 0
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 1   # given back, then taken
+        assert np.flatnonzero(bits_of(dest)).tolist() == [late_a]
 
         # A reader SIGKILLed inside its section: its slot is reclaimed and
-        # the sync completes (the kill leaves a zombie until we join it).
+        # the blocks retired while it was inside are given back and pooled.
         b.park()
-        g1 = dm.generation
         dest[:] = 0
-        s = SyncThread(dm, dest)
-        assert dm.generation == g1 + 1
-        assert not s.finished.wait(0.3), "the swap did not wait for the parked reader"
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0
         os.kill(b.proc.pid, signal.SIGKILL)
-        assert s.join() == 0
-        assert not dest.any()
-        assert b.proc.pid not in {r.pid for r in dm.rcu.readers()}
         b.proc.join(WAIT)
         assert b.proc.exitcode == -signal.SIGKILL
+        dm.rcu.synchronize(timeout=WAIT)        # reclaims the dead reader's slot
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0
+        assert not dest.any()
+        assert b.proc.pid not in {r.pid for r in dm.rcu.readers()}
         assert dm.dirty_pages(MIG) == 0
         assert not dm.get_dirty_flag(late_b * PS, MIG)
+        g = dm.generation
+        dm.sync_dirty_bitmap(dest, 0, dm.ram_size)   # nothing retired: it may swap again
+        assert dm.generation == g + 1
     finally:
         dm.destroy()
     assert segment.list_segments(map_name) == []

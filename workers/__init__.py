@@ -1,10 +1,15 @@
 """Process entry points of a live migration, run in a spawn pool by ``shmdirty migrate``.
 
 - ``workers.vcpu``: a vCPU; writes guest pages, then marks them dirty.
-- ``workers.migrator``: pre-copy rounds with ``sync_dirty_bitmap``, then
-  stop-and-copy into a destination image.
+- ``workers.migrator``: the simulated guest's migrator: the TCP stream of
+  ``workers.sender`` (pre-copy rounds with ``sync_dirty_bitmap``, then
+  stop-and-copy) to a ``workers.receiver``.
 - ``workers.hotplug``: asks the coordinator for more guest RAM at given times.
-- ``workers.guest``: guest RAM and destination segments, page stamps.
+- ``workers.guest``: guest RAM segments, page stamps.
+
+The KVM guest's processes (VM owner, dataplane, migrator, receiver) are
+started by ``workers.kvm_run`` with pipes of their own instead of the
+flags below: only the VM owner may use the VM, so it answers the others.
 
 The coordinator (the process that created the map: the CLI) serves RAM
 requests and watches.  Everything a worker needs arrives as arguments of its

@@ -1,24 +1,26 @@
 """The ``shmdirty migrate`` application: one live migration, no rendering.
 
-This process creates the map and the guest RAM, becomes the coordinator
-(it grants hot-plug requests with ``serve_once()`` in its loop), and runs
-the workers of this package in spawned processes.  It ends by comparing
-source and destination byte for byte.
+    guest, why = choose_guest("auto")            # "kvm" where /dev/kvm works
+    result = run(MigrateConfig(..., guest=guest, guest_why=why), on_event)
 
-    result = run(MigrateConfig(...), on_event)
+The simulated guest (``guest="sim"``): this process creates the map and
+the guest RAM, becomes the coordinator (it grants hot-plug requests with
+``serve_once()`` in its loop), and runs the vCPU, hot-plug and migrator
+workers of this package in spawned processes; the migrator streams the
+guest over TCP (``workers.sender``) to a receiver process it starts on
+loopback (or to ``to``), and compares source and destination at the
+switchover.  The KVM guest (``guest="kvm"``) is ``workers.kvm_run``.
 
 ``on_event`` receives every typed report of ``workers.reports`` as it
 arrives (``Started`` from here, the rest from the workers): a front end
 renders progress from them.  ``run`` returns the result (a JSON-ready dict)
 or raises ``Usage`` (the options cannot make a map), ``Failed`` (a worker
-failed, or the run timed out) or ``Interrupted`` (SIGINT / SIGTERM); each
+failed, or the run timed out), ``Interrupted`` (SIGINT / SIGTERM) or
+``DestinationGone`` (the destination went away before the handover); each
 carries the map name and how many segments teardown removed.  Whatever
 happens, every worker is stopped (asked first, then signalled) and every
-segment of the map is removed before ``run`` returns or raises.
-
-Where the guest comes from is ``_jobs()``: the simulated vCPUs today; a
-KVM guest (``--guest kvm``) would add its VM owner and
-dataplane processes there, beside them.
+segment of the run (its map, and a loopback receiver's) is removed before
+``run`` returns or raises.
 """
 
 from __future__ import annotations
@@ -32,23 +34,35 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_reports
 from multiprocessing.context import SpawnProcess
-from types import FrameType
 from typing import Any
 
-from shmdirty import DirtyMemory, ShmDirtyError, segment
-from shmdirty.errors import CorruptSegment
+import numpy as np
 
-from . import Control, Flags, hotplug, migrator, vcpu
-from .guest import GuestRam, compare
+from shmdirty import DirtyMemory, ShmDirtyError, segment
+
+from . import Control, Flags, hotplug, kvm, kvm_run, migrator, receiver, vcpu
+from . import guest_kvm as gk
+from .guest import TAG_MASK, TAG_VCPU, GuestRam
+from .lifecycle import DestinationGone, Failed, Interrupted, RunError, Signals, Usage
+from .plot import plot_rounds
 from .reports import (
+    DestinationLost,
     Done,
+    Handover,
     Hotplug,
+    Listening,
     Ready,
+    Received,
     Report,
     Started,
+    Switchover,
     VcpuDone,
     WorkerFailed,
 )
+from .stream import PeerGone, StreamError
+
+__all__ = ["DestinationGone", "Failed", "Interrupted", "MigrateConfig", "RunError",
+           "StreamRefused", "Usage", "choose_guest", "plot_rounds", "receive", "run"]
 
 PAGE_BITS = 12
 FIRST_DIFFS = 10          # how many differing pages a mismatch names
@@ -76,56 +90,75 @@ class MigrateConfig:
     timeout: float = 300.0
     drop_round: int = 0
     name: str | None = None
+    guest: str = "sim"          # "sim" or "kvm": choose_guest() resolves --guest auto
+    guest_why: str = ""
+    to: tuple[str, int] | None = None   # a receiver elsewhere; None: one on loopback
+    steps: int = 0              # KVM: guest steps per vCPU, 0: the pattern's default
+    dataplane_rate: float = 1000.0      # KVM: dataplane requests/s, 0: no dataplane
+    dataplane_forget: bool = False      # testing: a dataplane that forgets to mark
+    kill_destination_at: int = 0        # testing: SIGKILL the loopback receiver at round N
 
 
-# --- how a run ends early -------------------------------------------------------------
-class RunError(Exception):
-    """A run that did not finish; ``map_name`` and ``removed`` (segments
-    removed by teardown) are set once teardown is done."""
-
-    map_name = ""
-    removed = 0
-
-
-class Interrupted(RunError):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Failed(RunError):
-    """A worker failed, or the run could not go on."""
+def choose_guest(requested: str) -> tuple[str, str]:
+    """("kvm" or "sim", why) for ``--guest requested`` (kvm, sim or auto)."""
+    if requested == "sim":
+        return "sim", "--guest sim: simulated vCPU processes"
+    ok, why = kvm.usable()
+    if requested == "kvm":
+        if not ok:
+            raise Usage(f"--guest kvm: {why}")
+        return "kvm", f"--guest kvm: {why}"
+    if requested != "auto":
+        raise Usage(f"--guest {requested!r}: kvm, sim or auto")
+    return ("kvm", f"--guest auto: {why}, a KVM guest") if ok else \
+        ("sim", f"--guest auto: {why}; simulated vCPU processes instead")
 
 
-class Usage(RunError):
-    """The options asked for a map that cannot be made."""
+def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
+    """The KVM run of ``cfg``: ``hotplug`` times are percent of the guest's steps."""
+    pattern = "random" if cfg.pattern == "uniform" else cfg.pattern
+    steps = cfg.steps or gk.DEFAULT_STEPS.get(pattern, 0)
+    try:
+        guest = gk.GuestConfig(
+            ram=cfg.ram, vcpus=cfg.vcpus, pattern=pattern, steps=steps, seed=cfg.seed,
+            hotplug=tuple((max(1, int(steps * at / 100)), size) for at, size in cfg.hotplug),
+            dataplane_pages=256 if cfg.dataplane_rate else 0)
+    except ValueError as e:
+        raise Usage(f"the KVM guest: {e}") from None
+    return kvm_run.KvmRunConfig(
+        guest=guest, why=cfg.guest_why, to=cfg.to, bandwidth=cfg.bandwidth * (1 << 20),
+        threshold=cfg.threshold, max_rounds=cfg.max_rounds,
+        dataplane=bool(cfg.dataplane_rate), dataplane_rate=cfg.dataplane_rate,
+        dataplane_forget=cfg.dataplane_forget, drop_round=cfg.drop_round,
+        kill_destination_at=cfg.kill_destination_at, name=cfg.name,
+        block_pages=cfg.block_pages, timeout=cfg.timeout)
 
 
-class Signals:
-    """Ctrl-C and SIGTERM become a flag the run's loop checks, so the
-    interruption never lands half-way through a library call."""
+class StreamRefused(RunError):
+    """``shmdirty receive``: the stream was refused or broke (docs/STREAM.md)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
+def receive(host: str, port: int, on_event: Callable[..., None],
+            on_listening: Callable[[int], None]) -> dict[str, Any]:
+    """``shmdirty receive``: one migration on ``host:port``, resumed to its
+    end; its result.  ``StreamRefused``, or ``Interrupted`` on SIGINT /
+    SIGTERM; the receiver's VM and segments are gone either way."""
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)    # unwinds receive(), whose finally tears down
 
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = self.signum or signum
-
-    def __enter__(self) -> Signals:
-        for s in self.SIGNALS:
-            self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-    def check(self) -> None:
-        if self.signum:
-            raise Interrupted(self.signum)
+    old = {s_: signal.signal(s_, interrupt) for s_ in Signals.SIGNALS}
+    try:
+        with receiver.listen(host, port) as listener:
+            on_listening(listener.getsockname()[1])
+            conn = receiver.accept(listener)
+        assert conn is not None
+        try:
+            return receiver.receive(conn, on_event)
+        except (StreamError, PeerGone) as e:
+            raise StreamRefused(str(e)) from None
+    finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
 
 
 def check_config(cfg: MigrateConfig) -> None:
@@ -148,6 +181,8 @@ def check_config(cfg: MigrateConfig) -> None:
 def run(cfg: MigrateConfig, on_event: OnEvent) -> dict[str, Any]:
     """One migration (module doc); the result dict, or a RunError."""
     check_config(cfg)
+    if cfg.guest == "kvm":
+        return kvm_run.run(kvm_config(cfg), on_event)
     with Signals() as signals:
         m = Migration(cfg, on_event, signals)
         try:
@@ -178,6 +213,11 @@ class Migration:
         self.hotplugs: list[Hotplug] = []
         self.vcpu_stats: list[VcpuDone] = []
         self.done: Done | None = None
+        self.switchover: Switchover | None = None
+        self.handover: Handover | None = None
+        self.listening: Listening | None = None
+        self.destination: tuple[str, int] = ("", 0)
+        self.receiver_conn: Connection | None = None
         self.deadline = time.monotonic() + cfg.timeout
 
     # -- the run ------------------------------------------------------------------------
@@ -191,55 +231,74 @@ class Migration:
             raise Usage(f"cannot create the map: {e}") from None
         self.map_name = self.dm.name
         src = GuestRam(self.map_name, PAGE_BITS)
-        dst = GuestRam(self.map_name, PAGE_BITS, "dst")
         try:
             src.update(self.dm.ram_blocks(), create=True, boot_fill=True)
+            if cfg.to is None:
+                self._spawn_receiver()
+                self._wait(lambda: self.listening is not None, "the receiver to listen")
+                assert self.listening is not None
+                self.destination = ("127.0.0.1", self.listening.port)
+            else:
+                self.destination = cfg.to
             self._spawn()
-            self._wait(lambda: len(self.ready) == len(self.procs), "workers to start")
+            self._wait(lambda: self.ready >= set(self.procs) - {"receiver"}, "workers to start")
             self.flags.set(self.flags.GO)
             self.on_event(Started(self.map_name, cfg.ram, cfg.vcpus, cfg.dirty_mode,
                                   cfg.pattern, cfg.dirty_rate, len(self.procs)))
-            self._wait(lambda: self.done is not None, "the migration to finish")
+            self._wait(lambda: self.handover is not None, "the migration to finish")
             self._wait(lambda: not self.conns and all(p.exitcode is not None
                                                       for p in self.procs.values()),
                        "the workers to exit")
             self._check_exit_codes()
-            # Every worker has exited: the RAM and the destination are final.
-            blocks = self.dm.ram_blocks()
-            src.update(blocks)
-            return self._result(src, dst, blocks, t_begin)
+            src.update(self.dm.ram_blocks())
+            return self._result(src, t_begin)
         finally:
             src.close()
-            dst.close()
 
-    def _result(self, src: GuestRam, dst: GuestRam, blocks: list[tuple[int, int]],
-                t_begin: float) -> dict[str, Any]:
-        assert self.done is not None
-        missing = ""
-        try:
-            dst.update(blocks)
-        except CorruptSegment as e:
-            missing = str(e)
-        differ: list[int] = []
-        written = 0
-        if missing:
-            compared = src.npages
-        else:  # block by block, honouring Ctrl-C / SIGTERM between blocks
-            compared, differ, written = compare(src, dst, self.signals.check)
-        d = self.done
+    def _spawn_receiver(self) -> None:
+        recv, send = self.ctx.Pipe()
+        p = self.ctx.Process(target=receiver.main, name="receiver", daemon=True,
+                             args=("127.0.0.1", 0, f"{self.map_name}_dst", send))
+        p.start()
+        send.close()
+        self.procs["receiver"], self.conns[recv] = p, "receiver"
+        self.receiver_conn = recv
+
+    def _result(self, src: GuestRam, t_begin: float) -> dict[str, Any]:
+        assert self.done is not None and self.switchover is not None
+        assert self.handover is not None
+        d, sw, ho = self.done, self.switchover, self.handover
         t0 = d.t_go
+        written = sum(int(np.count_nonzero(v[:, 0] & np.uint64(TAG_MASK) == np.uint64(TAG_VCPU)))
+                      for v in src.views)
         hotplugs = []
         for h in self.hotplugs:
             row = asdict(h)
-            row.update(during=self._phase(h.t_done), t_done=h.t_done - t0, t_ask=h.t_ask - t0)
+            row.update(during=self._phase(h.t_done), t_done=h.t_done - t0, t_ask=h.t_ask - t0,
+                       round=sum(1 for r in d.rounds if r.t_start <= h.t_done)
+                       + (h.t_done >= d.t_stop))
             hotplugs.append(row)
         rounds = [dict(asdict(r), t_start=r.t_start - t0) for r in d.rounds]
         last = None if d.last_check is None else dict(asdict(d.last_check),
                                                       t_start=d.last_check.t_start - t0)
+        wall = time.monotonic() - t_begin
         return {
+            "guest": "sim",
+            "guest_why": self.cfg.guest_why,
+            "identical": sw.identical,
+            "resumed_ok": None,
+            "downtime_ms": d.downtime.seconds * 1e3,
+            "total_s": wall,
+            "pages_sent": ho.pages_sent,
+            "bytes_sent": ho.bytes_sent,
+            "throughput_mib_s": ho.bytes_sent / ho.send_seconds / (1 << 20)
+            if ho.send_seconds else None,
+            "rounds": len(rounds),
+            "round_log": rounds,
             "map": self.map_name,
+            "destination": {"address": "{}:{}".format(*self.destination),
+                            "local": self.cfg.to is None},
             "config": asdict(self.cfg),
-            "rounds": rounds,
             "end_of_precopy": d.reason,
             "last_check": last,
             "downtime": asdict(d.downtime),
@@ -247,15 +306,17 @@ class Migration:
             "vcpus": [asdict(v) for v in sorted(self.vcpu_stats, key=lambda v: v.index)],
             "precopy_seconds": d.t_stop - t0,
             "migration_seconds": d.t_end - t0,
-            "wall_seconds": time.monotonic() - t_begin,
+            "wall_seconds": wall,
             "result": {
-                "identical": not differ and not missing,
-                "pages_compared": compared,
-                "bytes_compared": compared << PAGE_BITS,
-                "pages_differ": len(differ),
-                "first_differ": differ[:FIRST_DIFFS],
-                "missing": missing,
+                "identical": sw.identical,
+                "method": sw.method,
+                "pages_compared": sw.compared if sw.method == "bytes" else src.npages,
+                "bytes_compared": src.npages << PAGE_BITS,
+                "pages_differ": sw.n_differ,
+                "first_differ": list(sw.differ),
+                "missing": sw.detail if sw.method == "layout" else "",
                 "pages_written_by_vcpus": written,
+                "switchover_check_seconds": sw.seconds,
             },
         }
 
@@ -280,7 +341,9 @@ class Migration:
             for i in range(cfg.vcpus)]
         if cfg.hotplug:
             jobs.append(("hotplug", hotplug.main, hotplug.HotplugConfig(cfg.hotplug)))
+        host, port = self.destination
         jobs.append(("migrator", migrator.main, migrator.MigratorConfig(
+            host=host, port=port, local=cfg.to is None,
             bandwidth=cfg.bandwidth * (1 << 20), threshold=cfg.threshold,
             max_rounds=cfg.max_rounds, drop_round=cfg.drop_round,
             hotplug=bool(cfg.hotplug))))
@@ -332,9 +395,9 @@ class Migration:
                 self._drain(0.1)  # its error report, if it made one
                 raise Failed(f"worker {role} (pid {p.pid}) exited with code {p.exitcode}")
         mig = self.procs.get("migrator")
-        if mig is not None and mig.exitcode == 0 and self.done is None:
+        if mig is not None and mig.exitcode == 0 and self.handover is None:
             self._drain(0.1)
-            if self.done is None:
+            if self.handover is None:
                 raise Failed("the migrator exited without finishing")
 
     def _check_exit_codes(self) -> None:
@@ -354,6 +417,18 @@ class Migration:
             self.vcpu_stats.append(report)
         elif isinstance(report, Done):
             self.done = report
+        elif isinstance(report, Switchover):
+            self.switchover = report
+        elif isinstance(report, Handover):
+            self.handover = report
+        elif isinstance(report, Listening):
+            self.listening = report
+        elif isinstance(report, Received):
+            pass
+        elif isinstance(report, DestinationLost):
+            self.on_event(report)
+            raise DestinationGone(f"the destination was lost: {report.message}",
+                                  {"guest": "sim", "identical": False, "resumed_ok": None})
         self.on_event(report)
 
     # -- teardown ------------------------------------------------------------------------
@@ -361,6 +436,11 @@ class Migration:
         """Stop every worker (asking first, then signals), then remove every
         segment of the map: header, tables, blocks, guest RAM, destination."""
         flags = self.flags
+        if self.receiver_conn is not None:
+            try:
+                self.receiver_conn.send("stop")   # stop listening, if it still does
+            except OSError:
+                pass
         if any(p.exitcode is None for p in self.procs.values()):
             for flag in (flags.ABORT, flags.STOP, flags.GO):
                 flags.set(flag)
@@ -386,5 +466,8 @@ class Migration:
                 self.dm.destroy()
             finally:
                 for n in segment.list_segments(name):  # anything created past destroy()
+                    segment.unlink(n)
+                # a loopback receiver that was killed could not clean up after itself
+                for n in segment.list_segments(f"{name}_dst"):
                     segment.unlink(n)
             self.removed = before

@@ -11,6 +11,7 @@ JSON of a run's result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -141,5 +142,89 @@ class Done:
     downtime: DowntimeDone
 
 
+# --- the migration stream (workers.sender) and the KVM guest (workers.kvm_run) ---------
+@dataclass(frozen=True)
+class Connected:
+    """The migrator reached the destination and sent the stream's HELLO."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Switchover:
+    """Source RAM (paused) against the destination's, before the handover:
+    ``method`` "bytes" (same machine) or "digests" (SHA-256 per chunk)."""
+
+    identical: bool
+    method: str
+    compared: int               # pages (bytes) or chunks (digests)
+    differ: tuple[int, ...]     # the first differing pages or chunks
+    n_differ: int
+    seconds: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Handover:
+    """The destination resumed the guest and reported how it ended (KVM);
+    ``result`` is its RESULT record, None if it never came (``error``)."""
+
+    pages_sent: int
+    bytes_sent: int
+    send_seconds: float         # seconds spent sending pages (throughput's denominator)
+    stream_bytes: int           # every byte of the stream, headers included
+    result: dict[str, Any] | None
+    error: str | None
+    vcpu_states: tuple[dict[str, int], ...]   # registers at the switchover
+
+
+@dataclass(frozen=True)
+class DestinationLost:
+    """The destination went away (or refused the stream) before the handover."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class GuestHotadd:
+    """The VM owner hot-added RAM when a vCPU of the guest reached the hot-add step."""
+
+    offset: int
+    size: int
+    t: float                    # monotonic seconds
+    progress: tuple[int, ...]   # steps done by each vCPU then
+
+
+@dataclass(frozen=True)
+class GuestStarted:
+    """A KVM run is set up: every process is ready and the vCPUs run."""
+
+    map_name: str
+    ram: int
+    vcpus: int
+    pattern: str
+    steps: int
+    why: str                    # why this guest (``--guest auto``)
+    destination: str            # host:port, and whether migrate started it
+
+
+@dataclass(frozen=True)
+class Listening:
+    """A receiver started by the run listens on ``host:port``."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A receiver started by the run is done: its ``result`` (map, pages, and
+    for KVM the resumed guest's end)."""
+
+    result: dict[str, Any]
+
+
 Report = (Ready | WorkerFailed | Started | RoundStart | Sent | Hotplug | HotplugSkipped
-          | Stopping | Downtime | VcpuDone | Done)
+          | Stopping | Downtime | VcpuDone | Done | Connected | Switchover | Handover
+          | DestinationLost | GuestHotadd | GuestStarted | Listening | Received)

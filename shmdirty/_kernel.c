@@ -1,0 +1,1100 @@
+/*
+ * shmdirty._kernel: shmdirty's compiled atomic kernel.
+ *
+ * Every atomic instruction here is one of patomic's op functions, the ones
+ * the `atomics` (or `atomics2`) package ships: shmdirty/atomic.py takes
+ * their addresses from the package's 8-byte op table at import and hands
+ * them to setup() once.  Nothing is linked against patomic; the package
+ * keeps its library loaded.  What this file adds is the call: a
+ * METH_FASTCALL function costs tens of ns where a cffi call costs ~1 us, and
+ * the batch loops below walk a whole bitmap block in C.
+ *
+ * Addresses are Python ints (shmdirty.atomic.Words.ptr() checks them
+ * against their buffer); here they are checked for alignment.  Batch ops
+ * take the block's buffer (its numpy words), check every index, count and
+ * order first and raise ValueError before touching memory, then release
+ * the GIL while they hold the buffer.
+ *
+ * Bit b of a block is bit b % 64 of word b / 64 (KVM's little-endian
+ * dirty log).  Memory orders use patomic's (C11's) numbering.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* patomic's explicit op signatures (include/patomic/api/ops/explicit.h). */
+typedef void (*op_store_t)(volatile void *obj, const void *desired, int order);
+typedef void (*op_load_t)(const volatile void *obj, int order, void *ret);
+typedef void (*op_void_t)(volatile void *obj, const void *arg, int order);
+typedef void (*op_fetch_t)(volatile void *obj, const void *arg, int order, void *ret);
+typedef int (*op_cmpxchg_t)(volatile void *obj, void *expected, const void *desired,
+                            int succ, int fail);
+typedef int (*op_test_modify_t)(volatile void *obj, int offset, int order);
+
+enum { RELAXED = 0, CONSUME = 1, ACQUIRE = 2, RELEASE = 3, ACQ_REL = 4, SEQ_CST = 5 };
+#define ONES (~(uint64_t)0)
+/* Batch loops over more words than this release the GIL. */
+#define GIL_WORDS 64
+
+static struct {
+    op_load_t load;
+    op_store_t store;
+    op_fetch_t exchange;
+    op_cmpxchg_t cmpxchg;
+    op_void_t or_;
+    op_fetch_t fetch_or;
+    op_fetch_t fetch_and;
+    op_fetch_t fetch_add;
+    op_test_modify_t test_set;
+    op_test_modify_t test_reset;
+} ops;
+static int ready;
+
+/* The names setup() takes, in the order of the struct above. */
+static const char *const op_names[] = {"load", "store", "exchange", "cmpxchg_strong",
+                                       "or", "fetch_or", "fetch_and", "fetch_add",
+                                       "test_set", "test_reset"};
+#define NOPS (sizeof(op_names) / sizeof(op_names[0]))
+
+/* A word no other process sees: a seq_cst read-modify-write on it is a full
+ * fence (as shmdirty.atomic.fence does from Python). */
+static uint64_t fence_word;
+static PyObject *str_base, *str_words;
+
+static void full_fence(void)
+{
+    uint64_t zero = 0, old;
+    ops.fetch_add(&fence_word, &zero, SEQ_CST, &old);
+}
+
+/* ---- argument checks --------------------------------------------------------- */
+
+static int not_ready(void)
+{
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "shmdirty._kernel: setup() was not called");
+        return 1;
+    }
+    return 0;
+}
+
+static int nargs_ok(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+        return 0;
+    }
+    return 1;
+}
+
+/* An unsigned 64-bit value: TypeError if not an int, ValueError if outside. */
+static int get_u64(PyObject *o, const char *what, uint64_t *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(o)->tp_name);
+        return 0;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s %R is not an unsigned 64-bit integer", what, o);
+        return 0;
+    }
+    *out = (uint64_t)v;
+    return 1;
+}
+
+/* A non-negative index (a bit or word number, a count). */
+static int get_index(PyObject *o, const char *what, Py_ssize_t *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(o)->tp_name);
+        return 0;
+    }
+    Py_ssize_t v = PyLong_AsSsize_t(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        v = -1;
+    }
+    if (v < 0) {
+        PyErr_Format(PyExc_ValueError, "%s %R is not a non-negative index", what, o);
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* A word address: an 8-byte aligned, non-null int. */
+static int get_addr(PyObject *o, volatile uint64_t **out)
+{
+    uint64_t a;
+    if (!get_u64(o, "address", &a))
+        return 0;
+    if (a == 0 || (a & 7)) {
+        PyErr_Format(PyExc_ValueError, "address %#llx is not an 8-byte aligned word address",
+                     (unsigned long long)a);
+        return 0;
+    }
+    *out = (volatile uint64_t *)(uintptr_t)a;
+    return 1;
+}
+
+enum { ORD_LOAD, ORD_STORE, ORD_RMW };
+
+static int get_order(PyObject *o, int kind, int *out)
+{
+    long v = PyLong_Check(o) ? PyLong_AsLong(o) : -1;
+    if (v == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    int ok;
+    switch (kind) {
+    case ORD_LOAD: ok = v == RELAXED || v == CONSUME || v == ACQUIRE || v == SEQ_CST; break;
+    case ORD_STORE: ok = v == RELAXED || v == RELEASE || v == SEQ_CST; break;
+    default: ok = v >= RELAXED && v <= SEQ_CST; break;
+    }
+    if (!ok) {
+        static const char *const kinds[] = {"load", "store", "read-modify-write"};
+        PyErr_Format(PyExc_ValueError, "memory order %R is not valid for a %s", o, kinds[kind]);
+        return 0;
+    }
+    *out = (int)v;
+    return 1;
+}
+
+/* The order of the plain all-ones stores of a set with RMW order `order`:
+ * release if the caller's order releases (the final fence then orders them
+ * before what follows), relaxed otherwise. */
+static int store_order(int order)
+{
+    return order >= RELEASE ? RELEASE : RELAXED;
+}
+
+/* The words of a block: a writable, C-contiguous, 8-byte aligned buffer. */
+typedef struct {
+    Py_buffer view;
+    volatile uint64_t *w;
+    Py_ssize_t n;  /* words */
+} block_t;
+
+static int get_block(PyObject *o, block_t *b)
+{
+    if (PyObject_GetBuffer(o, &b->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError,
+                         "block must be a writable C-contiguous buffer, not %.100s",
+                         Py_TYPE(o)->tp_name);
+        }
+        return 0;
+    }
+    if ((uintptr_t)b->view.buf & 7 || b->view.len % 8) {
+        PyErr_SetString(PyExc_ValueError,
+                        "block buffer is not 8-byte aligned or not a whole number of words");
+        PyBuffer_Release(&b->view);
+        return 0;
+    }
+    b->w = (volatile uint64_t *)b->view.buf;
+    b->n = b->view.len / 8;
+    return 1;
+}
+
+/* A read-only C-contiguous buffer of 8-byte integers. */
+static int get_int64s(PyObject *o, const char *what, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous array of 64-bit integers",
+                     what);
+        return 0;
+    }
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (view->itemsize != 8 || strlen(f) != 1 || !strchr("qQlLnN", *f)) {
+        PyErr_Format(PyExc_ValueError, "%s must hold 64-bit integers, not format %s", what,
+                     view->format ? view->format : "B");
+        PyBuffer_Release(view);
+        return 0;
+    }
+    return 1;
+}
+
+/* Bits [first, first + count) inside a block of n words. */
+static int range_ok(Py_ssize_t first, Py_ssize_t count, Py_ssize_t nwords)
+{
+    if (first > nwords * 64 || count > nwords * 64 - first) {
+        PyErr_Format(PyExc_ValueError, "bits [%zd, %zd + %zd) are outside the block's %zd bits",
+                     first, first, count, nwords * 64);
+        return 0;
+    }
+    return 1;
+}
+
+/* Mask of word w's bits inside [first, end); w0 = first / 64, w1 = (end - 1) / 64. */
+static inline uint64_t word_mask(Py_ssize_t w, Py_ssize_t w0, Py_ssize_t w1, Py_ssize_t first,
+                                 Py_ssize_t end)
+{
+    uint64_t m = ONES;
+    if (w == w0)
+        m &= ONES << (first & 63);
+    if (w == w1)
+        m &= ONES >> (63 - ((end - 1) & 63));
+    return m;
+}
+
+/* ---- setup --------------------------------------------------------------------- */
+
+static PyObject *k_setup(PyObject *self, PyObject *table)
+{
+    void *fp[NOPS];
+    if (!PyDict_Check(table)) {
+        PyErr_SetString(PyExc_TypeError, "setup() takes a dict of op name -> address");
+        return NULL;
+    }
+    for (size_t i = 0; i < NOPS; i++) {
+        PyObject *v = PyDict_GetItemString(table, op_names[i]);
+        uint64_t a = 0;
+        if (v == NULL) {
+            PyErr_Format(PyExc_ValueError, "setup(): no address for patomic's %s", op_names[i]);
+            return NULL;
+        }
+        if (!get_u64(v, op_names[i], &a))
+            return NULL;
+        if (a == 0) {
+            PyErr_Format(PyExc_ValueError, "setup(): patomic has no %s for 8-byte words",
+                         op_names[i]);
+            return NULL;
+        }
+        fp[i] = (void *)(uintptr_t)a;
+    }
+    ops.load = (op_load_t)fp[0];
+    ops.store = (op_store_t)fp[1];
+    ops.exchange = (op_fetch_t)fp[2];
+    ops.cmpxchg = (op_cmpxchg_t)fp[3];
+    ops.or_ = (op_void_t)fp[4];
+    ops.fetch_or = (op_fetch_t)fp[5];
+    ops.fetch_and = (op_fetch_t)fp[6];
+    ops.fetch_add = (op_fetch_t)fp[7];
+    ops.test_set = (op_test_modify_t)fp[8];
+    ops.test_reset = (op_test_modify_t)fp[9];
+    ready = 1;
+    Py_RETURN_NONE;
+}
+
+/* ---- single ops on one word (address, ..., order) -------------------------------- */
+
+static PyObject *k_load(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int order;
+    uint64_t out;
+    if (not_ready() || !nargs_ok("load", nargs, 2) || !get_addr(args[0], &p) ||
+        !get_order(args[1], ORD_LOAD, &order))
+        return NULL;
+    ops.load(p, order, &out);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+static PyObject *k_store(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int order;
+    uint64_t v;
+    if (not_ready() || !nargs_ok("store", nargs, 3) || !get_addr(args[0], &p) ||
+        !get_u64(args[1], "value", &v) || !get_order(args[2], ORD_STORE, &order))
+        return NULL;
+    ops.store(p, &v, order);
+    Py_RETURN_NONE;
+}
+
+/* exchange / fetch_or / fetch_and (value checked as unsigned 64-bit) */
+static PyObject *fetch_op(const char *name, op_fetch_t f, PyObject *const *args,
+                          Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int order;
+    uint64_t v, out;
+    if (not_ready() || !nargs_ok(name, nargs, 3) || !get_addr(args[0], &p) ||
+        !get_u64(args[1], "value", &v) || !get_order(args[2], ORD_RMW, &order))
+        return NULL;
+    f(p, &v, order, &out);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+static PyObject *k_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return fetch_op("exchange", ops.exchange, args, nargs);
+}
+
+static PyObject *k_fetch_or(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return fetch_op("fetch_or", ops.fetch_or, args, nargs);
+}
+
+static PyObject *k_fetch_and(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return fetch_op("fetch_and", ops.fetch_and, args, nargs);
+}
+
+/* fetch_add takes any int and adds it modulo 2**64 (a negative one subtracts). */
+static PyObject *k_fetch_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int order;
+    uint64_t v, out;
+    if (not_ready() || !nargs_ok("fetch_add", nargs, 3) || !get_addr(args[0], &p) ||
+        !get_order(args[2], ORD_RMW, &order))
+        return NULL;
+    if (!PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "value must be an int");
+        return NULL;
+    }
+    v = PyLong_AsUnsignedLongLongMask(args[1]);
+    if (v == ONES && PyErr_Occurred())
+        return NULL;
+    ops.fetch_add(p, &v, order, &out);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+static PyObject *k_compare_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int succ, fail;
+    uint64_t expected, desired;
+    if (not_ready() || !nargs_ok("compare_exchange", nargs, 5) || !get_addr(args[0], &p) ||
+        !get_u64(args[1], "expected", &expected) || !get_u64(args[2], "desired", &desired) ||
+        !get_order(args[3], ORD_RMW, &succ) || !get_order(args[4], ORD_LOAD, &fail))
+        return NULL;
+    if (fail > succ) {  /* C11: the failure order is no stronger than the success order */
+        PyErr_Format(PyExc_ValueError, "failure order %d is stronger than success order %d",
+                     fail, succ);
+        return NULL;
+    }
+    int ok = ops.cmpxchg(p, &expected, &desired, succ, fail);
+    return Py_BuildValue("(NK)", PyBool_FromLong(ok), (unsigned long long)expected);
+}
+
+static PyObject *bit_op(const char *name, op_test_modify_t f, PyObject *const *args,
+                        Py_ssize_t nargs)
+{
+    volatile uint64_t *p;
+    int order;
+    Py_ssize_t bit;
+    if (not_ready() || !nargs_ok(name, nargs, 3) || !get_addr(args[0], &p) ||
+        !get_index(args[1], "bit", &bit) || !get_order(args[2], ORD_RMW, &order))
+        return NULL;
+    if (bit > 63) {
+        PyErr_Format(PyExc_ValueError, "bit %zd is not in [0, 63]", bit);
+        return NULL;
+    }
+    return PyBool_FromLong(f(p, (int)bit, order));
+}
+
+static PyObject *k_bit_test_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return bit_op("bit_test_set", ops.test_set, args, nargs);
+}
+
+static PyObject *k_bit_test_reset(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return bit_op("bit_test_reset", ops.test_reset, args, nargs);
+}
+
+static PyObject *k_fence(PyObject *self, PyObject *unused)
+{
+    if (not_ready())
+        return NULL;
+    full_fence();
+    Py_RETURN_NONE;
+}
+
+/* ---- batch ops over one block (block, ...) ---------------------------------------- */
+
+/* Word k (64 bits from bit 64k) of a little-endian source of nbytes bytes;
+ * bits outside the source read as 0. */
+static inline uint64_t src_word(const unsigned char *src, Py_ssize_t nbytes, Py_ssize_t k)
+{
+    uint64_t v = 0;
+    Py_ssize_t at = k * 8;
+    if (k < 0 || at >= nbytes)
+        return 0;
+    if (nbytes - at >= 8) {
+        memcpy(&v, src + at, 8);
+    } else {
+        for (Py_ssize_t i = 0; i < nbytes - at; i++)
+            v |= (uint64_t)src[at + i] << (8 * i);
+    }
+    return v;  /* little-endian machines only (checked at import) */
+}
+
+/* 64 source bits from bit s (s may be negative: those bits read as 0). */
+static inline uint64_t src_bits(const unsigned char *src, Py_ssize_t nbytes, Py_ssize_t s)
+{
+    Py_ssize_t k = s >= 0 ? s / 64 : -((63 - s) / 64);  /* floor(s / 64) */
+    unsigned r = (unsigned)(s - k * 64);
+    uint64_t v = src_word(src, nbytes, k) >> r;
+    if (r)
+        v |= src_word(src, nbytes, k + 1) << (64 - r);
+    return v;
+}
+
+static inline uint64_t load_le(const unsigned char *at)
+{
+    uint64_t v;
+    memcpy(&v, at, 8);
+    return v;  /* little-endian machines only (checked at import) */
+}
+
+/* OR m into *w: nothing for 0, a store of all-ones (then *stored), else a fetch-or. */
+static inline void or_word(volatile uint64_t *w, uint64_t m, int order, int sorder, int *stored)
+{
+    if (!m)
+        return;
+    if (m == ONES) {
+        ops.store(w, &m, sorder);
+        *stored = 1;
+    } else {
+        ops.or_(w, &m, order);
+    }
+}
+
+/* or_bitmap(block, first, count, src, src_first, order): OR bits
+ * [src_first, src_first + count) of the little-endian bitmap `src` (any
+ * C-contiguous buffer: bytes, a uint64 array) into bits [first, first + count)
+ * of the block.  Zero source words cost a load; whole all-ones words are
+ * stored (DESIGN.md section 2: setting bits is monotonic) and one fence
+ * follows; other words get one fetch-or with `order`. */
+static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t first, count, src_first;
+    int order;
+    block_t b;
+    Py_buffer sv;
+    if (not_ready() || !nargs_ok("or_bitmap", nargs, 6) || !get_index(args[1], "first", &first) ||
+        !get_index(args[2], "count", &count) || !get_index(args[4], "src_first", &src_first) ||
+        !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &sv, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "src must be a C-contiguous buffer (bytes or array)");
+        return NULL;
+    }
+    if (src_first > sv.len * 8 || count > sv.len * 8 - src_first) {
+        PyErr_Format(PyExc_ValueError, "source bits [%zd, %zd + %zd) are outside its %zd bits",
+                     src_first, src_first, count, sv.len * 8);
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    if (!get_block(args[0], &b)) {
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    if (!range_ok(first, count, b.n)) {
+        PyBuffer_Release(&b.view);
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    if (count) {
+        const unsigned char *src = sv.buf;
+        Py_ssize_t nbytes = sv.len, end = first + count;
+        Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
+        Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
+        int sorder = store_order(order), stored = 0;
+        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        /* The edge words: masked, from any bit offset. */
+        or_word(&b.w[w0], src_bits(src, nbytes, w0 * 64 + delta) &
+                word_mask(w0, w0, w1, first, end), order, sorder, &stored);
+        if (w1 > w0)
+            or_word(&b.w[w1], src_bits(src, nbytes, w1 * 64 + delta) &
+                    word_mask(w1, w0, w1, first, end), order, sorder, &stored);
+        /* The words between: all their source bits lie inside the source.
+         * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
+        Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
+        unsigned r = (unsigned)(delta - q * 64);
+        Py_ssize_t last = w1 - 1;
+        if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
+            last--;  /* its upper source word may run past a bytes source: below */
+        if (r == 0) {
+            for (Py_ssize_t w = w0 + 1; w <= last; w++)
+                or_word(&b.w[w], load_le(src + (w + q) * 8), order, sorder, &stored);
+        } else {
+            for (Py_ssize_t w = w0 + 1; w <= last; w++) {
+                const unsigned char *at = src + (w + q) * 8;
+                or_word(&b.w[w], load_le(at) >> r | load_le(at + 8) << (64 - r), order, sorder,
+                        &stored);
+            }
+        }
+        for (Py_ssize_t w = last + 1; w < w1; w++)
+            or_word(&b.w[w], src_bits(src, nbytes, w * 64 + delta), order, sorder, &stored);
+        if (stored)
+            full_fence();  /* the stores are visible before the caller goes on */
+        if (ts)
+            PyEval_RestoreThread(ts);
+    }
+    PyBuffer_Release(&b.view);
+    PyBuffer_Release(&sv);
+    Py_RETURN_NONE;
+}
+
+/* or_sparse(block, words, masks, order): OR masks[i] into word words[i] (two
+ * arrays of 64-bit integers of one length); every index is checked first. */
+static PyObject *k_or_sparse(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int order;
+    block_t b;
+    Py_buffer wv, mv;
+    if (not_ready() || !nargs_ok("or_sparse", nargs, 4) || !get_order(args[3], ORD_RMW, &order))
+        return NULL;
+    if (!get_int64s(args[1], "words", &wv))
+        return NULL;
+    if (!get_int64s(args[2], "masks", &mv)) {
+        PyBuffer_Release(&wv);
+        return NULL;
+    }
+    if (!get_block(args[0], &b)) {
+        PyBuffer_Release(&wv);
+        PyBuffer_Release(&mv);
+        return NULL;
+    }
+    Py_ssize_t n = wv.len / 8;
+    const int64_t *idx = wv.buf;
+    const uint64_t *mask = mv.buf;
+    PyObject *res = Py_None;
+    if (mv.len != wv.len) {
+        PyErr_Format(PyExc_ValueError, "%zd words but %zd masks", n, mv.len / 8);
+        res = NULL;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (idx[i] < 0 || idx[i] >= b.n) {
+                PyErr_Format(PyExc_ValueError, "word %lld is outside the block's %zd words",
+                             (long long)idx[i], b.n);
+                res = NULL;
+                break;
+            }
+        }
+    }
+    if (res) {
+        PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (mask[i])
+                ops.or_(&b.w[idx[i]], &mask[i], order);
+        if (ts)
+            PyEval_RestoreThread(ts);
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b.view);
+    PyBuffer_Release(&wv);
+    PyBuffer_Release(&mv);
+    return res;
+}
+
+/* The loops of take, any_set / all_set and set_range over bits
+ * [first, first + count) of words w; count > 0, checked by the caller.  They
+ * touch only those words and need no GIL. */
+
+/* Take the bits; out[i] (or nothing if out is NULL) gets word first / 64 + i's.
+ * A word read as clean is skipped (a bit set after that read stays for the
+ * next taker); whole words are taken with an exchange, edge words with a
+ * fetch-and.  Nonzero if any bit was taken. */
+static uint64_t loop_take(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count,
+                          uint64_t *out, int order)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    uint64_t any = 0;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end), cur, got = 0;
+        ops.load(&w[i], RELAXED, &cur);
+        if (cur & m) {
+            if (m == ONES) {
+                uint64_t zero = 0;
+                ops.exchange(&w[i], &zero, order, &got);
+            } else {
+                uint64_t keep = ~m;
+                ops.fetch_and(&w[i], &keep, order, &got);
+                got &= m;
+            }
+        }
+        any |= got;
+        if (out)
+            out[i - w0] = got;
+    }
+    return any;
+}
+
+/* Relaxed loads (DESIGN.md: a bit seen set was set; one missed was set
+ * concurrently).  any: is a bit set?  all: is every bit set? */
+static int loop_test(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count, int want_all)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end), cur;
+        ops.load(&w[i], RELAXED, &cur);
+        if (want_all ? (cur & m) != m : (cur & m) != 0)
+            return !want_all;
+    }
+    return want_all;
+}
+
+/* QEMU's bitmap_set_atomic: a fetch-or with `order` on each edge word,
+ * all-ones stores inside; nonzero if it stored (the caller then fences). */
+static int loop_set(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count, int order)
+{
+    Py_ssize_t end = first + count, w0 = first >> 6, w1 = (end - 1) >> 6;
+    int sorder = store_order(order), stored = 0;
+    for (Py_ssize_t i = w0; i <= w1; i++) {
+        uint64_t m = word_mask(i, w0, w1, first, end);
+        if (m == ONES && i != w0 && i != w1) {
+            ops.store(&w[i], &m, sorder);
+            stored = 1;
+        } else {
+            ops.or_(&w[i], &m, order);
+        }
+    }
+    return stored;
+}
+
+/* take(block, first, count, out, order) -> bool: take (read and clear) bits
+ * [first, first + count) (loop_take).  out: a writable uint64 buffer of at
+ * least (first + count - 1) / 64 - first / 64 + 1 words, or None.  True if
+ * any bit was taken. */
+static PyObject *k_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t first, count;
+    int order;
+    block_t b;
+    Py_buffer ov;
+    uint64_t *out = NULL;
+    if (not_ready() || !nargs_ok("take", nargs, 5) || !get_index(args[1], "first", &first) ||
+        !get_index(args[2], "count", &count) || !get_order(args[4], ORD_RMW, &order))
+        return NULL;
+    if (!get_block(args[0], &b))
+        return NULL;
+    if (!range_ok(first, count, b.n)) {
+        PyBuffer_Release(&b.view);
+        return NULL;
+    }
+    Py_ssize_t w0 = first >> 6, w1 = count ? (first + count - 1) >> 6 : w0 - 1;
+    if (args[3] != Py_None) {
+        if (PyObject_GetBuffer(args[3], &ov, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "out must be a writable C-contiguous buffer");
+            PyBuffer_Release(&b.view);
+            return NULL;
+        }
+        if ((uintptr_t)ov.buf & 7 || ov.len / 8 < w1 - w0 + 1) {
+            PyErr_Format(PyExc_ValueError, "out must be aligned and hold %zd words (has %zd)",
+                         w1 - w0 + 1, ov.len / 8);
+            PyBuffer_Release(&ov);
+            PyBuffer_Release(&b.view);
+            return NULL;
+        }
+        out = ov.buf;
+    }
+    uint64_t any = 0;
+    if (count) {
+        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        any = loop_take(b.w, first, count, out, order);
+        if (ts)
+            PyEval_RestoreThread(ts);
+    }
+    if (out)
+        PyBuffer_Release(&ov);
+    PyBuffer_Release(&b.view);
+    return PyBool_FromLong(any != 0);
+}
+
+/* any_set / all_set(block, first, count) -> bool (loop_test).  Empty: False / True. */
+static PyObject *test_range(const char *name, int want_all, PyObject *const *args,
+                            Py_ssize_t nargs)
+{
+    Py_ssize_t first, count;
+    block_t b;
+    if (not_ready() || !nargs_ok(name, nargs, 3) || !get_index(args[1], "first", &first) ||
+        !get_index(args[2], "count", &count))
+        return NULL;
+    if (!get_block(args[0], &b))
+        return NULL;
+    if (!range_ok(first, count, b.n)) {
+        PyBuffer_Release(&b.view);
+        return NULL;
+    }
+    int result = want_all;
+    if (count) {
+        PyThreadState *ts = count >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+        result = loop_test(b.w, first, count, want_all);
+        if (ts)
+            PyEval_RestoreThread(ts);
+    }
+    PyBuffer_Release(&b.view);
+    return PyBool_FromLong(result);
+}
+
+static PyObject *k_any_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return test_range("any_set", 0, args, nargs);
+}
+
+static PyObject *k_all_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return test_range("all_set", 1, args, nargs);
+}
+
+/* set_range(block, first, count, order): loop_set, then a fence if it stored. */
+static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t first, count;
+    int order;
+    block_t b;
+    if (not_ready() || !nargs_ok("set_range", nargs, 4) || !get_index(args[1], "first", &first) ||
+        !get_index(args[2], "count", &count) || !get_order(args[3], ORD_RMW, &order))
+        return NULL;
+    if (!get_block(args[0], &b))
+        return NULL;
+    if (!range_ok(first, count, b.n)) {
+        PyBuffer_Release(&b.view);
+        return NULL;
+    }
+    if (count) {
+        PyThreadState *ts = count >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+        if (loop_set(b.w, first, count, order))
+            full_fence();  /* the stores are visible before the caller goes on */
+        if (ts)
+            PyEval_RestoreThread(ts);
+    }
+    PyBuffer_Release(&b.view);
+    Py_RETURN_NONE;
+}
+
+/* ---- ops over one client's blocks (the hot accessors) ------------------------------ */
+
+/* set_page(clients, client, addr, ram_size, page_bits, block_pages, order)
+ * -> bool: set_dirty_flag past its RCU check.  clients[client] is that
+ * client's list of mapped blocks (None where not mapped yet); block.base is
+ * the int address of its first word, block_pages bits long.  Sets the bit
+ * of the page holding `addr` with a test-and-set and returns True; returns
+ * False, touching nothing, when the caller must take the slow path (which
+ * checks, refreshes or maps): client or addr not an exact int in range
+ * ([0, len(clients)), [0, ram_size)), or the block not in the list or not
+ * mapped. */
+static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error */
+{
+    int overflow, order;
+    PyObject *clients = args[0];
+    if (!PyList_CheckExact(clients) || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]))
+        return 0;
+    long client = PyLong_AsLongAndOverflow(args[1], &overflow);
+    if (overflow || client < 0 || client >= PyList_GET_SIZE(clients))
+        return 0;
+    PyObject *blocks = PyList_GET_ITEM(clients, client);
+    if (!PyList_CheckExact(blocks))
+        return 0;
+    long long addr = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+    if (overflow || addr < 0)
+        return 0;
+    long long ram_size = PyLong_AsLongLong(args[3]);
+    long page_bits = PyLong_AsLong(args[4]);
+    long long block_pages = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred() || !get_order(args[6], ORD_RMW, &order))
+        return -1;
+    if (page_bits < 0 || page_bits > 62 || block_pages <= 0 || block_pages % 64) {
+        PyErr_SetString(PyExc_ValueError, "set_page(): bad page_bits or block_pages");
+        return -1;
+    }
+    if (addr >= ram_size)
+        return 0;
+    long long page = addr >> page_bits, idx = page / block_pages, bit = page - idx * block_pages;
+    if (idx >= PyList_GET_SIZE(blocks))
+        return 0;
+    PyObject *blk = PyList_GET_ITEM(blocks, idx);
+    if (blk == Py_None)
+        return 0;
+    PyObject *base = PyObject_GetAttr(blk, str_base);
+    if (base == NULL)
+        return -1;
+    volatile uint64_t *w;
+    int ok = get_addr(base, &w);
+    Py_DECREF(base);
+    if (!ok)
+        return -1;
+    ops.test_set(w + (bit >> 6), (int)(bit & 63), order);
+    return 1;
+}
+
+static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (not_ready() || !nargs_ok("set_page", nargs, 7))
+        return NULL;
+    int r = set_page_core(args);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+/* memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, page_bits,
+ * block_pages, order) -> bool: set_page inside one memb read-side section, for a reader
+ * outside any section whose table was checked against counter value `seen`.
+ * The section is shmdirty.rcu.Rcu.read_lock / read_unlock's, word for word:
+ * store `seen` into this reader's slot counter `ctr` (seq_cst), load the
+ * grace-period counter `gp` (seq_cst: the reader's half of the Dekker pair);
+ * if it moved, the table may be stale: store 0 (release) and return False
+ * (the caller takes the slow path, which re-reads it).  Else set_page, then
+ * store 0 with release (every access of the section happens before a waiter
+ * that sees 0).  The GIL is held throughout, so no other thread of this
+ * process runs inside. */
+static PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    volatile uint64_t *ctr, *gp;
+    uint64_t seen, now, zero = 0;
+    if (not_ready() || !nargs_ok("memb_set_page", nargs, 10) || !get_addr(args[0], &ctr) ||
+        !get_addr(args[1], &gp) || !get_u64(args[2], "seen", &seen))
+        return NULL;
+    ops.store(ctr, &seen, SEQ_CST);
+    ops.load(gp, SEQ_CST, &now);
+    int r = now == seen ? set_page_core(args + 3) : 0;
+    ops.store(ctr, &zero, RELEASE);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+/* Holds the buffers (`words`) of blocks [i0, i1] of a client's list; fills
+ * *unmapped with the first index whose block is None (then holds nothing). */
+static block_t *hold_blocks(PyObject *blocks, Py_ssize_t i0, Py_ssize_t i1,
+                            Py_ssize_t block_pages, Py_ssize_t *unmapped)
+{
+    Py_ssize_t n = i1 - i0 + 1;
+    *unmapped = -1;
+    if (i1 >= PyList_GET_SIZE(blocks)) {
+        PyErr_Format(PyExc_ValueError, "block %zd is outside the table's %zd blocks", i1,
+                     PyList_GET_SIZE(blocks));
+        return NULL;
+    }
+    for (Py_ssize_t i = i0; i <= i1; i++) {
+        if (PyList_GET_ITEM(blocks, i) == Py_None) {
+            *unmapped = i;
+            return NULL;
+        }
+    }
+    block_t *held = PyMem_Calloc(n, sizeof(block_t));
+    if (held == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *words = PyObject_GetAttr(PyList_GET_ITEM(blocks, i0 + i), str_words);
+        int ok = words != NULL && get_block(words, &held[i]);
+        Py_XDECREF(words);
+        if (ok && held[i].n * 64 < block_pages) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %zd pages",
+                         i0 + i, held[i].n, block_pages);
+            PyBuffer_Release(&held[i].view);
+            ok = 0;
+        }
+        if (!ok) {
+            while (i-- > 0)
+                PyBuffer_Release(&held[i].view);
+            PyMem_Free(held);
+            return NULL;
+        }
+    }
+    return held;
+}
+
+static void release_blocks(block_t *held, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyBuffer_Release(&held[i].view);
+    PyMem_Free(held);
+}
+
+enum { WALK_ANY, WALK_ALL, WALK_SET, WALK_TAKE };
+
+/* walk(blocks, page, end, block_pages, op, order) -> int: the seed's block
+ * walk over pages [page, end) of one client's blocks (as for set_pages),
+ * with op 0 any_set, 1 all_set, 2 set_range, 3 take (bits dropped) on each
+ * piece, in one call.  Returns the result (any / all / any bit taken: 0 or
+ * 1; set: 0), or -1 - i if block i is needed but not mapped (nothing done:
+ * map it and call again).  Empty range: any 0, all 1. */
+static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, end, block_pages, op, unmapped;
+    int order;
+    if (not_ready() || !nargs_ok("walk", nargs, 6) || !get_index(args[1], "page", &page) ||
+        !get_index(args[2], "end", &end) || !get_index(args[3], "block_pages", &block_pages) ||
+        !get_index(args[4], "op", &op) || !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    PyObject *blocks = args[0];
+    if (!PyList_Check(blocks)) {
+        PyErr_SetString(PyExc_TypeError, "walk(): blocks must be a list");
+        return NULL;
+    }
+    if (block_pages == 0 || block_pages % 64 || op > WALK_TAKE || end < page) {
+        PyErr_SetString(PyExc_ValueError, "walk(): bad block_pages, op or range");
+        return NULL;
+    }
+    if (end == page)
+        return PyLong_FromLong(op == WALK_ALL);
+    Py_ssize_t i0 = page / block_pages, i1 = (end - 1) / block_pages;
+    block_t *held = hold_blocks(blocks, i0, i1, block_pages, &unmapped);
+    if (held == NULL)
+        return unmapped >= 0 ? PyLong_FromSsize_t(-1 - unmapped) : NULL;
+    int result = op == WALK_ALL, stored = 0;
+    PyThreadState *ts = end - page >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t pg = page; pg < end;) {
+        Py_ssize_t idx = pg / block_pages, off = pg % block_pages;
+        Py_ssize_t num = end - pg < block_pages - off ? end - pg : block_pages - off;
+        volatile uint64_t *w = held[idx - i0].w;
+        pg += num;
+        if (op == WALK_ANY || op == WALK_ALL) {
+            if (loop_test(w, off, num, op == WALK_ALL) != (op == WALK_ALL)) {
+                result = op != WALK_ALL;
+                break;
+            }
+        } else if (op == WALK_SET) {
+            stored |= loop_set(w, off, num, order);
+        } else {
+            result |= loop_take(w, off, num, NULL, order) != 0;
+        }
+    }
+    if (stored)
+        full_fence();
+    if (ts)
+        PyEval_RestoreThread(ts);
+    release_blocks(held, i1 - i0 + 1);
+    return PyLong_FromLong(result);
+}
+
+/* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
+ * its RCU and range checks.  pages: a C-contiguous array of 64-bit page
+ * numbers; blocks as for set_page, each with `words`, its writable buffer.
+ * Every page is checked first (ValueError outside the list's blocks).
+ * Returns the index of a block that is needed but not mapped (nothing set:
+ * map it and call again), or -1 once every page's bit is set (a fetch-or
+ * with `order` each). */
+static PyObject *k_set_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t block_pages;
+    int order;
+    Py_buffer pv;
+    if (not_ready() || !nargs_ok("set_pages", nargs, 4) ||
+        !get_index(args[2], "block_pages", &block_pages) || !get_order(args[3], ORD_RMW, &order))
+        return NULL;
+    PyObject *blocks = args[0];
+    if (!PyList_Check(blocks)) {
+        PyErr_SetString(PyExc_TypeError, "set_pages(): blocks must be a list");
+        return NULL;
+    }
+    if (block_pages == 0 || block_pages % 64) {
+        PyErr_SetString(PyExc_ValueError, "set_pages(): block_pages must be a multiple of 64");
+        return NULL;
+    }
+    if (!get_int64s(args[1], "pages", &pv))
+        return NULL;
+    Py_ssize_t n = pv.len / 8, nblocks = PyList_GET_SIZE(blocks);
+    const int64_t *pages = pv.buf;
+    long long limit = (long long)nblocks * block_pages;
+    block_t *held = PyMem_Calloc(nblocks ? nblocks : 1, sizeof(block_t));
+    PyObject *res = NULL;
+    if (held == NULL) {
+        PyBuffer_Release(&pv);
+        return PyErr_NoMemory();
+    }
+    /* 1: check every page and find the blocks it needs. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pages[i] < 0 || pages[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "page %lld is outside the table's %lld pages",
+                         (long long)pages[i], limit);
+            goto done;
+        }
+        Py_ssize_t idx = (Py_ssize_t)(pages[i] / block_pages);
+        if (held[idx].w)
+            continue;
+        PyObject *blk = PyList_GET_ITEM(blocks, idx);
+        if (blk == Py_None) {
+            res = PyLong_FromSsize_t(idx);
+            goto done;
+        }
+        PyObject *words = PyObject_GetAttr(blk, str_words);
+        if (words == NULL)
+            goto done;
+        int ok = get_block(words, &held[idx]);
+        Py_DECREF(words);
+        if (!ok)
+            goto done;
+        if (held[idx].n * 64 < block_pages) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %zd pages",
+                         idx, held[idx].n, block_pages);
+            PyBuffer_Release(&held[idx].view);
+            held[idx].w = NULL;
+            goto done;
+        }
+    }
+    /* 2: set the bits, holding every buffer. */
+    {
+        PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t idx = (Py_ssize_t)(pages[i] / block_pages);
+            Py_ssize_t bit = (Py_ssize_t)(pages[i] - (int64_t)idx * block_pages);
+            uint64_t m = (uint64_t)1 << (bit & 63);
+            ops.or_(&held[idx].w[bit >> 6], &m, order);
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+    }
+    res = PyLong_FromLong(-1);
+done:
+    for (Py_ssize_t i = 0; i < nblocks; i++)
+        if (held[i].w)
+            PyBuffer_Release(&held[i].view);
+    PyMem_Free(held);
+    PyBuffer_Release(&pv);
+    return res;
+}
+
+/* ---- the module ------------------------------------------------------------------ */
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))k_##name, METH_FASTCALL, doc}
+
+static PyMethodDef methods[] = {
+    {"setup", k_setup, METH_O, "setup({op name: address}): patomic's 8-byte op functions."},
+    {"fence", k_fence, METH_NOARGS, "fence(): a full (seq_cst) fence."},
+    FAST(load, "load(addr, order) -> int"),
+    FAST(store, "store(addr, value, order)"),
+    FAST(exchange, "exchange(addr, value, order) -> old"),
+    FAST(compare_exchange, "compare_exchange(addr, expected, desired, succ, fail) -> (ok, seen)"),
+    FAST(fetch_or, "fetch_or(addr, value, order) -> old"),
+    FAST(fetch_and, "fetch_and(addr, value, order) -> old"),
+    FAST(fetch_add, "fetch_add(addr, value, order) -> old (value taken modulo 2**64)"),
+    FAST(bit_test_set, "bit_test_set(addr, bit, order) -> old bit"),
+    FAST(bit_test_reset, "bit_test_reset(addr, bit, order) -> old bit"),
+    FAST(or_bitmap, "or_bitmap(block, first, count, src, src_first, order)"),
+    FAST(or_sparse, "or_sparse(block, words, masks, order)"),
+    FAST(take, "take(block, first, count, out, order) -> any taken"),
+    FAST(any_set, "any_set(block, first, count) -> bool"),
+    FAST(all_set, "all_set(block, first, count) -> bool"),
+    FAST(set_range, "set_range(block, first, count, order)"),
+    FAST(walk, "walk(blocks, page, end, block_pages, op, order) -> result or -1 - unmapped"),
+    FAST(set_page, "set_page(clients, client, addr, ram_size, page_bits, block_pages, order) "
+                   "-> done"),
+    FAST(set_pages, "set_pages(blocks, pages, block_pages, order) -> -1 or unmapped block"),
+    FAST(memb_set_page, "memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, "
+                        "page_bits, block_pages, order) -> done"),
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "shmdirty._kernel",
+    "shmdirty's compiled kernel over patomic's op functions (see shmdirty/atomic.py).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernel(void)
+{
+    const uint16_t one = 1;
+    if (*(const unsigned char *)&one != 1) {
+        PyErr_SetString(PyExc_ImportError, "shmdirty._kernel needs a little-endian machine");
+        return NULL;
+    }
+    str_base = PyUnicode_InternFromString("base");
+    str_words = PyUnicode_InternFromString("words");
+    if (!str_base || !str_words)
+        return NULL;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,70 @@
+"""Objects of a closed or destroyed handle never reach unmapped memory
+(issue 10, part 3).
+
+``r = dm.rcu; dm.destroy(); r.readers()`` used to kill the interpreter
+with SIGSEGV.  Every object the API hands out (the handle, its Rcu and
+grace periods, a read_section, a snapshot) must, once the handle is closed
+or destroyed, raise a ShmDirtyError from every public method and property
+that would touch the map, and never crash or hang.  A snapshot holds only
+process-local memory and keeps answering.
+
+Each call runs in a forked grandchild of a spawned prober (tests/
+rel_workers.py ``probe_closed``), so one SIGSEGV costs one outcome, not the
+run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import rel_workers as W
+from mp_harness import child_result
+
+import shmdirty as sd
+
+pytestmark = pytest.mark.timeout(120)
+
+# Calls that may return on a closed handle: they leave, or touch nothing shared.
+MAY_RETURN = {
+    ("DirtyMemory", "close"), ("DirtyMemory", "table"),
+    ("Rcu", "unregister"), ("Rcu", "close"), ("Rcu", "closed"), ("Rcu", "reader"),
+    ("Rcu", "slot"), ("Rcu", "nesting"), ("Rcu", "online"), ("Rcu", "seen"),
+    ("Rcu", "sections_open"),
+    ("GracePeriods", "pending"), ("GracePeriods", "close"), ("GracePeriods", "forked"),
+    ("GracePeriods", "drop_callbacks"),
+}
+
+
+def check(report: dict[str, dict[str, str]]) -> list[str]:
+    bad = []
+    for kind, calls in report.items():
+        for attr, outcome in calls.items():
+            if kind == "snapshot":
+                ok = outcome.startswith("returned")          # plain memory: it works
+            elif (kind, attr) in MAY_RETURN:
+                ok = outcome.startswith("returned") or outcome.endswith("shmdirty=True")
+            else:
+                ok = outcome.endswith("shmdirty=True")
+            if not ok:
+                bad.append(f"{kind}.{attr}: {outcome}")
+    return bad
+
+
+@pytest.mark.parametrize("scenario", ["destroy", "close-coordinator", "close-attached-memb",
+                                      "close-attached-qsbr"])
+def test_every_method_after_close_raises_and_never_crashes(
+        map_name: str, spawn_ctx: Any, children: list[Any], scenario: str) -> None:
+    coord = None
+    if scenario.startswith("close-attached"):
+        coord = sd.DirtyMemory.create(1 << 20, name=map_name)
+    try:
+        report = child_result(spawn_ctx, W.probe_closed, map_name, scenario, timeout=110,
+                              children=children)
+    finally:
+        if coord is not None:
+            coord.destroy()
+    print(report)
+    assert report["Rcu"] and report["DirtyMemory"] and report["GracePeriods"]
+    bad = check(report)
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,451 @@
+"""The compiled kernel (shmdirty/_kernel.c) against the Python code it replaces.
+
+Every batch operation of shmdirty.bitmap is run, with the same random
+arguments, on every available atomics backend (``kernel``: one C call;
+``cffi`` / ``public``: numpy plus per-word atomics) and on a model that
+holds the block as one Python int; results and the words (with guard words
+around the block) must agree exactly.  Then every kernel entry point is
+given bad input: a ValueError (or TypeError for a wrong type) and not one
+word changed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sysconfig
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import AVAILABLE_BACKENDS, use_atomics_backend
+
+from shmdirty import atomic, bitmap
+from shmdirty.bitmap import Block
+
+pytestmark = pytest.mark.timeout(120)
+
+MASK64 = (1 << 64) - 1
+WORDS = 7            # block words: 448 bits, so ranges cross several words
+GUARD = 2
+BITS = WORDS * 64
+
+
+class Guarded:
+    """A block of WORDS words between guard words; ``intact()`` is True if no
+    word at all changed since ``snapshot()``."""
+
+    def __init__(self, rng: random.Random, fill: str = "random") -> None:
+        init = [rng.getrandbits(64) if fill == "random" else 0 for _ in range(WORDS + 2 * GUARD)]
+        self.all = np.array(init, dtype=np.uint64)
+        self.words = self.all[GUARD:GUARD + WORDS]
+        self.block = Block(0, self.words, int(self.words.ctypes.data))
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        self.saved = self.all.copy()
+
+    def intact(self) -> bool:
+        return bool(np.array_equal(self.all, self.saved))
+
+    def guards_intact(self) -> bool:
+        return bool(np.array_equal(self.all[:GUARD], self.saved[:GUARD])
+                    and np.array_equal(self.all[-GUARD:], self.saved[-GUARD:]))
+
+    def as_int(self) -> int:
+        return sum(int(w) << (64 * i) for i, w in enumerate(self.words))
+
+
+def bits_of(value: int, first: int, count: int) -> int:
+    return value >> first & ((1 << count) - 1)
+
+
+def words_of(value: int, first: int, count: int) -> list[int]:
+    """The words (first // 64 ..) of ``value`` restricted to [first, first+count)."""
+    w0, w1 = first >> 6, (first + count - 1) >> 6
+    masked = bits_of(value, first, count) << first
+    return [masked >> (64 * w) & MASK64 for w in range(w0, w1 + 1)]
+
+
+# -- random operations, the same on every backend and on the model ---------------------
+def random_ops(seed: int, n: int) -> list[tuple[Any, ...]]:
+    rng = random.Random(seed)
+    ops: list[tuple[Any, ...]] = []
+
+    def span() -> tuple[int, int]:
+        first = rng.choice([0, 1, 63, 64, 65, 127, rng.randrange(BITS)])
+        first = min(first, BITS - 1)
+        count = rng.choice([1, 2, 63, 64, 65, 128, rng.randrange(1, BITS - first + 1)])
+        return first, min(count, BITS - first)
+
+    for _ in range(n):
+        kind = rng.choice(["set_range", "or_bitmap", "or_bitmap_bytes", "or_words",
+                           "or_sparse", "take", "test_and_clear", "any_set", "all_set",
+                           "set_page", "set_pages", "test", "walk"])
+        first, count = span()
+        if kind in ("or_bitmap", "or_bitmap_bytes"):
+            src_first = rng.randrange(0, 200)
+            nbits = src_first + count + rng.randrange(0, 70)
+            density = rng.choice([0.0, 0.01, 0.5, 1.0])
+            src = 0
+            run = rng.random() < 0.3
+            for b in range(nbits):
+                if (run and (b // 64) % 2 == 0) or rng.random() < density:
+                    src |= 1 << b
+            ops.append((kind, first, count, src, nbits, src_first))
+        elif kind == "or_words":
+            w0 = rng.randrange(WORDS)
+            vals = [rng.choice([0, MASK64, rng.getrandbits(64), 1 << rng.randrange(64)])
+                    for _ in range(rng.randrange(1, WORDS - w0 + 1))]
+            ops.append((kind, w0, vals))
+        elif kind == "or_sparse":
+            widx = rng.sample(range(WORDS), rng.randrange(0, WORDS + 1))
+            ops.append((kind, widx, [rng.getrandbits(64) for _ in widx]))
+        elif kind in ("set_page", "set_pages"):
+            pages = [rng.randrange(BITS) for _ in range(rng.randrange(1, 20))]
+            ops.append((kind, pages))
+        elif kind == "test":
+            ops.append((kind, rng.randrange(BITS)))
+        elif kind == "walk":
+            # the block list holds the same block twice: pages [0, 2 BITS)
+            page = rng.randrange(2 * BITS)
+            end = rng.choice([page, min(2 * BITS, page + rng.randrange(1, 2 * BITS))])
+            ops.append((kind, page, end, rng.randrange(4)))
+        else:
+            ops.append((kind, first, count))
+    return ops
+
+
+def src_array(src: int, nbits: int, as_bytes: bool) -> Any:
+    nbytes = (nbits + 7) // 8
+    raw = src.to_bytes(nbytes, "little")
+    if as_bytes:
+        return raw  # bytes of any length: the kernel reads them little-endian
+    return np.frombuffer(raw + b"\0" * (-nbytes % 8), dtype="<u8").astype(np.uint64)
+
+
+def run_real(ops: list[tuple[Any, ...]], g: Guarded) -> list[Any]:
+    out: list[Any] = []
+    blocks: list[Block | None] = [g.block]
+    set_page, set_pages = bitmap.page_setters()
+    for kind, *a in ops:
+        if kind == "set_range":
+            out.append(bitmap.set_range(g.block, *a))
+        elif kind in ("or_bitmap", "or_bitmap_bytes"):
+            first, count, src, nbits, src_first = a
+            arr = src_array(src, nbits, kind == "or_bitmap_bytes")
+            if kind == "or_bitmap_bytes":
+                if atomic.batch is None:
+                    continue  # bytes are a kernel-only input (dirty.py converts them)
+                atomic.batch.or_bitmap(g.words, first, count, arr, src_first, atomic.RELEASE)
+            else:
+                bitmap.or_bitmap(g.block, first, count, arr, src_first)
+            out.append(None)
+        elif kind == "or_words":
+            out.append(bitmap.or_words(g.block, a[0], np.array(a[1], dtype=np.uint64)))
+        elif kind == "or_sparse":
+            out.append(bitmap.or_sparse(g.block, np.array(a[0], dtype=np.intp),
+                                        np.array(a[1], dtype=np.uint64)))
+        elif kind == "take":
+            w0, taken = bitmap.take(g.block, *a)
+            out.append((w0, [int(x) for x in taken]))
+        elif kind == "test_and_clear":
+            out.append(bitmap.test_and_clear(g.block, *a))
+        elif kind == "any_set":
+            out.append(bitmap.any_set(g.block, *a))
+        elif kind == "all_set":
+            out.append(bitmap.all_set(g.block, *a))
+        elif kind == "set_page":
+            # page_bits 12: byte address of the page; ram_size = the block
+            out.append([set_page([[], blocks], 1, p << 12, BITS << 12, 12, BITS, atomic.RELEASE)
+                        for p in a[0]])
+        elif kind == "set_pages":
+            out.append(set_pages(blocks, np.array(a[0], dtype=np.int64), BITS, atomic.RELEASE))
+        elif kind == "test":
+            out.append(bitmap.test(g.block, a[0]))
+        elif kind == "walk":
+            out.append(bitmap.walk_blocks([g.block, g.block], a[0], a[1], BITS, a[2]))
+    return out
+
+
+def run_model(ops: list[tuple[Any, ...]], mem: int, kernel: bool) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    for kind, *a in ops:
+        if kind == "set_range":
+            first, count = a
+            mem |= ((1 << count) - 1) << first
+            out.append(None)
+        elif kind in ("or_bitmap", "or_bitmap_bytes"):
+            if kind == "or_bitmap_bytes" and not kernel:
+                continue
+            first, count, src, _, src_first = a
+            mem |= bits_of(src, src_first, count) << first
+            out.append(None)
+        elif kind == "or_words":
+            w0, vals = a
+            for i, v in enumerate(vals):
+                mem |= v << (64 * (w0 + i))
+            out.append(None)
+        elif kind == "or_sparse":
+            for w, v in zip(a[0], a[1], strict=True):
+                mem |= v << (64 * w)
+            out.append(None)
+        elif kind in ("take", "test_and_clear"):
+            first, count = a
+            got = words_of(mem, first, count)
+            mem &= ~(((1 << count) - 1) << first)
+            out.append((first >> 6, got) if kind == "take" else any(got))
+        elif kind == "any_set":
+            out.append(bits_of(mem, *a) != 0)
+        elif kind == "all_set":
+            out.append(bits_of(mem, *a) == (1 << a[1]) - 1)
+        elif kind == "set_page":
+            for p in a[0]:
+                mem |= 1 << p
+            out.append([True] * len(a[0]))
+        elif kind == "set_pages":
+            for p in a[0]:
+                mem |= 1 << p
+            out.append(-1)
+        elif kind == "test":
+            out.append(bool(mem >> a[0] & 1))
+        elif kind == "walk":
+            page, end, op = a
+            result = op == bitmap.WALK_ALL
+            for lo, hi in ((page, min(end, BITS)), (max(page, BITS) - BITS, end - BITS)):
+                if hi <= lo:
+                    continue
+                piece = bits_of(mem, lo, hi - lo)
+                if op == bitmap.WALK_ANY:
+                    result = result or piece != 0
+                elif op == bitmap.WALK_ALL:
+                    result = result and piece == (1 << (hi - lo)) - 1
+                elif op == bitmap.WALK_SET:
+                    mem |= ((1 << (hi - lo)) - 1) << lo
+                else:
+                    result = result or piece != 0
+                    mem &= ~(((1 << (hi - lo)) - 1) << lo)
+            out.append(int(result))
+    return out, mem
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_backend_agrees_with_the_model(seed: int) -> None:
+    ops = random_ops(seed, 400 if seed < 5 else 60)
+    results: dict[str, tuple[list[Any], int]] = {}
+    for name in ("kernel", "cffi", "public"):
+        if name not in AVAILABLE_BACKENDS or (name == "public" and seed < 5):
+            continue  # public: one short sequence (each op is ~25 us per word)
+        before = use_atomics_backend(name)
+        try:
+            g = Guarded(random.Random(seed), fill="random" if seed % 2 else "zero")
+            results[name] = (run_real(ops, g), g.as_int())
+            assert g.guards_intact(), f"{name} wrote outside the block"
+        finally:
+            atomic.use_backend(before)
+    assert results, "no backend ran"
+    for name, (out, mem) in results.items():
+        start = Guarded(random.Random(seed), fill="random" if seed % 2 else "zero").as_int()
+        want, want_mem = run_model(ops, start, kernel=name == "kernel")
+        assert out == want, name
+        assert mem == want_mem, name
+
+
+def test_set_pages_and_walk_name_an_unmapped_block_and_set_nothing() -> None:
+    for name in ("kernel", "cffi"):
+        before = use_atomics_backend(name)
+        try:
+            g = Guarded(random.Random(1), fill="zero")
+            _, set_pages = bitmap.page_setters()
+            blocks: list[Block | None] = [g.block, None]
+            pages = np.array([3, BITS + 5, 7], dtype=np.int64)
+            assert set_pages(blocks, pages, BITS, atomic.RELEASE) == 1
+            assert bitmap.walk_blocks(blocks, 0, BITS + 5, BITS, bitmap.WALK_SET) == -2
+            assert g.intact()
+            blocks[1] = g.block  # "mapped" (the same words: both bits land in it)
+            assert set_pages(blocks, pages, BITS, atomic.RELEASE) == -1
+            assert g.as_int() == (1 << 3) | (1 << 5) | (1 << 7)
+        finally:
+            atomic.use_backend(before)
+
+
+# -- bad input: refused before memory is touched ------------------------------------------
+@pytest.fixture
+def kernel() -> Iterator[Any]:
+    before = use_atomics_backend("kernel")
+    try:
+        yield atomic.batch
+    finally:
+        atomic.use_backend(before)
+
+
+def _bad_calls(g: Guarded) -> Iterator[tuple[str, Callable[[Any], Any]]]:
+    w, R = g.words, atomic.RELEASE
+    src = np.full(4, MASK64, dtype=np.uint64)
+    ro = w.copy()
+    ro.flags.writeable = False
+    strided = g.all[::2]
+    odd = memoryview(g.all).cast("B")[4:4 + 8 * WORDS]
+    for first, count in ((-1, 1), (0, BITS + 1), (BITS, 1), (BITS - 3, 4), (1 << 70, 1),
+                         (0, -5)):
+        yield f"set_range({first}, {count})", lambda k, f=first, c=count: k.set_range(w, f, c, R)
+        yield f"any_set({first}, {count})", lambda k, f=first, c=count: k.any_set(w, f, c)
+        yield f"take({first}, {count})", lambda k, f=first, c=count: k.take(
+            w, f, c, np.zeros(WORDS + 2, np.uint64), R)
+        yield f"or_bitmap({first}, {count})", lambda k, f=first, c=count: k.or_bitmap(
+            w, f, c, np.full(20, MASK64, np.uint64), 0, R)
+    for order in (-1, 1 << 40, 6, 7, "3", None):
+        yield f"set_range order {order!r}", lambda k, o=order: k.set_range(w, 0, 70, o)
+        yield f"or_bitmap order {order!r}", lambda k, o=order: k.or_bitmap(w, 0, 70, src, 0, o)
+    yield "or_bitmap: source too short", lambda k: k.or_bitmap(w, 0, 200, src, 100, R)
+    yield "or_bitmap: bytes too short", lambda k: k.or_bitmap(w, 0, 17, b"\xff\xff", 0, R)
+    yield "or_bitmap: negative src_first", lambda k: k.or_bitmap(w, 0, 10, src, -1, R)
+    yield "take: out too small", lambda k: k.take(w, 0, 129, np.zeros(2, np.uint64), R)
+    yield "take: read-only out", lambda k: k.take(w, 0, 64, b"\0" * 8, R)
+    for name, blk in (("read-only", ro), ("strided", strided), ("misaligned", odd),
+                      ("bytes", bytes(64)), ("list", [0] * 8)):
+        yield f"set_range on a {name} block", lambda k, b=blk: k.set_range(b, 0, 70, R)
+        yield f"or_bitmap on a {name} block", lambda k, b=blk: k.or_bitmap(b, 0, 70, src, 0, R)
+    idx = np.array([0, WORDS], dtype=np.int64)
+    masks = np.array([1, 1], dtype=np.uint64)
+    yield "or_sparse: word past the end", lambda k: k.or_sparse(w, idx, masks, R)
+    yield "or_sparse: negative word", lambda k: k.or_sparse(
+        w, np.array([1, -1], np.int64), masks, R)
+    yield "or_sparse: lengths differ", lambda k: k.or_sparse(
+        w, np.array([1], np.int64), masks, R)
+    yield "or_sparse: int32 words", lambda k: k.or_sparse(
+        w, np.array([1, 2], np.int32), masks, R)
+    blocks = [g.block]
+    for pages in ([0, BITS], [-1], [5, 1 << 62]):
+        yield f"set_pages({pages})", lambda k, p=pages: k.set_pages(
+            blocks, np.array(p, np.int64), BITS, R)
+    yield "set_pages: float pages", lambda k: k.set_pages(blocks, np.zeros(2), BITS, R)
+    yield "set_pages: block_pages 0", lambda k: k.set_pages(blocks, np.zeros(2, np.int64), 0, R)
+    yield "set_pages: short block", lambda k: k.set_pages(
+        [Block(0, w[:2], 0)], np.array([1], np.int64), BITS, R)
+    yield "set_page: bad order", lambda k: k.set_page([blocks], 0, 4096, BITS << 12, 12, BITS, 9)
+    for page, end, op in ((0, BITS + 1, 0), (5, 3, 0), (0, 8, 4), (-1, 8, 0), (0, 8, -1)):
+        yield f"walk({page}, {end}, op {op})", lambda k, p=page, e=end, o=op: k.walk(
+            blocks, p, e, BITS, o, R)
+    yield "walk: short block", lambda k: k.walk([Block(0, w[:2], 0)], 0, 8, BITS, 2, R)
+    yield "walk: block_pages 0", lambda k: k.walk(blocks, 0, 8, 0, 2, R)
+    yield "set_page: block_pages 0", lambda k: k.set_page([blocks], 0, 4096, BITS << 12, 12, 0, R)
+    p = int(g.words.ctypes.data)
+    for addr in (p + 1, p + 4, 0, -8, 1 << 64, 8.0):
+        for op, args in (("load", (5,)), ("store", (1, 5)), ("fetch_or", (1, 5)),
+                         ("exchange", (0, 5)), ("fetch_and", (0, 5)), ("fetch_add", (1, 5)),
+                         ("bit_test_set", (1, 5)), ("compare_exchange", (0, 1, 5, 5))):
+            yield f"{op} at {addr!r}", lambda k, o=op, a=addr, x=args: getattr(k, o)(a, *x)
+    for value in (-1, 1 << 64, 1.0):
+        yield f"store {value!r}", lambda k, v=value: k.store(p, v, R)
+        yield f"fetch_or {value!r}", lambda k, v=value: k.fetch_or(p, v, R)
+    for bit in (-1, 64, 1 << 70):
+        yield f"bit_test_set bit {bit}", lambda k, b=bit: k.bit_test_set(p, b, R)
+    yield "load with a release order", lambda k: k.load(p, atomic.RELEASE)
+    yield "store with an acquire order", lambda k: k.store(p, 1, atomic.ACQUIRE)
+    yield "cmpxchg fail > succ", lambda k: k.compare_exchange(
+        p, 0, 1, atomic.RELAXED, atomic.SEQ_CST)
+    yield "cmpxchg fail release", lambda k: k.compare_exchange(
+        p, 0, 1, atomic.SEQ_CST, atomic.RELEASE)
+    yield "wrong argument count", lambda k: k.fetch_or(p, 1)
+
+
+def test_kernel_refuses_bad_input_before_touching_memory(kernel: Any) -> None:
+    g = Guarded(random.Random(7))
+    calls = list(_bad_calls(g))
+    assert len(calls) > 80
+    for what, call in calls:
+        g.snapshot()
+        with pytest.raises((ValueError, TypeError)) as info:
+            call(kernel)
+        assert str(info.value), what
+        assert g.intact(), f"{what} touched memory before refusing"
+
+
+def test_kernel_bad_values_are_value_errors(kernel: Any) -> None:
+    """Out of range is ValueError (not OverflowError); only a wrong type is TypeError."""
+    g = Guarded(random.Random(8))
+    p = int(g.words.ctypes.data)
+    for call in (lambda: kernel.fetch_or(p, -1, 5), lambda: kernel.load(p + 3, 5),
+                 lambda: kernel.set_range(g.words, 0, BITS + 1, 5),
+                 lambda: kernel.load(p, 9)):
+        with pytest.raises(ValueError):
+            call()
+    assert g.intact()
+
+
+def test_set_page_declines_what_the_slow_path_must_handle(kernel: Any) -> None:
+    """False, with nothing set: the caller checks, refreshes or maps."""
+    g = Guarded(random.Random(9), fill="zero")
+    R = atomic.RELEASE
+    ok = [g.block]
+    for clients, client, addr in (
+            ([ok], 0, BITS << 12), ([ok], 0, -1), ([ok], 0, 1 << 80), ([ok], 0, np.int64(4096)),
+            ([ok], 0, True), ([ok], 1, 0), ([ok], -1, 0), ([ok], True, 0), ([ok], 1 << 70, 0),
+            ([ok], np.int64(0), 0), ([ok], None, 0), ([[None]], 0, 0), ([[]], 0, 0),
+            ([(g.block,)], 0, 0), ((ok,), 0, 0)):
+        assert kernel.set_page(clients, client, addr, BITS << 12, 12, BITS, R) is False
+    assert g.intact()
+    assert kernel.set_page([[], ok], 1, (BITS - 1) << 12, BITS << 12, 12, BITS, R) is True
+    assert g.as_int() == 1 << (BITS - 1)
+    # memb_set_page: the same, inside a section on two private counter words
+    cells = np.zeros(4, dtype=np.uint64)
+    ctr, gp = int(cells.ctypes.data), int(cells.ctypes.data) + 16
+    cells[2] = 7
+    assert kernel.memb_set_page(ctr, gp, 7, [ok], 0, 3 << 12, BITS << 12, 12, BITS, R) is True
+    assert g.as_int() == (1 << (BITS - 1)) | (1 << 3)
+    # the counter moved: nothing set; the section is closed either way
+    assert kernel.memb_set_page(ctr, gp, 6, [ok], 0, 5 << 12, BITS << 12, 12, BITS, R) is False
+    assert g.as_int() == (1 << (BITS - 1)) | (1 << 3)
+    assert cells[0] == 0
+
+
+def test_the_kernel_is_built_where_there_is_a_compiler() -> None:
+    """`make install` / CI: with a C compiler the optional extension must have
+    been built (a silent fallback to cffi would hide a broken build)."""
+    if os.environ.get("SHMDIRTY_ATOMICS", "kernel") != "kernel":
+        pytest.skip("SHMDIRTY_ATOMICS chooses another backend (an install without the kernel)")
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None or not sysconfig.get_paths().get("include"):
+        pytest.skip(f"no C compiler ({cc}) here: the kernel is optional")
+    assert "kernel" in AVAILABLE_BACKENDS, (
+        f"{cc} exists but shmdirty._kernel is not importable: reinstall "
+        "(`make install` or `pip install -e .`) and read the build log")
+
+
+def test_memb_set_dirty_flag_inside_a_section_leaves_it_open(kernel: Any,
+                                                             map_name: str) -> None:
+    """set_dirty_flag runs its own memb section in C only outside any
+    section: inside ``read_section()`` it must not store 0 into the slot
+    (that would end the caller's section early, and a grace period would
+    stop waiting for it).  The broken variant, the C section run anyway,
+    is shown to end it."""
+    import shmdirty as sd
+
+    dm = sd.DirtyMemory.create(4 << 20, name=map_name)
+    try:
+        assert dm.flavor == "memb"
+        dm.set_dirty_flag(0, 2)             # this thread's first op claims its slot
+        r = dm._rcu.reader                  # this thread's reader
+        slot = r.slot
+        assert slot >= 0
+
+        def epoch() -> int:
+            return next(r.epoch for r in dm.rcu.readers() if r.slot == slot)
+
+        dm.set_dirty_flag(4096, 2)          # outside: the C section, closed again
+        assert dm.get_dirty_flag(4096, 2) and epoch() == 0
+        with dm.read_section():
+            assert epoch() != 0
+            dm.set_dirty_flag(8192, 2)
+            assert epoch() != 0, "set_dirty_flag ended the caller's section"
+            # the broken variant: the compiled section although nesting is 1
+            assert r.section_words is not None
+            kernel.memb_set_page(*r.section_words, r.seen, dm._blocks, 2, 12288,
+                                 dm.ram_size, dm.page_bits, dm.block_pages, atomic.RELEASE)
+            assert epoch() == 0            # caught: the outer section was ended
+        assert dm.get_dirty_flag(8192, 2) and dm.get_dirty_flag(12288, 2)
+    finally:
+        dm.destroy()

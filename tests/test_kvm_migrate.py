@@ -1,0 +1,73 @@
+"""A real KVM guest migrated over TCP between processes (workers.kvm_run):
+identical at switchover and resumed to the model's end state; a dataplane
+that forgets to mark, or a migrator that loses a round, is caught; a
+destination killed during pre-copy fails the migration with its own error
+while the source guest runs to the right end; nothing is left in /dev/shm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kvm_skip import needs_kvm
+
+from shmdirty import segment
+from shmdirty._workers import guest_kvm as g
+from shmdirty._workers import kvm_run
+from shmdirty._workers.lifecycle import DestinationGone
+
+pytestmark = [needs_kvm, pytest.mark.timeout(180)]
+
+MiB = 1 << 20
+
+
+def migrate(map_name: str, **kw: Any) -> dict[str, Any]:
+    guest = g.GuestConfig(ram=16 * MiB, pattern=kw.pop("pattern", "random"),
+                          steps=kw.pop("steps", 4_000), spin=2_000, dataplane_pages=64,
+                          hotplug=((50, 8 * MiB),))
+    events: list[str] = []
+    cfg = kvm_run.KvmRunConfig(guest=guest, name=map_name, block_pages=1024, timeout=150,
+                               threshold=kw.pop("threshold", 256), **kw)
+    try:
+        out = kvm_run.run(cfg, lambda ev: events.append(type(ev).__name__))
+    finally:
+        for name in (map_name, f"{map_name}_dst"):
+            assert segment.list_segments(name) == [], f"segments of {name} left behind"
+    out["events"] = events
+    return out
+
+
+def test_migrates_identical_and_resumes_to_the_models_end(map_name: str) -> None:
+    out = migrate(map_name)
+    assert out["identical"] and out["result"]["method"] == "bytes"
+    assert out["resumed_ok"] is True
+    assert out["checksums"]["destination"] == out["checksums"]["expected"]
+    # the hot-add happened on the source (usually) or, after the resume, on the destination
+    assert [h["size"] for h in out["hotplug"]] + [z for _, z in out["destination_hotadds"]] \
+        == [8 * MiB]
+    assert [tuple(b) for b in out["destination_blocks"]] == [(0, 16 * MiB), (16 * MiB, 8 * MiB)]
+    assert out["pages_sent"] >= (16 + 8) * MiB // 4096   # the bulk stage, at least
+    assert out["rounds"] >= 1 and out["downtime_ms"] > 0
+    assert {"GuestStarted", "Connected", "Done", "Switchover", "Handover"} <= set(out["events"])
+
+
+def test_a_dataplane_that_forgets_to_mark_fails_verification(map_name: str) -> None:
+    out = migrate(map_name, dataplane_forget=True, dataplane_rate=20_000)
+    assert out["identical"] is False
+    first, pages = g.GuestConfig(ram=16 * MiB, dataplane_pages=64).dataplane_region()
+    differ = out["result"]["first_differ"]
+    assert differ and all(first <= p < first + pages for p in differ)
+
+
+def test_a_migrator_that_loses_a_round_fails_verification(map_name: str) -> None:
+    out = migrate(map_name, drop_round=2, max_rounds=3, threshold=0)
+    assert out["identical"] is False
+
+
+def test_a_killed_destination_fails_the_migration_not_the_guest(map_name: str) -> None:
+    with pytest.raises(DestinationGone) as ei:
+        migrate(map_name, kill_destination_at=2, threshold=0)
+    out = ei.value.result
+    assert "destination" in str(ei.value)
+    assert out["source_ok"] is True          # the source guest ran on to the right end
+    assert out["checksums"]["source"] == out["checksums"]["expected"]

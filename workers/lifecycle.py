@@ -1,0 +1,69 @@
+"""How a run of ``shmdirty migrate`` ends early, and its signal handling;
+shared by the simulated guest's run (``workers.app``) and the KVM guest's
+(``workers.kvm_run``)."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+
+# --- how a run ends early -------------------------------------------------------------
+class RunError(Exception):
+    """A run that did not finish; ``map_name`` and ``removed`` (segments
+    removed by teardown) are set once teardown is done."""
+
+    map_name = ""
+    removed = 0
+
+
+class Interrupted(RunError):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Failed(RunError):
+    """A worker failed, or the run could not go on."""
+
+
+class Usage(RunError):
+    """The options asked for a map that cannot be made."""
+
+
+class Signals:
+    """Ctrl-C and SIGTERM become a flag the run's loop checks, so the
+    interruption never lands half-way through a library call."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> Signals:
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def check(self) -> None:
+        if self.signum:
+            raise Interrupted(self.signum)
+
+
+class DestinationGone(RunError):
+    """The destination went away (or refused the stream) before the
+    handover; ``result`` holds what the run knows (for KVM: how the source
+    guest, which ran on, ended)."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result

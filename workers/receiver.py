@@ -1,0 +1,229 @@
+"""The destination of a migration: ``shmdirty receive --listen HOST:PORT``.
+
+One connection, one migration.  The receiver is the coordinator of a map of
+its own, whose RAM blocks it creates as the stream announces them (same
+offsets and sizes as the source's, hot-added blocks included); pages land
+in those segments.  For a KVM guest it also builds its own VM over them
+(``GuestVM`` without dirty logging), loads the vCPU state at the end of the
+stream and, once the source says RESUME, runs the guest to completion and
+sends back its result.  For the simulated guest there is nothing to resume.
+
+Whatever happens, the receiver's VM is closed and every segment of its map
+is unlinked before ``receive()`` returns or raises: a refused or truncated
+stream leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from shmdirty import DirtyMemory
+
+from . import guest_kvm as g
+from . import stream as s
+from .guest import GuestRam
+from .stream import Channel, PeerGone, StreamError
+
+RECV_TIMEOUT = 120.0     # seconds without a byte from the source before giving up
+ACCEPT_POLL = 0.2        # seconds between two looks at should_stop() while listening
+
+Report = Callable[..., None]
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Before listen(): accepted sockets inherit it (stream.SOCKET_BUFFER).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s.SOCKET_BUFFER)
+        sock.bind((host, port))
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: False,
+           timeout: float | None = None) -> socket.socket | None:
+    """Wait for the source; None if ``should_stop()`` or ``timeout`` first."""
+    listener.settimeout(ACCEPT_POLL)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not should_stop():
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(RECV_TIMEOUT)
+        return conn
+    return None
+
+
+class Destination:
+    """The receiving side of one connection: its map, RAM and (KVM) VM."""
+
+    def __init__(self, ch: Channel, report: Report, map_name: str | None) -> None:
+        self.ch, self.report, self.map_name = ch, report, map_name
+        self.dm: DirtyMemory | None = None
+        self.ram: GuestRam | None = None
+        self.vm: Any = None                 # workers.vm.GuestVM for a KVM guest
+        self.cfg: g.GuestConfig | None = None
+        self.pages = 0
+        self.records = 0
+
+    def run(self) -> dict[str, Any]:
+        ch = self.ch
+        ch.expect_preamble()
+        _, _, payload = ch.recv_expect(s.HELLO)
+        hello = json.loads(bytes(payload))
+        self.report("hello", **hello)
+        self.page_size = 1 << int(hello["page_bits"])
+        self.dm = DirtyMemory.create(0, page_bits=int(hello["page_bits"]), name=self.map_name)
+        if hello.get("guest"):
+            from .vm import GuestVM  # only a KVM destination needs /dev/kvm
+            self.cfg = g.GuestConfig.from_json(hello["guest"])
+            self.vm = GuestVM(self.dm, self.cfg, log_dirty=False)
+            self.ram = self.vm.ram
+        else:
+            self.ram = GuestRam(self.dm.name, self.dm.page_bits, "ram")
+        states = self._load()
+        t_loaded = time.monotonic()
+        ch.send_json(s.LOADED, {"map": self.dm.name, "blocks": self.ram.blocks,
+                                "pages": self.pages})
+        digests = s.ram_digests(self.ram.views) if hello.get("digests", True) else []
+        ch.send(s.DIGESTS, [b"".join(digests)], count=len(digests))
+        rtype, _, _ = ch.recv_expect(s.RESUME, s.ABANDON)
+        result: dict[str, Any] = {"map": self.dm.name, "pages": self.pages,
+                                  "blocks": list(self.ram.blocks), "resumed": False}
+        if rtype == s.ABANDON:
+            self.report("abandoned")
+            return result
+        if self.vm is not None:
+            raw = self.ram.views[0].reshape(-1)
+            hotadds = [int(raw[(g.params_addr(v) + g.P_NREG) // 8]) - 1
+                       for v in range(self.cfg.vcpus)] if self.cfg else []
+            self.vm.restore(states, hotadds)
+            self.report("resumed", vcpus=len(states))
+            t0 = time.monotonic()
+            self.vm.run_to_end()
+            if self.vm.errors:
+                raise RuntimeError("; ".join(self.vm.errors))
+            result.update(resumed=True, vcpus=self.vm.results(), run_seconds=time.monotonic() - t0,
+                          hotadds=[(o, z) for o, z, _ in self.vm.hotadds],
+                          blocks=list(self.ram.blocks), loaded_at=t_loaded)
+        ch.send_json(s.RESULT, {k: v for k, v in result.items() if k != "loaded_at"})
+        return result
+
+    def _load(self) -> list[Any]:
+        """Records up to END: RAM blocks, pages, rounds, vCPU state."""
+        from .vm import VcpuState
+        states: list[VcpuState] = []
+        while True:
+            try:
+                rtype, count, payload = self.ch.recv_expect(s.BLOCKS, s.PAGES, s.ROUND,
+                                                            s.VCPUS, s.END_OF_STREAM)
+            except PeerGone as e:
+                raise StreamError(f"stream truncated before its end marker: {e}") from None
+            if rtype == s.PAGES:
+                assert self.ram is not None
+                numbers, data = s.unpack_pages(count, payload, self.page_size)
+                try:
+                    for b, local, sel in self.ram.split(numbers):
+                        self.ram.views[b][local] = data if len(sel) == count else data[sel]
+                except ValueError as e:
+                    raise StreamError(f"PAGES record: {e}") from None
+                self.pages += count
+                self.records += 1
+            elif rtype == s.BLOCKS:
+                self._blocks(s.unpack_blocks(count, payload))
+            elif rtype == s.ROUND:
+                self.report("round", round=count, pages=self.pages)
+            elif rtype == s.VCPUS:
+                states = [VcpuState(i, d, r, sr) for i, d, r, sr in s.unpack_vcpus(count, payload)]
+            else:
+                pages, records = s.END.unpack(payload)
+                if (pages, records) != (self.pages, self.records):
+                    raise StreamError(f"END says {pages} pages in {records} records, "
+                                      f"{self.pages} in {self.records} arrived")
+                if self.vm is not None and len(states) != self.vm.cfg.vcpus:
+                    raise StreamError(f"{len(states)} vCPU states for {self.vm.cfg.vcpus} vCPUs")
+                return states
+
+    def _blocks(self, blocks: list[tuple[int, int]]) -> None:
+        assert self.dm is not None and self.ram is not None
+        try:
+            if self.vm is not None:
+                self.vm.ensure_blocks(blocks)
+            else:
+                have = self.dm.ram_blocks()
+                for i, (offset, size) in enumerate(blocks[len(have):], len(have)):
+                    if self.dm.ram_block_add(size) != offset:
+                        raise ValueError(f"RAM block {i} does not go to {offset:#x} here")
+                for i in self.ram.update(self.dm.ram_blocks(), create=True):
+                    self.ram.preallocate(i)
+        except ValueError as e:
+            raise StreamError(f"BLOCKS record: {e}") from None
+        self.ch.send(s.READY)       # their memory is allocated: pages may come
+        self.report("blocks", blocks=list(self.ram.blocks))
+
+    def close(self) -> None:
+        """Tear everything down: VM, mappings, every segment of the map."""
+        if self.vm is not None:
+            self.vm.close()
+        elif self.ram is not None:
+            self.ram.close()
+        if self.dm is not None:
+            self.dm.destroy()
+        self.ch.close()
+
+
+def receive(conn: socket.socket, report: Report, map_name: str | None = None) -> dict[str, Any]:
+    """Receive one migration on ``conn`` and resume it; tell the source on failure."""
+    dest = Destination(Channel(conn), report, map_name)
+    try:
+        return dest.run()
+    except (StreamError, PeerGone):
+        raise
+    except BaseException as e:
+        try:
+            dest.ch.send_json(s.ERROR, {"message": f"{type(e).__name__}: {e}"})
+        except (OSError, PeerGone):
+            pass
+        raise
+    finally:
+        dest.close()
+
+
+def main(host: str, port: int, map_name: str | None, parent: Connection) -> None:
+    """Process entry point of a receiver started by ``shmdirty migrate``:
+    reports ``Listening`` (with the bound port), then ``Received``, or
+    ``DestinationLost`` (the stream was refused) or ``WorkerFailed``.  It
+    stops listening when its parent says anything or goes away."""
+    import signal
+    import traceback
+
+    from .reports import DestinationLost, Listening, Received, WorkerFailed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with listen(host, port) as listener:
+            parent.send(Listening(host, listener.getsockname()[1]))
+            conn = accept(listener, should_stop=parent.poll)
+        if conn is not None:
+            parent.send(Received(receive(conn, lambda *a, **k: None, map_name)))
+    except (StreamError, PeerGone) as e:
+        parent.send(DestinationLost(f"the destination refused the stream: {e}"))
+        raise SystemExit(1) from None
+    except BaseException:
+        try:
+            parent.send(WorkerFailed("receiver", traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
