@@ -60,6 +60,7 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_DESTINATION_LOST = 4
 EXIT_STREAM = 5
+EXIT_TIMEOUT = 6
 EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 MIGRATE_EXITS = """\
@@ -67,8 +68,9 @@ exit codes:
   0        identical (kvm: and the guest resumed to its expected end)
   1        they differ (the summary names the first differing pages)
   2        bad options, or the map cannot be made (nothing was started)
-  3        a worker failed, the run timed out, or --json / --plot could not be written
+  3        a worker failed, or --json / --plot could not be written
   4        the destination was lost before the handover
+  6        the run took longer than --timeout
   130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
 RECEIVE_EXITS = """\
 exit codes:
@@ -230,12 +232,26 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     return code
 
 
+# Options only one guest uses: given for the other, they are refused up front.
+ONLY_FOR = {"steps": "kvm", "dataplane_rate": "kvm", "dirty_rate": "sim"}
+
+
 def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.MigrateConfig:
-    """The options, with each guest's own defaults where none was given."""
+    """The options, with each guest's own defaults where none was given;
+    Usage for an option the chosen guest would ignore."""
     kvm = guest == "kvm"
+    for name, only in ONLY_FOR.items():
+        if getattr(args, name) is not None and guest != only:
+            raise app.Usage(f"--{name.replace('_', '-')} applies to --guest {only} only "
+                            f"(this run: --guest {guest})")
+    if args.hot_fraction is not None and args.pattern != "hot":
+        raise app.Usage("--hot-fraction applies to --pattern hot only")
     return app.MigrateConfig(
         ram=args.ram or ((128 if kvm else 64) << 20), vcpus=args.vcpus,
-        dirty_rate=args.dirty_rate, pattern=args.pattern, hot_fraction=args.hot_fraction,
+        dirty_rate=2000 if args.dirty_rate is None else args.dirty_rate,
+        # one set of pattern names: random is uniform, for either guest
+        pattern="uniform" if args.pattern == "random" else args.pattern,
+        hot_fraction=0.05 if args.hot_fraction is None else args.hot_fraction,
         dirty_mode=args.dirty_mode,
         hotplug=args.hotplug if args.hotplug is not None else ((1.0, (64 if kvm else 32) << 20),),
         block_pages=args.block_pages or ((1 << 15) if kvm else 4096),
@@ -243,7 +259,8 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         threshold=args.threshold if args.threshold is not None else (512 if kvm else 256),
         max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
         drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=args.to,
-        steps=args.steps, dataplane_rate=args.dataplane_rate,
+        steps=args.steps or 0,
+        dataplane_rate=1000 if args.dataplane_rate is None else args.dataplane_rate,
         dataplane_forget=args.dataplane_forget, kill_destination_at=args.kill_destination_at)
 
 
@@ -290,6 +307,9 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
         e.result["exit_code"] = EXIT_DESTINATION_LOST
         _write_outputs(args, e.result, out)
         return EXIT_DESTINATION_LOST
+    except app.TimedOut as e:
+        error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        return EXIT_TIMEOUT
     except app.Failed as e:
         error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
         return EXIT_FAILED
@@ -353,19 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send to a `shmdirty receive` there (default: start one on loopback)")
     m.add_argument("--ram", type=page_size_arg, default=None, metavar="SIZE",
                    help="initial guest RAM (default 128M kvm, 64M sim)")
-    m.add_argument("--steps", type=count, default=0, metavar="N",
+    m.add_argument("--steps", type=count, default=None, metavar="N",
                    help="kvm: guest steps per vCPU (default: the pattern's)")
-    m.add_argument("--dataplane-rate", type=non_negative, default=1000, metavar="N",
+    m.add_argument("--dataplane-rate", type=non_negative, default=None, metavar="N",
                    help="kvm: dataplane writes per second, 0 = no dataplane (default 1000)")
     m.add_argument("--plot", type=writable_file, metavar="PATH",
                    help="write a PNG of dirty and sent pages per round to PATH")
-    m.add_argument("--vcpus", type=count, default=2, metavar="N", help="vCPU processes "
+    m.add_argument("--vcpus", type=positive_whole, default=2, metavar="N", help="vCPU processes "
                    "(default 2)")
-    m.add_argument("--dirty-rate", type=non_negative, default=2000, metavar="PAGES",
+    m.add_argument("--dirty-rate", type=non_negative, default=None, metavar="PAGES",
                    help="pages each vCPU writes per second (default 2000)")
     m.add_argument("--pattern", choices=("uniform", "random", "hot", "sequential"),
                    default="uniform", help="where vCPUs write (default uniform = random)")
-    m.add_argument("--hot-fraction", type=fraction, default=0.05, metavar="F",
+    m.add_argument("--hot-fraction", type=fraction, default=None, metavar="F",
                    help="hot pattern: share of RAM in each vCPU's hot set (default 0.05)")
     m.add_argument("--dirty-mode", choices=("flag", "lebitmap"), default="flag",
                    help="flag: set_dirty_flag per page; lebitmap: KVM-style bitmaps merged "

@@ -59,7 +59,8 @@ def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.parametrize(("command", "codes"), [
-    ("migrate", ("0 ", "1 ", "2 ", "3 ", "130/143")),
+    ("migrate", ("0 ", "1 ", "2 ", "3 ", "4 ", "6 ", "130/143")),
+    ("receive", ("0 ", "2 ", "5 ", "130")),
     ("inspect", ("0 ", "2 ", "130")),
     ("ls", ("0 ", "2 ", "130")),
     ("gc", ("0 ", "2 ", "130")),
@@ -71,6 +72,21 @@ def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str], comm
     listed = out[out.index("exit codes:"):]
     for c in codes:
         assert re.search(rf"^\s+{re.escape(c)}", listed, re.M), (c, listed)
+
+
+def test_pattern_names_are_one_set_for_both_guests() -> None:
+    args = cli.build_parser().parse_args(["migrate", "--pattern", "random"])
+    assert cli._migrate_config(args, "sim", "").pattern == "uniform"   # sim's name for it
+    assert cli._migrate_config(args, "kvm", "").pattern == "uniform"   # kvm maps it back
+
+
+def test_a_run_longer_than_its_timeout_has_its_own_exit_code(map_name: str) -> None:
+    # 16 MiB at 1 MiB/s: the bulk round alone takes 16 s; the timeout is 1 s
+    r = _migrate(map_name, "--ram", "16M", "--block-pages", "1024", "--hotplug", "none",
+                 "--bandwidth", "1", "--timeout", "1")
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert "--timeout" in r.stderr and "Traceback" not in r.stderr
+    assert segment.list_segments(map_name) == []
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,6 +120,13 @@ BAD_OPTIONS = [
     (["--json", "/nonexistent/dir/x.json"], "directory '/nonexistent/dir' does not exist"),
     (["--block-pages", "100"], "must be a multiple of 64"),   # checked by the application
     (["--vcpus", "62"], "at most 61"),
+    (["--vcpus", "0"], "must be a positive whole number"),
+    (["--plot", "/nonexistent/dir/x.png"], "directory '/nonexistent/dir' does not exist"),
+    (["--hot-fraction", "nan"], "is not a finite number"),
+    (["--hot-fraction", "2"], "is not a fraction in (0, 1]"),
+    (["--hot-fraction", "0.1"], "--hot-fraction applies to --pattern hot only"),
+    (["--steps", "5"], "--steps applies to --guest kvm only"),
+    (["--dataplane-rate", "5"], "--dataplane-rate applies to --guest kvm only"),
 ]
 
 
@@ -111,7 +134,7 @@ BAD_OPTIONS = [
 def test_bad_options_exit_2_in_plain_words_before_anything_starts(
         capsys: pytest.CaptureFixture[str], map_name: str, argv: list[str], why: str) -> None:
     before = psutil.Process().children(recursive=True)
-    code, out, err = _main(capsys, "migrate", "--name", map_name, *argv)
+    code, out, err = _main(capsys, "migrate", "--guest", "sim", "--name", map_name, *argv)
     assert code == 2 and why in err, err
     assert "Traceback" not in err and out == ""
     # no internal names: argparse says "invalid <function name> value" for a
