@@ -67,14 +67,10 @@ def create_map(name: str, page_bits: int, block_pages: int, max_readers: int,
                tcg: bool) -> Segment:
     """Create the header (this process is the coordinator) and the empty
     table of generation 1; return the sealed header.  FileExistsError if the
-    name is taken; on any other failure nothing is left behind."""
-    try:
-        hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
-                             layout.KIND_HEADER)
-    except FileExistsError:
-        raise FileExistsError(f"map {name!r} already exists (segment "
-                              f"{layout.header_name(name)}): pick another name, or "
-                              "attach to it") from None
+    name is taken (nothing made, the existing map untouched); on any other
+    failure nothing is left behind."""
+    hdr = Segment.create(layout.header_name(name), layout.header_size(max_readers),
+                         layout.KIND_HEADER)
     try:
         w = hdr.words
         # Nobody can read the header before seal(): relaxed stores.
@@ -109,13 +105,15 @@ class Shared:
         # the live block at (client, index) once the token's grace period
         # has ended (give_back_due)
         self.retired: list[tuple[int, int, int, int]] = []
+        self.roles: set[Coordinator] = set()  # of the handles create()/adopt() gave
 
     def forked(self) -> None:
-        """In a forked child: the pool and the retired blocks are the
-        parent's work; a fresh lock (a parent thread may have held it)."""
+        """In a forked child: the pool, the retired blocks and the role are the
+        parent's; a fresh lock (a parent thread may have held it)."""
         self.lock = threading.RLock()
         self.pool = []
         self.retired = []
+        self.roles = set()
 
 
 class Coordinator:
@@ -138,17 +136,37 @@ class Coordinator:
         return self.shared.pool
 
     # --- who coordinates --------------------------------------------------------------
-    def is_coordinator(self) -> bool:
+    # The role is a handle's (create(), adopt()) while its process owns the
+    # header's coordinator word; attach() never gives it, even in that process.
+    def process_coordinates(self) -> bool:  # whatever the handle
         return atomic.load(self.coord_ptr, atomic.ACQUIRE) == my_owner_word()
 
+    def is_coordinator(self) -> bool:
+        return self in self.shared.roles and self.process_coordinates()
+
+    def take_role(self) -> None:
+        """create() and adopt(): this handle coordinates."""
+        self.shared.roles.add(self)
+
+    def drop_role(self) -> bool:
+        """This handle closes: True if it was the process's last coordinating one."""
+        had = self in self.shared.roles
+        self.shared.roles.discard(self)
+        return had and not self.shared.roles
+
     def require(self, what: str) -> None:
-        """NotCoordinator unless this process coordinates the map."""
+        """NotCoordinator unless this handle is the coordinator's (create(),
+        adopt()) and its process still coordinates the map."""
         coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
         if coord != my_owner_word():
             who = f"pid {layout.owner_pid(coord)}" if coord else "no process"
             raise NotCoordinator(f"{what} is for the coordinator of map {self.view.name} "
                                  f"({who}); this is pid {os.getpid()}: use request_extend() "
                                  "or adopt()")
+        if self not in self.shared.roles:
+            raise NotCoordinator(f"{what} is for the coordinator of map {self.view.name}: "
+                                 "a handle from attach() never coordinates (use the one "
+                                 "create() or adopt() returned, or request_extend())")
 
     def adopt(self) -> None:
         """Become the coordinator if the old one is dead or has left, then
@@ -157,6 +175,7 @@ class Coordinator:
         mine = my_owner_word()
         coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
         if coord == mine:
+            self.take_role()
             return
         name = self.view.name
         if coord and owner_alive(coord):
@@ -168,12 +187,13 @@ class Coordinator:
                                           atomic.ACQ_REL, atomic.ACQUIRE)
         if not ok:
             raise NotCoordinator(f"map {name}: pid {layout.owner_pid(now)} adopted it first")
+        self.take_role()
         self.reap_unreachable()
 
     def resign(self) -> None:
         """Leave as coordinator (the last handle of this process closes):
         give retired blocks back, run deferred frees, clear the owner word."""
-        if not self.is_coordinator():
+        if not self.process_coordinates():
             return
         try:
             self.give_back_due(timeout=1.0)
@@ -341,18 +361,37 @@ class Coordinator:
         if self.is_coordinator():
             self.extend(new_ram_size)
             return
-        # Post the largest request: a CAS-max (acq_rel; the serve loop loads
-        # it with acquire).
+        self._post(new_ram_size)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self.rcu.offline():  # a qsbr reader must not hold up grace periods
+                self._await_ram_size(new_ram_size, timeout, deadline)
+        except BaseException as e:
+            # A request that raised is withdrawn (the error changes nothing):
+            # the word goes back to 0 only if it still holds our value (a
+            # larger one is another caller's).  acq_rel on success, ordered
+            # with the serve loop's acquire load and its own CAS to 0;
+            # relaxed on failure (we then touch nothing).
+            atomic.compare_exchange(self.req_ptr, new_ram_size, 0,
+                                    atomic.ACQ_REL, atomic.RELAXED)
+            # Remaining race, accepted: a grant that lands as the timeout fires
+            # is reported as success (acquire: pairs with publish()'s release);
+            # a coordinator that loaded the request before the withdrawal but
+            # publishes after this check still grows RAM after the error.  A
+            # caller waiting for the same size re-posts it (_await_ram_size).
+            if (not isinstance(e, GraceTimeout)
+                    or atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size):
+                raise
+        v._invalidate()  # re-read the table at the next op
+
+    def _post(self, new_ram_size: int) -> None:
+        """Post the largest request: a CAS-max (acq_rel; serve loads it with acquire)."""
         cur = atomic.load(self.req_ptr, atomic.ACQUIRE)
         while cur < new_ram_size:
             ok, cur = atomic.compare_exchange(self.req_ptr, cur, new_ram_size,
                                               atomic.ACQ_REL, atomic.ACQUIRE)
             if ok:
                 break
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.rcu.offline():  # a qsbr reader must not hold up grace periods
-            self._await_ram_size(new_ram_size, timeout, deadline)
-        v._invalidate()  # re-read the table at the next op
 
     def _await_ram_size(self, new_ram_size: int, timeout: float | None,
                         deadline: float | None) -> None:
@@ -368,6 +407,9 @@ class Coordinator:
                     raise CoordinatorGone(
                         f"map {name}: no live coordinator to grant RAM size "
                         f"{new_ram_size:#x}; call DirtyMemory.adopt({name!r})")
+                # Still ours to ask for: another caller of the same size that
+                # timed out may have withdrawn the word it shared with us.
+                self._post(new_ram_size)
                 next_check = now + 0.05
             if deadline is not None and now >= deadline:
                 raise GraceTimeout(

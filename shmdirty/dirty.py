@@ -24,13 +24,9 @@ import numpy as np
 
 from . import atomic, bitmap, handles, layout, segment
 from .coordinator import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Coordinator, create_map
-from .errors import (
-    BadInput,
-    HandleClosed,
-    RcuMisuse,
-)
+from .errors import BadInput, HandleClosed, MapExists, RcuMisuse, check_timeout
 from .handles import MapState
-from .rcu import FLAVORS, Rcu, my_owner_word
+from .rcu import FLAVORS, Rcu
 from .snapshot import DirtySnapshot
 from .table import (
     DIRTY_CLIENTS_ALL,
@@ -80,7 +76,6 @@ class DirtyMemory(TableView):
         self._rcu: Any = rcu
         self.flavor = rcu.flavor
         hdr = shared.header.words
-        self._coord_ptr = hdr.ptr(layout.H_COORD)
         self._ram_ptr = hdr.ptr(layout.H_RAM_SIZE)
         self._coordinator = self.coordinator_class(self, rcu, shared.header, shared.coord)
         self._section = _Section(self)
@@ -107,8 +102,12 @@ class DirtyMemory(TableView):
         page_bits, block_pages, max_readers, ram_size = check_geometry(
             page_bits, block_pages, max_readers, ram_size)
         name = layout.new_map_name() if name is None else layout.check_map_name(name)
-        hdr = create_map(name, page_bits, block_pages, max_readers, tcg)
+        try:
+            hdr = create_map(name, page_bits, block_pages, max_readers, tcg)
+        except FileExistsError:
+            raise MapExists(name) from None
         dm = cls._open(name, handles.acquire(name, "memb", hdr))
+        dm._coordinator.take_role()
         dm._created = True
         if ram_size:
             try:
@@ -178,8 +177,10 @@ class DirtyMemory(TableView):
 
     @property
     def is_coordinator(self) -> bool:
+        """True for the handle create() or adopt() returned while its process
+        coordinates the map; a handle from attach() never is."""
         self._open_check()
-        return atomic.load(self._coord_ptr, atomic.ACQUIRE) == my_owner_word()
+        return self._coordinator.is_coordinator()
 
     @property
     def generation(self) -> int:
@@ -385,7 +386,8 @@ class DirtyMemory(TableView):
                 return
             lo, hi = int(pages.min()), int(pages.max())
             if lo < 0 or (hi + 1) << self.page_bits > t.ram_size:
-                self._reaching(t, lo, (hi + 1) << self.page_bits, f"page numbers [{lo}, {hi}]")
+                self._reaching(t, lo << self.page_bits, (hi + 1) << self.page_bits,
+                               f"page numbers [{lo}, {hi}]", pages=True)
             p = np.ascontiguousarray(pages, dtype=np.int64)
             # release: as set_dirty_flag.  One call; it names a block to map
             # first if one is not mapped yet.
@@ -485,8 +487,9 @@ class DirtyMemory(TableView):
     def request_extend(self, new_ram_size: int, timeout: float | None = None) -> None:
         """Ask the coordinator to grow RAM to ``new_ram_size`` and wait until
         it is published (any process).  CoordinatorGone if it is dead,
-        GraceTimeout after ``timeout`` seconds."""
-        self._coordinator.request_extend(new_ram_size, timeout)
+        GraceTimeout after ``timeout`` seconds (a request that raised is
+        withdrawn); BadInput unless ``timeout`` is None or a finite number >= 0."""
+        self._coordinator.request_extend(new_ram_size, check_timeout(timeout))
 
     def serve(self, stop_event: Any = None) -> None:
         """Coordinator: grant request_extend() calls until ``stop_event`` is set."""
@@ -512,7 +515,9 @@ class DirtyMemory(TableView):
             if self._shared.refs == 1 and self._rcu.sections_open():
                 raise RcuMisuse(f"map {self.name}: close() while another thread is inside "
                                 "a read-side section")
-            if self._shared.refs == 1:
+            # The process leaves the coordinator role with its last handle,
+            # or its last coordinating one (attached handles cannot use it).
+            if self._coordinator.drop_role() or self._shared.refs == 1:
                 self._coordinator.resign()
             self._closed = True
             # Every later op fails clearly (the header is unmapped below).

@@ -1,10 +1,29 @@
-"""The exceptions shmdirty raises; each also subclasses the matching built-in."""
+"""The exceptions shmdirty raises; each also subclasses the matching built-in.
+
+Every one pickles (a multiprocessing pool sends a task's exception back to
+the parent): ``__reduce__`` rebuilds it by calling its class with the
+arguments it was constructed with (``_ctor_args``, set by the classes whose
+constructor formats a message; the plain ones were given the message), so
+type, args and message come back the same.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
 
 
 class ShmDirtyError(Exception):
     """Base of every shmdirty error."""
+
+    #: What the constructor was called with, when that is not ``args`` (a
+    #: subclass that formats its message from its own parameters sets it).
+    _ctor_args: tuple[Any, ...] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ctor = self.args if self._ctor_args is None else self._ctor_args
+        return (type(self), ctor, dict(self.__dict__))
 
 
 class BadInput(ShmDirtyError, ValueError):
@@ -28,6 +47,7 @@ class CorruptSegment(ShmDirtyError, OSError):
 
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"shared memory segment {name!r}: {why}")
+        self._ctor_args = (name, why)
         self.segment = name
         self.why = why
 
@@ -53,4 +73,30 @@ class MapNotFound(ShmDirtyError, FileNotFoundError):
         super().__init__(f"no map named {name!r} (no shared memory segment "
                          f"shmdirty-{name}-hdr): it was destroyed or never created; "
                          "`shmdirty ls` lists the live maps")
+        self._ctor_args = (name,)
         self.map = name
+
+
+class MapExists(ShmDirtyError, FileExistsError):
+    """create(name=...) of a map that already exists (its header segment is there)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"map {name!r} already exists (segment shmdirty-{name}-hdr): "
+                         "pick another name, attach to it, or remove it with "
+                         "`shmdirty gc` if its processes are gone")
+        self._ctor_args = (name,)
+        self.map = name
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
+    """``timeout`` as given if it is None (wait for ever) or a finite number
+    of seconds >= 0; else BadInput (NaN, infinities, negatives, non-numbers).
+    Every public ``timeout=`` goes through here before anything changes."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise BadInput(f"{what} must be None or a number of seconds, not {timeout!r}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise BadInput(f"{what} must be None (no limit) or a finite number of "
+                       f"seconds >= 0, not {timeout!r}")
+    return timeout

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import psutil
 
 from . import atomic, layout
-from .errors import BadInput, GraceTimeout, HandleClosed, RcuMisuse
+from .errors import BadInput, GraceTimeout, HandleClosed, RcuMisuse, check_timeout
 from .segment import Segment
 
 _SPINS = 4                 # busy checks before a waiter starts sleeping: one check
@@ -220,7 +220,9 @@ class GracePeriods:
 
         Spins a little, then sleeps, doubling from 20 us to 2 ms; checks the
         liveness of blocking owners every 5 ms.  GraceTimeout (naming the
-        slots and pids) after ``timeout`` seconds."""
+        slots and pids) after ``timeout`` seconds (BadInput unless None or
+        a finite number >= 0)."""
+        timeout = check_timeout(timeout)
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         spins = 0
@@ -267,6 +269,7 @@ class GracePeriods:
         a batch still waiting is looked at again only after a back-off that
         doubles up to 10 ms, and its owners' liveness is checked at most
         every 50 ms, so a long reader costs a waiting caller little CPU."""
+        timeout = check_timeout(timeout)
         self._check_open()
         me = threading.get_ident()
         if self._running_in == me:

@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .errors import BadInput, HandleClosed, NoReaderSlot, RcuMisuse
+from .errors import BadInput, HandleClosed, NoReaderSlot, RcuMisuse, check_timeout
 from .grace import (
     GracePeriods,
     ReaderInfo,
@@ -508,7 +508,9 @@ class Rcu:
         """Wait for a full grace period: every section begun before, in any
         thread or process, has ended.
 
-        TimeoutError (naming the slots and pids) after ``timeout`` seconds."""
+        TimeoutError (naming the slots and pids) after ``timeout`` seconds;
+        BadInput unless ``timeout`` is None or a finite number >= 0."""
+        timeout = check_timeout(timeout)
         r = self.reader
         r.check_outside("synchronize()")
         with r.offline():
@@ -528,7 +530,10 @@ class Rcu:
         self.gp.call_rcu(fn)
 
     def barrier(self, timeout: float | None = None) -> None:
-        """Wait until every callback queued by this process has run."""
+        """Wait until every callback queued by this process has run.
+        GraceTimeout after ``timeout`` seconds; BadInput unless it is None or
+        a finite number >= 0."""
+        timeout = check_timeout(timeout)
         r = self.reader
         r.check_outside("barrier()")
         with r.offline():

@@ -21,6 +21,7 @@ Invariants, kept here:
 from __future__ import annotations
 
 import operator
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
-from .errors import BadInput, CorruptSegment
+from .errors import BadInput, CorruptSegment, MapNotFound
 from .rcu import Rcu
 from .segment import Segment
 
@@ -153,11 +154,23 @@ class Table:
 EMPTY = Table(0, 0, ((),) * DIRTY_MEMORY_NUM, ())
 
 
+def attach_part(map_name: str, seg_name: str, kind: int, min_size: int) -> Segment:
+    """Map a table or block segment of ``map_name``.  MapNotFound if the
+    whole map is gone (destroyed under an attached handle: its header is
+    unlinked too), else CorruptSegment if the segment is missing or bad."""
+    try:
+        return Segment.attach(seg_name, kind, min_size)
+    except CorruptSegment:
+        if not os.path.exists(os.path.join(segment.SHM_DIR, layout.header_name(map_name))):
+            raise MapNotFound(map_name) from None
+        raise
+
+
 def read_table(map_name: str, generation: int) -> Table:
-    """Copy the table of ``generation`` out of its segment; CorruptSegment
-    if it is missing or inconsistent."""
-    seg = Segment.attach(layout.table_name(map_name, generation), layout.KIND_TABLE,
-                         layout.T_BLOCK_IDS)
+    """Copy the table of ``generation`` out of its segment; MapNotFound if
+    the map is gone, CorruptSegment if the table is missing or inconsistent."""
+    seg = attach_part(map_name, layout.table_name(map_name, generation), layout.KIND_TABLE,
+                      layout.T_BLOCK_IDS)
     try:
         w = seg.words
         # The table is immutable once published (its generation store is a
@@ -318,8 +331,8 @@ class TableView:
         if m is not None:
             return m[0]
         if seg is None:
-            seg = Segment.attach(layout.block_name(self.name, block_id), layout.KIND_BLOCK,
-                                 layout.block_size(self.block_pages))
+            seg = attach_part(self.name, layout.block_name(self.name, block_id),
+                              layout.KIND_BLOCK, layout.block_size(self.block_pages))
         b = Block(block_id, seg.array(layout.B_WORDS, self.block_pages // 64),
                   seg.words.base + layout.B_WORDS)
         # setdefault (one step under the GIL): of two threads mapping the
@@ -345,13 +358,18 @@ class TableView:
             self._blocks = []
 
     # --- ranges -------------------------------------------------------------------------
-    def _reaching(self, t: Table, lo: int, end: int, what: str) -> Table:
+    def _reaching(self, t: Table, lo: int, end: int, what: str, pages: bool = False) -> Table:
         """A table whose RAM holds bytes [lo, end): ``t``, or the newest (a
-        qsbr reader's table may be behind); BadInput about ``what`` if none.
+        qsbr reader's table may be behind); BadInput about ``what`` if none,
+        giving RAM in pages if ``what`` counts pages, else in bytes.
         Callers test ``t`` inline first: this is the slow path."""
         if lo < 0 or end > t.ram_size:
             t = self._refresh()
             if lo < 0 or end > t.ram_size:
+                if pages:
+                    raise BadInput(f"{what} is outside guest RAM: pages "
+                                   f"[0, {t.ram_size >> self.page_bits}) "
+                                   f"({t.ram_size:#x} bytes)")
                 raise BadInput(f"{what} is outside guest RAM [0, {t.ram_size:#x})")
         return t
 

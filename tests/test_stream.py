@@ -195,3 +195,71 @@ def test_pages_outside_ram_are_refused(pair: tuple[Channel, socket.socket],
 def test_record_header_layout() -> None:
     assert s.PREAMBLE.size == 16 and s.RECORD.size == 16 and s.VCPU.size == 464
     assert struct.unpack("<8s", s.MAGIC)[0] == b"SHMDMIG\n"
+
+
+def test_too_many_ram_blocks_are_refused(pair: tuple[Channel, socket.socket],
+                                         map_name: str) -> None:
+    """A crafted BLOCKS record (issue 13: 5000 x 1 MiB made the receiver
+    allocate 5 GiB) is refused before anything is allocated."""
+    ch, dst = pair
+    n = s.MAX_RAM_BLOCKS + 1
+    blocks = [(i << 16, 1 << 16) for i in range(n)]
+
+    def send(c: Channel) -> None:
+        sim_hello(c)
+        c.send(s.BLOCKS, [s.pack_blocks(blocks)], count=n)
+
+    err = refused(ch, dst, map_name, send)
+    assert f"{n} RAM blocks" in str(err) and str(s.MAX_RAM_BLOCKS) in str(err)
+
+
+def test_more_ram_than_available_is_refused(pair: tuple[Channel, socket.socket],
+                                            map_name: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: real._replace(available=2 << 20))   # 2 MiB "available"
+    ch, dst = pair
+
+    def send(c: Channel) -> None:
+        sim_hello(c)
+        c.send(s.BLOCKS, [s.pack_blocks([(0, 2 << 20), (2 << 20, 2 << 20)])], count=2)
+
+    err = refused(ch, dst, map_name, send)
+    assert "4 MiB of guest RAM" in str(err) and "2 MiB" in str(err)
+
+
+def test_check_ram_layout_takes_what_fits() -> None:
+    s.check_ram_layout([(0, 1 << 20)] * 3, available=3 << 20)
+    with pytest.raises(StreamError, match="more than"):
+        s.check_ram_layout([(0, 1 << 20)] * 3, available=(3 << 20) - 1)
+
+
+def test_shmdirty_receive_refuses_a_crafted_layout_with_exit_5() -> None:
+    """The reported case end to end: 5000 x 1 MiB RAM blocks to `shmdirty
+    receive` exit 5 (the stream was refused) with a clear message, at once,
+    before any RAM is allocated (the session's leak check sees no segment)."""
+    import re
+    import subprocess
+    import sys
+    rx = subprocess.Popen([sys.executable, "-m", "shmdirty.cli", "receive", "--listen",
+                           "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        assert rx.stdout is not None
+        line = rx.stdout.readline()
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        with socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=30) as sock:
+            ch = Channel(sock)
+            sim_hello(ch)
+            blocks = [(i << 20, 1 << 20) for i in range(5000)]
+            ch.send(s.BLOCKS, [s.pack_blocks(blocks)], count=len(blocks))
+            out, _ = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    assert rx.returncode == 5, out
+    assert "5000 RAM blocks" in out and "Traceback" not in out, out

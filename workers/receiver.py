@@ -159,6 +159,7 @@ class Destination:
 
     def _blocks(self, blocks: list[tuple[int, int]]) -> None:
         assert self.dm is not None and self.ram is not None
+        s.check_ram_layout(blocks)   # refused before anything is allocated
         try:
             if self.vm is not None:
                 self.vm.ensure_blocks(blocks)

@@ -35,6 +35,7 @@ VCPU = struct.Struct("<II144s312s")   # index, done, kvm_regs, kvm_sregs
 END = struct.Struct("<QQ")            # pages sent, page records sent
 DIGEST_CHUNK = 1 << 20                # bytes of RAM per switchover digest
 MAX_PAYLOAD = 1 << 30
+MAX_RAM_BLOCKS = 1024                 # RAM blocks a receiver accepts (QEMU has far fewer)
 # Socket buffers of each end.  Small on purpose: what sits in buffers has
 # not arrived, so big buffers would hide a slow destination from the
 # throughput the source measures and add their backlog to the downtime.
@@ -182,6 +183,25 @@ def unpack_blocks(count: int, payload: memoryview) -> list[tuple[int, int]]:
     if len(payload) != count * BLOCK.size:
         raise StreamError(f"BLOCKS record: {len(payload)} bytes for {count} blocks")
     return [BLOCK.unpack_from(payload, i * BLOCK.size) for i in range(count)]
+
+
+def check_ram_layout(blocks: Sequence[tuple[int, int]], available: int | None = None) -> None:
+    """StreamError, before anything is allocated, if a peer's RAM layout
+    (offset, size in bytes) has more than MAX_RAM_BLOCKS blocks or needs more
+    bytes than ``available`` (default: the machine's available memory,
+    psutil.virtual_memory().available): a crafted BLOCKS record must not make
+    the receiver allocate what it cannot hold."""
+    if len(blocks) > MAX_RAM_BLOCKS:
+        raise StreamError(f"BLOCKS record: {len(blocks)} RAM blocks, more than the "
+                          f"{MAX_RAM_BLOCKS} a receiver accepts")
+    total = sum(size for _, size in blocks)
+    if available is None:
+        import psutil
+        available = int(psutil.virtual_memory().available)
+    if total > available:
+        raise StreamError(f"BLOCKS record: {total / 2**20:.0f} MiB of guest RAM in "
+                          f"{len(blocks)} blocks, more than the {available / 2**20:.0f} MiB "
+                          "of memory available here")
 
 
 def unpack_pages(count: int, payload: memoryview, page_size: int

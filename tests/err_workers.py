@@ -1,0 +1,36 @@
+"""Pool tasks of tests/test_libfix.py (importable by spawned workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import shmdirty as sd
+
+MIG = sd.DIRTY_MEMORY_MIGRATION
+KEPT: dict[str, sd.DirtyMemory] = {}   # handles a pool worker keeps between tasks
+
+
+def attach_and_dirty(name: str, page: int) -> int:
+    """(pool task) Attach ``name`` once per worker, keep the handle, dirty ``page``."""
+    dm = KEPT.get(name)
+    if dm is None:
+        dm = KEPT[name] = sd.DirtyMemory.attach(name)
+    dm.set_dirty_flag(page << dm.page_bits, MIG)
+    return page
+
+
+def raise_error(cls_name: str, args: tuple[Any, ...]) -> None:
+    """(pool task) Raise ``shmdirty.<cls_name>(*args)``."""
+    raise getattr(sd, cls_name)(*args)
+
+
+def timed_request(name: str, size: int, timeout: float) -> str:
+    """(pool task) request_extend with nobody serving: the error's class name."""
+    dm = sd.DirtyMemory.attach(name)
+    try:
+        dm.request_extend(size, timeout=timeout)
+    except sd.ShmDirtyError as e:
+        return type(e).__name__
+    finally:
+        dm.close()
+    return "granted"
