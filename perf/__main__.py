@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         png = plot(doc, RESULTS_DIR / "bench.png")
         if png is None:
             console.print("[dim]note:[/] no plot (matplotlib missing: pip install "
-                          "'shmdirty[bench]', or no results)")
+                          "'shmdirty\\[bench]', or no results)")
         else:
             paths.append(png)
     console.print(f"{len(doc['results'])} results, {len(doc['skipped'])} skipped, "

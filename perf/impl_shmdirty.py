@@ -1,6 +1,6 @@
 """``shmdirty-memb`` and ``shmdirty-qsbr``: the workloads over DirtyMemory.
 
-Written against the public contract (DESIGN.md section 3) only:
+Written against the public API (shmdirty/__init__.py) only:
 
 - parent: ``DirtyMemory.create(0, page_bits=..., name=...)`` then
   ``dm.extend(guest_bytes)`` (grown RAM is clean, as QEMU's
@@ -14,7 +14,7 @@ Written against the public contract (DESIGN.md section 3) only:
 
 sync_dirty_bitmap cells model QEMU's migration thread, which owns the sync
 and, here, the map: only the coordinator may take whole blocks by swapping
-in zeroed ones (DESIGN.md section 2), so
+in zeroed ones (the whole-block swap of shmdirty/coordinator.py), so
 
 - the parent creates and prepares the map, then resigns the coordinator
   role with ``dm.close()`` (the map and its segments stay);

@@ -50,6 +50,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "numpy": _version("numpy"),
         "atomics": _version("atomics"),
+        "atomics2": _version("atomics2"),
         "atomic_backend": atomic.backend.name,
         "atomics_package": " ".join(atomic.atomics_package()[1:]),
         "cc": compiler_version(),

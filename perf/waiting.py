@@ -38,7 +38,7 @@ def _cpu_share(fn: Any, seconds: float) -> float:
     fn(seconds)
     c1, t1 = me.cpu_times(), time.monotonic()
     used = (c1.user - c0.user) + (c1.system - c0.system)
-    return 100.0 * used / (t1 - t0)
+    return float(100.0 * used / (t1 - t0))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """shmdirty: QEMU's RCU-protected dirty-page bitmap in POSIX shared memory.
 
-The public surface, named once (DESIGN.md section 3).
+The public surface, named once (README.md, "The library").
 """
 
 from .dirty import (

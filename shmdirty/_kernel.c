@@ -132,7 +132,7 @@ static int get_addr(PyObject *o, volatile uint64_t **out)
     if (!get_u64(o, "address", &a))
         return 0;
     if (a == 0 || (a & 7)) {
-        PyErr_Format(PyExc_ValueError, "address %#llx is not an 8-byte aligned word address",
+        PyErr_Format(PyExc_ValueError, "address 0x%llx is not an 8-byte aligned word address",
                      (unsigned long long)a);
         return 0;
     }

@@ -3,7 +3,7 @@
 Bit ``b`` of a block is bit ``b % 64`` of word ``b // 64`` (the bit order of
 a little-endian uint64, as KVM's dirty log has it).  A ``Block`` pairs a
 numpy view of the words (bulk reads, all-ones stores) with a cffi pointer to
-word 0 (atomics).  The rules, from DESIGN.md section 2:
+word 0 (atomics).  The rules every caller keeps:
 
 - reads may be plain numpy loads: a bit seen set was set; a bit missed was
   set concurrently, which is the same as it being set just after the read;

@@ -9,9 +9,8 @@ the stream was refused or broke, 128 + signal number when interrupted
 (130 Ctrl-C, 143 SIGTERM), after stopping the workers and removing every
 segment.
 
-The worker processes live in the top-level ``workers`` package; only the
-migrate path imports it (lazily), so ``inspect`` / ``ls`` / ``gc`` load
-nothing but the library.
+The application lives in the repository's ``workers/`` folder, installed as
+``shmdirty._workers``.
 
 ``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``.  ``ls`` and
 ``gc`` never attach a map: they read the header's owner words directly, so
@@ -26,18 +25,33 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-# The application: the one import of workers/ from the library (the layer
-# above it; docs/ARCHITECTURE.md).
-from workers import app
-
 from . import layout, segment
+
+# The application: the one import of workers/ (shmdirty._workers, a symlink
+# to it) from the library, the layer above it (docs/ARCHITECTURE.md).
+from ._workers import app
 from .errors import ShmDirtyError
 from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
+from .options import (
+    count,
+    fraction,
+    map_arg,
+    natural,
+    non_negative,
+    page_size_arg,
+    parse_schedule,
+    positive,
+    positive_whole,
+    whole,
+    writable_file,
+)
 from .render import Progress, error, fmt_bytes, say, summary
 
 EXIT_OK = 0
@@ -46,56 +60,43 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_DESTINATION_LOST = 4
 EXIT_STREAM = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
+
+MIGRATE_EXITS = """\
+exit codes:
+  0        identical (kvm: and the guest resumed to its expected end)
+  1        they differ (the summary names the first differing pages)
+  2        bad options, or the map cannot be made (nothing was started)
+  3        a worker failed, or --json / --plot could not be written
+  4        the destination was lost before the handover
+  6        the run took longer than --timeout
+  130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
+RECEIVE_EXITS = """\
+exit codes:
+  0    received and resumed
+  2    bad options, or HOST:PORT cannot be listened on
+  5    the stream was refused or broke
+  130  interrupted by Ctrl-C (143: SIGTERM)"""
+INSPECT_EXITS = """\
+exit codes:
+  0    shown
+  2    bad options, or NAME is not a readable map (the reason goes to stderr)
+  130  interrupted by Ctrl-C"""
+LS_EXITS = """\
+exit codes:
+  0    listed (also when there is no map)
+  2    bad options
+  130  interrupted by Ctrl-C"""
+GC_EXITS = """\
+exit codes:
+  0    listed or removed (maps that are in use are left alone and named)
+  2    bad options, or a NAME is not a map (the others are still handled)
+  130  interrupted by Ctrl-C"""
 
 PAGE_BITS = app.PAGE_BITS
 FIRST_DIFFS = app.FIRST_DIFFS
 __all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
-
-
-# --- sizes ------------------------------------------------------------------------
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
-          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``512K``, ``64M``, ``1G`` (binary units) -> bytes."""
-    t = text.strip().upper()
-    num = t.rstrip("BKMGI")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 64M, 1G") \
-            from None
-    if unit not in _UNITS or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 64M, 1G")
-    return int(value * _UNITS[unit])
-
-
-def page_size_arg(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0 or size % (1 << PAGE_BITS):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive multiple of the "
-                                         f"{1 << PAGE_BITS}-byte page")
-    return size
-
-
-def parse_schedule(text: str) -> tuple[tuple[float, int], ...]:
-    """``1:32M,2.5:16M`` -> ((1.0, 32 MiB), (2.5, 16 MiB)); ``none`` -> ()."""
-    if text.strip().lower() in ("", "none", "off"):
-        return ()
-    out = []
-    for item in text.split(","):
-        at, sep, size = item.partition(":")
-        try:
-            seconds = float(at)
-        except ValueError:
-            seconds = -1.0
-        if not sep or seconds < 0:
-            raise argparse.ArgumentTypeError(
-                f"hot-plug item {item!r} is not SECONDS:SIZE (e.g. 1.5:32M)")
-        out.append((seconds, page_size_arg(size)))
-    return tuple(sorted(out))
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -105,40 +106,6 @@ def host_port(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:4444)")
     return host.strip("[]"), int(port)
 
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return v
-
-
-def _count(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    v = float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return v
-
-
-def map_arg(text: str) -> str:
-    """A map name: ``abc``, ``shmdirty-abc`` or one of its segment names."""
-    try:
-        return segment.check_map_name(text)
-    except ValueError as e:
-        m = segment.map_of(text)
-        if m is not None:
-            try:
-                return segment.check_map_name(m)
-            except ValueError:
-                pass
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _render_inspect(info: dict[str, Any], out: Console) -> None:
@@ -205,7 +172,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
 
 # --- ls and gc ------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace, out: Console) -> int:
-    statuses = [map_status(m) for m in segment.list_maps()]
+    statuses = [map_status(m) for m in sorted(segment.list_maps(), key=natural)]
     shown = [s for s in statuses if args.all or s.state == "live"]
     if not shown:
         say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
@@ -228,7 +195,7 @@ def cmd_ls(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: Console) -> int:
-    names = args.names or segment.list_maps()
+    names = args.names or sorted(segment.list_maps(), key=natural)
     code = EXIT_OK
     garbage: list[MapStatus] = []
     for name in names:
@@ -250,7 +217,7 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     say(out, f"{len(garbage)} dead map(s), {total} segment(s):")
     for st in garbage:
         say(out, f"  {st.name}: {st.why}")
-        for n in st.segments:
+        for n in sorted(st.segments, key=natural):
             say(out, f"    {n}")
     if not args.yes:
         say(out, "run `shmdirty gc --yes` to remove them")
@@ -265,12 +232,26 @@ def cmd_gc(args: argparse.Namespace, out: Console) -> int:
     return code
 
 
+# Options only one guest uses: given for the other, they are refused up front.
+ONLY_FOR = {"steps": "kvm", "dataplane_rate": "kvm", "dirty_rate": "sim"}
+
+
 def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.MigrateConfig:
-    """The options, with each guest's own defaults where none was given."""
+    """The options, with each guest's own defaults where none was given;
+    Usage for an option the chosen guest would ignore."""
     kvm = guest == "kvm"
+    for name, only in ONLY_FOR.items():
+        if getattr(args, name) is not None and guest != only:
+            raise app.Usage(f"--{name.replace('_', '-')} applies to --guest {only} only "
+                            f"(this run: --guest {guest})")
+    if args.hot_fraction is not None and args.pattern != "hot":
+        raise app.Usage("--hot-fraction applies to --pattern hot only")
     return app.MigrateConfig(
         ram=args.ram or ((128 if kvm else 64) << 20), vcpus=args.vcpus,
-        dirty_rate=args.dirty_rate, pattern=args.pattern, hot_fraction=args.hot_fraction,
+        dirty_rate=2000 if args.dirty_rate is None else args.dirty_rate,
+        # one set of pattern names: random is uniform, for either guest
+        pattern="uniform" if args.pattern == "random" else args.pattern,
+        hot_fraction=0.05 if args.hot_fraction is None else args.hot_fraction,
         dirty_mode=args.dirty_mode,
         hotplug=args.hotplug if args.hotplug is not None else ((1.0, (64 if kvm else 32) << 20),),
         block_pages=args.block_pages or ((1 << 15) if kvm else 4096),
@@ -278,17 +259,26 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         threshold=args.threshold if args.threshold is not None else (512 if kvm else 256),
         max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
         drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=args.to,
-        steps=args.steps, dataplane_rate=args.dataplane_rate,
+        steps=args.steps or 0,
+        dataplane_rate=1000 if args.dataplane_rate is None else args.dataplane_rate,
         dataplane_forget=args.dataplane_forget, kill_destination_at=args.kill_destination_at)
 
 
-def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) -> None:
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2, default=str)
-    if args.plot and res.get("round_log") is not None and res.get("downtime"):
-        app.plot_rounds(res, args.plot)
-        out.print(f"plot: {args.plot}", highlight=False)
+def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) -> bool:
+    """Write --json / --plot (their paths were checked up front); False if
+    one could not be written after all (a race, a full disk)."""
+    try:
+        if args.json:
+            text = json.dumps(res, indent=2, default=str)  # whole before the file is touched
+            with open(args.json, "w") as f:
+                f.write(text)
+        if args.plot and res.get("round_log") is not None and res.get("downtime"):
+            app.plot_rounds(res, args.plot)
+            out.print(f"plot: {args.plot}", highlight=False)
+    except OSError as e:
+        error(out, f"could not write {e.filename or 'the results'}: {e.strerror or e}")
+        return False
+    return True
 
 
 def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
@@ -304,8 +294,8 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
         finally:
             progress.close()
     except app.Interrupted as e:
-        out.print(f"interrupted by {e}: workers stopped, map {e.map_name} removed "
-                  f"({e.removed} segments)", highlight=False, soft_wrap=True)
+        error(out, f"interrupted by {e}: workers stopped, map {e.map_name} removed "
+                   f"({e.removed} segments)")
         return 128 + e.signum
     except app.DestinationGone as e:
         error(out, f"migration FAILED: {e}")
@@ -317,6 +307,9 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
         e.result["exit_code"] = EXIT_DESTINATION_LOST
         _write_outputs(args, e.result, out)
         return EXIT_DESTINATION_LOST
+    except app.TimedOut as e:
+        error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        return EXIT_TIMEOUT
     except app.Failed as e:
         error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
         return EXIT_FAILED
@@ -326,7 +319,8 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
     summary(res, out)
     ok = res["identical"] and res["resumed_ok"] is not False
     res["exit_code"] = code = EXIT_OK if ok else EXIT_MISMATCH
-    _write_outputs(args, res, out)
+    if not _write_outputs(args, res, out):
+        return EXIT_FAILED
     return code
 
 
@@ -361,14 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shmdirty",
         description="QEMU's RCU dirty-memory bitmap in POSIX shared memory: a live "
-                    "migration demo and tools to look at maps.")
+                    "migration demo and tools to look at maps.",
+        epilog="Each command lists its exit codes in its --help.  Bad options exit 2.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
     m = sub.add_parser("migrate", help="run a live migration with RAM hot-add, check it "
                        "byte for byte", description="vCPU processes dirty guest RAM while a "
                        "migrator pre-copies it round by round and RAM is hot-added; then "
-                       "stop-and-copy, then the destination is compared with the source. "
-                       "Exit 0 if identical, 1 if not.")
+                       "stop-and-copy, then the destination is compared with the source.",
+                       epilog=MIGRATE_EXITS, formatter_class=raw)
     m.add_argument("--guest", choices=("auto", "kvm", "sim"), default="auto",
                    help="kvm: a real KVM guest; sim: simulated vCPU processes; auto (default): "
                         "kvm where /dev/kvm works")
@@ -376,19 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send to a `shmdirty receive` there (default: start one on loopback)")
     m.add_argument("--ram", type=page_size_arg, default=None, metavar="SIZE",
                    help="initial guest RAM (default 128M kvm, 64M sim)")
-    m.add_argument("--steps", type=_count, default=0, metavar="N",
+    m.add_argument("--steps", type=count, default=None, metavar="N",
                    help="kvm: guest steps per vCPU (default: the pattern's)")
-    m.add_argument("--dataplane-rate", type=_non_negative, default=1000, metavar="N",
+    m.add_argument("--dataplane-rate", type=non_negative, default=None, metavar="N",
                    help="kvm: dataplane writes per second, 0 = no dataplane (default 1000)")
-    m.add_argument("--plot", metavar="PATH", help="write a PNG of dirty and sent pages per "
-                   "round to PATH")
-    m.add_argument("--vcpus", type=_count, default=2, metavar="N", help="vCPU processes "
+    m.add_argument("--plot", type=writable_file, metavar="PATH",
+                   help="write a PNG of dirty and sent pages per round to PATH")
+    m.add_argument("--vcpus", type=positive_whole, default=2, metavar="N", help="vCPU processes "
                    "(default 2)")
-    m.add_argument("--dirty-rate", type=_non_negative, default=2000, metavar="PAGES",
+    m.add_argument("--dirty-rate", type=non_negative, default=None, metavar="PAGES",
                    help="pages each vCPU writes per second (default 2000)")
     m.add_argument("--pattern", choices=("uniform", "random", "hot", "sequential"),
                    default="uniform", help="where vCPUs write (default uniform = random)")
-    m.add_argument("--hot-fraction", type=_non_negative, default=0.05, metavar="F",
+    m.add_argument("--hot-fraction", type=fraction, default=None, metavar="F",
                    help="hot pattern: share of RAM in each vCPU's hot set (default 0.05)")
     m.add_argument("--dirty-mode", choices=("flag", "lebitmap"), default="flag",
                    help="flag: set_dirty_flag per page; lebitmap: KVM-style bitmaps merged "
@@ -396,47 +393,52 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hotplug", type=parse_schedule, default=None, metavar="SCHEDULE",
                    help="RAM hot-adds as AT:SIZE[,...] or 'none'; AT is seconds after the start "
                    "(sim) or percent of the guest's steps (kvm) (default 1:32M sim, 1:64M kvm)")
-    m.add_argument("--block-pages", type=_positive_int, default=0, metavar="N",
+    m.add_argument("--block-pages", type=positive_whole, default=0, metavar="N",
                    help="pages per dirty-bitmap block (default 4096 sim, 32768 kvm; QEMU "
                         "uses 2097152)")
-    m.add_argument("--bandwidth", type=_non_negative, default=None, metavar="MIB",
+    m.add_argument("--bandwidth", type=non_negative, default=None, metavar="MIB",
                    help="pre-copy bandwidth in MiB/s, 0 = unlimited (default 24 sim, 0 kvm)")
-    m.add_argument("--threshold", type=_count, default=None, metavar="PAGES",
+    m.add_argument("--threshold", type=count, default=None, metavar="PAGES",
                    help="pre-copy ends when at most this many pages are dirty (default 256 "
                         "sim, 512 kvm)")
-    m.add_argument("--max-rounds", type=_positive_int, default=30, metavar="N",
+    m.add_argument("--max-rounds", type=positive_whole, default=30, metavar="N",
                    help="pre-copy rounds at most (default 30)")
-    m.add_argument("--seed", type=int, default=1, help="random seed of the vCPUs (default 1)")
-    m.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    m.add_argument("--seed", type=whole, default=1, help="random seed of the vCPUs (default 1)")
+    m.add_argument("--json", type=writable_file, metavar="PATH",
+                   help="write the results as JSON to PATH")
     m.add_argument("--name", type=map_arg, default=None, help="map name (default: random)")
-    m.add_argument("--timeout", type=_non_negative, default=300.0, metavar="SECONDS",
+    m.add_argument("--timeout", type=positive, default=300.0, metavar="SECONDS",
                    help="give up after this long (default 300)")
     # Testing: the migrator forgets the dirty pages of this round, so the
     # final comparison must fail.
-    m.add_argument("--drop-round", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--drop-round", type=count, default=0, help=argparse.SUPPRESS)
     # Testing (kvm): a dataplane that forgets to mark; the receiver killed at round N.
     m.add_argument("--dataplane-forget", action="store_true", help=argparse.SUPPRESS)
-    m.add_argument("--kill-destination-at", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--kill-destination-at", type=count, default=0, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser("receive", help="the destination of `migrate --to`: receive one "
                        "migration, resume the guest", description="Listen on HOST:PORT for one "
                        "migration stream (docs/STREAM.md), build the guest's RAM (and VM) "
-                       "here, resume it to its end, then exit. Exit 0 done, 5 stream refused.")
+                       "here, resume it to its end, then exit.", epilog=RECEIVE_EXITS,
+                       formatter_class=raw)
     r.add_argument("--listen", type=host_port, required=True, metavar="HOST:PORT")
-    r.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH")
+    r.add_argument("--json", type=writable_file, metavar="PATH",
+                   help="write the result as JSON to PATH")
     r.set_defaults(func=cmd_receive)
 
-    i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots")
+    i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots",
+                       epilog=INSPECT_EXITS, formatter_class=raw)
     i.add_argument("name", type=map_arg, metavar="NAME", help="map name (see `shmdirty ls`)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 
-    ls = sub.add_parser("ls", help="list live maps")
+    ls = sub.add_parser("ls", help="list live maps", epilog=LS_EXITS, formatter_class=raw)
     ls.add_argument("-a", "--all", action="store_true", help="also dead and unreadable maps")
     ls.set_defaults(func=cmd_ls)
 
-    g = sub.add_parser("gc", help="remove segments of maps whose processes are all dead")
+    g = sub.add_parser("gc", help="remove segments of maps whose processes are all dead",
+                       epilog=GC_EXITS, formatter_class=raw)
     g.add_argument("names", nargs="*", type=map_arg, metavar="NAME",
                    help="only these maps (default: every map)")
     g.add_argument("--yes", action="store_true", help="remove them (default: only list)")
@@ -444,19 +446,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    parser = build_parser()
+def version() -> str:
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error (argparse printed it)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    # Logs and pipes get a wide console (COLUMNS still wins): the summary
-    # table has nine columns.
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
-    out = Console(highlight=False, width=wide)
-    code: int = args.func(args, out)
-    return code
+        return _dist_version("shmdirty")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (each command's --help
+    lists them).  Ctrl-C at any point exits 130 without a traceback; during a
+    migration the run stops its workers and removes its segments first."""
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or a usage error (argparse printed it)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        # Logs and pipes get a wide console (COLUMNS still wins).
+        wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
+        out = Console(highlight=False, width=wide)
+        code: int = args.func(args, out)
+        return code
+    except KeyboardInterrupt:
+        error(Console(stderr=True), "interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ _index, _client, _mask, _clients = as_index, check_client, check_mask, clients_o
 
 
 class DirtyMemory(TableView):
-    """A dirty-memory map in shared memory: see DESIGN.md section 3."""
+    """A dirty-memory map in shared memory (README.md, "The library")."""
 
     #: What the coordinator methods delegate to; a subclass may swap in its
     #: own (tests do, to show a broken publication or swap is caught).

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
@@ -27,7 +28,15 @@ def fmt_bytes(n: float) -> str:
 
 
 def error(out: Console, msg: str) -> None:
-    out.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+    """An error message, on stderr (stdout stays clean for --json and pipes);
+    ``out`` only lends its width."""
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(msg)}",
+                                                soft_wrap=True)
+
+
+def verdict(out: Console, msg: str) -> None:
+    """A failed check of the run: its result, so on stdout with the summary."""
+    out.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def say(out: Console, msg: str) -> None:
@@ -193,11 +202,11 @@ def summary(res: dict[str, Any], out: Console) -> None:
                   + f", {r['pages_written_by_vcpus']} of them last written by a vCPU",
                   highlight=False, soft_wrap=True)
     elif r["missing"]:
-        error(out, f"the destination is incomplete: {r['missing']}")
+        verdict(out, f"the destination is incomplete: {r['missing']}")
     else:
         first = ", ".join(str(p) for p in r["first_differ"])
         unit = "pages" if r.get("method", "bytes") == "bytes" else "1 MiB chunks"
-        error(out, f"source and destination DIFFER in {r['pages_differ']} {unit}; "
+        verdict(out, f"source and destination DIFFER in {r['pages_differ']} {unit}; "
                    f"first: {first}")
 
 
@@ -209,7 +218,7 @@ def _kvm_verdict(res: dict[str, Any], out: Console) -> None:
         out.print(f"[bold green]source and destination are identical[/bold green] at the "
                   f"switchover: {what}", highlight=False, soft_wrap=True)
     else:
-        error(out, f"source and destination DIFFER at the switchover in {r['pages_differ']} "
+        verdict(out, f"source and destination DIFFER at the switchover in {r['pages_differ']} "
                     f"{'pages' if r['method'] == 'bytes' else 'chunks'}; first: "
                     f"{', '.join(map(str, r['first_differ']))}")
     for _, size in res.get("destination_hotadds") or []:
@@ -221,7 +230,7 @@ def _kvm_verdict(res: dict[str, Any], out: Console) -> None:
                   highlight=False, soft_wrap=True)
     else:
         got = ", ".join(f"{c:#018x}" if c is not None else "-" for c in sums["destination"])
-        error(out, f"the resumed guest did NOT end as the model says: checksums {got}, "
+        verdict(out, f"the resumed guest did NOT end as the model says: checksums {got}, "
                     f"expected {hexes}")
 
 

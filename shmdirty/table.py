@@ -388,7 +388,7 @@ class TableView:
                                f"range [{start:#x}, {start:#x}+{length:#x})")
         page = start >> self.page_bits
         if length == 0:
-            return t, page, page  # an empty range, even inside a page (DESIGN.md)
+            return t, page, page  # an empty range, even inside a page, covers no page
         return t, page, -(-(start + length) >> self.page_bits)
 
     def _enter_range(self, start: Any, length: Any) -> tuple[Table, int, int]:

@@ -21,7 +21,7 @@ PACKAGES = ("shmdirty", "workers", "perf")
 # shmdirty's layers, lowest first (docs/ARCHITECTURE.md): a module imports
 # only modules before it.  errors, layout and atomic are the ground.
 LAYERS = ("errors", "layout", "atomic", "segment", "grace", "rcu", "bitmap", "table", "snapshot",
-          "coordinator", "handles", "dirty", "maps", "render", "cli")
+          "coordinator", "handles", "dirty", "maps", "options", "render", "cli")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,7 +52,17 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
             for a in node.names:  # ``from pkg import submodule`` imports the submodule
                 sub = f"{mod}.{a.name}"
                 found.append((sub if sub in known else mod, node.lineno))
+    found = [(_repo_name(m), line) for m, line in found]
     return [(m, line) for m, line in found if m in known and m != name]
+
+
+def _repo_name(module: str) -> str:
+    """workers/ and perf/ are installed as shmdirty._workers and shmdirty._perf
+    (symlinks in shmdirty/): name them by their folders."""
+    for installed, folder in (("shmdirty._workers", "workers"), ("shmdirty._perf", "perf")):
+        if module == installed or module.startswith(installed + "."):
+            return folder + module[len(installed):]
+    return module
 
 
 def graph() -> dict[str, list[tuple[str, int]]]:

@@ -24,8 +24,8 @@ import pytest
 
 import shmdirty as sd
 from shmdirty import atomic, cli, layout, segment
+from shmdirty._workers import app
 from shmdirty.segment import Segment
-from workers import app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,7 +96,10 @@ def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_pat
     assert segment.list_segments(map_name) == []
     r = res["result"]
     assert not r["identical"]
-    assert res["round_log"][0]["dropped"] == 1024 and res["round_log"][0]["sent"] == 0
+    # round 1 dropped every page of the RAM it saw (4 MiB, or 6 MiB when the
+    # hot-add at 0.05 s landed before its sync on a busy machine)
+    round1 = res["round_log"][0]
+    assert round1["dropped"] == round1["ram_size"] // PAGE >= 1024 and round1["sent"] == 0
     # nearly all of the initial RAM was never sent: the vCPUs rewrote few pages
     assert r["pages_differ"] > 512
     first = r["first_differ"]

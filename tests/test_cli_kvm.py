@@ -19,7 +19,7 @@ import pytest
 from kvm_skip import needs_kvm
 
 from shmdirty import segment
-from workers import app, kvm
+from shmdirty._workers import app, kvm
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from perf import harness, micro, report
-from perf.registry import IMPL_NAMES, OP_NAMES
-from perf.workloads import OPS
 from shmdirty import atomic
+from shmdirty._perf import harness, micro, report
+from shmdirty._perf.registry import IMPL_NAMES, OP_NAMES
+from shmdirty._perf.workloads import OPS
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from shmdirty import segment
-from workers import receiver
-from workers import stream as s
-from workers.stream import Channel, StreamError
+from shmdirty._workers import receiver
+from shmdirty._workers import stream as s
+from shmdirty._workers.stream import Channel, StreamError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -43,7 +43,7 @@ from shmdirty import DirtyMemory, ShmDirtyError, segment
 from . import Control, Flags, hotplug, kvm, kvm_run, migrator, receiver, vcpu
 from . import guest_kvm as gk
 from .guest import TAG_MASK, TAG_VCPU, GuestRam
-from .lifecycle import DestinationGone, Failed, Interrupted, RunError, Signals, Usage
+from .lifecycle import DestinationGone, Failed, Interrupted, RunError, Signals, TimedOut, Usage
 from .plot import plot_rounds
 from .reports import (
     DestinationLost,
@@ -62,7 +62,7 @@ from .reports import (
 from .stream import PeerGone, StreamError
 
 __all__ = ["DestinationGone", "Failed", "Interrupted", "MigrateConfig", "RunError",
-           "StreamRefused", "Usage", "choose_guest", "plot_rounds", "receive", "run"]
+           "StreamRefused", "TimedOut", "Usage", "choose_guest", "plot_rounds", "receive", "run"]
 
 PAGE_BITS = 12
 FIRST_DIFFS = 10          # how many differing pages a mismatch names
@@ -187,9 +187,11 @@ def run(cfg: MigrateConfig, on_event: OnEvent) -> dict[str, Any]:
         m = Migration(cfg, on_event, signals)
         try:
             try:
-                return m.execute()
+                result = m.execute()
             finally:
                 m.teardown()
+            signals.check()  # a signal during the comparison or the teardown still counts
+            return result
         except RunError as e:
             e.map_name, e.removed = m.map_name, m.removed
             raise
@@ -371,7 +373,7 @@ class Migration:
                 return
             self._check_workers()
             if time.monotonic() > self.deadline:
-                raise Failed(f"gave up waiting for {what}: the run took longer than "
+                raise TimedOut(f"gave up waiting for {what}: the run took longer than "
                              f"--timeout {self.cfg.timeout:g} s")
 
     def _drain(self, timeout: float, handle: bool = True) -> None:

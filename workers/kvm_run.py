@@ -35,7 +35,7 @@ from shmdirty import segment
 from . import dataplane, receiver, sender, vm_owner
 from . import guest_kvm as g
 from .guest_model import expected
-from .lifecycle import DestinationGone, Failed, RunError, Signals
+from .lifecycle import DestinationGone, Failed, RunError, Signals, TimedOut
 from .reports import (
     DestinationLost,
     Done,
@@ -99,7 +99,7 @@ class KvmRun:
         while not cond():
             self.signals.check()
             if time.monotonic() > self.deadline:
-                raise Failed(f"gave up waiting for {what}: the run took longer than "
+                raise TimedOut(f"gave up waiting for {what}: the run took longer than "
                              f"--timeout {self.cfg.timeout:g} s")
             self._serve(POLL)
             for role in ("owner", "migrator", "dataplane"):

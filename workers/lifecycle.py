@@ -28,6 +28,10 @@ class Failed(RunError):
     """A worker failed, or the run could not go on."""
 
 
+class TimedOut(Failed):
+    """The run took longer than its ``timeout``."""
+
+
 class Usage(RunError):
     """The options asked for a map that cannot be made."""
 

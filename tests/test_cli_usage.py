@@ -1,0 +1,220 @@
+"""The command line as a user meets it (issue 13): errors on stderr with the
+exit codes --help documents, options refused before anything starts (exit
+2, plain words, no traceback), Ctrl-C honoured at every stage, --version,
+a summary that reads at 80 columns, gc in natural order, an unreachable
+dirty rate reported, and docs that name what is really there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shmdirty import cli, layout, segment
+from shmdirty._workers import app
+from shmdirty.options import PAGE_BITS
+from shmdirty.segment import Segment
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small run: 4 MiB, no hot-add, unlimited bandwidth (a few seconds).
+SMALL = ["--ram", "4M", "--block-pages", "256", "--dirty-rate", "300", "--hotplug", "none",
+         "--bandwidth", "0", "--timeout", "60"]
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def _migrate(map_name: str, *argv: str, env: dict[str, str] | None = None,
+             script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``shmdirty migrate`` as a user runs it (a process of its own)."""
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "shmdirty.cli"]
+    return subprocess.run([*cmd, "migrate", "--guest", "sim", "--name", map_name, *argv],
+                          capture_output=True,
+                          text=True, timeout=80, env=env)
+
+
+# --- errors, exit codes, --help, --version ---------------------------------------------------
+def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str],
+                                               map_name: str) -> None:
+    code, out, err = _main(capsys, "inspect", map_name, "--json")
+    assert (code, out) == (2, "")            # the JSON stream stays clean
+    assert "is not a map" in err
+    code, out, err = _main(capsys, "gc", "--yes", map_name)
+    assert code == 2 and "is not a map" in err and "is not a map" not in out
+    code, out, err = _main(capsys, "inspect", "no such map!")
+    assert code == 2 and out == "" and "must be 1-100 characters" in err
+
+
+@pytest.mark.parametrize(("command", "codes"), [
+    ("migrate", ("0 ", "1 ", "2 ", "3 ", "4 ", "6 ", "130/143")),
+    ("receive", ("0 ", "2 ", "5 ", "130")),
+    ("inspect", ("0 ", "2 ", "130")),
+    ("ls", ("0 ", "2 ", "130")),
+    ("gc", ("0 ", "2 ", "130")),
+])
+def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str], command: str,
+                                        codes: tuple[str, ...]) -> None:
+    code, out, _ = _main(capsys, command, "--help")
+    assert code == 0
+    listed = out[out.index("exit codes:"):]
+    for c in codes:
+        assert re.search(rf"^\s+{re.escape(c)}", listed, re.M), (c, listed)
+
+
+def test_pattern_names_are_one_set_for_both_guests() -> None:
+    args = cli.build_parser().parse_args(["migrate", "--pattern", "random"])
+    assert cli._migrate_config(args, "sim", "").pattern == "uniform"   # sim's name for it
+    assert cli._migrate_config(args, "kvm", "").pattern == "uniform"   # kvm maps it back
+
+
+def test_a_run_longer_than_its_timeout_has_its_own_exit_code(map_name: str) -> None:
+    # 16 MiB at 1 MiB/s: the bulk round alone takes 16 s; the timeout is 1 s
+    r = _migrate(map_name, "--ram", "16M", "--block-pages", "1024", "--hotplug", "none",
+                 "--bandwidth", "1", "--timeout", "1")
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert "--timeout" in r.stderr and "Traceback" not in r.stderr
+    assert segment.list_segments(map_name) == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _main(capsys, "--version")
+    assert code == 0 and out.strip() == f"shmdirty {version('shmdirty')}"
+
+
+def test_option_pages_match_the_application() -> None:
+    assert PAGE_BITS == app.PAGE_BITS
+
+
+# --- options checked before anything starts -----------------------------------------------------
+BAD_OPTIONS = [
+    (["--ram", "inf"], "is not a size"),
+    (["--ram", "nan"], "is not a size"),
+    (["--ram", "1e400"], "is not a size"),
+    (["--hotplug", "1:inf"], "is not a size"),
+    (["--hotplug", "inf:4M"], "is not SECONDS:SIZE"),
+    (["--hotplug", "nan:4M"], "is not SECONDS:SIZE"),
+    (["--dirty-rate", "nan"], "is not a finite number"),
+    (["--dirty-rate", "-1"], "must not be negative"),
+    (["--bandwidth", "inf"], "is not a finite number"),
+    (["--timeout", "nan"], "is not a finite number"),
+    (["--timeout", "inf"], "is not a finite number"),
+    (["--timeout", "0"], "must be more than 0"),
+    (["--hot-fraction", "5"], "is not a fraction in (0, 1]"),
+    (["--hot-fraction", "0"], "is not a fraction in (0, 1]"),
+    (["--vcpus", "abc"], "'abc' is not a whole number"),
+    (["--seed", "1.5"], "'1.5' is not a whole number"),
+    (["--max-rounds", "0"], "must be a positive whole number"),
+    (["--json", "/nonexistent/dir/x.json"], "directory '/nonexistent/dir' does not exist"),
+    (["--block-pages", "100"], "must be a multiple of 64"),   # checked by the application
+    (["--vcpus", "62"], "at most 61"),
+    (["--vcpus", "0"], "must be a positive whole number"),
+    (["--plot", "/nonexistent/dir/x.png"], "directory '/nonexistent/dir' does not exist"),
+    (["--hot-fraction", "nan"], "is not a finite number"),
+    (["--hot-fraction", "2"], "is not a fraction in (0, 1]"),
+    (["--hot-fraction", "0.1"], "--hot-fraction applies to --pattern hot only"),
+    (["--steps", "5"], "--steps applies to --guest kvm only"),
+    (["--dataplane-rate", "5"], "--dataplane-rate applies to --guest kvm only"),
+]
+
+
+@pytest.mark.parametrize(("argv", "why"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_exit_2_in_plain_words_before_anything_starts(
+        capsys: pytest.CaptureFixture[str], map_name: str, argv: list[str], why: str) -> None:
+    before = psutil.Process().children(recursive=True)
+    code, out, err = _main(capsys, "migrate", "--guest", "sim", "--name", map_name, *argv)
+    assert code == 2 and why in err, err
+    assert "Traceback" not in err and out == ""
+    # no internal names: argparse says "invalid <function name> value" for a
+    # type function that raises ValueError
+    assert not re.search(r"invalid \w+ value", err), err
+    assert segment.list_segments(map_name) == []                   # no map was made
+    assert psutil.Process().children(recursive=True) == before     # no worker was spawned
+
+
+def test_json_to_a_directory_is_refused(capsys: pytest.CaptureFixture[str], map_name: str,
+                                        tmp_path: Path) -> None:
+    code, _, err = _main(capsys, "migrate", "--name", map_name, "--json", str(tmp_path))
+    assert code == 2 and "it is a directory" in err
+
+
+def test_the_real_program_says_bad_options_without_a_traceback(map_name: str) -> None:
+    for argv in (["--ram", "inf"], ["--hotplug", "1:inf"], ["--dirty-rate", "nan"]):
+        r = _migrate(map_name, *argv)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "error: argument" in r.stderr
+        assert r.stdout == ""
+
+
+# --- Ctrl-C at every stage -----------------------------------------------------------------------
+# Runs cli.main with one stage wrapped to deliver a real SIGINT to the
+# process while that stage runs.
+STAGE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from shmdirty import cli
+    from shmdirty._workers import app
+
+    stage = os.environ["STAGE"]
+    if stage == "compare":  # the result: the comparison with the destination
+        real_result = app.Migration._result
+        def result(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_result(*args)
+        app.Migration._result = result
+    else:
+        real_render = cli.summary
+        def render(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_render(*args)
+        cli.summary = render
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("stage", ["compare", "summary"])
+def test_ctrl_c_is_honoured_during_the_final_stages(map_name: str, stage: str,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    r = _migrate(map_name, *SMALL, "--json", str(out), script=STAGE_SCRIPT,
+                 env={**os.environ, "STAGE": stage})
+    assert r.returncode == 130, r.stdout + r.stderr
+    assert "source and destination are identical" not in r.stdout   # no verdict
+    assert "Traceback" not in r.stderr and "interrupted" in r.stderr
+    assert not out.exists()                        # no result written for a stopped run
+    assert segment.list_segments(map_name) == []
+
+
+# --- what a run prints -------------------------------------------------------------------------
+def test_gc_lists_segments_in_natural_order(capsys: pytest.CaptureFixture[str],
+                                            map_name: str) -> None:
+    # leftovers of a map whose header never came to be: gc's to list
+    for i in range(12):
+        Segment.create(layout.block_name(map_name, i), 4096, layout.KIND_BLOCK).close()
+    code, out, _ = _main(capsys, "gc", map_name)
+    assert code == 0
+    listed = [w for w in out.split() if w.startswith(f"shmdirty-{map_name}-b")]
+    assert listed == [layout.block_name(map_name, i) for i in range(12)]   # b2 before b10
+    code, out, _ = _main(capsys, "gc", "--yes", map_name)
+    assert code == 0 and "removed 12 segment(s)" in out
+
+
+# --- docs ----------------------------------------------------------------------------------------
+def test_readme_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = {int(v) for v in re.findall(r"layout version (\d+)", readme)}
+    assert shown == {layout.LAYOUT_VERSION}
+    assert "SHMDIRTY_ATOMICS" in readme
+    for v in ("3.11", "3.12", "3.13"):
+        assert f"Python :: {v}" in (ROOT / "pyproject.toml").read_text() and v in readme
