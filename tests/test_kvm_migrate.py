@@ -20,6 +20,7 @@ from shmdirty._workers.sender import STOP_AND_COPY
 pytestmark = [needs_kvm, pytest.mark.timeout(180)]
 
 MiB = 1 << 20
+STEPS_PAST_THE_STOP = 40_000
 
 
 def migrate(map_name: str, **kw: Any) -> dict[str, Any]:
@@ -63,10 +64,10 @@ def test_a_dataplane_that_forgets_to_mark_fails_verification(map_name: str) -> N
 def test_a_migrator_that_loses_a_round_fails_verification(map_name: str) -> None:
     # The round to lose is the stop-and-copy set: the guest is paused, so no later
     # round can resend those pages (a lost pre-copy round's pages may be re-dirtied
-    # and resent, which let this test pass by chance).  The sequential sweep
-    # dirties pages up to the stop.
-    out = migrate(map_name, pattern="sequential", drop_round=STOP_AND_COPY, max_rounds=3,
-                  threshold=0)
+    # and resent, which let this test pass by chance).  The guest must still be
+    # writing at the stop, so it gets enough steps to outlast three rounds.
+    out = migrate(map_name, steps=STEPS_PAST_THE_STOP, drop_round=STOP_AND_COPY,
+                  max_rounds=3, threshold=0)
     assert out["downtime"]["newly_dirty"] > 0, "nothing was dirtied before the stop"
     assert out["identical"] is False
 
