@@ -43,7 +43,16 @@ from shmdirty import DirtyMemory, ShmDirtyError, segment
 from . import Control, Flags, hotplug, kvm, kvm_run, migrator, receiver, vcpu
 from . import guest_kvm as gk
 from .guest import TAG_MASK, TAG_VCPU, GuestRam
-from .lifecycle import DestinationGone, Failed, Interrupted, RunError, Signals, TimedOut, Usage
+from .lifecycle import (
+    DestinationGone,
+    Failed,
+    Interrupted,
+    RunError,
+    Signals,
+    TimedOut,
+    Usage,
+    sigint_held,
+)
 from .plot import plot_rounds
 from .reports import (
     DestinationLost,
@@ -274,7 +283,8 @@ class Migration:
         recv, send = self.ctx.Pipe()
         p = self.ctx.Process(target=receiver.main, name="receiver", daemon=True,
                              args=("127.0.0.1", 0, f"{self.map_name}_dst", send))
-        p.start()
+        with sigint_held():
+            p.start()
         send.close()
         self.procs["receiver"], self.conns[recv] = p, "receiver"
         self.receiver_conn = recv
@@ -372,7 +382,8 @@ class Migration:
                                  name=role, daemon=True)
             self.conns[recv] = role
             try:
-                p.start()
+                with sigint_held():
+                    p.start()
             finally:
                 send.close()  # the worker holds the only write end: EOF when it exits
             self.procs[role] = p
