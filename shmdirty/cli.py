@@ -239,8 +239,15 @@ ONLY_FOR = {"steps": "kvm", "dataplane_rate": "kvm", "dirty_rate": "sim"}
 
 def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.MigrateConfig:
     """The options, with each guest's own defaults where none was given;
-    Usage for an option the chosen guest would ignore."""
+    Usage for an option the chosen guest would ignore, and for --plot
+    without matplotlib (refused before the run, not after it)."""
     kvm = guest == "kvm"
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (only asked whether it imports)
+        except ImportError as e:
+            raise app.Usage(f"--plot needs matplotlib, which cannot be imported ({e}); "
+                            "install it with: pip install 'shmdirty[bench]'") from None
     for name, only in ONLY_FOR.items():
         if getattr(args, name) is not None and guest != only:
             raise app.Usage(f"--{name.replace('_', '-')} applies to --guest {only} only "
