@@ -463,7 +463,7 @@ static inline void or_word(volatile uint64_t *w, uint64_t m, int order, int sord
  * [src_first, src_first + count) of the little-endian bitmap `src` (any
  * C-contiguous buffer: bytes, a uint64 array) into bits [first, first + count)
  * of the block.  Zero source words cost a load; whole all-ones words are
- * stored (DESIGN.md section 2: setting bits is monotonic) and one fence
+ * stored (setting dirty bits is monotonic: no other writer clears them here) and one fence
  * follows; other words get one fetch-or with `order`. */
 static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -622,7 +622,7 @@ static uint64_t loop_take(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t cou
     return any;
 }
 
-/* Relaxed loads (DESIGN.md: a bit seen set was set; one missed was set
+/* Relaxed loads (a bit seen set was set; one missed was set
  * concurrently).  any: is a bit set?  all: is every bit set? */
 static int loop_test(volatile uint64_t *w, Py_ssize_t first, Py_ssize_t count, int want_all)
 {

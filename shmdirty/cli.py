@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
@@ -238,8 +239,15 @@ ONLY_FOR = {"steps": "kvm", "dataplane_rate": "kvm", "dirty_rate": "sim"}
 
 def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.MigrateConfig:
     """The options, with each guest's own defaults where none was given;
-    Usage for an option the chosen guest would ignore."""
+    Usage for an option the chosen guest would ignore, and for --plot
+    without matplotlib (refused before the run, not after it)."""
     kvm = guest == "kvm"
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (only asked whether it imports)
+        except ImportError as e:
+            raise app.Usage(f"--plot needs matplotlib, which cannot be imported ({e}); "
+                            "install it with: pip install 'shmdirty[bench]'") from None
     for name, only in ONLY_FOR.items():
         if getattr(args, name) is not None and guest != only:
             raise app.Usage(f"--{name.replace('_', '-')} applies to --guest {only} only "
@@ -372,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", type=host_port, default=None, metavar="HOST:PORT",
                    help="send to a `shmdirty receive` there (default: start one on loopback)")
     m.add_argument("--ram", type=page_size_arg, default=None, metavar="SIZE",
-                   help="initial guest RAM (default 128M kvm, 64M sim)")
+                   help="initial guest RAM, a positive size like 512K, 64M, 1G "
+                        "(default 128M kvm, 64M sim)")
     m.add_argument("--steps", type=count, default=None, metavar="N",
                    help="kvm: guest steps per vCPU (default: the pattern's)")
     m.add_argument("--dataplane-rate", type=non_negative, default=None, metavar="N",
@@ -453,6 +462,24 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
+def _negatives_attached(argv: Sequence[str]) -> list[str]:
+    """``--ram -5M`` -> ``--ram=-5M``: argparse takes a value that starts
+    with ``-`` and is not a plain number (``-5M``, ``-1:4M``) for an option
+    and says "expected one argument"; attached, the option's own check says
+    in plain words what is wrong with it."""
+    out: list[str] = []
+    for tok in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1]
+                and _NEGATIVE.match(tok)):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (each command's --help
     lists them).  Ctrl-C at any point exits 130 without a traceback; during a
@@ -460,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args = parser.parse_args(_negatives_attached(sys.argv[1:] if argv is None
+                                                         else argv))
         except SystemExit as e:  # --help, or a usage error (argparse printed it)
             return e.code if isinstance(e.code, int) else EXIT_USAGE
         # Logs and pipes get a wide console (COLUMNS still wins).

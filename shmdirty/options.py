@@ -42,7 +42,9 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = math.nan
-    if unit not in _UNITS or not math.isfinite(value) or value < 0:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    if unit not in _UNITS or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 64M, 1G")
     return int(value * _UNITS[unit])
 

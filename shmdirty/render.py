@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -36,7 +37,7 @@ def error(out: Console, msg: str) -> None:
 
 def verdict(out: Console, msg: str) -> None:
     """A failed check of the run: its result, so on stdout with the summary."""
-    out.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
+    out.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False)
 
 
 def say(out: Console, msg: str) -> None:
@@ -113,10 +114,15 @@ class Progress:
         elif kind == "Stopping":
             why = (f"converged (at most {self.cfg.threshold} dirty pages)"
                    if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
-            self._note(f"pre-copy {why}; stopping the vCPUs, {ev.pending} pages pending")
-        elif kind == "Downtime" and pr is not None:
-            self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
-            self._t_round = time.monotonic()
+            # ev.pending is what the last pre-copy round left, often 0; what
+            # stop-and-copy sends is only known once the vCPUs stopped (Downtime).
+            self._note(f"pre-copy {why}; stopping the vCPUs")
+        elif kind == "Downtime":
+            self._note(f"vCPUs stopped: stop-and-copy sends {ev.pages} pages "
+                       f"({fmt_bytes(ev.pages << PAGE_BITS)})")
+            if pr is not None:
+                self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
+                self._t_round = time.monotonic()
         elif kind == "Done":
             if pr is not None and 0 in self.tasks:
                 pr.update(self.tasks[0], completed=max(ev.downtime.pages, 1))
@@ -128,11 +134,15 @@ class Progress:
 
 
 def summary(res: dict[str, Any], out: Console) -> None:
+    """The summary of a finished migration (``res``: the result dict), fit for
+    an 80-column terminal: short headers, units in the header, no vertical
+    rules; a long note wraps in its cell rather than being cut."""
     ps = 1 << PAGE_BITS
-    table = Table(title="migration summary", title_justify="left")
-    for col, just in (("round", "right"), ("RAM", "right"), ("dirty pages", "right"),
-                      ("sent pages", "right"), ("sent", "right"), ("time", "right"),
-                      ("dirty rate", "right"), ("throughput", "right"), ("notes", "left")):
+    table = Table(title="migration summary", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True)
+    for col, just in (("round", "right"), ("RAM", "right"), ("dirty\npages", "right"),
+                      ("sent\npages", "right"), ("time", "right"), ("dirty\npages/s", "right"),
+                      ("sent\nMiB/s", "right"), ("notes", "left")):
         table.add_column(col, justify=just, no_wrap=just == "right")  # type: ignore[arg-type]
     for r in res["round_log"]:
         notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
@@ -144,17 +154,15 @@ def summary(res: dict[str, Any], out: Console) -> None:
         rate = r["dirty_rate"]
         tp = r["throughput"]
         table.add_row(str(r["round"]), fmt_bytes(r["ram_size"]), str(r["dirty"]), str(r["sent"]),
-                      fmt_bytes(r["sent"] * ps), f"{r['seconds']:.2f} s",
-                      f"{rate:,.0f} pages/s" if rate is not None else "-",
-                      f"{tp / (1 << 20):.1f} MiB/s" if tp else "-", ", ".join(notes))
+                      f"{r['seconds']:.2f} s", f"{rate:,.0f}" if rate is not None else "-",
+                      f"{tp / (1 << 20):.1f}" if tp else "-", ", ".join(notes))
     d = res["downtime"]
     tp = d["pages"] * ps / d["copy_seconds"] if d["copy_seconds"] else 0
     notes = [f"hot-add +{fmt_bytes(h['size'])}" for h in res["hotplug"]
              if h["during"] == "downtime"]
     table.add_row("downtime", fmt_bytes(d["ram_size"]), str(d["pages"]), str(d["pages"]),
-                  fmt_bytes(d["pages"] * ps), f"{d['seconds'] * 1e3:.0f} ms", "-",
-                  f"{tp / (1 << 20):.1f} MiB/s" if tp else "-",
-                  ", ".join(notes + [f"vCPUs stopped: {d['stop_wait'] * 1e3:.0f} ms"]))
+                  f"{d['seconds'] * 1e3:.0f} ms", "-",
+                  f"{tp / (1 << 20):.1f}" if tp else "-", ", ".join(notes))
     out.print(table)
 
     sent = res["pages_sent"]
@@ -172,7 +180,8 @@ def summary(res: dict[str, Any], out: Console) -> None:
     grid.add_row("pre-copy", f"{res['rounds']} round(s) in {res['precopy_seconds']:.2f} s, "
                              f"{end}")
     grid.add_row("downtime", f"{d['seconds'] * 1e3:.0f} ms, {d['pages']} pages "
-                             f"({fmt_bytes(d['pages'] * ps)}) sent while stopped")
+                             f"({fmt_bytes(d['pages'] * ps)}) sent while stopped; the vCPUs "
+                             f"took {d['stop_wait'] * 1e3:.0f} ms to stop")
     tp = res["throughput_mib_s"]
     grid.add_row("sent", f"{sent} pages ({fmt_bytes(sent * ps)}) over TCP to "
                          f"{res['destination']['address']} in {res['migration_seconds']:.2f} s; "
@@ -183,6 +192,12 @@ def summary(res: dict[str, Any], out: Console) -> None:
         f"{res['config']['guest']['pattern']}; KVM's dirty log + dataplane)" if kvm else
         f"({sum(v['writes'] for v in res['vcpus'])} page writes by {len(res['vcpus'])} "
         f"vCPU(s), {res['config']['dirty_mode']}, {res['config']['pattern']})"))
+    vr = res.get("vcpu_rate")
+    if vr is not None:
+        grid.add_row("vCPU rate", f"{vr['achieved']:,.0f} pages/s each achieved, "
+                                  f"{vr['requested']:,.0f} requested" + (
+            "" if vr["reached"] else " [bold red]NOT REACHED[/bold red]: the machine "
+            "could not keep up (try a lower --dirty-rate)"))
     hot = ", ".join(f"+{fmt_bytes(h['size'])} at {h['t_done']:.2f} s ({h['during']})"
                     for h in res["hotplug"]) or "none"
     grid.add_row("RAM", f"{fmt_bytes(res['config']['ram'])} -> "
@@ -200,7 +215,7 @@ def summary(res: dict[str, Any], out: Console) -> None:
                   + ("byte for byte" if r.get("method", "bytes") == "bytes"
                      else "by SHA-256 chunk digests")
                   + f", {r['pages_written_by_vcpus']} of them last written by a vCPU",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     elif r["missing"]:
         verdict(out, f"the destination is incomplete: {r['missing']}")
     else:
@@ -216,7 +231,7 @@ def _kvm_verdict(res: dict[str, Any], out: Console) -> None:
             else f"{r['compared']} SHA-256 chunk digests compared")
     if r["identical"]:
         out.print(f"[bold green]source and destination are identical[/bold green] at the "
-                  f"switchover: {what}", highlight=False, soft_wrap=True)
+                  f"switchover: {what}", highlight=False)
     else:
         verdict(out, f"source and destination DIFFER at the switchover in {r['pages_differ']} "
                     f"{'pages' if r['method'] == 'bytes' else 'chunks'}; first: "
@@ -227,7 +242,7 @@ def _kvm_verdict(res: dict[str, Any], out: Console) -> None:
     if res["resumed_ok"]:
         out.print(f"[bold green]the resumed guest ended as the model says[/bold green]: "
                   f"checksums {hexes} and every register the model predicts",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     else:
         got = ", ".join(f"{c:#018x}" if c is not None else "-" for c in sums["destination"])
         verdict(out, f"the resumed guest did NOT end as the model says: checksums {got}, "

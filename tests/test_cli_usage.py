@@ -108,6 +108,10 @@ BAD_OPTIONS = [
     (["--hotplug", "nan:4M"], "is not SECONDS:SIZE"),
     (["--dirty-rate", "nan"], "is not a finite number"),
     (["--dirty-rate", "-1"], "must not be negative"),
+    (["--ram", "-5M"], "'-5M': a size must be positive"),
+    (["--ram=-5M"], "'-5M': a size must be positive"),
+    (["--hotplug", "1:-4M"], "a size must be positive"),
+    (["--bandwidth", "-.5"], "must not be negative"),
     (["--bandwidth", "inf"], "is not a finite number"),
     (["--timeout", "nan"], "is not a finite number"),
     (["--timeout", "inf"], "is not a finite number"),
@@ -142,6 +146,19 @@ def test_bad_options_exit_2_in_plain_words_before_anything_starts(
     assert not re.search(r"invalid \w+ value", err), err
     assert segment.list_segments(map_name) == []                   # no map was made
     assert psutil.Process().children(recursive=True) == before     # no worker was spawned
+
+
+def test_plot_without_matplotlib_is_refused_up_front(
+        capsys: pytest.CaptureFixture[str], map_name: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib fails
+    png = tmp_path / "x.png"
+    code, out, err = _main(capsys, "migrate", "--guest", "sim", "--name", map_name,
+                           "--plot", str(png))
+    assert code == 2, out + err
+    assert "pip install 'shmdirty[bench]'" in err and "Traceback" not in err
+    assert out == "" and not png.exists()             # nothing ran
+    assert segment.list_segments(map_name) == []
 
 
 def test_json_to_a_directory_is_refused(capsys: pytest.CaptureFixture[str], map_name: str,

@@ -43,7 +43,16 @@ from shmdirty import DirtyMemory, ShmDirtyError, segment
 from . import Control, Flags, hotplug, kvm, kvm_run, migrator, receiver, vcpu
 from . import guest_kvm as gk
 from .guest import TAG_MASK, TAG_VCPU, GuestRam
-from .lifecycle import DestinationGone, Failed, Interrupted, RunError, Signals, TimedOut, Usage
+from .lifecycle import (
+    DestinationGone,
+    Failed,
+    Interrupted,
+    RunError,
+    Signals,
+    TimedOut,
+    Usage,
+    sigint_held,
+)
 from .plot import plot_rounds
 from .reports import (
     DestinationLost,
@@ -132,6 +141,21 @@ def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
         dataplane_forget=cfg.dataplane_forget, drop_round=cfg.drop_round,
         kill_destination_at=cfg.kill_destination_at, name=cfg.name,
         block_pages=cfg.block_pages, timeout=cfg.timeout)
+
+
+# A vCPU that falls behind drops its debt (workers.vcpu); a mean under this
+# share of the requested rate is reported as not reached.
+RATE_REACHED = 0.95
+
+
+def vcpu_rate(requested: float, stats: list[VcpuDone]) -> dict[str, Any]:
+    """Requested against achieved dirty rate, pages/s per vCPU (the mean over
+    the vCPUs' whole runs); ``reached`` is False when the machine could not
+    keep up."""
+    seconds = sum(v.seconds for v in stats)
+    achieved = sum(v.writes for v in stats) / seconds if seconds else 0.0
+    return {"requested": requested, "achieved": achieved,
+            "reached": achieved >= RATE_REACHED * requested}
 
 
 class StreamRefused(RunError):
@@ -259,7 +283,8 @@ class Migration:
         recv, send = self.ctx.Pipe()
         p = self.ctx.Process(target=receiver.main, name="receiver", daemon=True,
                              args=("127.0.0.1", 0, f"{self.map_name}_dst", send))
-        p.start()
+        with sigint_held():
+            p.start()
         send.close()
         self.procs["receiver"], self.conns[recv] = p, "receiver"
         self.receiver_conn = recv
@@ -304,6 +329,7 @@ class Migration:
             "downtime": asdict(d.downtime),
             "hotplug": hotplugs,
             "vcpus": [asdict(v) for v in sorted(self.vcpu_stats, key=lambda v: v.index)],
+            "vcpu_rate": vcpu_rate(self.cfg.dirty_rate, self.vcpu_stats),
             "precopy_seconds": d.t_stop - t0,
             "migration_seconds": d.t_end - t0,
             "wall_seconds": wall,
@@ -356,7 +382,8 @@ class Migration:
                                  name=role, daemon=True)
             self.conns[recv] = role
             try:
-                p.start()
+                with sigint_held():
+                    p.start()
             finally:
                 send.close()  # the worker holds the only write end: EOF when it exits
             self.procs[role] = p

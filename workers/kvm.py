@@ -7,7 +7,7 @@ logging (``KVM_SET_USER_MEMORY_REGION``, ``KVM_GET_DIRTY_LOG``), vCPUs
 on this machine's KVM.  Numbers and layouts are x86_64's, from
 ``/usr/include/linux/kvm.h`` (``tests/test_kvm.py`` compiles a C program
 that prints them, where ``cc`` exists); the facts behind the set-up are in
-the project's ``KVM.md``.
+``docs/KVM_GUEST.md`` and the kernel's Documentation/virt/kvm/api.rst.
 
 Rules from KVM itself:
 
@@ -279,7 +279,7 @@ class Vcpu:
 
     def complete_pending_io(self) -> None:
         """Let KVM finish a pending ``out`` without running guest code, so
-        the saved registers are past it (KVM.md: immediate_exit, one KVM_RUN)."""
+        the saved registers are past it (docs/KVM_GUEST.md: ``immediate_exit``, one ``KVM_RUN``)."""
         self.set_immediate_exit(True)
         try:
             ioctl(self.fd, KVM_RUN, 0)

@@ -35,7 +35,7 @@ from shmdirty import segment
 from . import dataplane, receiver, sender, vm_owner
 from . import guest_kvm as g
 from .guest_model import expected
-from .lifecycle import DestinationGone, Failed, RunError, Signals, TimedOut
+from .lifecycle import DestinationGone, Failed, RunError, Signals, TimedOut, sigint_held
 from .reports import (
     DestinationLost,
     Done,
@@ -91,7 +91,8 @@ class KvmRun:
     def _start(self, role: str, target: Any, *args: Any) -> None:
         mine, theirs = self.ctx.Pipe()
         p = self.ctx.Process(target=target, args=(*args, theirs), name=role, daemon=True)
-        p.start()
+        with sigint_held():
+            p.start()
         theirs.close()
         self.procs[role], self.conns[role] = p, mine
 

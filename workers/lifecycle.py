@@ -5,6 +5,8 @@ shared by the simulated guest's run (``workers.app``) and the KVM guest's
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -61,6 +63,26 @@ class Signals:
     def check(self) -> None:
         if self.signum:
             raise Interrupted(self.signum)
+
+
+@contextmanager
+def sigint_held() -> Iterator[None]:
+    """Ignore SIGINT while a worker process starts (in ``with``).
+
+    The terminal sends Ctrl-C's SIGINT to the whole process group: a worker
+    still importing would die of it with a KeyboardInterrupt traceback (or
+    "Fatal Python error: init_import_site"). An ignored signal stays ignored
+    across fork and exec (POSIX; a blocked mask does not survive Python's
+    start), and Python leaves an ignored SIGINT alone, so the worker ignores
+    it from its first instruction, as workers do anyway (the run stops
+    them). The cost: a Ctrl-C landing inside ``Process.start()`` (a fork
+    and an exec, milliseconds) is not seen by this process either.
+    """
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class DestinationGone(RunError):
