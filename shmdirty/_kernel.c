@@ -22,6 +22,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <structmember.h>
 
 /* patomic's explicit op signatures (include/patomic/api/ops/explicit.h). */
 typedef void (*op_store_t)(volatile void *obj, const void *desired, int order);
@@ -777,31 +778,20 @@ static PyObject *k_set_range(PyObject *self, PyObject *const *args, Py_ssize_t n
  * checks, refreshes or maps): client or addr not an exact int in range
  * ([0, len(clients)), [0, ram_size)), or the block not in the list or not
  * mapped. */
-static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error */
-{
-    int overflow, order;
-    PyObject *clients = args[0];
-    if (!PyList_CheckExact(clients) || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]))
+static int set_page_in(PyObject *clients, PyObject *client_o, PyObject *addr_o,
+                       long long ram_size, long page_bits, long long block_pages, int order)
+{   /* 1 done, 0 declined (nothing touched), -1 error */
+    int overflow;
+    if (!PyList_CheckExact(clients) || !PyLong_CheckExact(client_o) || !PyLong_CheckExact(addr_o))
         return 0;
-    long client = PyLong_AsLongAndOverflow(args[1], &overflow);
+    long client = PyLong_AsLongAndOverflow(client_o, &overflow);
     if (overflow || client < 0 || client >= PyList_GET_SIZE(clients))
         return 0;
     PyObject *blocks = PyList_GET_ITEM(clients, client);
     if (!PyList_CheckExact(blocks))
         return 0;
-    long long addr = PyLong_AsLongLongAndOverflow(args[2], &overflow);
-    if (overflow || addr < 0)
-        return 0;
-    long long ram_size = PyLong_AsLongLong(args[3]);
-    long page_bits = PyLong_AsLong(args[4]);
-    long long block_pages = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred() || !get_order(args[6], ORD_RMW, &order))
-        return -1;
-    if (page_bits < 0 || page_bits > 62 || block_pages <= 0 || block_pages % 64) {
-        PyErr_SetString(PyExc_ValueError, "set_page(): bad page_bits or block_pages");
-        return -1;
-    }
-    if (addr >= ram_size)
+    long long addr = PyLong_AsLongLongAndOverflow(addr_o, &overflow);
+    if (overflow || addr < 0 || addr >= ram_size)
         return 0;
     long long page = addr >> page_bits, idx = page / block_pages, bit = page - idx * block_pages;
     if (idx >= PyList_GET_SIZE(blocks))
@@ -819,6 +809,27 @@ static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error
         return -1;
     ops.test_set(w + (bit >> 6), (int)(bit & 63), order);
     return 1;
+}
+
+static int geometry_ok(long page_bits, long long block_pages)
+{
+    if (page_bits < 0 || page_bits > 62 || block_pages <= 0 || block_pages % 64) {
+        PyErr_SetString(PyExc_ValueError, "bad page_bits or block_pages");
+        return 0;
+    }
+    return 1;
+}
+
+static int set_page_core(PyObject *const *args)  /* 1 done, 0 declined, -1 error */
+{
+    int order;
+    long long ram_size = PyLong_AsLongLong(args[3]);
+    long page_bits = PyLong_AsLong(args[4]);
+    long long block_pages = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred() || !get_order(args[6], ORD_RMW, &order) ||
+        !geometry_ok(page_bits, block_pages))
+        return -1;
+    return set_page_in(args[0], args[1], args[2], ram_size, page_bits, block_pages, order);
 }
 
 static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -839,18 +850,58 @@ static PyObject *k_set_page(PyObject *self, PyObject *const *args, Py_ssize_t na
  * (the caller takes the slow path, which re-reads it).  Else set_page, then
  * store 0 with release (every access of the section happens before a waiter
  * that sees 0).  The GIL is held throughout, so no other thread of this
- * process runs inside. */
+ * process runs inside.  memb_set_in is its core. */
+/* Open a memb read-side section of its own on slot counter `ctr` for a
+ * reader whose table was checked at counter value `seen`; 0 if the counter
+ * `gp` moved (the section is closed again: the caller declines). */
+static int memb_open(volatile uint64_t *ctr, volatile uint64_t *gp, uint64_t seen)
+{
+    uint64_t now, zero = 0;
+    /* seq_cst store, then seq_cst load: the reader's half of the Dekker pair
+     * (shmdirty/rcu.py): either a grace period's scan sees `seen` in the slot
+     * and waits, or this load sees its advance and the table is not used. */
+    ops.store(ctr, &seen, SEQ_CST);
+    ops.load(gp, SEQ_CST, &now);
+    if (now == seen)
+        return 1;
+    ops.store(ctr, &zero, RELEASE);  /* as memb_close */
+    return 0;
+}
+
+static void memb_close(volatile uint64_t *ctr)
+{
+    uint64_t zero = 0;
+    /* release: the section's accesses happen before a waiter that reads 0. */
+    ops.store(ctr, &zero, RELEASE);
+}
+
+static int memb_set_in(volatile uint64_t *ctr, volatile uint64_t *gp, uint64_t seen,
+                       PyObject *clients, PyObject *client_o, PyObject *addr_o,
+                       long long ram_size, long page_bits, long long block_pages, int order)
+{
+    if (!memb_open(ctr, gp, seen))
+        return 0;
+    int r = set_page_in(clients, client_o, addr_o, ram_size, page_bits, block_pages, order);
+    memb_close(ctr);
+    return r;
+}
+
 static PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     volatile uint64_t *ctr, *gp;
-    uint64_t seen, now, zero = 0;
+    uint64_t seen;
+    int order;
     if (not_ready() || !nargs_ok("memb_set_page", nargs, 10) || !get_addr(args[0], &ctr) ||
         !get_addr(args[1], &gp) || !get_u64(args[2], "seen", &seen))
         return NULL;
-    ops.store(ctr, &seen, SEQ_CST);
-    ops.load(gp, SEQ_CST, &now);
-    int r = now == seen ? set_page_core(args + 3) : 0;
-    ops.store(ctr, &zero, RELEASE);
+    long long ram_size = PyLong_AsLongLong(args[6]);
+    long page_bits = PyLong_AsLong(args[7]);
+    long long block_pages = PyLong_AsLongLong(args[8]);
+    if (PyErr_Occurred() || !get_order(args[9], ORD_RMW, &order) ||
+        !geometry_ok(page_bits, block_pages))
+        return NULL;
+    int r = memb_set_in(ctr, gp, seen, args[3], args[4], args[5], ram_size, page_bits,
+                        block_pages, order);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
@@ -912,29 +963,19 @@ enum { WALK_ANY, WALK_ALL, WALK_SET, WALK_TAKE };
  * piece, in one call.  Returns the result (any / all / any bit taken: 0 or
  * 1; set: 0), or -1 - i if block i is needed but not mapped (nothing done:
  * map it and call again).  Empty range: any 0, all 1. */
-static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The walk over pages [page, end) of one client's blocks: its result (0 or
+ * 1) >= 0; -1 with an exception; -2 - i if block i is needed but not mapped
+ * (nothing done).  Checked by the caller: block_pages, op, page <= end. */
+static Py_ssize_t walk_core(PyObject *blocks, Py_ssize_t page, Py_ssize_t end,
+                            Py_ssize_t block_pages, int op, int order)
 {
-    Py_ssize_t page, end, block_pages, op, unmapped;
-    int order;
-    if (not_ready() || !nargs_ok("walk", nargs, 6) || !get_index(args[1], "page", &page) ||
-        !get_index(args[2], "end", &end) || !get_index(args[3], "block_pages", &block_pages) ||
-        !get_index(args[4], "op", &op) || !get_order(args[5], ORD_RMW, &order))
-        return NULL;
-    PyObject *blocks = args[0];
-    if (!PyList_Check(blocks)) {
-        PyErr_SetString(PyExc_TypeError, "walk(): blocks must be a list");
-        return NULL;
-    }
-    if (block_pages == 0 || block_pages % 64 || op > WALK_TAKE || end < page) {
-        PyErr_SetString(PyExc_ValueError, "walk(): bad block_pages, op or range");
-        return NULL;
-    }
+    Py_ssize_t unmapped;
     if (end == page)
-        return PyLong_FromLong(op == WALK_ALL);
+        return op == WALK_ALL;
     Py_ssize_t i0 = page / block_pages, i1 = (end - 1) / block_pages;
     block_t *held = hold_blocks(blocks, i0, i1, block_pages, &unmapped);
     if (held == NULL)
-        return unmapped >= 0 ? PyLong_FromSsize_t(-1 - unmapped) : NULL;
+        return unmapped >= 0 ? -2 - unmapped : -1;
     int result = op == WALK_ALL, stored = 0;
     PyThreadState *ts = end - page >= 64 * GIL_WORDS ? PyEval_SaveThread() : NULL;
     for (Py_ssize_t pg = page; pg < end;) {
@@ -958,7 +999,30 @@ static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (ts)
         PyEval_RestoreThread(ts);
     release_blocks(held, i1 - i0 + 1);
-    return PyLong_FromLong(result);
+    return result;
+}
+
+static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, end, block_pages, op;
+    int order;
+    if (not_ready() || !nargs_ok("walk", nargs, 6) || !get_index(args[1], "page", &page) ||
+        !get_index(args[2], "end", &end) || !get_index(args[3], "block_pages", &block_pages) ||
+        !get_index(args[4], "op", &op) || !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    PyObject *blocks = args[0];
+    if (!PyList_Check(blocks)) {
+        PyErr_SetString(PyExc_TypeError, "walk(): blocks must be a list");
+        return NULL;
+    }
+    if (block_pages == 0 || block_pages % 64 || op > WALK_TAKE || end < page) {
+        PyErr_SetString(PyExc_ValueError, "walk(): bad block_pages, op or range");
+        return NULL;
+    }
+    Py_ssize_t r = walk_core(blocks, page, end, block_pages, (int)op, order);
+    if (r == -1)
+        return NULL;
+    return PyLong_FromSsize_t(r >= 0 ? r : -1 - (-2 - r));
 }
 
 /* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
@@ -1048,6 +1112,449 @@ done:
     return res;
 }
 
+/* ---- set_dirty_flag as a method: the C bases of Reader and TableView --------------
+ *
+ * The hottest accessor costs one Python-to-C call with no Python frame:
+ * DirtyMemory.set_dirty_flag is ViewCore.set_dirty_flag on this backend.
+ * It reads the same fields the Python twin reads (shmdirty/dirty.py,
+ * DirtyMemory._set_dirty_flag_slow's caller on the other backends), which
+ * live here as C members so that Python's stores to them are what C reads:
+ *
+ *   ReaderCore (the base of shmdirty.rcu.Reader): slot, nesting, online,
+ *     seen, section_words;
+ *   ViewCore (the base of shmdirty.table.TableView): _seen, _blocks, and
+ *     the properties _local (this handle's threading.local; setting it
+ *     forgets the cached reader), _table (setting it caches its ram_size),
+ *     page_bits and block_pages.
+ *
+ * The GIL is held throughout: no other thread of this process runs between
+ * the checks and the op, exactly as between the Python twin's bytecodes.
+ * Anything the fast path declines goes to self._set_dirty_flag_slow(addr,
+ * client), which checks, refreshes, maps or raises. */
+
+typedef struct {
+    PyObject_HEAD
+    long long slot;            /* -1 while no slot is held */
+    long long nesting;         /* > 0 inside a read-side section */
+    unsigned long long seen;   /* the grace-period counter last observed */
+    char online;               /* qsbr: inside a section (bool) */
+    PyObject *section_words;   /* memb with a slot: (ctr address, gp address); else None */
+} ReaderCore;
+
+static void reader_dealloc(ReaderCore *self)
+{
+    Py_CLEAR(self->section_words);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef reader_members[] = {
+    {"slot", T_LONGLONG, offsetof(ReaderCore, slot), 0, "this thread's slot, -1 if none"},
+    {"nesting", T_LONGLONG, offsetof(ReaderCore, nesting), 0, "section depth, 0 outside"},
+    {"seen", T_ULONGLONG, offsetof(ReaderCore, seen), 0, "grace-period counter last seen"},
+    {"online", T_BOOL, offsetof(ReaderCore, online), 0, "qsbr: inside a section"},
+    {"section_words", T_OBJECT, offsetof(ReaderCore, section_words), 0,
+     "memb with a slot: (ctr, gp) word addresses; else None"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReaderCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmdirty._kernel.ReaderCore",
+    .tp_basicsize = sizeof(ReaderCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The fields of shmdirty.rcu.Reader that ViewCore.set_dirty_flag reads.",
+    .tp_members = reader_members,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_new = PyType_GenericNew,
+};
+
+typedef struct {
+    PyObject_HEAD
+    long long seen;            /* _seen: the counter value the table was checked at */
+    PyObject *blocks;          /* _blocks: per client, the mapped blocks (None: not yet) */
+    PyObject *local;           /* _local: threading.local whose .reader is this thread's */
+    PyObject *table;           /* _table */
+    long long ram_end;         /* _table.ram_size, bytes */
+    PyObject *page_bits_o, *block_pages_o;
+    long long page_bits, block_pages;
+    char flag_in_c;           /* _flag_in_c: the handle was made on the kernel backend */
+    uint64_t reader_ts;        /* the thread state id `reader` was looked up in */
+    PyObject *reader;          /* that thread's Reader (a ReaderCore) */
+} ViewCore;
+
+static PyObject *str_reader, *str_ram_size;
+
+static int view_traverse(ViewCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->blocks);
+    Py_VISIT(self->local);
+    Py_VISIT(self->table);
+    Py_VISIT(self->reader);
+    return 0;
+}
+
+static int view_clear(ViewCore *self)
+{
+    Py_CLEAR(self->blocks);
+    Py_CLEAR(self->local);
+    Py_CLEAR(self->table);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->page_bits_o);
+    Py_CLEAR(self->block_pages_o);
+    return 0;
+}
+
+static void view_dealloc(ViewCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    view_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A property stored as an object; NULL (never set) reads as AttributeError,
+ * so an unattached handle's __getattr__ still runs (dirty.py _Unattached). */
+static PyObject *got(PyObject *o, const char *name)
+{
+    if (o == NULL)
+        return PyErr_Format(PyExc_AttributeError, "%s", name);
+    return Py_NewRef(o);
+}
+
+static int no_delete(PyObject *value, const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *view_get_local(ViewCore *self, void *c) { return got(self->local, "_local"); }
+static int view_set_local(ViewCore *self, PyObject *value, void *c)
+{
+    if (no_delete(value, "_local"))
+        return -1;
+    Py_XSETREF(self->local, Py_NewRef(value));
+    Py_CLEAR(self->reader);  /* a new threading.local: readers are looked up again */
+    return 0;
+}
+
+static PyObject *view_get_table(ViewCore *self, void *c) { return got(self->table, "_table"); }
+static int view_set_table(ViewCore *self, PyObject *value, void *c)
+{
+    if (no_delete(value, "_table"))
+        return -1;
+    PyObject *rs = PyObject_GetAttr(value, str_ram_size);
+    if (rs == NULL)
+        return -1;
+    long long ram_end = PyLong_AsLongLong(rs);
+    Py_DECREF(rs);
+    if (ram_end == -1 && PyErr_Occurred())
+        return -1;
+    Py_XSETREF(self->table, Py_NewRef(value));
+    self->ram_end = ram_end;
+    return 0;
+}
+
+static int set_geometry(ViewCore *self, PyObject *value, PyObject **obj, long long *out,
+                        const char *name)
+{
+    if (no_delete(value, name))
+        return -1;
+    long long v = PyLong_Check(value) ? PyLong_AsLongLong(value) : -1;
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be an int >= 0, not %R", name, value);
+        return -1;
+    }
+    Py_XSETREF(*obj, Py_NewRef(value));
+    *out = v;
+    return 0;
+}
+
+static PyObject *view_get_page_bits(ViewCore *self, void *c)
+{
+    return got(self->page_bits_o, "page_bits");
+}
+static int view_set_page_bits(ViewCore *self, PyObject *value, void *c)
+{
+    return set_geometry(self, value, &self->page_bits_o, &self->page_bits, "page_bits");
+}
+static PyObject *view_get_block_pages(ViewCore *self, void *c)
+{
+    return got(self->block_pages_o, "block_pages");
+}
+static int view_set_block_pages(ViewCore *self, PyObject *value, void *c)
+{
+    return set_geometry(self, value, &self->block_pages_o, &self->block_pages, "block_pages");
+}
+
+/* This thread's Reader (borrowed), or NULL (nothing raised): none yet, or
+ * _local is not a threading.local any more (a closed handle).  Cached per
+ * thread state id, which CPython never reuses; a thread's Reader is never
+ * replaced (rcu.Rcu.reader), so a cached one is this thread's. */
+static ReaderCore *this_reader(ViewCore *self)
+{
+    uint64_t ts = PyThreadState_GetID(PyThreadState_Get());
+    if (self->reader != NULL && self->reader_ts == ts)
+        return (ReaderCore *)self->reader;
+    if (self->local == NULL)
+        return NULL;
+    PyObject *r = PyObject_GetAttr(self->local, str_reader);
+    if (r == NULL) {
+        PyErr_Clear();  /* the slow path makes it, or raises what is wrong */
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(r, &ReaderCoreType)) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    Py_XSETREF(self->reader, r);
+    self->reader_ts = ts;
+    return (ReaderCore *)r;
+}
+
+/* How an op of this thread may run on the view's table (the Python twin's
+ * checks, read for read): 0 it may not (the Python path); 1 inside a
+ * section already (qsbr online, or any flavor nested) whose table was
+ * checked at `seen`; 2 memb outside any section: open one on *ctr / *gp
+ * with memb_open (-1: an exception). */
+enum { NO_SECTION, IN_SECTION, OPEN_SECTION };
+
+static int section_mode(ViewCore *self, ReaderCore **rp, volatile uint64_t **ctr,
+                        volatile uint64_t **gp)
+{
+    if (!ready || !self->flag_in_c || self->blocks == NULL || self->local == NULL ||
+        self->page_bits_o == NULL || self->block_pages_o == NULL || self->table == NULL ||
+        self->page_bits > 62 || self->block_pages <= 0 || self->block_pages % 64)
+        return NO_SECTION;
+    ReaderCore *r = this_reader(self);
+    if (r == NULL || r->slot < 0 || (long long)r->seen != self->seen)
+        return NO_SECTION;
+    *rp = r;
+    if (r->online || r->nesting > 0)
+        return IN_SECTION;
+    PyObject *w = r->section_words;
+    if (w == NULL || !PyTuple_CheckExact(w) || PyTuple_GET_SIZE(w) != 2)
+        return NO_SECTION;
+    if (!get_addr(PyTuple_GET_ITEM(w, 0), ctr) || !get_addr(PyTuple_GET_ITEM(w, 1), gp))
+        return -1;
+    return OPEN_SECTION;
+}
+
+/* 1 done, 0 declined, -1 error. */
+static int view_fast_flag(ViewCore *self, PyObject *addr, PyObject *client)
+{
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    int mode = section_mode(self, &r, &ctr, &gp);
+    /* release on the bit: whoever takes it (acquire) sees the page written before it. */
+    if (mode == IN_SECTION)
+        return set_page_in(self->blocks, client, addr, self->ram_end, (long)self->page_bits,
+                           self->block_pages, RELEASE);
+    if (mode == OPEN_SECTION)
+        return memb_set_in(ctr, gp, r->seen, self->blocks, client, addr, self->ram_end,
+                           (long)self->page_bits, self->block_pages, RELEASE);
+    return mode;  /* 0 or -1 */
+}
+
+/* The range accessors' fast path: (start, length) exact ints inside RAM,
+ * `who` a client (WALK_ANY, WALK_TAKE) or a nonzero client mask (WALK_SET),
+ * every block needed mapped, and for WALK_TAKE no block covered whole (the
+ * Python path decides whether to swap it).  Returns the result + 1 (1 or
+ * 2), 0 if declined, -1 on error. */
+static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o,
+                           PyObject *who_o, int op)
+{
+    int overflow;
+    if (!PyLong_CheckExact(start_o) || !PyLong_CheckExact(length_o) || !PyLong_CheckExact(who_o))
+        return 0;
+    long long start = PyLong_AsLongLongAndOverflow(start_o, &overflow);
+    if (overflow || start < 0 || self->blocks == NULL)
+        return 0;
+    long long length = PyLong_AsLongLongAndOverflow(length_o, &overflow);
+    if (overflow || length <= 0 || length > self->ram_end - start)
+        return 0;
+    long who = PyLong_AsLongAndOverflow(who_o, &overflow);
+    Py_ssize_t nclients = PyList_Check(self->blocks) ? PyList_GET_SIZE(self->blocks) : 0;
+    unsigned mask;
+    if (overflow || who < 0 || nclients > 8)
+        return 0;
+    if (op == WALK_SET) {
+        if (who == 0 || who >= (1L << nclients))
+            return 0;
+        mask = (unsigned)who;
+    } else {
+        if (who >= nclients)
+            return 0;
+        mask = 1u << who;
+    }
+    long long pb = self->page_bits, bp = self->block_pages;
+    long long page = start >> pb, end = (start + length + (1LL << pb) - 1) >> pb;
+    if (op == WALK_TAKE && end - page >= bp)
+        return 0;
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    int mode = section_mode(self, &r, &ctr, &gp);
+    if (mode <= 0)
+        return mode;
+    /* Every block needed is listed and mapped: else the Python path maps it. */
+    Py_ssize_t i0 = (Py_ssize_t)(page / bp), i1 = (Py_ssize_t)((end - 1) / bp);
+    for (Py_ssize_t c = 0; c < nclients; c++) {
+        if (!(mask >> c & 1))
+            continue;
+        PyObject *blocks = PyList_GET_ITEM(self->blocks, c);
+        if (!PyList_CheckExact(blocks) || i1 >= PyList_GET_SIZE(blocks))
+            return 0;
+        for (Py_ssize_t i = i0; i <= i1; i++)
+            if (PyList_GET_ITEM(blocks, i) == Py_None)
+                return 0;
+    }
+    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
+        return 0;
+    /* Orders as shmdirty.bitmap._WALK_ORDER: tests relaxed (a racing set may
+     * or may not be seen, as in QEMU); set release (a taker sees the page);
+     * take acq_rel (it sees that page, and orders its earlier reads). */
+    int order = op == WALK_SET ? RELEASE : op == WALK_TAKE ? ACQ_REL : RELAXED;
+    PyObject *clients = Py_NewRef(self->blocks);  /* another thread may replace it */
+    Py_ssize_t res = 0;
+    for (Py_ssize_t c = 0; c < nclients && res >= 0; c++)
+        if (mask >> c & 1)
+            res = walk_core(PyList_GET_ITEM(clients, c), (Py_ssize_t)page, (Py_ssize_t)end,
+                            (Py_ssize_t)bp, op, order);
+    Py_DECREF(clients);
+    if (mode == OPEN_SECTION)
+        memb_close(ctr);
+    if (res == -1)
+        return -1;
+    return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */
+}
+
+/* Run the fast path `fast` (an op) or hand the call, as it came, to the
+ * Python path `slow`.  The result: None for WALK_SET, else a bool. */
+static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames, int op, Py_ssize_t want, const char *name,
+                           PyObject *slow)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs == want && kwnames == NULL) {
+        int r = op < 0 ? view_fast_flag(self, args[0], args[1])
+                       : view_fast_range(self, args[0], args[1], args[2], op);
+        if (r < 0)
+            return NULL;
+        if (r > 0) {
+            if (op < 0 || op == WALK_SET)
+                Py_RETURN_NONE;
+            return PyBool_FromLong(r - 1);
+        }
+    }
+    PyObject *stack[4];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw > want)
+        return PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name,
+                            want, nargs + nkw);
+    stack[0] = (PyObject *)self;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        stack[1 + i] = args[i];
+    return PyObject_VectorcallMethod(slow, stack, (size_t)(1 + nargs), kwnames);
+}
+
+static PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take;
+
+static PyObject *view_set_dirty_flag(ViewCore *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, -1, 2, "set_dirty_flag", str_slow_flag);
+}
+
+static PyObject *view_get_dirty(ViewCore *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, WALK_ANY, 3, "get_dirty", str_slow_get);
+}
+
+static PyObject *view_set_dirty_range(ViewCore *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, WALK_SET, 3, "set_dirty_range",
+                     str_slow_set);
+}
+
+static PyObject *view_test_and_clear_dirty(ViewCore *self, PyObject *const *args,
+                                           size_t nargsf, PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, WALK_TAKE, 3, "test_and_clear_dirty",
+                     str_slow_take);
+}
+
+static PyMemberDef view_members[] = {
+    {"_seen", T_LONGLONG, offsetof(ViewCore, seen), 0,
+     "the reader's counter value this view's table was checked against (-1: re-read)"},
+    {"_blocks", T_OBJECT_EX, offsetof(ViewCore, blocks), 0,
+     "per client, per table index: the mapped block (None until first use)"},
+    {"_flag_in_c", T_BOOL, offsetof(ViewCore, flag_in_c), 0,
+     "set_dirty_flag's fast path runs here (else it is all _set_dirty_flag_slow's)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef view_getset[] = {
+    {"_local", (getter)view_get_local, (setter)view_set_local,
+     "this handle's threading.local (.reader: this thread's Reader)", NULL},
+    {"_table", (getter)view_get_table, (setter)view_set_table,
+     "the table this process uses now", NULL},
+    {"page_bits", (getter)view_get_page_bits, (setter)view_set_page_bits,
+     "log2 of the page size in bytes", NULL},
+    {"block_pages", (getter)view_get_block_pages, (setter)view_set_block_pages,
+     "pages per bitmap block", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef view_methods[] = {
+#define VIEW_METHOD(name, doc) \
+    {#name, (PyCFunction)(void (*)(void))view_##name, METH_FASTCALL | METH_KEYWORDS, doc}
+    VIEW_METHOD(set_dirty_flag,
+        "set_dirty_flag(addr, client)\n--\n\n"
+        "Mark the page holding byte address ``addr`` (int, bytes) dirty for\n"
+        "``client`` (0 VGA, 1 CODE, 2 MIGRATION): QEMU's\n"
+        "cpu_physical_memory_set_dirty_flag.  BadInput for an address outside\n"
+        "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
+        "call (shmdirty/_kernel.c ViewCore)."),
+    VIEW_METHOD(get_dirty,
+        "get_dirty(start, length, client) -> bool\n--\n\n"
+        "Is any page of bytes [start, start+length) dirty for ``client``?\n"
+        "QEMU's cpu_physical_memory_get_dirty.  BadInput for a range outside RAM,\n"
+        "a negative length or a bad client; HandleClosed once closed."),
+    VIEW_METHOD(set_dirty_range,
+        "set_dirty_range(start, length, mask)\n--\n\n"
+        "Mark the pages of bytes [start, start+length) dirty for every client of\n"
+        "``mask`` (bit c: client c): QEMU's cpu_physical_memory_set_dirty_range.\n"
+        "BadInput for a range outside RAM, a negative length or a bad mask;\n"
+        "HandleClosed once closed."),
+    VIEW_METHOD(test_and_clear_dirty,
+        "test_and_clear_dirty(start, length, client) -> bool\n--\n\n"
+        "Clear the pages of bytes [start, start+length) for ``client``; True if\n"
+        "any was dirty: QEMU's cpu_physical_memory_test_and_clear_dirty.  BadInput\n"
+        "for a range outside RAM, a negative length or a bad client;\n"
+        "HandleClosed once closed."),
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ViewCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmdirty._kernel.ViewCore",
+    .tp_basicsize = sizeof(ViewCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of shmdirty.table.TableView that set_dirty_flag reads, and it.",
+    .tp_members = view_members,
+    .tp_getset = view_getset,
+    .tp_methods = view_methods,
+    .tp_traverse = (traverseproc)view_traverse,
+    .tp_clear = (inquiry)view_clear,
+    .tp_dealloc = (destructor)view_dealloc,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ---- the module ------------------------------------------------------------------ */
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))k_##name, METH_FASTCALL, doc}
@@ -1094,7 +1601,24 @@ PyMODINIT_FUNC PyInit__kernel(void)
     }
     str_base = PyUnicode_InternFromString("base");
     str_words = PyUnicode_InternFromString("words");
-    if (!str_base || !str_words)
+    str_reader = PyUnicode_InternFromString("reader");
+    str_ram_size = PyUnicode_InternFromString("ram_size");
+    str_slow_flag = PyUnicode_InternFromString("_set_dirty_flag_py");
+    str_slow_get = PyUnicode_InternFromString("_get_dirty_py");
+    str_slow_set = PyUnicode_InternFromString("_set_dirty_range_py");
+    str_slow_take = PyUnicode_InternFromString("_test_and_clear_dirty_py");
+    if (!str_base || !str_words || !str_reader || !str_ram_size || !str_slow_flag ||
+        !str_slow_get || !str_slow_set || !str_slow_take)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&ReaderCoreType) < 0 || PyType_Ready(&ViewCoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "ViewCore", (PyObject *)&ViewCoreType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -412,6 +412,21 @@ def _pick_backend() -> _Backend:
     return chosen
 
 
+def _kernel_bases() -> tuple[Any, Any]:
+    """(ReaderCore, ViewCore): the kernel's C bases of rcu.Reader and
+    table.TableView, whose set_dirty_flag runs in C; (object, object) where
+    the kernel was not built.  Whether a handle uses it is decided when it is
+    made, by the backend in use then (DirtyMemory._flag_in_c)."""
+    try:
+        k = importlib.import_module(f"{__package__}._kernel")
+    except ImportError:
+        return object, object
+    return k.ReaderCore, k.ViewCore
+
+
+READER_BASE, VIEW_BASE = _kernel_bases()
+
+
 # A private word for _Backend._fence (its address stays fixed: cffi owns it).
 _fence_cell = ffi.new("uint64_t[2]")
 _fence_ptr: Ptr = int(ffi.cast("uintptr_t", _fence_cell))

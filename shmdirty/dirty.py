@@ -80,9 +80,8 @@ class DirtyMemory(TableView):
         self._coordinator = self.coordinator_class(self, rcu, shared.header, shared.coord)
         self._section = _Section(self)
         self._set_page, self._set_pages = bitmap.page_setters()
-        # memb: set_dirty_flag's whole section in one C call (kernel only).
-        self._memb_set_page = (atomic.batch.memb_set_page
-                               if atomic.batch and self.flavor == "memb" else None)
+        # set_dirty_flag runs in C (ViewCore) for a handle made on the kernel.
+        self._flag_in_c = atomic.batch is not None
         # Whole blocks with at least this many dirty words are taken by a
         # block swap and a grace period rather than word by word (coordinator).
         self.swap_min_words = SWAP_MIN_WORDS
@@ -225,41 +224,35 @@ class DirtyMemory(TableView):
             self._rcu.gp.run_callbacks()
 
     # --- accessors -----------------------------------------------------------------
-    def set_dirty_flag(self, addr: int, client: int) -> None:
+    # The four hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
+    # test_and_clear_dirty): where the kernel was built each is a C method of
+    # TableView's base (shmdirty/_kernel.c, ViewCore).  For a handle made on
+    # the kernel backend it reads this thread's reader and the table fields
+    # as the Python path does and runs the op in the same call (opening and
+    # closing a memb section there when outside one).  Whatever it declines
+    # (bad input, a stale table, a block not mapped yet, a first op, a
+    # take that may swap) it hands to the Python path, ``_<op>_py``; without
+    # the kernel that is the method itself (the aliases at the end).
+    def _set_dirty_flag_py(self, addr: Any, client: Any) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
-        # The hottest op, written out: past the RCU check, one C call does
-        # the argument checks, page -> block, word and bit, and the op
-        # (release: whoever takes the bit, with acquire, sees what was
-        # written before it: the guest page).  Anything it declines (bad
-        # input, a block not mapped yet) takes the slow path.
         try:
             r = self._local.reader   # this thread's reader: one lookup
         except AttributeError:
             r = self._rcu.reader     # this thread's first op
+        # release on the bit: whoever takes it, with acquire, sees what was
+        # written before it (the guest page).
         if r.online and r.seen == self._seen:
             # qsbr, online, table current: already inside a section.
             if self._set_page(self._blocks, client, addr, self._table.ram_size,
                               self.page_bits, self.block_pages, _RELEASE):
                 return
-        elif (self._memb_set_page and not r.nesting and r.seen == self._seen
-              and (words := r.section_words)):
-            # memb on the kernel, outside any section: open one, set the bit,
-            # close it, in one C call (Reader.section_words), if the counter
-            # still reads `seen` (else the slow path re-reads the table).
-            if self._memb_set_page(words[0], words[1], r.seen, self._blocks, client, addr,
-                                   self._table.ram_size, self.page_bits, self.block_pages,
-                                   _RELEASE):
-                return
-        self._set_dirty_flag_slow(r, addr, client)
-
-    def _set_dirty_flag_slow(self, r: Any, addr: Any, client: Any) -> None:
         client = _client(client)
         t = self._begin(r)
         try:
             if not self._set_page(self._blocks, client, addr, t.ram_size, self.page_bits,
                                   self.block_pages, _RELEASE):
                 idx, bit = divmod(self._page(t, addr), self.block_pages)
-                bitmap.set_range(self._block(client, idx), bit, 1)  # release: as above
+                bitmap.set_range(self._block(client, idx), bit, 1)
         finally:
             self._end(r)
 
@@ -273,7 +266,7 @@ class DirtyMemory(TableView):
         finally:
             self._end()
 
-    def get_dirty(self, start: int, length: int, client: int) -> bool:
+    def _get_dirty_py(self, start: int, length: int, client: int) -> bool:
         """Is any page of [start, start+length) dirty for ``client``?"""
         client = _client(client)
         t, page, end = self._enter_range(start, length)
@@ -304,7 +297,7 @@ class DirtyMemory(TableView):
         finally:
             self._end()
 
-    def set_dirty_range(self, start: int, length: int, mask: int) -> None:
+    def _set_dirty_range_py(self, start: int, length: int, mask: int) -> None:
         """Mark [start, start+length) dirty for the clients of ``mask``."""
         mask = _mask(mask)
         t, page, end = self._enter_range(start, length)
@@ -314,7 +307,7 @@ class DirtyMemory(TableView):
         finally:
             self._end()
 
-    def test_and_clear_dirty(self, start: int, length: int, client: int) -> bool:
+    def _test_and_clear_dirty_py(self, start: int, length: int, client: int) -> bool:
         """Clear [start, start+length) for ``client``; True if any page was dirty."""
         client = _client(client)
         t, page, end = self._enter_range(start, length)
@@ -332,6 +325,12 @@ class DirtyMemory(TableView):
             dirty = dirty or bool(taken.any())
         self._take(client, start, length, merge)
         return dirty
+
+    if atomic.VIEW_BASE is object:   # no kernel built: the Python paths are the methods
+        set_dirty_flag = _set_dirty_flag_py
+        get_dirty = _get_dirty_py
+        set_dirty_range = _set_dirty_range_py
+        test_and_clear_dirty = _test_and_clear_dirty_py
 
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
@@ -580,7 +579,7 @@ class _Unattached(DirtyMemory):
         except BaseException:
             d["_pending_attach"] = True   # the next use tries again
             raise
-        self.__class__ = DirtyMemory  # type: ignore[assignment]
+        self.__class__ = DirtyMemory
         return getattr(self, attr)
 
     def __repr__(self) -> str:

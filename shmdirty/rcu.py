@@ -89,7 +89,13 @@ _SEQ_CST, _RELEASE = atomic.SEQ_CST, atomic.RELEASE
 
 
 # --- one thread's reader -----------------------------------------------------------------
-class Reader:
+# The fields DirtyMemory.set_dirty_flag reads: C members of the kernel's
+# ReaderCore where it was built (its C code reads them), else slots here.
+_HOT = () if atomic.READER_BASE is not object else (
+    "slot", "nesting", "online", "seen", "section_words")
+
+
+class Reader(atomic.READER_BASE):  # type: ignore[misc]
     """One thread's slot and state: the section entry of both flavors.
 
     Outside rcu.py its fields are read-only: ``nesting`` (depth of the
@@ -97,13 +103,12 @@ class Reader:
     at quiescent points and while offline), ``seen`` (the grace-period
     counter this reader last observed; a caller that sees it move re-reads
     what it caches of published words).  Plain attributes, not properties:
-    DirtyMemory's hottest path reads two of them per op.  ``slot`` is -1
-    until the first use claims one (and again once it is freed)."""
+    DirtyMemory's hottest path reads them per op (in C on the kernel,
+    shmdirty/_kernel.c ReaderCore).  ``slot`` is -1 until the first use
+    claims one (and again once it is freed)."""
 
-    __slots__ = ("flavor", "slot", "nesting", "inherited", "online", "seen", "owner", "left",
-                 "_rcu",
-                 "section_words", "_memb", "_store", "_load", "_gp_ptr", "_ctr",
-                 "_section_online", "_own", "__weakref__")
+    __slots__ = _HOT + ("flavor", "inherited", "owner", "left", "_rcu", "_memb", "_store",
+                        "_load", "_gp_ptr", "_ctr", "_section_online", "_own", "__weakref__")
 
     def __init__(self, rcu: Rcu) -> None:
         self.flavor = rcu.flavor
@@ -124,7 +129,7 @@ class Reader:
         self._gp_ptr = rcu.gp._gp
         # memb with a slot: (this slot's counter, the grace-period counter),
         # the two words of a read-side section run in C (shmdirty/_kernel.c
-        # memb_set_page stores and loads them exactly as read_lock /
+        # memb_set_in stores and loads them exactly as read_lock /
         # read_unlock do, with the GIL held); only for a caller outside any
         # section (nesting 0).  None otherwise.
         self.section_words: tuple[int, int] | None = None

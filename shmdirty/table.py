@@ -219,12 +219,15 @@ def write_table(map_name: str, t: Table) -> None:
 
 
 # --- this process's view of the current table ---------------------------------------------
-class TableView:
+class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     """The table a handle uses, its block mappings and its section entry.
 
     The base of DirtyMemory (a base class, not a member: the accessors' hot
     path reads these fields straight off ``self``).  Its ``_`` methods are
-    the interface of dirty.py and coordinator.py, not of users."""
+    the interface of dirty.py and coordinator.py, not of users.  Where the
+    kernel was built its own base is the C ViewCore (shmdirty/_kernel.c):
+    ``_seen``, ``_blocks``, ``_local``, ``_table``, ``page_bits`` and
+    ``block_pages`` are stored there, and its ``set_dirty_flag`` reads them."""
 
     name: str
     page_bits: int

@@ -9,6 +9,7 @@ whose test died never hangs around.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -199,7 +200,8 @@ def _call_in_grandchild(obj: Any, kind: str, attr: str, timeout: float) -> str:
         os.close(r)
         try:
             static = getattr(type(obj), attr, None)
-            if isinstance(static, property):
+            # A property, or a C type's getset (the kernel's ViewCore fields).
+            if isinstance(static, property) or inspect.isgetsetdescriptor(static):
                 value = getattr(obj, attr)
             else:
                 args, kwargs = _probe_args(kind, attr)

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 # Calls that may return on a closed handle: they leave, or touch nothing shared.
 MAY_RETURN = {
     ("DirtyMemory", "close"), ("DirtyMemory", "table"),
+    # The geometry: immutable ints copied at attach (C fields on the kernel).
+    ("DirtyMemory", "page_bits"), ("DirtyMemory", "block_pages"),
     ("Rcu", "unregister"), ("Rcu", "close"), ("Rcu", "closed"), ("Rcu", "reader"),
     ("Rcu", "slot"), ("Rcu", "nesting"), ("Rcu", "online"), ("Rcu", "seen"),
     ("Rcu", "sections_open"),

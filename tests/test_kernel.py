@@ -449,3 +449,128 @@ def test_memb_set_dirty_flag_inside_a_section_leaves_it_open(kernel: Any,
         assert dm.get_dirty_flag(8192, 2) and dm.get_dirty_flag(12288, 2)
     finally:
         dm.destroy()
+
+
+# --- set_dirty_flag as the kernel's method (ViewCore) ---------------------------------------
+def test_set_dirty_flag_runs_in_c_on_the_kernel(kernel: Any, map_name: str) -> None:
+    """On the kernel backend DirtyMemory.set_dirty_flag is ViewCore's C
+    method and a handle made there runs its fast path; bad input still
+    reaches the Python path's errors, keywords included."""
+    import shmdirty as sd
+
+    assert sd.DirtyMemory.set_dirty_flag is atomic.VIEW_BASE.set_dirty_flag
+    with sd.DirtyMemory.create(4 << 20, name=map_name) as dm:
+        assert dm._flag_in_c
+        dm.test_and_clear_dirty(0, 4 << 20, 2)   # new RAM starts dirty
+        dm.set_dirty_flag(5 << 12, 2)
+        dm.set_dirty_flag(addr=6 << 12, client=2)
+        assert dm.get_dirty_flag(5 << 12, 2) and dm.get_dirty_flag(6 << 12, 2)
+        for args, kwargs in (((4 << 20, 2), {}), ((0, 3), {}), ((-1, 2), {}),
+                             (("0", 2), {}), ((0,), {"client": 9})):
+            with pytest.raises(sd.BadInput):
+                dm.set_dirty_flag(*args, **kwargs)
+        with pytest.raises(TypeError):
+            dm.set_dirty_flag(0, 2, 3)
+        with pytest.raises(TypeError):
+            dm.set_dirty_flag(0, 2, client=2)
+        assert dm.dirty_pages(2) == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_set_dirty_flag_in_c_from_many_threads(kernel: Any, map_name: str, flavor: str) -> None:
+    """Each thread's op runs in its own reader's section (ViewCore caches
+    the reader per thread state): threads that interleave, and threads
+    started after others ended, all set their bits; no slot is left."""
+    import threading
+
+    import shmdirty as sd
+
+    c = sd.DirtyMemory.create(16 << 20, name=map_name)
+    c.test_and_clear_dirty(0, 16 << 20, 2)   # new RAM starts dirty
+    c.close()                                # resigns; the map stays (map_name unlinks it)
+    dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
+    try:
+        pages = 16 << 20 >> 12
+        rng = np.random.default_rng(5)
+        mine = [rng.choice(pages, 300, replace=False) for _ in range(8)]
+        turn = threading.Barrier(4)
+
+        def run(i: int) -> None:
+            for k, p in enumerate(mine[i]):
+                dm.set_dirty_flag(int(p) << 12, 2)
+                if k % 50 == 0:
+                    turn.wait(10)   # interleave the threads' ops
+                if flavor == "qsbr" and k % 64 == 0:
+                    dm.quiescent()
+            dm.rcu.unregister()
+
+        for wave in (range(4), range(4, 8)):   # the second wave after the first ended
+            ts = [threading.Thread(target=run, args=(i,)) for i in wave]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(30)
+            assert not any(t.is_alive() for t in ts)
+        dest = np.zeros(pages // 64, dtype=np.uint64)
+        found = dm.sync_dirty_bitmap(dest, 0, 16 << 20)
+        expect = np.unique(np.concatenate(mine))
+        got = np.flatnonzero(np.unpackbits(dest.view(np.uint8), bitorder="little"))
+        assert found == len(expect) and np.array_equal(got, expect)
+        assert len(dm.rcu.readers()) == 1   # only this thread's slot is left
+    finally:
+        dm.close()
+
+
+def _page_in_sync(c: Any, dest: Any, page: int, bp: int) -> bool:
+    """Does a sync of block 0 (word by word: no swap) find ``page`` dirty?"""
+    dest[:] = 0
+    c.swap_min_words = 1 << 30
+    c.sync_dirty_bitmap(dest, 0, bp << 12)
+    c.swap_min_words = 1
+    return bool(dest[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
+
+
+@pytest.mark.parametrize("op", ["set_dirty_flag", "set_dirty_range", "get_dirty",
+                                "test_and_clear_dirty"])
+def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) -> None:
+    """After a block swap the handle's table is stale: the C path must see
+    that its reader's counter moved (``seen`` != ``_seen``) and leave the op
+    to the Python path, which re-reads the table, so the op reaches the
+    block in use.  The broken variant, a view that claims its stale table is
+    current, is shown to reach the retired block instead: the check is what
+    keeps a bit from being lost (a write) or missed (a test or take)."""
+    import shmdirty as sd
+
+    bp = 4096
+    with sd.DirtyMemory.create(4 * bp << 12, block_pages=bp, name=map_name) as c:
+        c.swap_min_words = 1
+        c.test_and_clear_dirty(0, 4 * bp << 12, 2)   # new RAM starts dirty
+        dest = np.zeros(4 * bp // 64, dtype=np.uint64)
+
+        def after_a_swap(page: int, broken: bool) -> bool:
+            _page_in_sync(c, dest, 0, bp)         # block 0 starts clean
+            a = sd.DirtyMemory.attach(map_name)   # its own view, this thread's reader
+            try:
+                a.set_dirty_flag(7 << 12, 2)       # a maps block 0 of today's table
+                dest[:] = 0
+                assert c.sync_dirty_bitmap(dest, 0, bp << 12) == 1   # swapped out
+                assert c.generation > a.table.generation   # a's table is stale now
+                if op in ("get_dirty", "test_and_clear_dirty"):
+                    c.set_dirty_flag(page << 12, 2)   # in the block in use
+                c.get_dirty_flag(0, 2)   # the thread's reader (a's too) sees the new counter
+                assert a.rcu.reader.seen == a.rcu.gp.counter()
+                if broken:
+                    a._seen = a.rcu.reader.seen     # pretend it was re-read
+                if op == "set_dirty_flag":
+                    a.set_dirty_flag(page << 12, 2)
+                elif op == "set_dirty_range":
+                    a.set_dirty_range(page << 12, 4096, 1 << 2)
+                else:
+                    return bool(getattr(a, op)(page << 12, 4096, 2))
+                return _page_in_sync(c, dest, page, bp)
+            finally:
+                a.close()
+
+        assert after_a_swap(9, broken=False)
+        assert not after_a_swap(11, broken=True), "the op used a stale table"
