@@ -21,11 +21,12 @@ slot) only for as long as it takes to count dirty pages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import layout, segment
+from . import atomic, layout, segment
 
 # The application: the one import of workers/ (shmdirty._workers, a symlink
 # to it) from the library, the layer above it (docs/ARCHITECTURE.md).
@@ -480,6 +481,23 @@ def _negatives_attached(argv: Sequence[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _workers_on_this_backend() -> Iterator[None]:
+    """While a command runs, the processes it spawns use this process's
+    atomics backend (SHMDIRTY_ATOMICS, as ``python -m perf`` does): the same
+    ops everywhere, and an install without the kernel warns once, here, not
+    again in every worker (issue 11).  The variable is restored after."""
+    before = os.environ.get("SHMDIRTY_ATOMICS")
+    os.environ["SHMDIRTY_ATOMICS"] = atomic.backend.name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SHMDIRTY_ATOMICS", None)
+        else:
+            os.environ["SHMDIRTY_ATOMICS"] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (each command's --help
     lists them).  Ctrl-C at any point exits 130 without a traceback; during a
@@ -494,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Logs and pipes get a wide console (COLUMNS still wins).
         wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140
         out = Console(highlight=False, width=wide)
-        code: int = args.func(args, out)
+        with _workers_on_this_backend():
+            code: int = args.func(args, out)
         return code
     except KeyboardInterrupt:
         error(Console(stderr=True), "interrupted")

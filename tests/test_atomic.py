@@ -430,7 +430,11 @@ def test_fallback_warns_when_internals_differ(monkeypatch: pytest.MonkeyPatch) -
     with pytest.warns(RuntimeWarning, match="9.9.9"):
         assert atomic._pick_backend().name == "public"
     monkeypatch.setattr(atomics, "__version__", real, raising=False)
-    assert atomic._pick_backend().name == AVAILABLE[0]
+    if "kernel" in AVAILABLE:
+        assert atomic._pick_backend().name == "kernel"
+    else:  # an install without the kernel (.ci/run's no-compiler step)
+        with pytest.warns(RuntimeWarning, match="not built at install"):
+            assert atomic._pick_backend().name == "cffi"
 
     def moved(*args: Any) -> Any:
         raise AttributeError("op table moved")

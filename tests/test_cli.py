@@ -109,6 +109,26 @@ def test_migrate_with_a_migrator_that_drops_a_round_fails(map_name: str, tmp_pat
     assert "first: " + ", ".join(map(str, first)) in proc.stdout.replace("\n", "")
 
 
+def test_migrate_without_the_kernel_warns_once_for_all_its_processes(
+        map_name: str, tmp_path: Path) -> None:
+    """As after `CC=/bin/false pip install .`: no process of the run can
+    import shmdirty._kernel (a sitecustomize on PYTHONPATH hides it, in the
+    spawned workers too).  The command warns once, in its own process, and
+    its workers run on the backend it fell back to, without repeating it."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['shmdirty._kernel'] = None  # not built\n")
+    env = {k: v for k, v in os.environ.items() if k != "SHMDIRTY_ATOMICS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name, *SMALL]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert segment.list_segments(map_name) == []
+    assert "source and destination are identical" in proc.stdout
+    warned = [line for line in proc.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warned) == 1, proc.stderr
+    assert "compiled kernel is unavailable" in warned[0] and "cffi backend" in warned[0]
+
+
 def _read_line_with(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
     """Read the child's stdout until a line contains ``needle``."""
     assert proc.stdout is not None

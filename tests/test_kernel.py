@@ -404,7 +404,20 @@ def test_set_page_declines_what_the_slow_path_must_handle(kernel: Any) -> None:
 
 def test_the_kernel_is_built_where_there_is_a_compiler() -> None:
     """`make install` / CI: with a C compiler the optional extension must have
-    been built (a silent fallback to cffi would hide a broken build)."""
+    been built (a silent fallback to cffi would hide a broken build).
+
+    ``SHMDIRTY_TEST_KERNEL=absent`` says this install was made without a
+    compiler on purpose (.ci/run's ``CC=/bin/false pip install .`` step,
+    where gcc is still on PATH): then the kernel must be missing and the
+    default backend cffi.  Unset, the compiler on this machine decides."""
+    expect = os.environ.get("SHMDIRTY_TEST_KERNEL", "")
+    assert expect in ("", "absent"), f"SHMDIRTY_TEST_KERNEL={expect!r} (only 'absent')"
+    if expect == "absent":
+        assert "kernel" not in AVAILABLE_BACKENDS, (
+            "SHMDIRTY_TEST_KERNEL=absent, but shmdirty._kernel imports "
+            f"(from {atomic.__file__}): the install compiled it after all")
+        assert atomic.available()[0] == "cffi"
+        return
     if os.environ.get("SHMDIRTY_ATOMICS", "kernel") != "kernel":
         pytest.skip("SHMDIRTY_ATOMICS chooses another backend (an install without the kernel)")
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
