@@ -452,19 +452,21 @@ static inline uint64_t load_le(const unsigned char *at)
  * fetch-or with `order`.  shmdirty passes release: whoever takes a bit with
  * acquire (sync, test_and_clear) sees the page written before it was set;
  * the all-ones stores are release too (store_order) and the fence after the
- * loop makes them visible before the caller goes on, as a fetch-or would. */
-static inline void or_word(volatile uint64_t *const *w, int nb, Py_ssize_t i, uint64_t m,
-                           int order, int sorder, int *stored)
+ * loop makes them visible before the caller goes on, as a fetch-or would.
+ * or_ and store are patomic's, passed in so the loop keeps them in registers. */
+static inline __attribute__((always_inline)) void
+or_word(volatile uint64_t *const *w, const int nb, Py_ssize_t i, uint64_t m, op_void_t or_,
+        op_store_t store, int order, int sorder, int *stored)
 {
     if (!m)
         return;
     if (m == ONES) {
         for (int j = 0; j < nb; j++)
-            ops.store(&w[j][i], &m, sorder);
+            store(&w[j][i], &m, sorder);
         *stored = 1;
     } else {
         for (int j = 0; j < nb; j++)
-            ops.or_(&w[j][i], &m, order);
+            or_(&w[j][i], &m, order);
     }
 }
 
@@ -472,21 +474,24 @@ static inline void or_word(volatile uint64_t *const *w, int nb, Py_ssize_t i, ui
  * count) of `src` (nbytes bytes, little-endian) into bits [first, first +
  * count) of each of the nb blocks w[0..nb), reading each source word once.
  * count > 0 and every range checked by the caller; needs no GIL.  Nonzero if
- * it stored (the caller then fences). */
-static int loop_or_bitmap(volatile uint64_t *const *bw, int nb, Py_ssize_t first,
-                          Py_ssize_t count, const unsigned char *src, Py_ssize_t nbytes,
-                          Py_ssize_t src_first, int order)
+ * it stored (the caller then fences).  Inlined with nb a constant (below):
+ * the per-block loop unrolls and the sparse case's cost is the ORs. */
+static inline __attribute__((always_inline)) int
+loop_or_bitmap_n(volatile uint64_t *const *bw, const int nb, Py_ssize_t first, Py_ssize_t count,
+                 const unsigned char *src, Py_ssize_t nbytes, Py_ssize_t src_first, int order)
 {
+    op_void_t or_ = ops.or_;
+    op_store_t store = ops.store;
     Py_ssize_t end = first + count;
     Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
     Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
     int sorder = store_order(order), stored = 0;
     /* The edge words: masked, from any bit offset. */
     or_word(bw, nb, w0, src_bits(src, nbytes, w0 * 64 + delta) &
-            word_mask(w0, w0, w1, first, end), order, sorder, &stored);
+            word_mask(w0, w0, w1, first, end), or_, store, order, sorder, &stored);
     if (w1 > w0)
         or_word(bw, nb, w1, src_bits(src, nbytes, w1 * 64 + delta) &
-                word_mask(w1, w0, w1, first, end), order, sorder, &stored);
+                word_mask(w1, w0, w1, first, end), or_, store, order, sorder, &stored);
     /* The words between: all their source bits lie inside the source.
      * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
     Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
@@ -496,17 +501,30 @@ static int loop_or_bitmap(volatile uint64_t *const *bw, int nb, Py_ssize_t first
         last--;  /* its upper source word may run past a bytes source: below */
     if (r == 0) {
         for (Py_ssize_t w = w0 + 1; w <= last; w++)
-            or_word(bw, nb, w, load_le(src + (w + q) * 8), order, sorder, &stored);
+            or_word(bw, nb, w, load_le(src + (w + q) * 8), or_, store, order, sorder, &stored);
     } else {
         for (Py_ssize_t w = w0 + 1; w <= last; w++) {
             const unsigned char *at = src + (w + q) * 8;
-            or_word(bw, nb, w, load_le(at) >> r | load_le(at + 8) << (64 - r), order, sorder,
-                    &stored);
+            or_word(bw, nb, w, load_le(at) >> r | load_le(at + 8) << (64 - r), or_, store,
+                    order, sorder, &stored);
         }
     }
     for (Py_ssize_t w = last + 1; w < w1; w++)
-        or_word(bw, nb, w, src_bits(src, nbytes, w * 64 + delta), order, sorder, &stored);
+        or_word(bw, nb, w, src_bits(src, nbytes, w * 64 + delta), or_, store, order, sorder,
+                &stored);
     return stored;
+}
+
+static int loop_or_bitmap(volatile uint64_t *const *bw, int nb, Py_ssize_t first,
+                          Py_ssize_t count, const unsigned char *src, Py_ssize_t nbytes,
+                          Py_ssize_t src_first, int order)
+{
+    switch (nb) {  /* 2: VGA and MIGRATION (KVM); 3: with CODE (tcg) */
+    case 1: return loop_or_bitmap_n(bw, 1, first, count, src, nbytes, src_first, order);
+    case 2: return loop_or_bitmap_n(bw, 2, first, count, src, nbytes, src_first, order);
+    case 3: return loop_or_bitmap_n(bw, 3, first, count, src, nbytes, src_first, order);
+    default: return loop_or_bitmap_n(bw, nb, first, count, src, nbytes, src_first, order);
+    }
 }
 
 /* The source of or_bitmap / or_bitmaps: any C-contiguous buffer holding bits
