@@ -447,17 +447,124 @@ static inline uint64_t load_le(const unsigned char *at)
     return v;  /* little-endian machines only (checked at import) */
 }
 
-/* OR m into *w: nothing for 0, a store of all-ones (then *stored), else a fetch-or. */
-static inline void or_word(volatile uint64_t *w, uint64_t m, int order, int sorder, int *stored)
+/* OR m into word i of each of the nb blocks w[0..nb): nothing for 0 (the
+ * source word, the caller's private input, was only loaded), an all-ones
+ * store with `sorder` (then *stored: the caller fences once), else a
+ * fetch-or with `order`.  shmdirty passes release: whoever takes a bit with
+ * acquire (sync, test_and_clear) sees the page written before it was set;
+ * the all-ones stores are release too (store_order) and the fence after the
+ * loop makes them visible before the caller goes on, as a fetch-or would.
+ * or_ and store are patomic's, passed in so the loop keeps them in registers. */
+static inline __attribute__((always_inline)) void
+or_word(volatile uint64_t *const *w, const int nb, Py_ssize_t i, uint64_t m, op_void_t or_,
+        op_store_t store, int order, int sorder, int *stored)
 {
     if (!m)
         return;
     if (m == ONES) {
-        ops.store(w, &m, sorder);
+        for (int j = 0; j < nb; j++)
+            store(&w[j][i], &m, sorder);
         *stored = 1;
     } else {
-        ops.or_(w, &m, order);
+        for (int j = 0; j < nb; j++)
+            or_(&w[j][i], &m, order);
     }
+}
+
+/* The loop of or_bitmap / or_bitmaps: OR source bits [src_first, src_first +
+ * count) of `src` (nbytes bytes, little-endian) into bits [first, first +
+ * count) of each of the nb blocks w[0..nb), reading each source word once.
+ * count > 0 and every range checked by the caller; needs no GIL.  Nonzero if
+ * it stored (the caller then fences).  Inlined with nb a constant (below):
+ * the per-block loop unrolls and the sparse case's cost is the ORs. */
+static inline __attribute__((always_inline)) int
+loop_or_bitmap_n(volatile uint64_t *const *bw, const int nb, Py_ssize_t first, Py_ssize_t count,
+                 const unsigned char *src, Py_ssize_t nbytes, Py_ssize_t src_first, int order)
+{
+    op_void_t or_ = ops.or_;
+    op_store_t store = ops.store;
+    Py_ssize_t end = first + count;
+    Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
+    Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
+    int sorder = store_order(order), stored = 0;
+    /* The edge words: masked, from any bit offset. */
+    or_word(bw, nb, w0, src_bits(src, nbytes, w0 * 64 + delta) &
+            word_mask(w0, w0, w1, first, end), or_, store, order, sorder, &stored);
+    if (w1 > w0)
+        or_word(bw, nb, w1, src_bits(src, nbytes, w1 * 64 + delta) &
+                word_mask(w1, w0, w1, first, end), or_, store, order, sorder, &stored);
+    /* The words between: all their source bits lie inside the source.
+     * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
+    Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
+    unsigned r = (unsigned)(delta - q * 64);
+    Py_ssize_t last = w1 - 1;
+    if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
+        last--;  /* its upper source word may run past a bytes source: below */
+    if (r == 0) {
+        for (Py_ssize_t w = w0 + 1; w <= last; w++)
+            or_word(bw, nb, w, load_le(src + (w + q) * 8), or_, store, order, sorder, &stored);
+    } else {
+        for (Py_ssize_t w = w0 + 1; w <= last; w++) {
+            const unsigned char *at = src + (w + q) * 8;
+            or_word(bw, nb, w, load_le(at) >> r | load_le(at + 8) << (64 - r), or_, store,
+                    order, sorder, &stored);
+        }
+    }
+    for (Py_ssize_t w = last + 1; w < w1; w++)
+        or_word(bw, nb, w, src_bits(src, nbytes, w * 64 + delta), or_, store, order, sorder,
+                &stored);
+    return stored;
+}
+
+static int loop_or_bitmap(volatile uint64_t *const *bw, int nb, Py_ssize_t first,
+                          Py_ssize_t count, const unsigned char *src, Py_ssize_t nbytes,
+                          Py_ssize_t src_first, int order)
+{
+    switch (nb) {  /* 2: VGA and MIGRATION (KVM); 3: with CODE (tcg) */
+    case 1: return loop_or_bitmap_n(bw, 1, first, count, src, nbytes, src_first, order);
+    case 2: return loop_or_bitmap_n(bw, 2, first, count, src, nbytes, src_first, order);
+    case 3: return loop_or_bitmap_n(bw, 3, first, count, src, nbytes, src_first, order);
+    default: return loop_or_bitmap_n(bw, nb, first, count, src, nbytes, src_first, order);
+    }
+}
+
+/* The source of or_bitmap / or_bitmaps: any C-contiguous buffer holding bits
+ * [src_first, src_first + count). */
+static int get_src(PyObject *o, Py_ssize_t src_first, Py_ssize_t count, Py_buffer *sv)
+{
+    if (PyObject_GetBuffer(o, sv, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "src must be a C-contiguous buffer (bytes or array)");
+        return 0;
+    }
+    if (src_first > sv->len * 8 || count > sv->len * 8 - src_first) {
+        PyErr_Format(PyExc_ValueError, "source bits [%zd, %zd + %zd) are outside its %zd bits",
+                     src_first, src_first, count, sv->len * 8);
+        PyBuffer_Release(sv);
+        return 0;
+    }
+    return 1;
+}
+
+/* Most blocks or_bitmaps takes: one per client (DIRTY_MEMORY_NUM is 3). */
+#define MAX_CLIENTS 8
+
+/* The body of or_bitmap / or_bitmaps once the blocks are held: the loop,
+ * without the GIL for big ranges, then one fence if it stored. */
+static void or_bitmap_held(block_t *b, int nb, Py_ssize_t first, Py_ssize_t count,
+                           Py_buffer *sv, Py_ssize_t src_first, int order)
+{
+    volatile uint64_t *w[MAX_CLIENTS];
+    if (!count)
+        return;
+    for (int j = 0; j < nb; j++)
+        w[j] = b[j].w;
+    Py_ssize_t nwords = ((first + count - 1) >> 6) - (first >> 6);
+    PyThreadState *ts = nwords >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+    if (loop_or_bitmap(w, nb, first, count, sv->buf, sv->len, src_first, order))
+        full_fence();  /* the all-ones stores are visible before the caller goes on */
+    if (ts)
+        PyEval_RestoreThread(ts);
 }
 
 /* or_bitmap(block, first, count, src, src_first, order): OR bits
@@ -474,19 +581,8 @@ static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_buffer sv;
     if (not_ready() || !nargs_ok("or_bitmap", nargs, 6) || !get_index(args[1], "first", &first) ||
         !get_index(args[2], "count", &count) || !get_index(args[4], "src_first", &src_first) ||
-        !get_order(args[5], ORD_RMW, &order))
+        !get_order(args[5], ORD_RMW, &order) || !get_src(args[3], src_first, count, &sv))
         return NULL;
-    if (PyObject_GetBuffer(args[3], &sv, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_SetString(PyExc_ValueError, "src must be a C-contiguous buffer (bytes or array)");
-        return NULL;
-    }
-    if (src_first > sv.len * 8 || count > sv.len * 8 - src_first) {
-        PyErr_Format(PyExc_ValueError, "source bits [%zd, %zd + %zd) are outside its %zd bits",
-                     src_first, src_first, count, sv.len * 8);
-        PyBuffer_Release(&sv);
-        return NULL;
-    }
     if (!get_block(args[0], &b)) {
         PyBuffer_Release(&sv);
         return NULL;
@@ -496,45 +592,61 @@ static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyBuffer_Release(&sv);
         return NULL;
     }
-    if (count) {
-        const unsigned char *src = sv.buf;
-        Py_ssize_t nbytes = sv.len, end = first + count;
-        Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
-        Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
-        int sorder = store_order(order), stored = 0;
-        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        /* The edge words: masked, from any bit offset. */
-        or_word(&b.w[w0], src_bits(src, nbytes, w0 * 64 + delta) &
-                word_mask(w0, w0, w1, first, end), order, sorder, &stored);
-        if (w1 > w0)
-            or_word(&b.w[w1], src_bits(src, nbytes, w1 * 64 + delta) &
-                    word_mask(w1, w0, w1, first, end), order, sorder, &stored);
-        /* The words between: all their source bits lie inside the source.
-         * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
-        Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
-        unsigned r = (unsigned)(delta - q * 64);
-        Py_ssize_t last = w1 - 1;
-        if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
-            last--;  /* its upper source word may run past a bytes source: below */
-        if (r == 0) {
-            for (Py_ssize_t w = w0 + 1; w <= last; w++)
-                or_word(&b.w[w], load_le(src + (w + q) * 8), order, sorder, &stored);
-        } else {
-            for (Py_ssize_t w = w0 + 1; w <= last; w++) {
-                const unsigned char *at = src + (w + q) * 8;
-                or_word(&b.w[w], load_le(at) >> r | load_le(at + 8) << (64 - r), order, sorder,
-                        &stored);
-            }
-        }
-        for (Py_ssize_t w = last + 1; w < w1; w++)
-            or_word(&b.w[w], src_bits(src, nbytes, w * 64 + delta), order, sorder, &stored);
-        if (stored)
-            full_fence();  /* the stores are visible before the caller goes on */
-        if (ts)
-            PyEval_RestoreThread(ts);
-    }
+    or_bitmap_held(&b, 1, first, count, &sv, src_first, order);
     PyBuffer_Release(&b.view);
     PyBuffer_Release(&sv);
+    Py_RETURN_NONE;
+}
+
+/* or_bitmaps(blocks, first, count, src, src_first, order): or_bitmap into
+ * every block of `blocks` (a list or tuple of 1 to MAX_CLIENTS block
+ * buffers, one per client) in one pass over the source: each source word is
+ * loaded once and, if nonzero, ORed (or stored, all ones) into the same word
+ * of every block, as QEMU's cpu_physical_memory_set_dirty_lebitmap does.
+ * Every block is checked before any is touched. */
+static PyObject *k_or_bitmaps(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t first, count, src_first;
+    int order, nb = 0, ok = 1;
+    block_t b[MAX_CLIENTS];
+    Py_buffer sv;
+    if (not_ready() || !nargs_ok("or_bitmaps", nargs, 6) ||
+        !get_index(args[1], "first", &first) || !get_index(args[2], "count", &count) ||
+        !get_index(args[4], "src_first", &src_first) || !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    if (!PyList_Check(args[0]) && !PyTuple_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "or_bitmaps(): blocks must be a list or tuple, not %.100s",
+                     Py_TYPE(args[0])->tp_name);
+        return NULL;
+    }
+    /* A tuple of our own: getting a buffer may run code that changes a list. */
+    PyObject *blocks = PySequence_Tuple(args[0]);
+    if (blocks == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(blocks);
+    if (n < 1 || n > MAX_CLIENTS) {
+        PyErr_Format(PyExc_ValueError, "or_bitmaps(): %zd blocks, not 1 to %d", n, MAX_CLIENTS);
+        Py_DECREF(blocks);
+        return NULL;
+    }
+    if (!get_src(args[3], src_first, count, &sv)) {
+        Py_DECREF(blocks);
+        return NULL;
+    }
+    /* Hold every block and check the range in each before touching any. */
+    while (ok && nb < n) {
+        ok = get_block(PyTuple_GET_ITEM(blocks, nb), &b[nb]);
+        if (ok)
+            ok = range_ok(first, count, b[nb++].n);
+    }
+    if (ok)
+        or_bitmap_held(b, nb, first, count, &sv, src_first, order);
+    while (nb-- > 0)
+        PyBuffer_Release(&b[nb].view);
+    PyBuffer_Release(&sv);
+    Py_DECREF(blocks);
+    if (!ok)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1572,6 +1684,7 @@ static PyMethodDef methods[] = {
     FAST(bit_test_set, "bit_test_set(addr, bit, order) -> old bit"),
     FAST(bit_test_reset, "bit_test_reset(addr, bit, order) -> old bit"),
     FAST(or_bitmap, "or_bitmap(block, first, count, src, src_first, order)"),
+    FAST(or_bitmaps, "or_bitmaps(blocks, first, count, src, src_first, order)"),
     FAST(or_sparse, "or_sparse(block, words, masks, order)"),
     FAST(take, "take(block, first, count, out, order) -> any taken"),
     FAST(any_set, "any_set(block, first, count) -> bool"),

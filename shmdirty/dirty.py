@@ -348,8 +348,7 @@ class DirtyMemory(TableView):
         try:
             for idx, off, num in self._walk(page0, end):
                 k = idx * self.block_pages + off - page0   # source bit of block bit `off`
-                for c in clients:
-                    bitmap.or_bitmap(self._block(c, idx), off, num, bits, k)
+                bitmap.or_bitmaps([self._block(c, idx) for c in clients], off, num, bits, k)
         finally:
             self._end()
 
