@@ -1543,6 +1543,130 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
     return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */
 }
 
+static PyObject *ndarray_type;  /* numpy.ndarray, looked up on first use */
+
+/* set_dirty_pages' fast path: `pages` a 1-D C-contiguous numpy array of
+ * 64-bit integers (not empty), every page inside RAM and its block mapped,
+ * `client` an exact int.  One pass checks every page and holds the blocks'
+ * buffers, the section opens, a second pass sets the bits (one patomic `or`
+ * each, release: a taker sees the page), the section closes.  1 done, 0
+ * declined (nothing set), -1 error. */
+static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o)
+{
+    int overflow, res = 0;
+    if (!PyLong_CheckExact(client_o) || self->blocks == NULL || !PyList_Check(self->blocks))
+        return 0;
+    long client = PyLong_AsLongAndOverflow(client_o, &overflow);
+    if (overflow || client < 0 || client >= PyList_GET_SIZE(self->blocks))
+        return 0;
+    if (ndarray_type == NULL) {
+        PyObject *np = PyImport_ImportModule("numpy");
+        ndarray_type = np ? PyObject_GetAttrString(np, "ndarray") : NULL;
+        Py_XDECREF(np);
+        if (ndarray_type == NULL || !PyType_Check(ndarray_type)) {
+            Py_CLEAR(ndarray_type);
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    if (!PyObject_TypeCheck(pages_o, (PyTypeObject *)ndarray_type))
+        return 0;
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    int mode = section_mode(self, &r, &ctr, &gp);
+    if (mode <= 0)
+        return mode;
+    Py_buffer pv;
+    if (PyObject_GetBuffer(pages_o, &pv, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char *f = pv.format ? pv.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    Py_ssize_t n = pv.len / 8;
+    PyObject *blocks = PyList_GET_ITEM(self->blocks, client);
+    if (pv.ndim != 1 || pv.itemsize != 8 || strlen(f) != 1 || !strchr("qQlLnN", *f) || n == 0 ||
+        !PyList_CheckExact(blocks)) {
+        PyBuffer_Release(&pv);
+        return 0;
+    }
+    Py_INCREF(blocks);   /* another thread may replace the view's lists meanwhile */
+    Py_INCREF(r);        /* and close() may drop the reader */
+    const int64_t *pages = pv.buf;
+    long long bp = self->block_pages, nblocks = PyList_GET_SIZE(blocks);
+    long long limit = self->ram_end >> self->page_bits;
+    if (nblocks * bp < limit)
+        limit = nblocks * bp;
+    block_t *held = PyMem_Calloc(nblocks ? (size_t)nblocks : 1, sizeof(block_t));
+    if (held == NULL) {
+        PyErr_NoMemory();
+        res = -1;
+        goto out;
+    }
+    /* 1: every page inside RAM, its block mapped (else the Python path). */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pages[i] < 0 || pages[i] >= limit)
+            goto out;
+        Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
+        if (held[idx].w)
+            continue;
+        PyObject *blk = PyList_GET_ITEM(blocks, idx);
+        if (blk == Py_None)
+            goto out;
+        PyObject *words = PyObject_GetAttr(blk, str_words);
+        int ok = words != NULL && get_block(words, &held[idx]);
+        Py_XDECREF(words);
+        if (ok && held[idx].n * 64 < bp) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %lld pages",
+                         idx, held[idx].n, bp);
+            PyBuffer_Release(&held[idx].view);
+            held[idx].w = NULL;
+            ok = 0;
+        }
+        if (!ok) {
+            res = -1;
+            goto out;
+        }
+    }
+    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
+        goto out;
+    {
+        /* The reader's nesting shows the section while the GIL is released:
+         * another thread's close() sees this thread inside and refuses. */
+        int outermost = r->nesting == 0;
+        if (outermost)
+            r->nesting = 1;
+        PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
+            Py_ssize_t bit = (Py_ssize_t)(pages[i] - (int64_t)idx * bp);
+            uint64_t m = (uint64_t)1 << (bit & 63);
+            ops.or_(&held[idx].w[bit >> 6], &m, RELEASE);
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        if (outermost)
+            r->nesting = 0;
+        if (mode == OPEN_SECTION)
+            memb_close(ctr);
+        res = 1;
+    }
+out:
+    if (held) {
+        for (Py_ssize_t i = 0; i < nblocks; i++)
+            if (held[i].w)
+                PyBuffer_Release(&held[i].view);
+        PyMem_Free(held);
+    }
+    Py_DECREF(r);
+    Py_DECREF(blocks);
+    PyBuffer_Release(&pv);
+    return res;
+}
+
+enum { OP_FLAG = -1, OP_PAGES = -2 };  /* view_call's ops besides the walks */
+
 /* Run the fast path `fast` (an op) or hand the call, as it came, to the
  * Python path `slow`.  The result: None for WALK_SET, else a bool. */
 static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
@@ -1551,8 +1675,9 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs == want && kwnames == NULL) {
-        int r = op < 0 ? view_fast_flag(self, args[0], args[1])
-                       : view_fast_range(self, args[0], args[1], args[2], op);
+        int r = op == OP_FLAG  ? view_fast_flag(self, args[0], args[1])
+              : op == OP_PAGES ? view_fast_pages(self, args[0], args[1])
+                               : view_fast_range(self, args[0], args[1], args[2], op);
         if (r < 0)
             return NULL;
         if (r > 0) {
@@ -1572,12 +1697,19 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
     return PyObject_VectorcallMethod(slow, stack, (size_t)(1 + nargs), kwnames);
 }
 
-static PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take;
+static PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take, *str_slow_pages;
 
 static PyObject *view_set_dirty_flag(ViewCore *self, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames)
 {
-    return view_call(self, args, nargsf, kwnames, -1, 2, "set_dirty_flag", str_slow_flag);
+    return view_call(self, args, nargsf, kwnames, OP_FLAG, 2, "set_dirty_flag", str_slow_flag);
+}
+
+static PyObject *view_set_dirty_pages(ViewCore *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, OP_PAGES, 2, "set_dirty_pages",
+                     str_slow_pages);
 }
 
 static PyObject *view_get_dirty(ViewCore *self, PyObject *const *args, size_t nargsf,
@@ -1632,6 +1764,11 @@ static PyMethodDef view_methods[] = {
         "cpu_physical_memory_set_dirty_flag.  BadInput for an address outside\n"
         "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
         "call (shmdirty/_kernel.c ViewCore)."),
+    VIEW_METHOD(set_dirty_pages,
+        "set_dirty_pages(pages, client)\n--\n\n"
+        "Mark a batch of pages dirty for ``client``: ``pages`` a 1-D numpy array\n"
+        "of integer page numbers (any int dtype).  BadInput for another type, a\n"
+        "page outside RAM or a bad client; HandleClosed once closed."),
     VIEW_METHOD(get_dirty,
         "get_dirty(start, length, client) -> bool\n--\n\n"
         "Is any page of bytes [start, start+length) dirty for ``client``?\n"
@@ -1720,8 +1857,9 @@ PyMODINIT_FUNC PyInit__kernel(void)
     str_slow_get = PyUnicode_InternFromString("_get_dirty_py");
     str_slow_set = PyUnicode_InternFromString("_set_dirty_range_py");
     str_slow_take = PyUnicode_InternFromString("_test_and_clear_dirty_py");
+    str_slow_pages = PyUnicode_InternFromString("_set_dirty_pages_py");
     if (!str_base || !str_words || !str_reader || !str_ram_size || !str_slow_flag ||
-        !str_slow_get || !str_slow_set || !str_slow_take)
+        !str_slow_get || !str_slow_set || !str_slow_take || !str_slow_pages)
         return NULL;
     if (PyType_Ready(&ReaderCoreType) < 0 || PyType_Ready(&ViewCoreType) < 0)
         return NULL;
