@@ -624,8 +624,8 @@ def _page_in_sync(c: Any, dest: Any, page: int, bp: int) -> bool:
     return bool(dest[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
 
 
-@pytest.mark.parametrize("op", ["set_dirty_flag", "set_dirty_range", "get_dirty",
-                                "test_and_clear_dirty"])
+@pytest.mark.parametrize("op", ["set_dirty_flag", "set_dirty_range", "set_dirty_pages",
+                                "get_dirty", "test_and_clear_dirty"])
 def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) -> None:
     """After a block swap the handle's table is stale: the C path must see
     that its reader's counter moved (``seen`` != ``_seen``) and leave the op
@@ -659,6 +659,8 @@ def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) 
                     a.set_dirty_flag(page << 12, 2)
                 elif op == "set_dirty_range":
                     a.set_dirty_range(page << 12, 4096, 1 << 2)
+                elif op == "set_dirty_pages":
+                    a.set_dirty_pages(np.array([page, page], dtype=np.int64), 2)
                 else:
                     return bool(getattr(a, op)(page << 12, 4096, 2))
                 return _page_in_sync(c, dest, page, bp)
@@ -667,3 +669,39 @@ def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) 
 
         assert after_a_swap(9, broken=False)
         assert not after_a_swap(11, broken=True), "the op used a stale table"
+
+
+def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name: str) -> None:
+    """Every kind of ``pages`` the C fast path takes or declines ends as the
+    Python path ends: the same bits, or the same error, nothing set."""
+    import shmdirty as sd
+
+    n = 4 * 4096
+    big = np.arange(0, n, 7, dtype=np.int64)
+    cases: list[Any] = [
+        big, big.astype(np.uint64), big.astype(np.int32), big[::3], big.reshape(-1, 1),
+        np.array([], dtype=np.int64), np.array([n], dtype=np.int64),
+        np.array([-1, 3], dtype=np.int64), np.array([1 << 63], dtype=np.uint64),
+        np.array([2.0]), [1, 2], b"\x01" * 8, np.array([True]), big[:5].copy(order="F"),
+    ]
+    with sd.DirtyMemory.create(n << 12, block_pages=4096, name=map_name) as dm:
+        def run(pages: Any, client: Any) -> tuple[str, int]:
+            dm.test_and_clear_dirty(0, n << 12, 2)
+            try:
+                dm.set_dirty_pages(pages, client)
+                out = "ok"
+            except Exception as e:  # noqa: BLE001 - the outcome is compared
+                out = type(e).__name__
+            dest = np.zeros(n // 64, dtype=np.uint64)
+            dm.sync_dirty_bitmap(dest, 0, n << 12)
+            return out, int(np.bitwise_count(dest).sum())
+
+        for client in (2, 3, np.int64(2)):
+            for pages in cases:
+                dm._flag_in_c = True
+                fast = run(pages, client)
+                dm._flag_in_c = False    # the Python path alone
+                slow = run(pages, client)
+                assert fast == slow, (pages, client, fast, slow)
+        dm._flag_in_c = True
+        assert run(big, 2) == ("ok", len(big))
