@@ -1514,28 +1514,28 @@ static PyMethodDef view_methods[] = {
 #define VIEW_METHOD(name, doc) \
     {#name, (PyCFunction)(void (*)(void))view_##name, METH_FASTCALL | METH_KEYWORDS, doc}
     VIEW_METHOD(set_dirty_flag,
-        "set_dirty_flag(addr, client)\n--\n\n"
+        "set_dirty_flag($self, addr, client)\n--\n\n"
         "Mark the page holding byte address ``addr`` (int, bytes) dirty for\n"
         "``client`` (0 VGA, 1 CODE, 2 MIGRATION): QEMU's\n"
         "cpu_physical_memory_set_dirty_flag.  BadInput for an address outside\n"
         "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
         "call (shmdirty/_kernel.c ViewCore)."),
     VIEW_METHOD(get_dirty,
-        "get_dirty(start, length, client) -> bool\n--\n\n"
-        "Is any page of bytes [start, start+length) dirty for ``client``?\n"
-        "QEMU's cpu_physical_memory_get_dirty.  BadInput for a range outside RAM,\n"
-        "a negative length or a bad client; HandleClosed once closed."),
+        "get_dirty($self, start, length, client)\n--\n\n"
+        "True (a bool) if any page of bytes [start, start+length) is dirty for\n"
+        "``client``: QEMU's cpu_physical_memory_get_dirty.  BadInput for a range\n"
+        "outside RAM, a negative length or a bad client; HandleClosed once closed."),
     VIEW_METHOD(set_dirty_range,
-        "set_dirty_range(start, length, mask)\n--\n\n"
+        "set_dirty_range($self, start, length, mask)\n--\n\n"
         "Mark the pages of bytes [start, start+length) dirty for every client of\n"
         "``mask`` (bit c: client c): QEMU's cpu_physical_memory_set_dirty_range.\n"
         "BadInput for a range outside RAM, a negative length or a bad mask;\n"
         "HandleClosed once closed."),
     VIEW_METHOD(test_and_clear_dirty,
-        "test_and_clear_dirty(start, length, client) -> bool\n--\n\n"
-        "Clear the pages of bytes [start, start+length) for ``client``; True if\n"
-        "any was dirty: QEMU's cpu_physical_memory_test_and_clear_dirty.  BadInput\n"
-        "for a range outside RAM, a negative length or a bad client;\n"
+        "test_and_clear_dirty($self, start, length, client)\n--\n\n"
+        "Clear the pages of bytes [start, start+length) for ``client``; True (a\n"
+        "bool) if any was dirty: QEMU's cpu_physical_memory_test_and_clear_dirty.\n"
+        "BadInput for a range outside RAM, a negative length or a bad client;\n"
         "HandleClosed once closed."),
     {NULL, NULL, 0, NULL},
 };

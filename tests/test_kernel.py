@@ -592,9 +592,6 @@ def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) 
 _OPS = ("set_dirty_flag", "get_dirty", "set_dirty_range", "test_and_clear_dirty")
 
 
-@pytest.mark.xfail(strict=True, reason="break: get_dirty and test_and_clear_dirty have no "
-                   "signature (their C docstrings' '-> bool' hides the text signature, so "
-                   "help() shows a raw '--' line) and the unbound methods lack self")
 def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: str) -> None:
     """help(), inspect.signature and IDEs see the four C methods as they saw
     the Python methods: the same parameters (self first, unbound), and a
