@@ -1413,6 +1413,15 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
     }
     if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
         return 0;
+    /* The reader's nesting shows the section while the op runs, as
+     * read_lock's does on the Python path: a long walk releases the GIL, and
+     * another thread's close() (Rcu.sections_open, Rcu.close) must then see
+     * this thread inside and refuse, not free the slot and unmap the header
+     * this section still stores into.  `r` is held: that close may drop it. */
+    int outermost = r->nesting == 0;
+    Py_INCREF(r);
+    if (outermost)
+        r->nesting = 1;
     /* Orders as shmdirty.bitmap._WALK_ORDER: tests relaxed (a racing set may
      * or may not be seen, as in QEMU); set release (a taker sees the page);
      * take acq_rel (it sees that page, and orders its earlier reads). */
@@ -1424,8 +1433,11 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
             res = walk_core(PyList_GET_ITEM(clients, c), (Py_ssize_t)page, (Py_ssize_t)end,
                             (Py_ssize_t)bp, op, order);
     Py_DECREF(clients);
+    if (outermost)
+        r->nesting = 0;
     if (mode == OPEN_SECTION)
         memb_close(ctr);
+    Py_DECREF(r);
     if (res == -1)
         return -1;
     return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */

@@ -611,9 +611,6 @@ def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: s
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="break: a range op in C that released the GIL is "
-                   "inside a section its reader's nesting does not show, so close()'s "
-                   "check (Rcu.sections_open) passes and it unmaps what the op still uses")
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
 @pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty"])
 def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name: str,
