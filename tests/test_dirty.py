@@ -501,3 +501,56 @@ def test_a_threads_first_use_waits_for_an_attach_under_way(make: Any, op: str,
     finally:
         second.join(30)
         u.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="break: TableView._over walks the blocks list it read "
+                   "first; another thread's refresh replaces self._blocks while it maps a "
+                   "block, the block lands in the new list, and the walk loops for ever "
+                   "inside its section (holding up every grace period)")
+@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty",
+                                "all_dirty"])
+def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
+        make: Any, map_name: str, op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A range op whose block is not mapped yet maps it and walks again
+    (TableView._over).  While it maps (segment attach: the GIL is free),
+    another thread of the process may refresh the same handle to a newer
+    table, which replaces the handle's block lists: the op must walk the
+    new list it mapped the block into, and finish."""
+    from shmdirty import bitmap
+    from shmdirty.table import TableView
+
+    bp = 64
+    c = make(2 * bp, block_pages=bp)
+    clear_all(c)
+    dm = sd.DirtyMemory.attach(map_name)
+    try:
+        dm.get_dirty(0, PS, MIG)                  # dm's table: 2 blocks
+        c.extend(4 * bp * PS)                     # blocks 2, 3: dm has not mapped them
+        real_map, real_walk = TableView._map_block, bitmap.walk_blocks
+        walks, published = [0], []
+
+        def map_block(self: Any, *a: Any, **kw: Any) -> Any:
+            b = real_map(self, *a, **kw)
+            if self is dm and not published:
+                published.append(True)                # once
+                c.extend(6 * bp * PS)                 # the coordinator publishes again
+                t = threading.Thread(target=dm.get_dirty_flag, args=(0, MIG))
+                t.start()                             # another thread of dm refreshes it
+                t.join(30)
+            return b
+
+        def walk_blocks(*a: Any) -> int:
+            walks[0] += 1
+            if walks[0] > 100:
+                raise RuntimeError("the walk never ends: its block list was replaced")
+            return real_walk(*a)
+
+        monkeypatch.setattr(TableView, "_map_block", map_block)
+        monkeypatch.setattr(bitmap, "walk_blocks", walk_blocks)
+        args = (3 * bp * PS, PS, 1 << MIG if op == "set_dirty_range" else MIG)
+        got = getattr(dm, op)(*args)
+        assert got is (None if op == "set_dirty_range" else True)   # new RAM is dirty
+        assert dm.table.generation == c.generation
+    finally:
+        dm.close()
