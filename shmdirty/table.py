@@ -424,8 +424,11 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
 
     def _over(self, op: int, client: int, page: int, end: int) -> int:
         """bitmap.walk_blocks over pages [page, end) of ``client``: one call
-        (one C call on the kernel), after mapping any block it names."""
-        blocks = self._blocks[client]
-        while (r := bitmap.walk_blocks(blocks, page, end, self.block_pages, op)) < 0:
+        (one C call on the kernel), after mapping any block it names.  The
+        list is read again after each mapping: while one maps (the GIL is
+        free) another thread may move the view to a newer table (always
+        safe to use), whose new list is where the block went."""
+        while (r := bitmap.walk_blocks(self._blocks[client], page, end, self.block_pages,
+                                       op)) < 0:
             self._block(client, -1 - r)
         return r

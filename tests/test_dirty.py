@@ -504,10 +504,6 @@ def test_a_threads_first_use_waits_for_an_attach_under_way(make: Any, op: str,
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="break: TableView._over walks the blocks list it read "
-                   "first; another thread's refresh replaces self._blocks while it maps a "
-                   "block, the block lands in the new list, and the walk loops for ever "
-                   "inside its section (holding up every grace period)")
 @pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty",
                                 "all_dirty"])
 def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
