@@ -550,3 +550,69 @@ def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
         assert dm.table.generation == c.generation
     finally:
         dm.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="break: TableView._block stores the block it mapped "
+                   "for the table it read into the lists of a newer table another thread "
+                   "moved the view to meanwhile; after a swap of that block the handle "
+                   "writes into the retired (then pooled) block: dirty bits are lost")
+def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
+        make: Any, map_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a thread maps a block of the table it read (TableView._block:
+    the GIL is free), the coordinator swaps that block out (a take of it
+    whole; no grace wait: the budget is 0) and another thread refreshes the
+    same handle to the new table.  The mapping must not be filed under the
+    new table's index, where a fresh block is now: every later write of
+    this handle to that block would land in the retired one, which the
+    coordinator gives back once and then pools.  Writes after the swap
+    must all be found by syncs."""
+    from shmdirty.table import TableView
+
+    bp = 64
+    c = make(4 * bp, block_pages=bp)
+    clear_all(c)
+    c.swap_min_words, c.swap_grace_budget = 1, 0.0
+    dm = sd.DirtyMemory.attach(map_name)
+
+    def in_thread(fn: Any, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+
+    def swap_block_2() -> None:
+        c.set_dirty_flag((2 * bp + 1) * PS, MIG)
+        assert c.sync_dirty_bitmap(np.zeros(4, dtype=np.uint64), 2 * bp * PS, bp * PS) == 1
+
+    real_map = TableView._map_block
+    swapped: list[int] = []
+
+    def map_block(self: Any, *a: Any, **kw: Any) -> Any:
+        b = real_map(self, *a, **kw)
+        if self is dm and not swapped:
+            swapped.append(c.generation)
+            in_thread(swap_block_2)                   # the coordinator swaps block 2 out
+            in_thread(dm.get_dirty_flag, 0, MIG)      # another thread of dm refreshes it
+        return b
+
+    found: list[bool] = []
+
+    def sync_finds(page: int) -> None:   # word by word: no swap now
+        dest = np.zeros(4, dtype=np.uint64)
+        c.sync_dirty_bitmap(dest, 2 * bp * PS, bp * PS)
+        found.append(bool(dest[page >> 6] >> np.uint64(page & 63) & np.uint64(1)))
+
+    try:
+        dm.get_dirty(0, PS, MIG)                      # dm maps block 0, not 2
+        monkeypatch.setattr(TableView, "_map_block", map_block)
+        assert dm.get_dirty(2 * bp * PS, PS, MIG) is False   # maps block 2
+        monkeypatch.setattr(TableView, "_map_block", real_map)
+        assert c.generation > swapped[0]
+        c.swap_min_words = 1 << 30
+        for page in (2 * bp + 10, 2 * bp + 20, 2 * bp + 30):
+            dm.set_dirty_flag(page * PS, MIG)
+            in_thread(sync_finds, page)
+        assert found == [True, True, True], "a write after the swap was lost"
+    finally:
+        dm.close()
