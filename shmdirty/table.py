@@ -324,8 +324,15 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     def _block(self, client: int, idx: int) -> Block:
         b = self._blocks[client][idx]
         if b is None:
-            b = self._map_block(self._table.block_ids[client][idx])
-            self._blocks[client][idx] = b
+            bid = self._table.block_ids[client][idx]
+            b = self._map_block(bid)
+            # Mapping frees the GIL: another thread may have moved the view
+            # to a newer table, which may hold a fresh block here (a swap).
+            # Filed only where the current table names it; the caller's
+            # section still covers the table it read, so it may use ``b``.
+            with self._view_lock:
+                if self._table.block_ids[client][idx] == bid:
+                    self._blocks[client][idx] = b
         return b
 
     def _map_block(self, block_id: int, seg: Segment | None = None) -> Block:

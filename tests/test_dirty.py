@@ -553,10 +553,6 @@ def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="break: TableView._block stores the block it mapped "
-                   "for the table it read into the lists of a newer table another thread "
-                   "moved the view to meanwhile; after a swap of that block the handle "
-                   "writes into the retired (then pooled) block: dirty bits are lost")
 def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
         make: Any, map_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """While a thread maps a block of the table it read (TableView._block:
