@@ -1542,6 +1542,15 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
     }
     if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
         return 0;
+    /* The reader's nesting shows the section while the op runs, as
+     * read_lock's does on the Python path: a long walk releases the GIL, and
+     * another thread's close() (Rcu.sections_open, Rcu.close) must then see
+     * this thread inside and refuse, not free the slot and unmap the header
+     * this section still stores into.  `r` is held: that close may drop it. */
+    int outermost = r->nesting == 0;
+    Py_INCREF(r);
+    if (outermost)
+        r->nesting = 1;
     /* Orders as shmdirty.bitmap._WALK_ORDER: tests relaxed (a racing set may
      * or may not be seen, as in QEMU); set release (a taker sees the page);
      * take acq_rel (it sees that page, and orders its earlier reads). */
@@ -1553,8 +1562,11 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
             res = walk_core(PyList_GET_ITEM(clients, c), (Py_ssize_t)page, (Py_ssize_t)end,
                             (Py_ssize_t)bp, op, order);
     Py_DECREF(clients);
+    if (outermost)
+        r->nesting = 0;
     if (mode == OPEN_SECTION)
         memb_close(ctr);
+    Py_DECREF(r);
     if (res == -1)
         return -1;
     return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */
@@ -1770,33 +1782,34 @@ static PyMethodDef view_methods[] = {
 #define VIEW_METHOD(name, doc) \
     {#name, (PyCFunction)(void (*)(void))view_##name, METH_FASTCALL | METH_KEYWORDS, doc}
     VIEW_METHOD(set_dirty_flag,
-        "set_dirty_flag(addr, client)\n--\n\n"
+        "set_dirty_flag($self, addr, client)\n--\n\n"
         "Mark the page holding byte address ``addr`` (int, bytes) dirty for\n"
         "``client`` (0 VGA, 1 CODE, 2 MIGRATION): QEMU's\n"
         "cpu_physical_memory_set_dirty_flag.  BadInput for an address outside\n"
         "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
         "call (shmdirty/_kernel.c ViewCore)."),
     VIEW_METHOD(set_dirty_pages,
-        "set_dirty_pages(pages, client)\n--\n\n"
+        "set_dirty_pages($self, pages, client)\n--\n\n"
         "Mark a batch of pages dirty for ``client``: ``pages`` a 1-D numpy array\n"
-        "of integer page numbers (any int dtype).  BadInput for another type, a\n"
+        "of integer page numbers (any int dtype), each as QEMU's\n"
+        "cpu_physical_memory_set_dirty_flag would.  BadInput for another type, a\n"
         "page outside RAM or a bad client; HandleClosed once closed."),
     VIEW_METHOD(get_dirty,
-        "get_dirty(start, length, client) -> bool\n--\n\n"
-        "Is any page of bytes [start, start+length) dirty for ``client``?\n"
-        "QEMU's cpu_physical_memory_get_dirty.  BadInput for a range outside RAM,\n"
-        "a negative length or a bad client; HandleClosed once closed."),
+        "get_dirty($self, start, length, client)\n--\n\n"
+        "True (a bool) if any page of bytes [start, start+length) is dirty for\n"
+        "``client``: QEMU's cpu_physical_memory_get_dirty.  BadInput for a range\n"
+        "outside RAM, a negative length or a bad client; HandleClosed once closed."),
     VIEW_METHOD(set_dirty_range,
-        "set_dirty_range(start, length, mask)\n--\n\n"
+        "set_dirty_range($self, start, length, mask)\n--\n\n"
         "Mark the pages of bytes [start, start+length) dirty for every client of\n"
         "``mask`` (bit c: client c): QEMU's cpu_physical_memory_set_dirty_range.\n"
         "BadInput for a range outside RAM, a negative length or a bad mask;\n"
         "HandleClosed once closed."),
     VIEW_METHOD(test_and_clear_dirty,
-        "test_and_clear_dirty(start, length, client) -> bool\n--\n\n"
-        "Clear the pages of bytes [start, start+length) for ``client``; True if\n"
-        "any was dirty: QEMU's cpu_physical_memory_test_and_clear_dirty.  BadInput\n"
-        "for a range outside RAM, a negative length or a bad client;\n"
+        "test_and_clear_dirty($self, start, length, client)\n--\n\n"
+        "Clear the pages of bytes [start, start+length) for ``client``; True (a\n"
+        "bool) if any was dirty: QEMU's cpu_physical_memory_test_and_clear_dirty.\n"
+        "BadInput for a range outside RAM, a negative length or a bad client;\n"
         "HandleClosed once closed."),
     {NULL, NULL, 0, NULL},
 };

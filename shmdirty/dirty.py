@@ -569,18 +569,21 @@ class _Unattached(DirtyMemory):
 
     def __getattr__(self, attr: str) -> Any:
         d = self.__dict__
-        if attr.startswith("__") or not d.get("_pending_attach"):
-            if d.get("_closed"):
-                raise HandleClosed(f"this handle of map {d.get('name')} is closed")
-            raise AttributeError(attr)
-        d["_pending_attach"] = False
-        try:
-            self._open(d["name"], handles.acquire(d["name"], d["flavor"]), self)
-        except BaseException:
-            d["_pending_attach"] = True   # the next use tries again
-            raise
-        self.__class__ = DirtyMemory
-        return getattr(self, attr)
+        # One thread attaches, another's use waits (the attach's lookups re-enter).
+        with handles.attach_lock:
+            if d.get("_pending_attach") and not attr.startswith("__"):
+                d["_pending_attach"] = False
+                try:
+                    self._open(d["name"], handles.acquire(d["name"], d["flavor"]), self)
+                except BaseException:
+                    d["_pending_attach"] = True   # the next use tries again
+                    raise
+                self.__class__ = DirtyMemory
+        if type(self) is not _Unattached:   # attached, by this thread or another
+            return getattr(self, attr)
+        if d.get("_closed"):
+            raise HandleClosed(f"this handle of map {d.get('name')} is closed")
+        raise AttributeError(attr)
 
     def __repr__(self) -> str:
         if self.__dict__.get("_pending_attach"):

@@ -38,6 +38,9 @@ states: dict[str, MapState] = {}
 # Guards ``states`` and every MapState's refs.  Referenced as
 # ``handles.lock``, never imported by value: a forked child gets a new one.
 lock = threading.Lock()
+# Held while an unpickled handle attaches on its first use (dirty.py
+# _Unattached); another thread's first use waits for it.  Likewise renewed.
+attach_lock = threading.RLock()
 
 
 def open_header(name: str) -> Segment:
@@ -126,8 +129,9 @@ CLOSED: Any = Closed()
 def _after_fork_in_child() -> None:
     """The parent's lock may have been held by a thread the child has not
     got; its coordinator work (pooled and retired blocks) is the parent's."""
-    global lock
+    global lock, attach_lock
     lock = threading.Lock()
+    attach_lock = threading.RLock()
     for st in states.values():
         st.coord.forked()
 

@@ -324,8 +324,15 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     def _block(self, client: int, idx: int) -> Block:
         b = self._blocks[client][idx]
         if b is None:
-            b = self._map_block(self._table.block_ids[client][idx])
-            self._blocks[client][idx] = b
+            bid = self._table.block_ids[client][idx]
+            b = self._map_block(bid)
+            # Mapping frees the GIL: another thread may have moved the view
+            # to a newer table, which may hold a fresh block here (a swap).
+            # Filed only where the current table names it; the caller's
+            # section still covers the table it read, so it may use ``b``.
+            with self._view_lock:
+                if self._table.block_ids[client][idx] == bid:
+                    self._blocks[client][idx] = b
         return b
 
     def _map_block(self, block_id: int, seg: Segment | None = None) -> Block:
@@ -424,8 +431,11 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
 
     def _over(self, op: int, client: int, page: int, end: int) -> int:
         """bitmap.walk_blocks over pages [page, end) of ``client``: one call
-        (one C call on the kernel), after mapping any block it names."""
-        blocks = self._blocks[client]
-        while (r := bitmap.walk_blocks(blocks, page, end, self.block_pages, op)) < 0:
+        (one C call on the kernel), after mapping any block it names.  The
+        list is read again after each mapping: while one maps (the GIL is
+        free) another thread may move the view to a newer table (always
+        safe to use), whose new list is where the block went."""
+        while (r := bitmap.walk_blocks(self._blocks[client], page, end, self.block_pages,
+                                       op)) < 0:
             self._block(client, -1 - r)
         return r

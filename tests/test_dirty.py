@@ -493,3 +493,164 @@ def test_old_tables_unlinked_after_a_grace_period(make: Any, map_name: str) -> N
     assert len(segs(map_name, "b")) == 3 * nblocks   # no block was lost or duplicated
     reader.close()
     assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("op", ["set_dirty_flag", "get_dirty", "set_dirty_range",
+                                "test_and_clear_dirty"])
+def test_a_threads_first_use_waits_for_an_attach_under_way(make: Any, op: str,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An unpickled handle attaches on first use (dirty.py _Unattached).  A
+    thread whose first use comes while another thread's attach is under way
+    must wait for it and then run, not find the handle half made.  The
+    attach is held (handles.acquire patched) until the other thread is done
+    or has had half a second to be: it either waits on the attach (then runs
+    once it is let go) or fails at once."""
+    from shmdirty import dirty, handles
+
+    dm = make(64, block_pages=64)
+    clear_all(dm)
+    u = pickle.loads(pickle.dumps(dm))
+    args = {"set_dirty_flag": (5 * PS, MIG), "set_dirty_range": (5 * PS, PS, 1 << MIG),
+            "get_dirty": (0, 64 * PS, MIG), "test_and_clear_dirty": (0, 64 * PS, VGA)}[op]
+    errors: list[BaseException] = []
+
+    def second_use() -> None:
+        try:
+            getattr(u, op)(*args)
+        except BaseException as e:   # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    second = threading.Thread(target=second_use)
+    real_acquire = handles.acquire
+
+    def held_acquire(*a: Any, **kw: Any) -> Any:
+        monkeypatch.setattr(dirty.handles, "acquire", real_acquire)
+        second.start()          # its first use comes while this attach is under way
+        second.join(0.5)        # it fails at once, or waits for this attach
+        return real_acquire(*a, **kw)
+
+    monkeypatch.setattr(dirty.handles, "acquire", held_acquire)
+    try:
+        u.get_dirty_flag(0, VGA)   # the first use: attaches
+        second.join(30)
+        assert not second.is_alive()
+        assert not errors, f"the second thread's first use failed: {errors[0]!r}"
+        assert type(u) is sd.DirtyMemory
+        if op.startswith("set"):
+            assert dm.get_dirty_flag(5 * PS, MIG)
+    finally:
+        second.join(30)
+        u.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty",
+                                "all_dirty"])
+def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
+        make: Any, map_name: str, op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A range op whose block is not mapped yet maps it and walks again
+    (TableView._over).  While it maps (segment attach: the GIL is free),
+    another thread of the process may refresh the same handle to a newer
+    table, which replaces the handle's block lists: the op must walk the
+    new list it mapped the block into, and finish."""
+    from shmdirty import bitmap
+    from shmdirty.table import TableView
+
+    bp = 64
+    c = make(2 * bp, block_pages=bp)
+    clear_all(c)
+    dm = sd.DirtyMemory.attach(map_name)
+    try:
+        dm.get_dirty(0, PS, MIG)                  # dm's table: 2 blocks
+        c.extend(4 * bp * PS)                     # blocks 2, 3: dm has not mapped them
+        real_map, real_walk = TableView._map_block, bitmap.walk_blocks
+        walks, published = [0], []
+
+        def map_block(self: Any, *a: Any, **kw: Any) -> Any:
+            b = real_map(self, *a, **kw)
+            if self is dm and not published:
+                published.append(True)                # once
+                c.extend(6 * bp * PS)                 # the coordinator publishes again
+                t = threading.Thread(target=dm.get_dirty_flag, args=(0, MIG))
+                t.start()                             # another thread of dm refreshes it
+                t.join(30)
+            return b
+
+        def walk_blocks(*a: Any) -> int:
+            walks[0] += 1
+            if walks[0] > 100:
+                raise RuntimeError("the walk never ends: its block list was replaced")
+            return real_walk(*a)
+
+        monkeypatch.setattr(TableView, "_map_block", map_block)
+        monkeypatch.setattr(bitmap, "walk_blocks", walk_blocks)
+        args = (3 * bp * PS, PS, 1 << MIG if op == "set_dirty_range" else MIG)
+        got = getattr(dm, op)(*args)
+        assert got is (None if op == "set_dirty_range" else True)   # new RAM is dirty
+        assert dm.table.generation == c.generation
+    finally:
+        dm.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
+        make: Any, map_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a thread maps a block of the table it read (TableView._block:
+    the GIL is free), the coordinator swaps that block out (a take of it
+    whole; no grace wait: the budget is 0) and another thread refreshes the
+    same handle to the new table.  The mapping must not be filed under the
+    new table's index, where a fresh block is now: every later write of
+    this handle to that block would land in the retired one, which the
+    coordinator gives back once and then pools.  Writes after the swap
+    must all be found by syncs."""
+    from shmdirty.table import TableView
+
+    bp = 64
+    c = make(4 * bp, block_pages=bp)
+    clear_all(c)
+    c.swap_min_words, c.swap_grace_budget = 1, 0.0
+    dm = sd.DirtyMemory.attach(map_name)
+
+    def in_thread(fn: Any, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+
+    def swap_block_2() -> None:
+        c.set_dirty_flag((2 * bp + 1) * PS, MIG)
+        assert c.sync_dirty_bitmap(np.zeros(4, dtype=np.uint64), 2 * bp * PS, bp * PS) == 1
+
+    real_map = TableView._map_block
+    swapped: list[int] = []
+
+    def map_block(self: Any, *a: Any, **kw: Any) -> Any:
+        b = real_map(self, *a, **kw)
+        if self is dm and not swapped:
+            swapped.append(c.generation)
+            in_thread(swap_block_2)                   # the coordinator swaps block 2 out
+            in_thread(dm.get_dirty_flag, 0, MIG)      # another thread of dm refreshes it
+        return b
+
+    found: list[bool] = []
+
+    def sync_finds(page: int) -> None:   # word by word: no swap now
+        dest = np.zeros(4, dtype=np.uint64)
+        c.sync_dirty_bitmap(dest, 2 * bp * PS, bp * PS)
+        found.append(bool(dest[page >> 6] >> np.uint64(page & 63) & np.uint64(1)))
+
+    try:
+        dm.get_dirty(0, PS, MIG)                      # dm maps block 0, not 2
+        monkeypatch.setattr(TableView, "_map_block", map_block)
+        assert dm.get_dirty(2 * bp * PS, PS, MIG) is False   # maps block 2
+        monkeypatch.setattr(TableView, "_map_block", real_map)
+        assert c.generation > swapped[0]
+        c.swap_min_words = 1 << 30
+        for page in (2 * bp + 10, 2 * bp + 20, 2 * bp + 30):
+            dm.set_dirty_flag(page * PS, MIG)
+            in_thread(sync_finds, page)
+        assert found == [True, True, True], "a write after the swap was lost"
+    finally:
+        dm.close()

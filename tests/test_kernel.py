@@ -705,3 +705,72 @@ def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name:
                 assert fast == slow, (pages, client, fast, slow)
         dm._flag_in_c = True
         assert run(big, 2) == ("ok", len(big))
+
+
+_OPS = ("set_dirty_flag", "get_dirty", "set_dirty_range", "test_and_clear_dirty",
+        "set_dirty_pages")
+
+
+def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: str) -> None:
+    """help(), inspect.signature and IDEs see the five C methods as they saw
+    the Python methods: the same parameters (self first, unbound), and a
+    docstring without the text-signature block."""
+    import inspect
+
+    import shmdirty as sd
+
+    with sd.DirtyMemory.create(1 << 20, name=map_name) as dm:
+        for op in _OPS:
+            py = inspect.signature(getattr(dm, f"_{op}_py"))
+            assert list(inspect.signature(getattr(dm, op)).parameters) == list(py.parameters)
+            unbound = inspect.signature(getattr(sd.DirtyMemory, op))
+            assert list(unbound.parameters) == ["self", *py.parameters]
+            doc = getattr(sd.DirtyMemory, op).__doc__
+            assert "\n--\n" not in doc and "QEMU's" in doc and "BadInput" in doc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty"])
+def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name: str,
+                                                          flavor: str, op: str) -> None:
+    """Another thread that looks while an op runs (a range of >= 4096 pages:
+    the walk releases the GIL) sees that thread inside a read-side section,
+    as it does on the Python path: close() and Rcu.close() rely on
+    sections_open() to refuse rather than unmap the header and slot the
+    op's section still uses (a crash, or a store into a slot another
+    process may own by then)."""
+    import threading
+
+    import shmdirty as sd
+
+    ram = 64 << 20            # 16384 pages
+    c = sd.DirtyMemory.create(ram, name=map_name)
+    c.close()                 # resigns; the map stays (map_name unlinks it)
+    dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
+    stop, started = threading.Event(), threading.Event()
+    args = {"get_dirty": (0, ram, 2), "set_dirty_range": (0, ram, 1 << 2),
+            "test_and_clear_dirty": (4096, ram - 8192, 2)}[op]
+    fn = getattr(dm, op)
+
+    def run() -> None:
+        fn(*args)             # claims the slot, maps the blocks: the next ones run in C
+        started.set()
+        while not stop.is_set():
+            fn(*args)
+        dm.rcu.unregister()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert started.wait(30)
+        seen = 0
+        for _ in range(20000):
+            if dm.rcu.sections_open():
+                seen += 1
+                break
+    finally:
+        stop.set()
+        t.join(30)
+        dm.close()
+    assert seen, "no look found the thread inside a section"
