@@ -48,6 +48,7 @@ def document(outcome: Any, machine: dict[str, Any], command: str) -> dict[str, A
         "elapsed_seconds": outcome.seconds,
     }
     doc["targets"] = targets(doc)
+    doc["goals"] = goals(doc)
     return doc
 
 
@@ -120,6 +121,53 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+FLAVORS = ("shmdirty-memb", "shmdirty-qsbr")
+
+
+def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 11's goals (the compiled kernel), as measured in this run: ops/s
+    ratios to lock ("x lock"), or time per call as a multiple of c's ("x c's
+    time"), best flavor unless one is named.  Same shape as targets()."""
+    out: list[dict[str, Any]] = []
+
+    def best(op: str, workers: int, pattern: str | None = None,
+             hotplug: bool = False) -> float | None:
+        got = [v for f in FLAVORS if (v := _ops(doc, f, op, workers, hotplug, pattern))]
+        return max(got) if got else None
+
+    def add(what: str, value: float | None, goal: float, higher: bool = True) -> None:
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        out.append({"goal": what, "value": value, "want": goal,
+                    "want_is": "at least" if higher else "at most", "met": met,
+                    "unit": "x c's time" if "time" in what else ("%" if "costs" in what
+                                                                 else "x lock")})
+
+    f = "set_dirty_flag"
+    add(f"{f}, 1 worker / lock", _ratio(best(f, 1), _ops(doc, "lock", f, 1)), 3.0)
+    add(f"{f}, 2 workers / lock", _ratio(best(f, 2), _ops(doc, "lock", f, 2)), 6.0)
+    add(f"{f}, memb, 1 worker / lock",
+        _ratio(_ops(doc, "shmdirty-memb", f, 1), _ops(doc, "lock", f, 1)), 1.5)
+    for op in ("set_dirty_range", "get_dirty", "test_and_clear_dirty", "set_dirty_pages"):
+        for w, want in ((1, 1.0), (2, 2.0)):
+            add(f"{op}, {w} worker{'s' if w > 1 else ''} / lock",
+                _ratio(best(op, w), _ops(doc, "lock", op, w)), want)
+    for op, pattern, want, workers in (("set_dirty_lebitmap", "dense", 1.3, (1, 2)),
+                                       ("set_dirty_lebitmap", "sparse", 1.3, (1, 2)),
+                                       ("set_dirty_pages", None, 3.0, (1, 2)),
+                                       ("sync_dirty_bitmap", "sparse", 1.0, (1,))):
+        for w in workers:
+            name = op + (f" {pattern}" if pattern else "")
+            add(f"{name}, {w} worker{'s' if w > 1 else ''}: time per call / c's time",
+                _ratio(_ops(doc, "c", op, w, pattern=pattern), best(op, w, pattern)), want,
+                higher=False)
+    for impl in FLAVORS:
+        for w in (1, 2):
+            on, off = _ops(doc, impl, f, w, True), _ops(doc, impl, f, w, False)
+            add(f"{impl} {f}, {w} worker{'s' if w > 1 else ''}: a hot-add every 10 ms costs",
+                1 - on / off if on and off else None, 0.10, higher=False)
+    return out
+
+
 # =============================================================================
 # the table
 # =============================================================================
@@ -178,6 +226,7 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         targets_table.add_row(t["target"], shown, f"{t['goal_is']} {goal}", mark[t["met"]])
     if shown_targets:  # the JSON keeps every target, measured or not
         console.print(targets_table)
+    _print_goals(doc.get("goals", []), console)
 
     notes = list(dict.fromkeys(doc["notes"] + [s["why"] for s in doc["skipped"]]))
     for n in notes:
@@ -186,6 +235,25 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         console.print(f"[red]error:[/] {e['impl']} {e['op']} workers={e['workers']}"
                       f"{' hot-plug' if e['hotplug'] else ''}: {e['error']}", highlight=False)
     console.print(_legend(doc["config"]), highlight=False)
+
+
+def _print_goals(rows: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    shown = [g for g in rows if g["value"] is not None]
+    if not shown:
+        return
+    t = Table(title="issue 11 goals (the compiled kernel; best flavor unless named)",
+              title_justify="left")
+    for col in ("goal", "measured", "want", ""):
+        t.add_column(col)
+    mark = {True: "[green]met[/]", False: "[yellow]not met[/]", None: "[dim]n/a[/]"}
+    for g in shown:
+        pct = g["unit"] == "%"
+        v = f"{g['value']:.1%}" if pct else f"{g['value']:.3g}x"
+        want = f"{g['want']:.0%}" if pct else f"{g['want']:.3g}x"
+        t.add_row(g["goal"], v, f"{g['want_is']} {want}", mark[g["met"]])
+    console.print(t)
 
 
 def _print_micro(doc: dict[str, Any], console: Any) -> None:

@@ -447,17 +447,124 @@ static inline uint64_t load_le(const unsigned char *at)
     return v;  /* little-endian machines only (checked at import) */
 }
 
-/* OR m into *w: nothing for 0, a store of all-ones (then *stored), else a fetch-or. */
-static inline void or_word(volatile uint64_t *w, uint64_t m, int order, int sorder, int *stored)
+/* OR m into word i of each of the nb blocks w[0..nb): nothing for 0 (the
+ * source word, the caller's private input, was only loaded), an all-ones
+ * store with `sorder` (then *stored: the caller fences once), else a
+ * fetch-or with `order`.  shmdirty passes release: whoever takes a bit with
+ * acquire (sync, test_and_clear) sees the page written before it was set;
+ * the all-ones stores are release too (store_order) and the fence after the
+ * loop makes them visible before the caller goes on, as a fetch-or would.
+ * or_ and store are patomic's, passed in so the loop keeps them in registers. */
+static inline __attribute__((always_inline)) void
+or_word(volatile uint64_t *const *w, const int nb, Py_ssize_t i, uint64_t m, op_void_t or_,
+        op_store_t store, int order, int sorder, int *stored)
 {
     if (!m)
         return;
     if (m == ONES) {
-        ops.store(w, &m, sorder);
+        for (int j = 0; j < nb; j++)
+            store(&w[j][i], &m, sorder);
         *stored = 1;
     } else {
-        ops.or_(w, &m, order);
+        for (int j = 0; j < nb; j++)
+            or_(&w[j][i], &m, order);
     }
+}
+
+/* The loop of or_bitmap / or_bitmaps: OR source bits [src_first, src_first +
+ * count) of `src` (nbytes bytes, little-endian) into bits [first, first +
+ * count) of each of the nb blocks w[0..nb), reading each source word once.
+ * count > 0 and every range checked by the caller; needs no GIL.  Nonzero if
+ * it stored (the caller then fences).  Inlined with nb a constant (below):
+ * the per-block loop unrolls and the sparse case's cost is the ORs. */
+static inline __attribute__((always_inline)) int
+loop_or_bitmap_n(volatile uint64_t *const *bw, const int nb, Py_ssize_t first, Py_ssize_t count,
+                 const unsigned char *src, Py_ssize_t nbytes, Py_ssize_t src_first, int order)
+{
+    op_void_t or_ = ops.or_;
+    op_store_t store = ops.store;
+    Py_ssize_t end = first + count;
+    Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
+    Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
+    int sorder = store_order(order), stored = 0;
+    /* The edge words: masked, from any bit offset. */
+    or_word(bw, nb, w0, src_bits(src, nbytes, w0 * 64 + delta) &
+            word_mask(w0, w0, w1, first, end), or_, store, order, sorder, &stored);
+    if (w1 > w0)
+        or_word(bw, nb, w1, src_bits(src, nbytes, w1 * 64 + delta) &
+                word_mask(w1, w0, w1, first, end), or_, store, order, sorder, &stored);
+    /* The words between: all their source bits lie inside the source.
+     * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
+    Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
+    unsigned r = (unsigned)(delta - q * 64);
+    Py_ssize_t last = w1 - 1;
+    if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
+        last--;  /* its upper source word may run past a bytes source: below */
+    if (r == 0) {
+        for (Py_ssize_t w = w0 + 1; w <= last; w++)
+            or_word(bw, nb, w, load_le(src + (w + q) * 8), or_, store, order, sorder, &stored);
+    } else {
+        for (Py_ssize_t w = w0 + 1; w <= last; w++) {
+            const unsigned char *at = src + (w + q) * 8;
+            or_word(bw, nb, w, load_le(at) >> r | load_le(at + 8) << (64 - r), or_, store,
+                    order, sorder, &stored);
+        }
+    }
+    for (Py_ssize_t w = last + 1; w < w1; w++)
+        or_word(bw, nb, w, src_bits(src, nbytes, w * 64 + delta), or_, store, order, sorder,
+                &stored);
+    return stored;
+}
+
+static int loop_or_bitmap(volatile uint64_t *const *bw, int nb, Py_ssize_t first,
+                          Py_ssize_t count, const unsigned char *src, Py_ssize_t nbytes,
+                          Py_ssize_t src_first, int order)
+{
+    switch (nb) {  /* 2: VGA and MIGRATION (KVM); 3: with CODE (tcg) */
+    case 1: return loop_or_bitmap_n(bw, 1, first, count, src, nbytes, src_first, order);
+    case 2: return loop_or_bitmap_n(bw, 2, first, count, src, nbytes, src_first, order);
+    case 3: return loop_or_bitmap_n(bw, 3, first, count, src, nbytes, src_first, order);
+    default: return loop_or_bitmap_n(bw, nb, first, count, src, nbytes, src_first, order);
+    }
+}
+
+/* The source of or_bitmap / or_bitmaps: any C-contiguous buffer holding bits
+ * [src_first, src_first + count). */
+static int get_src(PyObject *o, Py_ssize_t src_first, Py_ssize_t count, Py_buffer *sv)
+{
+    if (PyObject_GetBuffer(o, sv, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "src must be a C-contiguous buffer (bytes or array)");
+        return 0;
+    }
+    if (src_first > sv->len * 8 || count > sv->len * 8 - src_first) {
+        PyErr_Format(PyExc_ValueError, "source bits [%zd, %zd + %zd) are outside its %zd bits",
+                     src_first, src_first, count, sv->len * 8);
+        PyBuffer_Release(sv);
+        return 0;
+    }
+    return 1;
+}
+
+/* Most blocks or_bitmaps takes: one per client (DIRTY_MEMORY_NUM is 3). */
+#define MAX_CLIENTS 8
+
+/* The body of or_bitmap / or_bitmaps once the blocks are held: the loop,
+ * without the GIL for big ranges, then one fence if it stored. */
+static void or_bitmap_held(block_t *b, int nb, Py_ssize_t first, Py_ssize_t count,
+                           Py_buffer *sv, Py_ssize_t src_first, int order)
+{
+    volatile uint64_t *w[MAX_CLIENTS];
+    if (!count)
+        return;
+    for (int j = 0; j < nb; j++)
+        w[j] = b[j].w;
+    Py_ssize_t nwords = ((first + count - 1) >> 6) - (first >> 6);
+    PyThreadState *ts = nwords >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+    if (loop_or_bitmap(w, nb, first, count, sv->buf, sv->len, src_first, order))
+        full_fence();  /* the all-ones stores are visible before the caller goes on */
+    if (ts)
+        PyEval_RestoreThread(ts);
 }
 
 /* or_bitmap(block, first, count, src, src_first, order): OR bits
@@ -474,19 +581,8 @@ static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_buffer sv;
     if (not_ready() || !nargs_ok("or_bitmap", nargs, 6) || !get_index(args[1], "first", &first) ||
         !get_index(args[2], "count", &count) || !get_index(args[4], "src_first", &src_first) ||
-        !get_order(args[5], ORD_RMW, &order))
+        !get_order(args[5], ORD_RMW, &order) || !get_src(args[3], src_first, count, &sv))
         return NULL;
-    if (PyObject_GetBuffer(args[3], &sv, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        PyErr_SetString(PyExc_ValueError, "src must be a C-contiguous buffer (bytes or array)");
-        return NULL;
-    }
-    if (src_first > sv.len * 8 || count > sv.len * 8 - src_first) {
-        PyErr_Format(PyExc_ValueError, "source bits [%zd, %zd + %zd) are outside its %zd bits",
-                     src_first, src_first, count, sv.len * 8);
-        PyBuffer_Release(&sv);
-        return NULL;
-    }
     if (!get_block(args[0], &b)) {
         PyBuffer_Release(&sv);
         return NULL;
@@ -496,45 +592,61 @@ static PyObject *k_or_bitmap(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyBuffer_Release(&sv);
         return NULL;
     }
-    if (count) {
-        const unsigned char *src = sv.buf;
-        Py_ssize_t nbytes = sv.len, end = first + count;
-        Py_ssize_t w0 = first >> 6, w1 = (end - 1) >> 6;
-        Py_ssize_t delta = src_first - first;  /* source bit of block bit 0 */
-        int sorder = store_order(order), stored = 0;
-        PyThreadState *ts = w1 - w0 >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        /* The edge words: masked, from any bit offset. */
-        or_word(&b.w[w0], src_bits(src, nbytes, w0 * 64 + delta) &
-                word_mask(w0, w0, w1, first, end), order, sorder, &stored);
-        if (w1 > w0)
-            or_word(&b.w[w1], src_bits(src, nbytes, w1 * 64 + delta) &
-                    word_mask(w1, w0, w1, first, end), order, sorder, &stored);
-        /* The words between: all their source bits lie inside the source.
-         * Block word w's bits start at source bit 64 w + delta = 64 (w + q) + r. */
-        Py_ssize_t q = delta >= 0 ? delta / 64 : -((63 - delta) / 64);
-        unsigned r = (unsigned)(delta - q * 64);
-        Py_ssize_t last = w1 - 1;
-        if (r && last > w0 && (w1 - 1 + q + 1) * 8 + 8 > nbytes)
-            last--;  /* its upper source word may run past a bytes source: below */
-        if (r == 0) {
-            for (Py_ssize_t w = w0 + 1; w <= last; w++)
-                or_word(&b.w[w], load_le(src + (w + q) * 8), order, sorder, &stored);
-        } else {
-            for (Py_ssize_t w = w0 + 1; w <= last; w++) {
-                const unsigned char *at = src + (w + q) * 8;
-                or_word(&b.w[w], load_le(at) >> r | load_le(at + 8) << (64 - r), order, sorder,
-                        &stored);
-            }
-        }
-        for (Py_ssize_t w = last + 1; w < w1; w++)
-            or_word(&b.w[w], src_bits(src, nbytes, w * 64 + delta), order, sorder, &stored);
-        if (stored)
-            full_fence();  /* the stores are visible before the caller goes on */
-        if (ts)
-            PyEval_RestoreThread(ts);
-    }
+    or_bitmap_held(&b, 1, first, count, &sv, src_first, order);
     PyBuffer_Release(&b.view);
     PyBuffer_Release(&sv);
+    Py_RETURN_NONE;
+}
+
+/* or_bitmaps(blocks, first, count, src, src_first, order): or_bitmap into
+ * every block of `blocks` (a list or tuple of 1 to MAX_CLIENTS block
+ * buffers, one per client) in one pass over the source: each source word is
+ * loaded once and, if nonzero, ORed (or stored, all ones) into the same word
+ * of every block, as QEMU's cpu_physical_memory_set_dirty_lebitmap does.
+ * Every block is checked before any is touched. */
+static PyObject *k_or_bitmaps(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t first, count, src_first;
+    int order, nb = 0, ok = 1;
+    block_t b[MAX_CLIENTS];
+    Py_buffer sv;
+    if (not_ready() || !nargs_ok("or_bitmaps", nargs, 6) ||
+        !get_index(args[1], "first", &first) || !get_index(args[2], "count", &count) ||
+        !get_index(args[4], "src_first", &src_first) || !get_order(args[5], ORD_RMW, &order))
+        return NULL;
+    if (!PyList_Check(args[0]) && !PyTuple_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "or_bitmaps(): blocks must be a list or tuple, not %.100s",
+                     Py_TYPE(args[0])->tp_name);
+        return NULL;
+    }
+    /* A tuple of our own: getting a buffer may run code that changes a list. */
+    PyObject *blocks = PySequence_Tuple(args[0]);
+    if (blocks == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(blocks);
+    if (n < 1 || n > MAX_CLIENTS) {
+        PyErr_Format(PyExc_ValueError, "or_bitmaps(): %zd blocks, not 1 to %d", n, MAX_CLIENTS);
+        Py_DECREF(blocks);
+        return NULL;
+    }
+    if (!get_src(args[3], src_first, count, &sv)) {
+        Py_DECREF(blocks);
+        return NULL;
+    }
+    /* Hold every block and check the range in each before touching any. */
+    while (ok && nb < n) {
+        ok = get_block(PyTuple_GET_ITEM(blocks, nb), &b[nb]);
+        if (ok)
+            ok = range_ok(first, count, b[nb++].n);
+    }
+    if (ok)
+        or_bitmap_held(b, nb, first, count, &sv, src_first, order);
+    while (nb-- > 0)
+        PyBuffer_Release(&b[nb].view);
+    PyBuffer_Release(&sv);
+    Py_DECREF(blocks);
+    if (!ok)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1025,6 +1137,28 @@ static PyObject *k_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(r >= 0 ? r : -1 - (-2 - r));
 }
 
+/* The set pass of a page batch: one patomic `or` per page, with `order`.
+ * Each locked instruction waits for its own cache miss, so the word
+ * PAGES_AHEAD pages on is prefetched for writing first: the misses overlap
+ * instead of queueing (a cache hint, not an access: the words themselves
+ * are only touched by patomic's op). */
+#define PAGES_AHEAD 8
+static void set_pages_held(block_t *held, const int64_t *pages, Py_ssize_t n,
+                           long long bp, int order)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PAGES_AHEAD < n) {
+            int64_t p = pages[i + PAGES_AHEAD];
+            Py_ssize_t j = (Py_ssize_t)(p / bp);
+            __builtin_prefetch((const void *)&held[j].w[(p - (int64_t)j * bp) >> 6], 1, 3);
+        }
+        Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
+        Py_ssize_t bit = (Py_ssize_t)(pages[i] - (int64_t)idx * bp);
+        uint64_t m = (uint64_t)1 << (bit & 63);
+        ops.or_(&held[idx].w[bit >> 6], &m, order);
+    }
+}
+
 /* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
  * its RCU and range checks.  pages: a C-contiguous array of 64-bit page
  * numbers; blocks as for set_page, each with `words`, its writable buffer.
@@ -1093,12 +1227,7 @@ static PyObject *k_set_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
     /* 2: set the bits, holding every buffer. */
     {
         PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            Py_ssize_t idx = (Py_ssize_t)(pages[i] / block_pages);
-            Py_ssize_t bit = (Py_ssize_t)(pages[i] - (int64_t)idx * block_pages);
-            uint64_t m = (uint64_t)1 << (bit & 63);
-            ops.or_(&held[idx].w[bit >> 6], &m, order);
-        }
+        set_pages_held(held, pages, n, block_pages, order);
         if (ts)
             PyEval_RestoreThread(ts);
     }
@@ -1443,6 +1572,125 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
     return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */
 }
 
+static PyObject *ndarray_type;  /* numpy.ndarray, looked up on first use */
+
+/* set_dirty_pages' fast path: `pages` a 1-D C-contiguous numpy array of
+ * 64-bit integers (not empty), every page inside RAM and its block mapped,
+ * `client` an exact int.  One pass checks every page and holds the blocks'
+ * buffers, the section opens, a second pass sets the bits (one patomic `or`
+ * each, release: a taker sees the page), the section closes.  1 done, 0
+ * declined (nothing set), -1 error. */
+static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o)
+{
+    int overflow, res = 0;
+    if (!PyLong_CheckExact(client_o) || self->blocks == NULL || !PyList_Check(self->blocks))
+        return 0;
+    long client = PyLong_AsLongAndOverflow(client_o, &overflow);
+    if (overflow || client < 0 || client >= PyList_GET_SIZE(self->blocks))
+        return 0;
+    if (ndarray_type == NULL) {
+        PyObject *np = PyImport_ImportModule("numpy");
+        ndarray_type = np ? PyObject_GetAttrString(np, "ndarray") : NULL;
+        Py_XDECREF(np);
+        if (ndarray_type == NULL || !PyType_Check(ndarray_type)) {
+            Py_CLEAR(ndarray_type);
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    if (!PyObject_TypeCheck(pages_o, (PyTypeObject *)ndarray_type))
+        return 0;
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    int mode = section_mode(self, &r, &ctr, &gp);
+    if (mode <= 0)
+        return mode;
+    Py_buffer pv;
+    if (PyObject_GetBuffer(pages_o, &pv, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char *f = pv.format ? pv.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    Py_ssize_t n = pv.len / 8;
+    PyObject *blocks = PyList_GET_ITEM(self->blocks, client);
+    if (pv.ndim != 1 || pv.itemsize != 8 || strlen(f) != 1 || !strchr("qQlLnN", *f) || n == 0 ||
+        !PyList_CheckExact(blocks)) {
+        PyBuffer_Release(&pv);
+        return 0;
+    }
+    Py_INCREF(blocks);   /* another thread may replace the view's lists meanwhile */
+    Py_INCREF(r);        /* and close() may drop the reader */
+    const int64_t *pages = pv.buf;
+    long long bp = self->block_pages, nblocks = PyList_GET_SIZE(blocks);
+    long long limit = self->ram_end >> self->page_bits;
+    if (nblocks * bp < limit)
+        limit = nblocks * bp;
+    block_t *held = PyMem_Calloc(nblocks ? (size_t)nblocks : 1, sizeof(block_t));
+    if (held == NULL) {
+        PyErr_NoMemory();
+        res = -1;
+        goto out;
+    }
+    /* 1: every page inside RAM, its block mapped (else the Python path). */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pages[i] < 0 || pages[i] >= limit)
+            goto out;
+        Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
+        if (held[idx].w)
+            continue;
+        PyObject *blk = PyList_GET_ITEM(blocks, idx);
+        if (blk == Py_None)
+            goto out;
+        PyObject *words = PyObject_GetAttr(blk, str_words);
+        int ok = words != NULL && get_block(words, &held[idx]);
+        Py_XDECREF(words);
+        if (ok && held[idx].n * 64 < bp) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %lld pages",
+                         idx, held[idx].n, bp);
+            PyBuffer_Release(&held[idx].view);
+            held[idx].w = NULL;
+            ok = 0;
+        }
+        if (!ok) {
+            res = -1;
+            goto out;
+        }
+    }
+    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
+        goto out;
+    {
+        /* The reader's nesting shows the section while the GIL is released:
+         * another thread's close() sees this thread inside and refuses. */
+        int outermost = r->nesting == 0;
+        if (outermost)
+            r->nesting = 1;
+        PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
+        set_pages_held(held, pages, n, bp, RELEASE);
+        if (ts)
+            PyEval_RestoreThread(ts);
+        if (outermost)
+            r->nesting = 0;
+        if (mode == OPEN_SECTION)
+            memb_close(ctr);
+        res = 1;
+    }
+out:
+    if (held) {
+        for (Py_ssize_t i = 0; i < nblocks; i++)
+            if (held[i].w)
+                PyBuffer_Release(&held[i].view);
+        PyMem_Free(held);
+    }
+    Py_DECREF(r);
+    Py_DECREF(blocks);
+    PyBuffer_Release(&pv);
+    return res;
+}
+
+enum { OP_FLAG = -1, OP_PAGES = -2 };  /* view_call's ops besides the walks */
+
 /* Run the fast path `fast` (an op) or hand the call, as it came, to the
  * Python path `slow`.  The result: None for WALK_SET, else a bool. */
 static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
@@ -1451,8 +1699,9 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs == want && kwnames == NULL) {
-        int r = op < 0 ? view_fast_flag(self, args[0], args[1])
-                       : view_fast_range(self, args[0], args[1], args[2], op);
+        int r = op == OP_FLAG  ? view_fast_flag(self, args[0], args[1])
+              : op == OP_PAGES ? view_fast_pages(self, args[0], args[1])
+                               : view_fast_range(self, args[0], args[1], args[2], op);
         if (r < 0)
             return NULL;
         if (r > 0) {
@@ -1472,12 +1721,19 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
     return PyObject_VectorcallMethod(slow, stack, (size_t)(1 + nargs), kwnames);
 }
 
-static PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take;
+static PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take, *str_slow_pages;
 
 static PyObject *view_set_dirty_flag(ViewCore *self, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames)
 {
-    return view_call(self, args, nargsf, kwnames, -1, 2, "set_dirty_flag", str_slow_flag);
+    return view_call(self, args, nargsf, kwnames, OP_FLAG, 2, "set_dirty_flag", str_slow_flag);
+}
+
+static PyObject *view_set_dirty_pages(ViewCore *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames)
+{
+    return view_call(self, args, nargsf, kwnames, OP_PAGES, 2, "set_dirty_pages",
+                     str_slow_pages);
 }
 
 static PyObject *view_get_dirty(ViewCore *self, PyObject *const *args, size_t nargsf,
@@ -1532,6 +1788,11 @@ static PyMethodDef view_methods[] = {
         "cpu_physical_memory_set_dirty_flag.  BadInput for an address outside\n"
         "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
         "call (shmdirty/_kernel.c ViewCore)."),
+    VIEW_METHOD(set_dirty_pages,
+        "set_dirty_pages(pages, client)\n--\n\n"
+        "Mark a batch of pages dirty for ``client``: ``pages`` a 1-D numpy array\n"
+        "of integer page numbers (any int dtype).  BadInput for another type, a\n"
+        "page outside RAM or a bad client; HandleClosed once closed."),
     VIEW_METHOD(get_dirty,
         "get_dirty($self, start, length, client)\n--\n\n"
         "True (a bool) if any page of bytes [start, start+length) is dirty for\n"
@@ -1584,6 +1845,7 @@ static PyMethodDef methods[] = {
     FAST(bit_test_set, "bit_test_set(addr, bit, order) -> old bit"),
     FAST(bit_test_reset, "bit_test_reset(addr, bit, order) -> old bit"),
     FAST(or_bitmap, "or_bitmap(block, first, count, src, src_first, order)"),
+    FAST(or_bitmaps, "or_bitmaps(blocks, first, count, src, src_first, order)"),
     FAST(or_sparse, "or_sparse(block, words, masks, order)"),
     FAST(take, "take(block, first, count, out, order) -> any taken"),
     FAST(any_set, "any_set(block, first, count) -> bool"),
@@ -1619,8 +1881,9 @@ PyMODINIT_FUNC PyInit__kernel(void)
     str_slow_get = PyUnicode_InternFromString("_get_dirty_py");
     str_slow_set = PyUnicode_InternFromString("_set_dirty_range_py");
     str_slow_take = PyUnicode_InternFromString("_test_and_clear_dirty_py");
+    str_slow_pages = PyUnicode_InternFromString("_set_dirty_pages_py");
     if (!str_base || !str_words || !str_reader || !str_ram_size || !str_slow_flag ||
-        !str_slow_get || !str_slow_set || !str_slow_take)
+        !str_slow_get || !str_slow_set || !str_slow_take || !str_slow_pages)
         return NULL;
     if (PyType_Ready(&ReaderCoreType) < 0 || PyType_Ready(&ViewCoreType) < 0)
         return NULL;

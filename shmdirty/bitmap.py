@@ -208,6 +208,25 @@ def or_bitmap(block: Block, first: int, count: int,
                                     src_first, src_first + count))
 
 
+def or_bitmaps(blocks: list[Block], first: int, count: int,
+               src: np.ndarray[Any, np.dtype[np.uint64]], src_first: int) -> None:
+    """``or_bitmap`` into every block of ``blocks`` (one per client, at most
+    8) in one pass over the source, as QEMU's set_dirty_lebitmap loop ORs
+    each nonzero word into every client.  The Python twin of the kernel's
+    or_bitmaps: the source is shifted once and ORed into each block."""
+    k = atomic.batch
+    if k is not None:
+        # release: as set_range.
+        k.or_bitmaps([b.words for b in blocks], first, count, src, src_first, atomic.RELEASE)
+        return
+    if count:
+        w0 = first >> 6
+        nwords = ((first + count - 1) >> 6) - w0 + 1
+        bits = shifted(src, src_first - (first & 63), nwords, src_first, src_first + count)
+        for b in blocks:
+            or_words(b, w0, bits)  # release ORs, all-ones stores + fence: as set_range
+
+
 def set_page(clients: list[list[Block | None]], client: Any, addr: Any, ram_size: int,
              page_bits: int, block_pages: int, order: int) -> bool:
     """Set the bit of the page holding byte ``addr`` in ``clients[client]``'s

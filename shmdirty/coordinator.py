@@ -56,8 +56,7 @@ Words = np.ndarray[Any, np.dtype[np.uint64]]
 
 SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
 SWAP_GRACE_BUDGET = 0.02    # longest a swap waits for its grace period (s): a few
-                            # scheduler slices, so a reader that was only preempted
-                            # inside a section still lets the swap end cleanly
+                            # scheduler slices (a preempted reader still lets it end)
 SERVE_POLL = 1e-3           # how often serve() looks for requests (s) ...
 SERVE_POLL_IDLE = 4e-3      # ... backing off to this while none comes (s)
 REQUEST_POLL = 2e-4         # how often request_extend() looks for the grant (s)
@@ -367,22 +366,24 @@ class Coordinator:
             with self.rcu.offline():  # a qsbr reader must not hold up grace periods
                 self._await_ram_size(new_ram_size, timeout, deadline)
         except BaseException as e:
-            # A request that raised is withdrawn (the error changes nothing):
-            # the word goes back to 0 only if it still holds our value (a
-            # larger one is another caller's).  acq_rel on success, ordered
-            # with the serve loop's acquire load and its own CAS to 0;
-            # relaxed on failure (we then touch nothing).
-            atomic.compare_exchange(self.req_ptr, new_ram_size, 0,
-                                    atomic.ACQ_REL, atomic.RELAXED)
-            # Remaining race, accepted: a grant that lands as the timeout fires
-            # is reported as success (acquire: pairs with publish()'s release);
-            # a coordinator that loaded the request before the withdrawal but
-            # publishes after this check still grows RAM after the error.  A
-            # caller waiting for the same size re-posts it (_await_ram_size).
+            # Withdrawn (the error changes nothing).  Accepted races: a grant
+            # landing as the timeout fires is a success (acquire: pairs with
+            # publish()'s release); a coordinator that loaded the request
+            # before the withdrawal still grows RAM after the error; a caller
+            # of the same size re-posts it (_await_ram_size).
+            self._withdraw(new_ram_size)
             if (not isinstance(e, GraceTimeout)
                     or atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size):
                 raise
+        else:  # granted: a re-post may have landed after the grant cleared the word
+            self._withdraw(new_ram_size)
         v._invalidate()  # re-read the table at the next op
+
+    def _withdraw(self, new_ram_size: int) -> None:
+        """The request word back to 0 if it still holds ours (a larger one is
+        another caller's).  acq_rel on success, ordered with serve's acquire
+        load and CAS to 0; relaxed on failure (nothing touched)."""
+        atomic.compare_exchange(self.req_ptr, new_ram_size, 0, atomic.ACQ_REL, atomic.RELAXED)
 
     def _post(self, new_ram_size: int) -> None:
         """Post the largest request: a CAS-max (acq_rel; serve loads it with acquire)."""
@@ -439,10 +440,9 @@ class Coordinator:
             self.extend(req)
             grew = True
         if req:
-            # Granted (or already met): withdraw it, so that RAM removed later
-            # is not grown back by a stale request.  A CAS: a larger request
-            # posted meanwhile stays for the next round.
-            atomic.compare_exchange(self.req_ptr, req, 0, atomic.ACQ_REL, atomic.RELAXED)
+            # Granted (or already met): withdrawn, so that RAM removed later is
+            # not grown back by it (a larger request posted meanwhile stays).
+            self._withdraw(req)
         if self.rcu.gp.pending:
             self.rcu.gp.run_callbacks()
         return grew

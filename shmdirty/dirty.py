@@ -224,9 +224,9 @@ class DirtyMemory(TableView):
             self._rcu.gp.run_callbacks()
 
     # --- accessors -----------------------------------------------------------------
-    # The four hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
-    # test_and_clear_dirty): where the kernel was built each is a C method of
-    # TableView's base (shmdirty/_kernel.c, ViewCore).  For a handle made on
+    # The five hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
+    # test_and_clear_dirty, set_dirty_pages): where the kernel was built
+    # each is a C method of TableView's base (shmdirty/_kernel.c, ViewCore).  For a handle made on
     # the kernel backend it reads this thread's reader and the table fields
     # as the Python path does and runs the op in the same call (opening and
     # closing a memb section there when outside one).  Whatever it declines
@@ -326,12 +326,6 @@ class DirtyMemory(TableView):
         self._take(client, start, length, merge)
         return dirty
 
-    if atomic.VIEW_BASE is object:   # no kernel built: the Python paths are the methods
-        set_dirty_flag = _set_dirty_flag_py
-        get_dirty = _get_dirty_py
-        set_dirty_range = _set_dirty_range_py
-        test_and_clear_dirty = _test_and_clear_dirty_py
-
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
         returns it: VGA and MIGRATION always, CODE only for a tcg map."""
@@ -348,8 +342,7 @@ class DirtyMemory(TableView):
         try:
             for idx, off, num in self._walk(page0, end):
                 k = idx * self.block_pages + off - page0   # source bit of block bit `off`
-                for c in clients:
-                    bitmap.or_bitmap(self._block(c, idx), off, num, bits, k)
+                bitmap.or_bitmaps([self._block(c, idx) for c in clients], off, num, bits, k)
         finally:
             self._end()
 
@@ -374,7 +367,7 @@ class DirtyMemory(TableView):
         self._take(DIRTY_MEMORY_MIGRATION, start, length, merge, check)
         return newly
 
-    def set_dirty_pages(self, pages: Any, client: int) -> None:
+    def _set_dirty_pages_py(self, pages: Any, client: int) -> None:
         """Mark a batch of page numbers (an integer numpy array) dirty."""
         client = _client(client)
         if not isinstance(pages, np.ndarray) or pages.dtype.kind not in "iu" or pages.ndim != 1:
@@ -395,6 +388,13 @@ class DirtyMemory(TableView):
                 self._block(client, idx)
         finally:
             self._end()
+
+    if atomic.VIEW_BASE is object:   # no kernel built: the Python paths are the methods
+        set_dirty_flag = _set_dirty_flag_py
+        get_dirty = _get_dirty_py
+        set_dirty_range = _set_dirty_range_py
+        test_and_clear_dirty = _test_and_clear_dirty_py
+        set_dirty_pages = _set_dirty_pages_py
 
     def snapshot_and_clear_dirty(self, start: int, length: int, client: int) -> DirtySnapshot:
         """Take the dirty bits of the range for ``client`` into a snapshot."""

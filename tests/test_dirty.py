@@ -322,6 +322,48 @@ def test_pickled_handle_attaches_in_a_spawned_child(make: Any, spawn_ctx: Any,
 
 # --- request_extend and serve ----------------------------------------------------------------
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_repost_after_the_grant_is_withdrawn(make: Any, monkeypatch: pytest.MonkeyPatch,
+                                               fixed: bool) -> None:
+    """The waiter re-posts its request every 50 ms; a re-post that lands
+    just after serve granted it and cleared the word must not stay there, or
+    the coordinator grows RAM back to it once RAM shrinks (this interleaving
+    made test_request_extend_granted_by_serve fail about once in 15 runs).
+    The interleaving is forced: the wait re-posts once more after the grant.
+    The broken variant, a granted request not withdrawn, regrows RAM."""
+    from shmdirty.coordinator import Coordinator
+
+    dm = make(64)
+    want = 64 * 3 + 5
+    wait, withdraw = Coordinator._await_ram_size, Coordinator._withdraw
+
+    def wait_then_repost(self: Coordinator, size: int, *args: Any) -> None:
+        wait(self, size, *args)
+        stop.set()         # serve looks no more (it would clear a met request)
+        server.join(10)
+        self._post(size)   # the waiter's re-post, landing after the grant
+
+    monkeypatch.setattr(Coordinator, "_await_ram_size", wait_then_repost)
+    if not fixed:   # the waiter never withdraws; serve (the coordinator) still does
+        monkeypatch.setattr(Coordinator, "_withdraw", lambda self, size: (
+            withdraw(self, size) if self.is_coordinator() else None))
+    a = sd.DirtyMemory.attach(dm.name)   # not the coordinator: it posts and waits
+    stop = threading.Event()
+    server = threading.Thread(target=dm.serve, args=(stop,))
+    server.start()
+    try:
+        a.request_extend(want * PS, timeout=30)
+    finally:
+        stop.set()
+        server.join(10)
+        a.close()
+    assert dm.ram_size == want * PS
+    dm.ram_block_remove(64 * PS)
+    dm.serve_once()
+    assert (dm.ram_size == 64 * PS) == fixed
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("event", ["multiprocessing", "threading"])
 def test_request_extend_granted_by_serve(make: Any, spawn_ctx: Any, children: list[Any],
                                          event: str) -> None:

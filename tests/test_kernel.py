@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import AVAILABLE_BACKENDS, use_atomics_backend
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shmdirty import atomic, bitmap
 from shmdirty.bitmap import Block
@@ -271,6 +273,72 @@ def test_set_pages_and_walk_name_an_unmapped_block_and_set_nothing() -> None:
             atomic.use_backend(before)
 
 
+# -- or_bitmaps: one pass over the source into every client's block ----------------------
+@st.composite
+def _or_bitmaps_case(draw: st.DrawFn) -> tuple[int, int, int, int, int, list[int], bool]:
+    first = draw(st.integers(0, BITS - 1))
+    count = draw(st.integers(0, BITS - first))
+    src_first = draw(st.integers(0, 200))
+    nbits = src_first + count + draw(st.integers(0, 70))
+    kind = draw(st.sampled_from(["random", "sparse", "runs", "ones", "zero"]))
+    rnd = draw(st.randoms(use_true_random=False))
+    if kind == "random":
+        src = rnd.getrandbits(nbits) if nbits else 0
+    elif kind == "sparse":
+        src = sum(1 << rnd.randrange(nbits) for _ in range(nbits // 50)) if nbits else 0
+    elif kind == "runs":  # whole all-ones words every other word (the store path)
+        src = sum(MASK64 << (128 * i) for i in range(nbits // 128 + 1)) & ((1 << nbits) - 1)
+    else:
+        src = (1 << nbits) - 1 if kind == "ones" else 0
+    seeds = draw(st.lists(st.integers(0, 1 << 30), min_size=1, max_size=3))
+    return first, count, src, nbits, src_first, seeds, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=_or_bitmaps_case())
+def test_or_bitmaps_agrees_on_every_backend(case: tuple[Any, ...]) -> None:
+    """Kernel and twin: each block ends as if or_bitmap had run on it alone,
+    and nothing outside the blocks changes (bytes sources: kernel only)."""
+    first, count, src, nbits, src_first, seeds, as_bytes = case
+    want_or = bits_of(src, src_first, count) << first
+    ran = []
+    for name in ("kernel", "cffi"):
+        if name not in AVAILABLE_BACKENDS or (as_bytes and name != "kernel"):
+            continue
+        before = use_atomics_backend(name)
+        try:
+            gs = [Guarded(random.Random(s), fill="random" if s % 2 else "zero") for s in seeds]
+            starts = [g.as_int() for g in gs]
+            arr = src_array(src, nbits, as_bytes)
+            if as_bytes:
+                atomic.batch.or_bitmaps([g.words for g in gs], first, count, arr, src_first,
+                                        atomic.RELEASE)
+            else:
+                bitmap.or_bitmaps([g.block for g in gs], first, count, arr, src_first)
+            for g, start in zip(gs, starts, strict=True):
+                assert g.guards_intact(), f"{name} wrote outside a block"
+                assert g.as_int() == start | want_or, name
+            ran.append(name)
+        finally:
+            atomic.use_backend(before)
+    assert ran or as_bytes
+
+
+def test_or_bitmaps_on_the_public_backend() -> None:
+    """The public backend's twin (one short case: ~25 us per atomic word)."""
+    before = use_atomics_backend("public")
+    try:
+        gs = [Guarded(random.Random(s)) for s in (1, 2)]
+        starts = [g.as_int() for g in gs]
+        src = np.array([0, MASK64, 0x8000_0000_0000_0001, 5], dtype=np.uint64)
+        bitmap.or_bitmaps([g.block for g in gs], 70, 200, src, 3)
+        for g, start in zip(gs, starts, strict=True):
+            assert g.as_int() == start | bits_of(int.from_bytes(src.tobytes(), "little"),
+                                                 3, 200) << 70
+    finally:
+        atomic.use_backend(before)
+
+
 # -- bad input: refused before memory is touched ------------------------------------------
 @pytest.fixture
 def kernel() -> Iterator[Any]:
@@ -302,6 +370,18 @@ def _bad_calls(g: Guarded) -> Iterator[tuple[str, Callable[[Any], Any]]]:
     yield "or_bitmap: source too short", lambda k: k.or_bitmap(w, 0, 200, src, 100, R)
     yield "or_bitmap: bytes too short", lambda k: k.or_bitmap(w, 0, 17, b"\xff\xff", 0, R)
     yield "or_bitmap: negative src_first", lambda k: k.or_bitmap(w, 0, 10, src, -1, R)
+    for blocks, what in (([], "no blocks"), ([w] * 9, "nine blocks"),
+                         ([w, ro], "a read-only second block"),
+                         ([w, w[:2]], "a second block too short for the range"),
+                         ([w, None], "None as a block"), ([w, strided], "a strided block")):
+        yield f"or_bitmaps: {what}", lambda k, b=blocks: k.or_bitmaps(b, 0, 200, src, 0, R)
+    yield "or_bitmaps: blocks not a list", lambda k: k.or_bitmaps(w, 0, 70, src, 0, R)
+    yield "or_bitmaps: source too short", lambda k: k.or_bitmaps([w, w], 0, 200, src, 100, R)
+    yield "or_bitmaps: range past the block", lambda k: k.or_bitmaps(
+        [w], BITS - 3, 4, np.full(20, MASK64, np.uint64), 0, R)
+    yield "or_bitmaps: negative first", lambda k: k.or_bitmaps([w], -1, 4, src, 0, R)
+    yield "or_bitmaps: bad order", lambda k: k.or_bitmaps([w], 0, 70, src, 0, 6)
+    yield "or_bitmaps: wrong argument count", lambda k: k.or_bitmaps([w], 0, 70, src, 0)
     yield "take: out too small", lambda k: k.take(w, 0, 129, np.zeros(2, np.uint64), R)
     yield "take: read-only out", lambda k: k.take(w, 0, 64, b"\0" * 8, R)
     for name, blk in (("read-only", ro), ("strided", strided), ("misaligned", odd),
@@ -544,8 +624,8 @@ def _page_in_sync(c: Any, dest: Any, page: int, bp: int) -> bool:
     return bool(dest[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
 
 
-@pytest.mark.parametrize("op", ["set_dirty_flag", "set_dirty_range", "get_dirty",
-                                "test_and_clear_dirty"])
+@pytest.mark.parametrize("op", ["set_dirty_flag", "set_dirty_range", "set_dirty_pages",
+                                "get_dirty", "test_and_clear_dirty"])
 def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) -> None:
     """After a block swap the handle's table is stale: the C path must see
     that its reader's counter moved (``seen`` != ``_seen``) and leave the op
@@ -579,6 +659,8 @@ def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) 
                     a.set_dirty_flag(page << 12, 2)
                 elif op == "set_dirty_range":
                     a.set_dirty_range(page << 12, 4096, 1 << 2)
+                elif op == "set_dirty_pages":
+                    a.set_dirty_pages(np.array([page, page], dtype=np.int64), 2)
                 else:
                     return bool(getattr(a, op)(page << 12, 4096, 2))
                 return _page_in_sync(c, dest, page, bp)
@@ -717,3 +799,39 @@ def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: 
         assert gone() is None and dropped() is None
     finally:
         dm.close()
+
+
+def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name: str) -> None:
+    """Every kind of ``pages`` the C fast path takes or declines ends as the
+    Python path ends: the same bits, or the same error, nothing set."""
+    import shmdirty as sd
+
+    n = 4 * 4096
+    big = np.arange(0, n, 7, dtype=np.int64)
+    cases: list[Any] = [
+        big, big.astype(np.uint64), big.astype(np.int32), big[::3], big.reshape(-1, 1),
+        np.array([], dtype=np.int64), np.array([n], dtype=np.int64),
+        np.array([-1, 3], dtype=np.int64), np.array([1 << 63], dtype=np.uint64),
+        np.array([2.0]), [1, 2], b"\x01" * 8, np.array([True]), big[:5].copy(order="F"),
+    ]
+    with sd.DirtyMemory.create(n << 12, block_pages=4096, name=map_name) as dm:
+        def run(pages: Any, client: Any) -> tuple[str, int]:
+            dm.test_and_clear_dirty(0, n << 12, 2)
+            try:
+                dm.set_dirty_pages(pages, client)
+                out = "ok"
+            except Exception as e:  # noqa: BLE001 - the outcome is compared
+                out = type(e).__name__
+            dest = np.zeros(n // 64, dtype=np.uint64)
+            dm.sync_dirty_bitmap(dest, 0, n << 12)
+            return out, int(np.bitwise_count(dest).sum())
+
+        for client in (2, 3, np.int64(2)):
+            for pages in cases:
+                dm._flag_in_c = True
+                fast = run(pages, client)
+                dm._flag_in_c = False    # the Python path alone
+                slow = run(pages, client)
+                assert fast == slow, (pages, client, fast, slow)
+        dm._flag_in_c = True
+        assert run(big, 2) == ("ok", len(big))

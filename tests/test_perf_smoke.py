@@ -54,8 +54,8 @@ def test_baselines_produce_rows_of_the_documented_shape(map_name: str, tmp_path:
     outcome = harness.run_bench(cfg, run_id=map_name)
     doc = _document(outcome, tmp_path)
 
-    assert set(doc) >= {"results", "skipped", "errors", "micro", "targets", "machine",
-                        "config"}
+    assert set(doc) >= {"results", "skipped", "errors", "micro", "targets", "goals",
+                        "machine", "config"}
     assert doc["errors"] == []
     for r in doc["results"]:
         assert set(r) >= ROW_KEYS, r
@@ -186,3 +186,30 @@ def test_rcu_micro_reports_sections_quiescent_and_grace_periods(map_name: str) -
             assert r["samples"] > 0 and r["ns_per_update"] > 0
             assert (r["ns_per_read"] is None) == (r["readers"] == 0)
     assert harness.leftover_segments(harness.run_prefix(map_name)) == []
+
+
+def test_issue_11_goals_are_computed_from_the_rows() -> None:
+    """Best flavor over lock, c's time over ours, hot-add cost; a goal whose
+    rows are missing is None (not met, not failed)."""
+    def row(impl: str, op: str, ops: float, workers: int = 1, hotplug: bool = False,
+            pattern: str | None = None) -> dict[str, Any]:
+        return {"impl": impl, "op": op, "workers": workers, "hotplug": hotplug,
+                "pattern": pattern, "ops_per_sec": ops}
+
+    doc = {"results": [
+        row("shmdirty-memb", "set_dirty_flag", 2e6), row("shmdirty-qsbr", "set_dirty_flag", 4e6),
+        row("lock", "set_dirty_flag", 1e6), row("shmdirty-memb", "set_dirty_flag", 1.9e6,
+                                                hotplug=True),
+        row("shmdirty-qsbr", "set_dirty_lebitmap", 800, pattern="sparse"),
+        row("c", "set_dirty_lebitmap", 1000, pattern="sparse"),
+    ]}
+    got = {g["goal"]: g for g in report.goals(doc)}
+    flag = got["set_dirty_flag, 1 worker / lock"]
+    assert flag["value"] == 4.0 and flag["met"] is True
+    memb = got["set_dirty_flag, memb, 1 worker / lock"]
+    assert memb["value"] == 2.0 and memb["met"] is True
+    le = got["set_dirty_lebitmap sparse, 1 worker: time per call / c's time"]
+    assert le["value"] == pytest.approx(1.25) and le["met"] is True and le["unit"] == "x c's time"
+    hot = got["shmdirty-memb set_dirty_flag, 1 worker: a hot-add every 10 ms costs"]
+    assert hot["value"] == pytest.approx(0.05) and hot["met"] is True
+    assert got["set_dirty_flag, 2 workers / lock"]["met"] is None
