@@ -1789,7 +1789,7 @@ static PyMethodDef view_methods[] = {
         "RAM or a bad client; HandleClosed once closed.  On the kernel one C\n"
         "call (shmdirty/_kernel.c ViewCore)."),
     VIEW_METHOD(set_dirty_pages,
-        "set_dirty_pages(pages, client)\n--\n\n"
+        "set_dirty_pages($self, pages, client)\n--\n\n"
         "Mark a batch of pages dirty for ``client``: ``pages`` a 1-D numpy array\n"
         "of integer page numbers (any int dtype).  BadInput for another type, a\n"
         "page outside RAM or a bad client; HandleClosed once closed."),

@@ -675,8 +675,6 @@ _OPS = ("set_dirty_flag", "set_dirty_pages", "get_dirty", "set_dirty_range",
         "test_and_clear_dirty")
 
 
-@pytest.mark.xfail(strict=True, reason="break: set_dirty_pages' C docstring has no $self: "
-                   "the unbound method's signature lacks self")
 def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: str) -> None:
     """help(), inspect.signature and IDEs see the C methods as they saw
     the Python methods: the same parameters (self first, unbound), and a
