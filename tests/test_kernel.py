@@ -695,7 +695,8 @@ def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: s
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
-@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty"])
+@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty",
+                                "set_dirty_pages"])
 def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name: str,
                                                           flavor: str, op: str) -> None:
     """Another thread that looks while an op runs (a range of >= 4096 pages:
@@ -714,7 +715,8 @@ def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name:
     dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
     stop, started = threading.Event(), threading.Event()
     args = {"get_dirty": (0, ram, 2), "set_dirty_range": (0, ram, 1 << 2),
-            "test_and_clear_dirty": (4096, ram - 8192, 2)}[op]
+            "test_and_clear_dirty": (4096, ram - 8192, 2),
+            "set_dirty_pages": (np.arange(0, ram >> 12, 2, dtype=np.int64), 2)}[op]
     fn = getattr(dm, op)
 
     def run() -> None:
@@ -744,7 +746,7 @@ def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name:
 @pytest.mark.parametrize("flavor", ["memb", "qsbr"])
 def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: str,
                                                          flavor: str) -> None:
-    """Each path of the four C methods (done in C, handed to the Python path,
+    """Each path of the C methods (done in C, handed to the Python path,
     bad input, keywords, a wrong count) gives back every reference it takes:
     the arguments' and the handle's fields' counts do not move over many
     calls.  The reader ViewCore caches per thread keeps no handle alive: a
@@ -761,6 +763,7 @@ def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: 
     c.close()                 # resigns; the map stays (map_name unlinks it)
     dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
     big, addr, length = 1 << 100, 5 << 12, 3 << 12
+    pages = np.arange(5, 200, 3, dtype=np.int64)
 
     def calls() -> None:
         dm.set_dirty_flag(addr, 2)
@@ -768,7 +771,9 @@ def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: 
         dm.get_dirty(addr, length, 2)
         dm.set_dirty_range(addr, length, 5)
         dm.test_and_clear_dirty(addr, length, 0)
+        dm.set_dirty_pages(pages, 2)
         for op, args in (("set_dirty_flag", (big, 2)), ("get_dirty", (addr, big, 2)),
+                         ("set_dirty_pages", (pages, big)),
                          ("set_dirty_range", (addr, length, big)),
                          ("test_and_clear_dirty", (addr, length, 2, big))):
             with pytest.raises((sd.ShmDirtyError, TypeError)):
@@ -777,7 +782,8 @@ def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: 
     try:
         for _ in range(200):
             calls()
-        watched = (big, addr, length, dm, dm._local, dm._table, dm._blocks, dm.rcu.reader)
+        watched = (big, addr, length, pages, dm, dm._local, dm._table, dm._blocks,
+                   dm.rcu.reader)
         before = [sys.getrefcount(o) for o in watched]
         for _ in range(2000):
             calls()
