@@ -671,6 +671,143 @@ def test_the_c_path_declines_a_stale_table(kernel: Any, map_name: str, op: str) 
         assert not after_a_swap(11, broken=True), "the op used a stale table"
 
 
+_OPS = ("set_dirty_flag", "set_dirty_pages", "get_dirty", "set_dirty_range",
+        "test_and_clear_dirty")
+
+
+def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: str) -> None:
+    """help(), inspect.signature and IDEs see the C methods as they saw
+    the Python methods: the same parameters (self first, unbound), and a
+    docstring without the text-signature block."""
+    import inspect
+
+    import shmdirty as sd
+
+    with sd.DirtyMemory.create(1 << 20, name=map_name) as dm:
+        for op in _OPS:
+            py = inspect.signature(getattr(dm, f"_{op}_py"))
+            assert list(inspect.signature(getattr(dm, op)).parameters) == list(py.parameters)
+            unbound = inspect.signature(getattr(sd.DirtyMemory, op))
+            assert list(unbound.parameters) == ["self", *py.parameters]
+            doc = getattr(sd.DirtyMemory, op).__doc__
+            assert "\n--\n" not in doc and "BadInput" in doc and "HandleClosed" in doc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty",
+                                "set_dirty_pages"])
+def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name: str,
+                                                          flavor: str, op: str) -> None:
+    """Another thread that looks while an op runs (a range of >= 4096 pages:
+    the walk releases the GIL) sees that thread inside a read-side section,
+    as it does on the Python path: close() and Rcu.close() rely on
+    sections_open() to refuse rather than unmap the header and slot the
+    op's section still uses (a crash, or a store into a slot another
+    process may own by then)."""
+    import threading
+
+    import shmdirty as sd
+
+    ram = 64 << 20            # 16384 pages
+    c = sd.DirtyMemory.create(ram, name=map_name)
+    c.close()                 # resigns; the map stays (map_name unlinks it)
+    dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
+    stop, started = threading.Event(), threading.Event()
+    args = {"get_dirty": (0, ram, 2), "set_dirty_range": (0, ram, 1 << 2),
+            "test_and_clear_dirty": (4096, ram - 8192, 2),
+            "set_dirty_pages": (np.arange(0, ram >> 12, 2, dtype=np.int64), 2)}[op]
+    fn = getattr(dm, op)
+
+    def run() -> None:
+        fn(*args)             # claims the slot, maps the blocks: the next ones run in C
+        started.set()
+        while not stop.is_set():
+            fn(*args)
+        dm.rcu.unregister()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert started.wait(30)
+        seen = 0
+        for _ in range(20000):
+            if dm.rcu.sections_open():
+                seen += 1
+                break
+    finally:
+        stop.set()
+        t.join(30)
+        dm.close()
+    assert seen, "no look found the thread inside a section"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_the_c_methods_hold_no_reference_they_should_not(kernel: Any, map_name: str,
+                                                         flavor: str) -> None:
+    """Each path of the C methods (done in C, handed to the Python path,
+    bad input, keywords, a wrong count) gives back every reference it takes:
+    the arguments' and the handle's fields' counts do not move over many
+    calls.  The reader ViewCore caches per thread keeps no handle alive: a
+    closed handle, and one dropped unclosed, are freed by gc."""
+    import gc
+    import sys
+    import threading
+    import weakref
+
+    import shmdirty as sd
+
+    ram = 4 << 20
+    c = sd.DirtyMemory.create(ram, name=map_name)
+    c.close()                 # resigns; the map stays (map_name unlinks it)
+    dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
+    big, addr, length = 1 << 100, 5 << 12, 3 << 12
+    pages = np.arange(5, 200, 3, dtype=np.int64)
+
+    def calls() -> None:
+        dm.set_dirty_flag(addr, 2)
+        dm.set_dirty_flag(addr=addr, client=2)
+        dm.get_dirty(addr, length, 2)
+        dm.set_dirty_range(addr, length, 5)
+        dm.test_and_clear_dirty(addr, length, 0)
+        dm.set_dirty_pages(pages, 2)
+        for op, args in (("set_dirty_flag", (big, 2)), ("get_dirty", (addr, big, 2)),
+                         ("set_dirty_pages", (pages, big)),
+                         ("set_dirty_range", (addr, length, big)),
+                         ("test_and_clear_dirty", (addr, length, 2, big))):
+            with pytest.raises((sd.ShmDirtyError, TypeError)):
+                getattr(dm, op)(*args)
+
+    try:
+        for _ in range(200):
+            calls()
+        watched = (big, addr, length, pages, dm, dm._local, dm._table, dm._blocks,
+                   dm.rcu.reader)
+        before = [sys.getrefcount(o) for o in watched]
+        for _ in range(2000):
+            calls()
+        assert [sys.getrefcount(o) for o in watched] == before
+        for _ in range(3):    # threads that end: the view caches a dead thread's reader
+            t = threading.Thread(target=calls)
+            t.start()
+            t.join(30)
+        other = sd.DirtyMemory.attach(map_name, flavor=flavor)
+        other.set_dirty_flag(addr, 2)
+        other.get_dirty(addr, length, 2)
+        gone = weakref.ref(other)
+        other.close()
+        del other
+        unclosed = sd.DirtyMemory.attach(map_name, flavor=flavor)
+        unclosed.get_dirty(addr, length, 2)
+        dropped = weakref.ref(unclosed)
+        del unclosed
+        gc.collect()
+        assert gone() is None and dropped() is None
+    finally:
+        dm.close()
+
+
 def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name: str) -> None:
     """Every kind of ``pages`` the C fast path takes or declines ends as the
     Python path ends: the same bits, or the same error, nothing set."""
@@ -705,72 +842,3 @@ def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name:
                 assert fast == slow, (pages, client, fast, slow)
         dm._flag_in_c = True
         assert run(big, 2) == ("ok", len(big))
-
-
-_OPS = ("set_dirty_flag", "get_dirty", "set_dirty_range", "test_and_clear_dirty",
-        "set_dirty_pages")
-
-
-def test_the_c_methods_keep_the_python_paths_signatures(kernel: Any, map_name: str) -> None:
-    """help(), inspect.signature and IDEs see the five C methods as they saw
-    the Python methods: the same parameters (self first, unbound), and a
-    docstring without the text-signature block."""
-    import inspect
-
-    import shmdirty as sd
-
-    with sd.DirtyMemory.create(1 << 20, name=map_name) as dm:
-        for op in _OPS:
-            py = inspect.signature(getattr(dm, f"_{op}_py"))
-            assert list(inspect.signature(getattr(dm, op)).parameters) == list(py.parameters)
-            unbound = inspect.signature(getattr(sd.DirtyMemory, op))
-            assert list(unbound.parameters) == ["self", *py.parameters]
-            doc = getattr(sd.DirtyMemory, op).__doc__
-            assert "\n--\n" not in doc and "QEMU's" in doc and "BadInput" in doc
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
-@pytest.mark.parametrize("op", ["get_dirty", "set_dirty_range", "test_and_clear_dirty"])
-def test_a_thread_inside_a_c_range_op_is_inside_a_section(kernel: Any, map_name: str,
-                                                          flavor: str, op: str) -> None:
-    """Another thread that looks while an op runs (a range of >= 4096 pages:
-    the walk releases the GIL) sees that thread inside a read-side section,
-    as it does on the Python path: close() and Rcu.close() rely on
-    sections_open() to refuse rather than unmap the header and slot the
-    op's section still uses (a crash, or a store into a slot another
-    process may own by then)."""
-    import threading
-
-    import shmdirty as sd
-
-    ram = 64 << 20            # 16384 pages
-    c = sd.DirtyMemory.create(ram, name=map_name)
-    c.close()                 # resigns; the map stays (map_name unlinks it)
-    dm = sd.DirtyMemory.attach(map_name, flavor=flavor)
-    stop, started = threading.Event(), threading.Event()
-    args = {"get_dirty": (0, ram, 2), "set_dirty_range": (0, ram, 1 << 2),
-            "test_and_clear_dirty": (4096, ram - 8192, 2)}[op]
-    fn = getattr(dm, op)
-
-    def run() -> None:
-        fn(*args)             # claims the slot, maps the blocks: the next ones run in C
-        started.set()
-        while not stop.is_set():
-            fn(*args)
-        dm.rcu.unregister()
-
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        assert started.wait(30)
-        seen = 0
-        for _ in range(20000):
-            if dm.rcu.sections_open():
-                seen += 1
-                break
-    finally:
-        stop.set()
-        t.join(30)
-        dm.close()
-    assert seen, "no look found the thread inside a section"
