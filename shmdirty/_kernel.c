@@ -1428,9 +1428,12 @@ static ReaderCore *this_reader(ViewCore *self)
     uint64_t ts = PyThreadState_GetID(PyThreadState_Get());
     if (self->reader != NULL && self->reader_ts == ts)
         return (ReaderCore *)self->reader;
-    if (self->local == NULL)
+    PyObject *local = self->local;
+    if (local == NULL)
         return NULL;
-    PyObject *r = PyObject_GetAttr(self->local, str_reader);
+    Py_INCREF(local);   /* the lookup may run Python code that replaces it */
+    PyObject *r = PyObject_GetAttr(local, str_reader);
+    Py_DECREF(local);
     if (r == NULL) {
         PyErr_Clear();  /* the slow path makes it, or raises what is wrong */
         return NULL;
@@ -1454,12 +1457,17 @@ enum { NO_SECTION, IN_SECTION, OPEN_SECTION };
 static int section_mode(ViewCore *self, ReaderCore **rp, volatile uint64_t **ctr,
                         volatile uint64_t **gp)
 {
-    if (!ready || !self->flag_in_c || self->blocks == NULL || self->local == NULL ||
+    if (!ready || !self->flag_in_c)
+        return NO_SECTION;
+    /* First: a lookup that misses the cache may run Python code (gc, a
+     * finalizer) that changes this view; every field is read after it, and
+     * the callers read the view's lists only after this returns. */
+    ReaderCore *r = this_reader(self);
+    if (r == NULL || self->blocks == NULL || self->local == NULL ||
         self->page_bits_o == NULL || self->block_pages_o == NULL || self->table == NULL ||
         self->page_bits > 62 || self->block_pages <= 0 || self->block_pages % 64)
         return NO_SECTION;
-    ReaderCore *r = this_reader(self);
-    if (r == NULL || r->slot < 0 || (long long)r->seen != self->seen)
+    if (r->slot < 0 || (long long)r->seen != self->seen)
         return NO_SECTION;
     *rp = r;
     if (r->online || r->nesting > 0)
@@ -1496,19 +1504,24 @@ static int view_fast_flag(ViewCore *self, PyObject *addr, PyObject *client)
 static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o,
                            PyObject *who_o, int op)
 {
-    int overflow;
+    int overflow, o2, o3;
     if (!PyLong_CheckExact(start_o) || !PyLong_CheckExact(length_o) || !PyLong_CheckExact(who_o))
         return 0;
     long long start = PyLong_AsLongLongAndOverflow(start_o, &overflow);
-    if (overflow || start < 0 || self->blocks == NULL)
+    long long length = PyLong_AsLongLongAndOverflow(length_o, &o2);
+    long who = PyLong_AsLongAndOverflow(who_o, &o3);
+    if (overflow || o2 || o3 || start < 0 || length <= 0 || who < 0)
         return 0;
-    long long length = PyLong_AsLongLongAndOverflow(length_o, &overflow);
-    if (overflow || length <= 0 || length > self->ram_end - start)
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    int mode = section_mode(self, &r, &ctr, &gp);   /* first: it may run Python code */
+    if (mode <= 0)
+        return mode;
+    if (length > self->ram_end - start || !PyList_Check(self->blocks))
         return 0;
-    long who = PyLong_AsLongAndOverflow(who_o, &overflow);
-    Py_ssize_t nclients = PyList_Check(self->blocks) ? PyList_GET_SIZE(self->blocks) : 0;
+    Py_ssize_t nclients = PyList_GET_SIZE(self->blocks);
     unsigned mask;
-    if (overflow || who < 0 || nclients > 8)
+    if (nclients > 8)
         return 0;
     if (op == WALK_SET) {
         if (who == 0 || who >= (1L << nclients))
@@ -1523,11 +1536,6 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
     long long page = start >> pb, end = (start + length + (1LL << pb) - 1) >> pb;
     if (op == WALK_TAKE && end - page >= bp)
         return 0;
-    ReaderCore *r;
-    volatile uint64_t *ctr, *gp;
-    int mode = section_mode(self, &r, &ctr, &gp);
-    if (mode <= 0)
-        return mode;
     /* Every block needed is listed and mapped: else the Python path maps it. */
     Py_ssize_t i0 = (Py_ssize_t)(page / bp), i1 = (Py_ssize_t)((end - 1) / bp);
     for (Py_ssize_t c = 0; c < nclients; c++) {
@@ -1583,10 +1591,10 @@ static PyObject *ndarray_type;  /* numpy.ndarray, looked up on first use */
 static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o)
 {
     int overflow, res = 0;
-    if (!PyLong_CheckExact(client_o) || self->blocks == NULL || !PyList_Check(self->blocks))
+    if (!PyLong_CheckExact(client_o))
         return 0;
     long client = PyLong_AsLongAndOverflow(client_o, &overflow);
-    if (overflow || client < 0 || client >= PyList_GET_SIZE(self->blocks))
+    if (overflow || client < 0)
         return 0;
     if (ndarray_type == NULL) {
         PyObject *np = PyImport_ImportModule("numpy");
@@ -1600,11 +1608,6 @@ static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o
     }
     if (!PyObject_TypeCheck(pages_o, (PyTypeObject *)ndarray_type))
         return 0;
-    ReaderCore *r;
-    volatile uint64_t *ctr, *gp;
-    int mode = section_mode(self, &r, &ctr, &gp);
-    if (mode <= 0)
-        return mode;
     Py_buffer pv;
     if (PyObject_GetBuffer(pages_o, &pv, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
         PyErr_Clear();
@@ -1614,11 +1617,18 @@ static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o
     if (*f == '<' || *f == '=' || *f == '@')
         f++;
     Py_ssize_t n = pv.len / 8;
-    PyObject *blocks = PyList_GET_ITEM(self->blocks, client);
-    if (pv.ndim != 1 || pv.itemsize != 8 || strlen(f) != 1 || !strchr("qQlLnN", *f) || n == 0 ||
-        !PyList_CheckExact(blocks)) {
+    ReaderCore *r;
+    volatile uint64_t *ctr, *gp;
+    /* After everything that may run Python code (the import, the buffer),
+     * before the view's lists are read. */
+    int mode = pv.ndim == 1 && pv.itemsize == 8 && strlen(f) == 1 && strchr("qQlLnN", *f) &&
+               n > 0 ? section_mode(self, &r, &ctr, &gp) : NO_SECTION;
+    PyObject *blocks = mode > 0 && PyList_Check(self->blocks) &&
+                       client < PyList_GET_SIZE(self->blocks)
+                       ? PyList_GET_ITEM(self->blocks, client) : NULL;
+    if (blocks == NULL || !PyList_CheckExact(blocks)) {
         PyBuffer_Release(&pv);
-        return 0;
+        return mode < 0 ? -1 : 0;
     }
     Py_INCREF(blocks);   /* another thread may replace the view's lists meanwhile */
     Py_INCREF(r);        /* and close() may drop the reader */
