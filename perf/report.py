@@ -254,6 +254,10 @@ def _print_goals(rows: list[dict[str, Any]], console: Any) -> None:
         want = f"{g['want']:.0%}" if pct else f"{g['want']:.3g}x"
         t.add_row(g["goal"], v, f"{g['want_is']} {want}", mark[g["met"]])
     console.print(t)
+    console.print("[dim]note:[/] a hot-add cost compares two cells run one after the other; "
+                  "a cell moves by up to 2x between runs on a loaded machine, so a negative "
+                  "cost (the hot-plug cell was faster) or a single miss is noise: repeat with "
+                  "--duration 1 (docs/PERFORMANCE.md, Results)", highlight=False)
 
 
 def _print_micro(doc: dict[str, Any], console: Any) -> None:

@@ -1720,9 +1720,11 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
             return PyBool_FromLong(r - 1);
         }
     }
-    PyObject *stack[4];
+    /* The Python path binds the arguments and words any TypeError itself
+     * (its __qualname__ is the public name: shmdirty/dirty.py). */
+    PyObject *stack[8];
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw > want)
+    if (nargs + nkw > 7)
         return PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name,
                             want, nargs + nkw);
     stack[0] = (PyObject *)self;

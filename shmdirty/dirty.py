@@ -224,15 +224,12 @@ class DirtyMemory(TableView):
             self._rcu.gp.run_callbacks()
 
     # --- accessors -----------------------------------------------------------------
-    # The five hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
-    # test_and_clear_dirty, set_dirty_pages): where the kernel was built
-    # each is a C method of TableView's base (shmdirty/_kernel.c, ViewCore).  For a handle made on
-    # the kernel backend it reads this thread's reader and the table fields
-    # as the Python path does and runs the op in the same call (opening and
-    # closing a memb section there when outside one).  Whatever it declines
-    # (bad input, a stale table, a block not mapped yet, a first op, a
-    # take that may swap) it hands to the Python path, ``_<op>_py``; without
-    # the kernel that is the method itself (the aliases at the end).
+    # The five hottest ops are C methods of TableView's base where the kernel
+    # was built (shmdirty/_kernel.c, ViewCore): for a handle made on the
+    # kernel backend, one call checks this thread's reader and the table as
+    # the Python path does and runs the op (a memb section included); what
+    # it declines goes to the Python path ``_<op>_py`` (the method itself
+    # without the kernel: the aliases below).
     def _set_dirty_flag_py(self, addr: Any, client: Any) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
         try:
@@ -389,6 +386,10 @@ class DirtyMemory(TableView):
         finally:
             self._end()
 
+    for _f in (_set_dirty_flag_py, _get_dirty_py, _set_dirty_range_py,
+               _test_and_clear_dirty_py, _set_dirty_pages_py):   # for argument errors
+        _f.__qualname__ = "DirtyMemory." + _f.__name__[1:-3]
+    del _f
     if atomic.VIEW_BASE is object:   # no kernel built: the Python paths are the methods
         set_dirty_flag = _set_dirty_flag_py
         get_dirty = _get_dirty_py

@@ -64,7 +64,7 @@ def as_words(bits: Any, what: str) -> tuple[np.ndarray[Any, np.dtype[np.uint64]]
     if isinstance(bits, np.ndarray):
         if bits.dtype != U64 or bits.ndim != 1:
             raise BadInput(f"{what} must be a 1-D uint64 array, not {bits.ndim}-D {bits.dtype}")
-        return bits, len(bits) * 64
+        return np.ascontiguousarray(bits), len(bits) * 64   # a strided view is copied
     if isinstance(bits, (bytes, bytearray, memoryview)):
         raw = bytes(bits)
         nbits = len(raw) * 8

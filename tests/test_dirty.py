@@ -654,3 +654,32 @@ def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
         assert found == [True, True, True], "a write after the swap was lost"
     finally:
         dm.close()
+
+
+def test_argument_errors_name_the_public_method(make: Any) -> None:
+    """The hot accessors (C methods on the kernel) hand odd calls to their
+    Python paths; a TypeError still names the method the caller called."""
+    dm = make(16)
+    for call, words in ((lambda: dm.set_dirty_flag(PS), "set_dirty_flag() missing"),
+                        (lambda: dm.get_dirty(0, PS), "get_dirty() missing"),
+                        (lambda: dm.test_and_clear_dirty(0, PS, clinet=MIG),
+                         "test_and_clear_dirty() got an unexpected keyword argument 'clinet'"),
+                        (lambda: dm.set_dirty_flag(PS, MIG, client=MIG),
+                         "set_dirty_flag() got multiple values for argument 'client'"),
+                        (lambda: dm.set_dirty_range(0, PS), "set_dirty_range() missing"),
+                        (lambda: dm.set_dirty_pages(np.array([1])), "set_dirty_pages() missing")):
+        with pytest.raises(TypeError) as info:
+            call()
+        assert words in str(info.value) and "_py" not in str(info.value)
+
+
+def test_a_strided_lebitmap_is_merged_like_a_contiguous_one(make: Any) -> None:
+    dm = make(256)
+    src = np.arange(8, dtype=np.uint64)
+    dm.test_and_clear_dirty(0, 256 * PS, MIG)
+    dm.set_dirty_lebitmap(src[::2], 0, 256)
+    strided = [p for p in range(256) if dm.get_dirty_flag(p * PS, MIG)]
+    dm.test_and_clear_dirty(0, 256 * PS, MIG)
+    dm.set_dirty_lebitmap(src[::2].copy(), 0, 256)
+    assert strided == [p for p in range(256) if dm.get_dirty_flag(p * PS, MIG)] == [65, 130,
+                                                                                   193, 194]
