@@ -1241,25 +1241,27 @@ done:
     return res;
 }
 
-/* ---- set_dirty_flag as a method: the C bases of Reader and TableView --------------
+/* ---- the hot accessors as methods: the C bases of Reader and TableView -----------
  *
- * The hottest accessor costs one Python-to-C call with no Python frame:
- * DirtyMemory.set_dirty_flag is ViewCore.set_dirty_flag on this backend.
- * It reads the same fields the Python twin reads (shmdirty/dirty.py,
- * DirtyMemory._set_dirty_flag_slow's caller on the other backends), which
- * live here as C members so that Python's stores to them are what C reads:
+ * The hottest accessors cost one Python-to-C call with no Python frame:
+ * DirtyMemory.set_dirty_flag, get_dirty, set_dirty_range,
+ * test_and_clear_dirty and set_dirty_pages are ViewCore's methods.  They
+ * read the same fields the Python paths read (shmdirty/dirty.py,
+ * DirtyMemory._<op>_py), which live here as C members so that Python's
+ * stores to them are what C reads:
  *
  *   ReaderCore (the base of shmdirty.rcu.Reader): slot, nesting, online,
  *     seen, section_words;
- *   ViewCore (the base of shmdirty.table.TableView): _seen, _blocks, and
- *     the properties _local (this handle's threading.local; setting it
- *     forgets the cached reader), _table (setting it caches its ram_size),
- *     page_bits and block_pages.
+ *   ViewCore (the base of shmdirty.table.TableView): _seen, _blocks,
+ *     _flag_in_c, and the properties _local (this handle's threading.local;
+ *     setting it forgets the cached reader), _table (setting it caches its
+ *     ram_size), page_bits and block_pages.
  *
- * The GIL is held throughout: no other thread of this process runs between
- * the checks and the op, exactly as between the Python twin's bytecodes.
- * Anything the fast path declines goes to self._set_dirty_flag_slow(addr,
- * client), which checks, refreshes, maps or raises. */
+ * The GIL is held from the checks to the op (a long walk or page batch
+ * releases it only while its section shows in the reader's nesting), as
+ * between the Python path's bytecodes.  Anything the fast path declines
+ * goes to self._<op>_py(...), with the caller's arguments as they came:
+ * it checks, refreshes, maps or raises. */
 
 typedef struct {
     PyObject_HEAD
@@ -1774,7 +1776,7 @@ static PyMemberDef view_members[] = {
     {"_blocks", T_OBJECT_EX, offsetof(ViewCore, blocks), 0,
      "per client, per table index: the mapped block (None until first use)"},
     {"_flag_in_c", T_BOOL, offsetof(ViewCore, flag_in_c), 0,
-     "set_dirty_flag's fast path runs here (else it is all _set_dirty_flag_slow's)"},
+     "the fast paths run here (else every call goes to the Python path _<op>_py)"},
     {NULL, 0, 0, 0, NULL},
 };
 
