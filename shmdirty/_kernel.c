@@ -1159,6 +1159,68 @@ static void set_pages_held(block_t *held, const int64_t *pages, Py_ssize_t n,
     }
 }
 
+/* Hold the buffer (`words`) of every block of one client's list `blocks`
+ * that pages[0..n) fall in.  Returns the held array (one entry per listed
+ * block, .w NULL where not needed; free it with release_held), or NULL,
+ * holding nothing, with *status: the index of a needed block that is not
+ * mapped (>= 0), HOLD_OUTSIDE (page *at is outside [0, limit)) or
+ * HOLD_ERROR (an exception is set). */
+enum { HOLD_ERROR = -1, HOLD_OUTSIDE = -2 };
+
+static void release_held(block_t *held, Py_ssize_t nblocks)
+{
+    for (Py_ssize_t i = 0; i < nblocks; i++)
+        if (held[i].w)
+            PyBuffer_Release(&held[i].view);
+    PyMem_Free(held);
+}
+
+static block_t *hold_page_blocks(PyObject *blocks, const int64_t *pages, Py_ssize_t n,
+                                 long long bp, long long limit, Py_ssize_t *status,
+                                 Py_ssize_t *at)
+{
+    Py_ssize_t nblocks = PyList_GET_SIZE(blocks);
+    block_t *held = PyMem_Calloc(nblocks ? (size_t)nblocks : 1, sizeof(block_t));
+    if (held == NULL) {
+        PyErr_NoMemory();
+        *status = HOLD_ERROR;
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pages[i] < 0 || pages[i] >= limit) {
+            *status = HOLD_OUTSIDE;
+            *at = i;
+            goto fail;
+        }
+        Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
+        if (held[idx].w)
+            continue;
+        PyObject *blk = PyList_GET_ITEM(blocks, idx);
+        if (blk == Py_None) {
+            *status = idx;
+            goto fail;
+        }
+        PyObject *words = PyObject_GetAttr(blk, str_words);
+        int ok = words != NULL && get_block(words, &held[idx]);
+        Py_XDECREF(words);
+        if (ok && held[idx].n * 64 < bp) {
+            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %lld pages",
+                         idx, held[idx].n, bp);
+            PyBuffer_Release(&held[idx].view);
+            held[idx].w = NULL;
+            ok = 0;
+        }
+        if (!ok) {
+            *status = HOLD_ERROR;
+            goto fail;
+        }
+    }
+    return held;
+fail:
+    release_held(held, nblocks);
+    return NULL;
+}
+
 /* set_pages(blocks, pages, block_pages, order) -> int: set_dirty_pages past
  * its RCU and range checks.  pages: a C-contiguous array of 64-bit page
  * numbers; blocks as for set_page, each with `words`, its writable buffer.
@@ -1185,44 +1247,20 @@ static PyObject *k_set_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     if (!get_int64s(args[1], "pages", &pv))
         return NULL;
-    Py_ssize_t n = pv.len / 8, nblocks = PyList_GET_SIZE(blocks);
+    Py_ssize_t n = pv.len / 8, nblocks = PyList_GET_SIZE(blocks), status, at;
     const int64_t *pages = pv.buf;
     long long limit = (long long)nblocks * block_pages;
-    block_t *held = PyMem_Calloc(nblocks ? nblocks : 1, sizeof(block_t));
     PyObject *res = NULL;
+    /* 1: check every page and hold the blocks it needs. */
+    block_t *held = hold_page_blocks(blocks, pages, n, block_pages, limit, &status, &at);
     if (held == NULL) {
-        PyBuffer_Release(&pv);
-        return PyErr_NoMemory();
-    }
-    /* 1: check every page and find the blocks it needs. */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (pages[i] < 0 || pages[i] >= limit) {
+        if (status >= 0)
+            res = PyLong_FromSsize_t(status);   /* map it and call again */
+        else if (status == HOLD_OUTSIDE)
             PyErr_Format(PyExc_ValueError, "page %lld is outside the table's %lld pages",
-                         (long long)pages[i], limit);
-            goto done;
-        }
-        Py_ssize_t idx = (Py_ssize_t)(pages[i] / block_pages);
-        if (held[idx].w)
-            continue;
-        PyObject *blk = PyList_GET_ITEM(blocks, idx);
-        if (blk == Py_None) {
-            res = PyLong_FromSsize_t(idx);
-            goto done;
-        }
-        PyObject *words = PyObject_GetAttr(blk, str_words);
-        if (words == NULL)
-            goto done;
-        int ok = get_block(words, &held[idx]);
-        Py_DECREF(words);
-        if (!ok)
-            goto done;
-        if (held[idx].n * 64 < block_pages) {
-            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %zd pages",
-                         idx, held[idx].n, block_pages);
-            PyBuffer_Release(&held[idx].view);
-            held[idx].w = NULL;
-            goto done;
-        }
+                         (long long)pages[at], limit);
+        PyBuffer_Release(&pv);
+        return res;
     }
     /* 2: set the bits, holding every buffer. */
     {
@@ -1231,14 +1269,9 @@ static PyObject *k_set_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (ts)
             PyEval_RestoreThread(ts);
     }
-    res = PyLong_FromLong(-1);
-done:
-    for (Py_ssize_t i = 0; i < nblocks; i++)
-        if (held[i].w)
-            PyBuffer_Release(&held[i].view);
-    PyMem_Free(held);
+    release_held(held, nblocks);
     PyBuffer_Release(&pv);
-    return res;
+    return PyLong_FromLong(-1);   /* every bit set */
 }
 
 /* ---- the hot accessors as methods: the C bases of Reader and TableView -----------
@@ -1482,6 +1515,34 @@ static int section_mode(ViewCore *self, ReaderCore **rp, volatile uint64_t **ctr
     return OPEN_SECTION;
 }
 
+/* Enter the section of a fast path that may release the GIL: open memb's
+ * own (0 if the counter moved: declined) and show it in the reader's
+ * nesting while it runs, as read_lock does on the Python path, so that
+ * another thread's close() (Rcu.sections_open, Rcu.close) sees this thread
+ * inside and refuses rather than free the slot and unmap the header the
+ * section still stores into.  `r` is held until c_section_leave (that close
+ * may drop it); *outermost says whether nesting was raised. */
+static int c_section_enter(int mode, ReaderCore *r, volatile uint64_t *ctr,
+                           volatile uint64_t *gp, int *outermost)
+{
+    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
+        return 0;
+    Py_INCREF(r);
+    *outermost = r->nesting == 0;
+    if (*outermost)
+        r->nesting = 1;
+    return 1;
+}
+
+static void c_section_leave(int mode, ReaderCore *r, volatile uint64_t *ctr, int outermost)
+{
+    if (outermost)
+        r->nesting = 0;
+    if (mode == OPEN_SECTION)
+        memb_close(ctr);
+    Py_DECREF(r);
+}
+
 /* 1 done, 0 declined, -1 error. */
 static int view_fast_flag(ViewCore *self, PyObject *addr, PyObject *client)
 {
@@ -1550,17 +1611,9 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
             if (PyList_GET_ITEM(blocks, i) == Py_None)
                 return 0;
     }
-    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
+    int outermost;
+    if (!c_section_enter(mode, r, ctr, gp, &outermost))
         return 0;
-    /* The reader's nesting shows the section while the op runs, as
-     * read_lock's does on the Python path: a long walk releases the GIL, and
-     * another thread's close() (Rcu.sections_open, Rcu.close) must then see
-     * this thread inside and refuse, not free the slot and unmap the header
-     * this section still stores into.  `r` is held: that close may drop it. */
-    int outermost = r->nesting == 0;
-    Py_INCREF(r);
-    if (outermost)
-        r->nesting = 1;
     /* Orders as shmdirty.bitmap._WALK_ORDER: tests relaxed (a racing set may
      * or may not be seen, as in QEMU); set release (a taker sees the page);
      * take acq_rel (it sees that page, and orders its earlier reads). */
@@ -1572,11 +1625,7 @@ static int view_fast_range(ViewCore *self, PyObject *start_o, PyObject *length_o
             res = walk_core(PyList_GET_ITEM(clients, c), (Py_ssize_t)page, (Py_ssize_t)end,
                             (Py_ssize_t)bp, op, order);
     Py_DECREF(clients);
-    if (outermost)
-        r->nesting = 0;
-    if (mode == OPEN_SECTION)
-        memb_close(ctr);
-    Py_DECREF(r);
+    c_section_leave(mode, r, ctr, outermost);
     if (res == -1)
         return -1;
     return res >= 0 ? 1 + (int)res : 0;  /* unmapped meanwhile: the Python path maps it */
@@ -1639,62 +1688,23 @@ static int view_fast_pages(ViewCore *self, PyObject *pages_o, PyObject *client_o
     long long limit = self->ram_end >> self->page_bits;
     if (nblocks * bp < limit)
         limit = nblocks * bp;
-    block_t *held = PyMem_Calloc(nblocks ? (size_t)nblocks : 1, sizeof(block_t));
-    if (held == NULL) {
-        PyErr_NoMemory();
-        res = -1;
-        goto out;
-    }
     /* 1: every page inside RAM, its block mapped (else the Python path). */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (pages[i] < 0 || pages[i] >= limit)
-            goto out;
-        Py_ssize_t idx = (Py_ssize_t)(pages[i] / bp);
-        if (held[idx].w)
-            continue;
-        PyObject *blk = PyList_GET_ITEM(blocks, idx);
-        if (blk == Py_None)
-            goto out;
-        PyObject *words = PyObject_GetAttr(blk, str_words);
-        int ok = words != NULL && get_block(words, &held[idx]);
-        Py_XDECREF(words);
-        if (ok && held[idx].n * 64 < bp) {
-            PyErr_Format(PyExc_ValueError, "block %zd holds %zd words, fewer than %lld pages",
-                         idx, held[idx].n, bp);
-            PyBuffer_Release(&held[idx].view);
-            held[idx].w = NULL;
-            ok = 0;
-        }
-        if (!ok) {
-            res = -1;
-            goto out;
-        }
-    }
-    if (mode == OPEN_SECTION && !memb_open(ctr, gp, r->seen))
-        goto out;
-    {
-        /* The reader's nesting shows the section while the GIL is released:
-         * another thread's close() sees this thread inside and refuses. */
-        int outermost = r->nesting == 0;
-        if (outermost)
-            r->nesting = 1;
+    Py_ssize_t status, at;
+    block_t *held = hold_page_blocks(blocks, pages, n, bp, limit, &status, &at);
+    int outermost;
+    if (held == NULL)
+        res = status == HOLD_ERROR ? -1 : 0;
+    else if (c_section_enter(mode, r, ctr, gp, &outermost)) {
+        /* 2: the bits, with the GIL released for a long batch. */
         PyThreadState *ts = n >= GIL_WORDS ? PyEval_SaveThread() : NULL;
         set_pages_held(held, pages, n, bp, RELEASE);
         if (ts)
             PyEval_RestoreThread(ts);
-        if (outermost)
-            r->nesting = 0;
-        if (mode == OPEN_SECTION)
-            memb_close(ctr);
+        c_section_leave(mode, r, ctr, outermost);
         res = 1;
     }
-out:
-    if (held) {
-        for (Py_ssize_t i = 0; i < nblocks; i++)
-            if (held[i].w)
-                PyBuffer_Release(&held[i].view);
-        PyMem_Free(held);
-    }
+    if (held)
+        release_held(held, (Py_ssize_t)nblocks);
     Py_DECREF(r);
     Py_DECREF(blocks);
     PyBuffer_Release(&pv);
