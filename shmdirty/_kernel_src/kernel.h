@@ -72,12 +72,18 @@ struct patomic_ops {
     op_test_modify_t test_reset;
 };
 extern struct patomic_ops ops;
+/* setup() was called (it needs contract() first: then `named` too). */
 extern int ready;
+/* The op names setup() takes, in the struct's order (ops.c). */
+#define NOPS 10
+extern const char *const op_names[NOPS];
 /* A word no other process sees (ops.c): full_fence's. */
 extern uint64_t fence_word;
-/* Interned names the kernel reads on Python objects (module.c). */
+/* The names the kernel reads or calls on Python objects, interned, from
+ * contract() (module.c: shmdirty/atomic.py declares them); `named` once set. */
 extern PyObject *str_base, *str_words, *str_reader, *str_ram_size;
 extern PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take, *str_slow_pages;
+extern int named;
 
 /* A full fence: a seq_cst read-modify-write on fence_word (as
  * shmdirty.atomic.fence does from Python). */

@@ -1,16 +1,93 @@
 /*
- * shmdirty._kernel, module.c: the module's function table and its init.
+ * shmdirty._kernel, module.c: the contract with the Python layer, the
+ * module's function table and its init.
  */
 #include "kernel.h"
 
+/* ---- the contract with the Python layer ---------------------------------------------
+ *
+ * The names the kernel reads or calls on Python objects are not spelled
+ * here: shmdirty/atomic.py declares them once (KERNEL_SLOW_PATHS,
+ * KERNEL_ATTRIBUTES) and hands them over with contract() when it loads the
+ * kernel, before setup().  Each table must hold exactly the keys below;
+ * tests/test_kernel.py checks the rest of the contract (the C members
+ * against READER_FIELDS / VIEW_FIELDS, the slow paths' signatures). */
 PyObject *str_base, *str_words, *str_reader, *str_ram_size;
 PyObject *str_slow_flag, *str_slow_get, *str_slow_set, *str_slow_take, *str_slow_pages;
+int named;
+
+struct contract_name {
+    const char *key;
+    PyObject **name;
+};
+
+/* ViewCore's methods -> the Python path each hands a declined call to (cores.c). */
+static const struct contract_name slow_paths[] = {
+    {"set_dirty_flag", &str_slow_flag}, {"set_dirty_pages", &str_slow_pages},
+    {"get_dirty", &str_slow_get}, {"set_dirty_range", &str_slow_set},
+    {"test_and_clear_dirty", &str_slow_take},
+};
+/* What the kernel reads by name -> the attribute's name. */
+static const struct contract_name attributes[] = {
+    {"block_base", &str_base}, {"block_words", &str_words}, {"local_reader", &str_reader},
+    {"table_ram_size", &str_ram_size},
+};
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Check one table ({key: attribute name}, exactly the keys of `want`); 0 on error. */
+static int check_names(PyObject *table, const char *what, const struct contract_name *want,
+                       size_t n)
+{
+    if (!PyDict_Check(table)) {
+        PyErr_Format(PyExc_TypeError, "contract(): %s must be a dict, not %.100s", what,
+                     Py_TYPE(table)->tp_name);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        PyObject *v = PyDict_GetItemString(table, want[i].key);
+        if (v == NULL || !PyUnicode_Check(v)) {
+            PyErr_Format(PyExc_ValueError, "contract(): %s has no name (a str) for %s", what,
+                         want[i].key);
+            return 0;
+        }
+    }
+    if ((size_t)PyDict_GET_SIZE(table) != n) {
+        PyErr_Format(PyExc_ValueError, "contract(): %s holds %zd names; the kernel reads %zu",
+                     what, PyDict_GET_SIZE(table), n);
+        return 0;
+    }
+    return 1;
+}
+
+static void take_names(PyObject *table, const struct contract_name *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        PyObject *v = PyUnicode_FromObject(PyDict_GetItemString(table, want[i].key));
+        PyUnicode_InternInPlace(&v);
+        Py_XSETREF(*want[i].name, v);
+    }
+}
+
+/* contract(slow_paths, attributes): the names, from shmdirty/atomic.py. */
+static PyObject *k_contract(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!nargs_ok("contract", nargs, 2) ||
+        !check_names(args[0], "slow_paths", slow_paths, COUNT(slow_paths)) ||
+        !check_names(args[1], "attributes", attributes, COUNT(attributes)))
+        return NULL;
+    take_names(args[0], slow_paths, COUNT(slow_paths));
+    take_names(args[1], attributes, COUNT(attributes));
+    named = 1;
+    Py_RETURN_NONE;
+}
 
 /* ---- the module ------------------------------------------------------------------ */
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))k_##name, METH_FASTCALL, doc}
 
 static PyMethodDef methods[] = {
+    {"contract", (PyCFunction)(void (*)(void))k_contract, METH_FASTCALL,
+     "contract(slow_paths, attributes): the Python names the kernel uses (atomic.py)."},
     {"setup", k_setup, METH_O, "setup({op name: address}): patomic's 8-byte op functions."},
     {"fence", k_fence, METH_NOARGS, "fence(): a full (seq_cst) fence."},
     FAST(load, "load(addr, order) -> int"),
@@ -51,24 +128,18 @@ PyMODINIT_FUNC PyInit__kernel(void)
         PyErr_SetString(PyExc_ImportError, "shmdirty._kernel needs a little-endian machine");
         return NULL;
     }
-    str_base = PyUnicode_InternFromString("base");
-    str_words = PyUnicode_InternFromString("words");
-    str_reader = PyUnicode_InternFromString("reader");
-    str_ram_size = PyUnicode_InternFromString("ram_size");
-    str_slow_flag = PyUnicode_InternFromString("_set_dirty_flag_py");
-    str_slow_get = PyUnicode_InternFromString("_get_dirty_py");
-    str_slow_set = PyUnicode_InternFromString("_set_dirty_range_py");
-    str_slow_take = PyUnicode_InternFromString("_test_and_clear_dirty_py");
-    str_slow_pages = PyUnicode_InternFromString("_set_dirty_pages_py");
-    if (!str_base || !str_words || !str_reader || !str_ram_size || !str_slow_flag ||
-        !str_slow_get || !str_slow_set || !str_slow_take || !str_slow_pages)
-        return NULL;
     if (PyType_Ready(&ReaderCoreType) < 0 || PyType_Ready(&ViewCoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0 ||
+    PyObject *names = PyTuple_New((Py_ssize_t)NOPS);
+    for (size_t i = 0; names != NULL && i < NOPS; i++)
+        PyTuple_SET_ITEM(names, (Py_ssize_t)i, PyUnicode_FromString(op_names[i]));
+    /* OP_NAMES: the op names setup() takes (atomic.OPS must hold exactly these). */
+    int bad = names == NULL || PyModule_AddObjectRef(m, "OP_NAMES", names) < 0;
+    Py_XDECREF(names);
+    if (bad || PyModule_AddObjectRef(m, "ReaderCore", (PyObject *)&ReaderCoreType) < 0 ||
         PyModule_AddObjectRef(m, "ViewCore", (PyObject *)&ViewCoreType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -9,11 +9,11 @@
 struct patomic_ops ops;
 int ready;
 
-/* The names setup() takes, in the order of struct patomic_ops. */
-static const char *const op_names[] = {"load", "store", "exchange", "cmpxchg_strong",
+/* The names setup() takes, in the order of struct patomic_ops (shmdirty/atomic.py's
+ * OPS holds exactly these: the one table of op names). */
+const char *const op_names[] = {"load", "store", "exchange", "cmpxchg_strong",
                                        "or", "fetch_or", "fetch_and", "fetch_add",
                                        "test_set", "test_reset"};
-#define NOPS (sizeof(op_names) / sizeof(op_names[0]))
 
 /* A word no other process sees: a seq_cst read-modify-write on it is a full
  * fence (as shmdirty.atomic.fence does from Python). */
@@ -146,6 +146,15 @@ PyObject *k_setup(PyObject *self, PyObject *table)
     void *fp[NOPS];
     if (!PyDict_Check(table)) {
         PyErr_SetString(PyExc_TypeError, "setup() takes a dict of op name -> address");
+        return NULL;
+    }
+    if (!named) {  /* so that `ready` implies the names are there too */
+        PyErr_SetString(PyExc_RuntimeError, "shmdirty._kernel: contract() must come first");
+        return NULL;
+    }
+    if ((size_t)PyDict_GET_SIZE(table) != NOPS) {
+        PyErr_Format(PyExc_ValueError, "setup(): %zd ops; the kernel takes exactly %zu "
+                     "(OP_NAMES)", PyDict_GET_SIZE(table), NOPS);
         return NULL;
     }
     for (size_t i = 0; i < NOPS; i++) {
