@@ -5,17 +5,29 @@
  */
 #include "kernel.h"
 
-/* memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, page_bits,
- * block_pages, order) -> bool: set_page inside one memb read-side section, for a reader
- * outside any section whose table was checked against counter value `seen`.
- * The section is shmdirty.rcu.Rcu.read_lock / read_unlock's, word for word:
- * store `seen` into this reader's slot counter `ctr` (seq_cst), load the
- * grace-period counter `gp` (seq_cst: the reader's half of the Dekker pair);
- * if it moved, the table may be stale: store 0 (release) and return False
- * (the caller takes the slow path, which re-reads it).  Else set_page, then
- * store 0 with release (every access of the section happens before a waiter
- * that sees 0).  The GIL is held throughout, so no other thread of this
- * process runs inside.  memb_set_in is its core. */
+/* ---- the memb read-side section of the C paths ----------------------------------------
+ *
+ * The Python twin is Reader.read_lock / read_unlock in shmdirty/rcu.py.  A
+ * memb section is written twice because the C fast paths must open one
+ * without a Python call (that call would cost what the fast path saves);
+ * both pass patomic the same orders, for the same reasons:
+ *   entry: store the counter value `seen` into this reader's slot `ctr`,
+ *          seq_cst, then load the grace-period counter `gp`, seq_cst: the
+ *          reader's half of the Dekker pair with a grace period's advance
+ *          and scan (shmdirty/grace.py): either the scan sees `seen` in the
+ *          slot and waits, or this load sees the advance and the table it
+ *          checked is not used;
+ *   exit:  store 0 into `ctr`, release: every access of the section happens
+ *          before a waiter that reads 0.
+ * One difference: when `gp` moved, read_lock stores the fresh value and
+ * stays inside (its caller re-reads the table), where memb_open stores 0 and
+ * declines (the Python path then runs its own section).  The GIL is held
+ * from entry to exit, or the section shows in the reader's nesting
+ * (c_section_enter), so no other thread of this process closes the slot
+ * meanwhile.  tests/test_kernel.py
+ * (test_the_memb_section_passes_the_same_orders_in_c_and_python) records
+ * the orders both twins pass. */
+
 /* Open a memb read-side section of its own on slot counter `ctr` for a
  * reader whose table was checked at counter value `seen`; 0 if the counter
  * `gp` moved (the section is closed again: the caller declines). */
@@ -23,8 +35,8 @@ static int memb_open(volatile uint64_t *ctr, volatile uint64_t *gp, uint64_t see
 {
     uint64_t now, zero = 0;
     /* seq_cst store, then seq_cst load: the reader's half of the Dekker pair
-     * (shmdirty/rcu.py): either a grace period's scan sees `seen` in the slot
-     * and waits, or this load sees its advance and the table is not used. */
+     * (above): either a grace period's scan sees `seen` in the slot and
+     * waits, or this load sees its advance and the table is not used. */
     ops.store(ctr, &seen, SEQ_CST);
     ops.load(gp, SEQ_CST, &now);
     if (now == seen)
@@ -51,6 +63,17 @@ static int memb_set_in(volatile uint64_t *ctr, volatile uint64_t *gp, uint64_t s
     return r;
 }
 
+/* memb_set_page(ctr, gp, seen, clients, client, addr, ram_size, page_bits,
+ * block_pages, order) -> bool: set_page inside one memb read-side section, for a reader
+ * outside any section whose table was checked against counter value `seen`.
+ * The section is memb_open / memb_close (above), read_lock / read_unlock's twin:
+ * store `seen` into this reader's slot counter `ctr` (seq_cst), load the
+ * grace-period counter `gp` (seq_cst: the reader's half of the Dekker pair);
+ * if it moved, the table may be stale: store 0 (release) and return False
+ * (the caller takes the slow path, which re-reads it).  Else set_page, then
+ * store 0 with release (every access of the section happens before a waiter
+ * that sees 0).  The GIL is held throughout, so no other thread of this
+ * process runs inside.  memb_set_in is its core. */
 PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     volatile uint64_t *ctr, *gp;
@@ -202,6 +225,10 @@ static int view_set_table(ViewCore *self, PyObject *value, void *c)
 {
     if (no_delete(value, "_table"))
         return -1;
+    if (!named) {
+        PyErr_SetString(PyExc_RuntimeError, "shmdirty._kernel: contract() was not called");
+        return -1;
+    }
     PyObject *rs = PyObject_GetAttr(value, str_ram_size);
     if (rs == NULL)
         return -1;
@@ -528,6 +555,9 @@ static PyObject *view_call(ViewCore *self, PyObject *const *args, size_t nargsf,
     }
     /* The Python path binds the arguments and words any TypeError itself
      * (its __qualname__ is the public name: shmdirty/dirty.py). */
+    if (slow == NULL)   /* not named yet: shmdirty/atomic.py names it at load */
+        return PyErr_Format(PyExc_RuntimeError, "%s(): shmdirty._kernel's contract() was "
+                            "not called", name);
     PyObject *stack[8];
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs + nkw > 7)
