@@ -1,4 +1,4 @@
-"""The compiled kernel (shmdirty/_kernel.c) against the Python code it replaces.
+"""The compiled kernel (shmdirty/_kernel_src/) against the Python code it replaces.
 
 Every batch operation of shmdirty.bitmap is run, with the same random
 arguments, on every available atomics backend (``kernel``: one C call;
@@ -6,7 +6,11 @@ arguments, on every available atomics backend (``kernel``: one C call;
 holds the block as one Python int; results and the words (with guard words
 around the block) must agree exactly.  Then every kernel entry point is
 given bad input: a ValueError (or TypeError for a wrong type) and not one
-word changed.
+word changed.  The C methods of ViewCore are run side by side with the
+Python paths they replace (``_<op>_py``) on the same calls; one test checks
+the contract between the C and Python sides (shmdirty/atomic.py declares
+it), and one records the memory orders both twins of the memb read-side
+section pass to patomic.
 """
 
 from __future__ import annotations
