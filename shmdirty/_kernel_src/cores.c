@@ -112,7 +112,13 @@ PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
  * releases it only while its section shows in the reader's nesting), as
  * between the Python path's bytecodes.  Anything the fast path declines
  * goes to self._<op>_py(...), with the caller's arguments as they came:
- * it checks, refreshes, maps or raises. */
+ * it checks, refreshes, maps or raises.
+ *
+ * These fields, the methods and their Python paths are the contract
+ * declared once in shmdirty/atomic.py (READER_FIELDS, VIEW_FIELDS,
+ * KERNEL_SLOW_PATHS, KERNEL_ATTRIBUTES): the names this file calls or reads
+ * on Python objects come from there through contract() (module.c), and
+ * tests/test_kernel.py checks the members below against the table. */
 
 typedef struct {
     PyObject_HEAD
