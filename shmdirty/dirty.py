@@ -225,7 +225,7 @@ class DirtyMemory(TableView):
 
     # --- accessors -----------------------------------------------------------------
     # The five hottest ops are C methods of TableView's base where the kernel
-    # was built (shmdirty/_kernel.c, ViewCore): for a handle made on the
+    # was built (shmdirty/_kernel_src/cores.c, ViewCore): for a handle made on the
     # kernel backend, one call checks this thread's reader and the table as
     # the Python path does and runs the op (a memb section included); what
     # it declines goes to the Python path ``_<op>_py`` (the method itself

@@ -225,7 +225,7 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     The base of DirtyMemory (a base class, not a member: the accessors' hot
     path reads these fields straight off ``self``).  Its ``_`` methods are
     the interface of dirty.py and coordinator.py, not of users.  Where the
-    kernel was built its own base is the C ViewCore (shmdirty/_kernel.c):
+    kernel was built its own base is the C ViewCore (shmdirty/_kernel_src/):
     ``_seen``, ``_blocks``, ``_local``, ``_table``, ``page_bits`` and
     ``block_pages`` are stored there, and its ``set_dirty_flag`` reads them."""
 
