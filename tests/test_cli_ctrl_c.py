@@ -28,8 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = textwrap.dedent("""
     import contextlib, os, sys
-    from shmdirty import cli
-    from shmdirty._workers import app, kvm_run
+    from shmdirty.workers import cli
+    from shmdirty.workers import app, kvm_run
     if os.environ.get("BREAK_SIGINT_HELD"):   # the deliberately broken variant
         app.sigint_held = kvm_run.sigint_held = contextlib.nullcontext
     sys.exit(cli.main(sys.argv[1:]))

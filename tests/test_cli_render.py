@@ -17,9 +17,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-
-from shmdirty import render
-from shmdirty._workers import app, reports
+from shmdirty.workers import app, render, reports
 
 pytestmark = pytest.mark.timeout(30)
 

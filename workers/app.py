@@ -42,7 +42,7 @@ from shmdirty import DirtyMemory, ShmDirtyError, segment
 
 from . import Control, Flags, hotplug, kvm, kvm_run, migrator, receiver, vcpu
 from . import guest_kvm as gk
-from .guest import TAG_MASK, TAG_VCPU, GuestRam
+from .guest import PAGE_BITS, TAG_MASK, TAG_VCPU, GuestRam
 from .lifecycle import (
     DestinationGone,
     Failed,
@@ -68,13 +68,13 @@ from .reports import (
     VcpuDone,
     WorkerFailed,
 )
+from .sender import FIRST_DIFFS  # how many differing pages a mismatch names
 from .stream import PeerGone, StreamError
 
-__all__ = ["DestinationGone", "Failed", "Interrupted", "MigrateConfig", "RunError",
-           "StreamRefused", "TimedOut", "Usage", "choose_guest", "plot_rounds", "receive", "run"]
+__all__ = ["FIRST_DIFFS", "PAGE_BITS", "DestinationGone", "Failed", "Interrupted",
+           "MigrateConfig", "RunError", "StreamRefused", "TimedOut", "Usage", "choose_guest",
+           "plot_rounds", "receive", "run"]
 
-PAGE_BITS = 12
-FIRST_DIFFS = 10          # how many differing pages a mismatch names
 JOIN_TIMEOUT = 5.0        # seconds workers get to exit after an abort before SIGTERM
 POLL = 0.01               # seconds the coordinator loop waits for a report
 MAX_READERS = 64          # reader slots of the map (DirtyMemory.create's default)

@@ -1,4 +1,5 @@
-"""How a run of ``shmdirty migrate`` ends early, and its signal handling;
+"""How a run of ``shmdirty migrate`` ends early, its signal handling and
+the command line's exit codes;
 shared by the simulated guest's run (``workers.app``) and the KVM guest's
 (``workers.kvm_run``)."""
 
@@ -9,6 +10,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+# The command line's exit codes (each command's --help lists its own).
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_DESTINATION_LOST = 4
+EXIT_STREAM = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 
 # --- how a run ends early -------------------------------------------------------------
