@@ -21,10 +21,10 @@ from typing import Any
 
 import psutil
 import pytest
-from shmdirty.workers import app
+from shmdirty.workers import app, cli
 
 import shmdirty as sd
-from shmdirty import atomic, cli, layout, segment
+from shmdirty import atomic, layout, segment
 from shmdirty.segment import Segment
 
 pytestmark = pytest.mark.timeout(60)

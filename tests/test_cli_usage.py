@@ -181,16 +181,15 @@ def test_the_real_program_says_bad_options_without_a_traceback(map_name: str) ->
 # process while that stage runs.
 STAGE_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from shmdirty.workers import cli
-    from shmdirty.workers import app
+    from shmdirty.workers import cli, sim_run
 
     stage = os.environ["STAGE"]
     if stage == "compare":  # the result: the comparison with the destination
-        real_result = app.Migration._result
+        real_result = sim_run.SimGuest.result
         def result(*args):
             os.kill(os.getpid(), signal.SIGINT)
             return real_result(*args)
-        app.Migration._result = result
+        sim_run.SimGuest.result = result
     else:
         real_render = cli.summary
         def render(*args):
