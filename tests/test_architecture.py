@@ -142,6 +142,15 @@ def test_the_library_never_imports_workers_or_perf() -> None:
         "the command line reaches the application through workers.app"
 
 
+def test_perf_uses_the_public_api_but_for_its_internals_module() -> None:
+    """perf/ measures shmdirty through ``import shmdirty``; the internals it
+    measures are imported in one place, perf/internals.py, each with why."""
+    for name, deps in graph().items():
+        if name.startswith("perf") and name != "perf.internals":
+            inner = [(d, line) for d, line in deps if d.startswith("shmdirty.")]
+            assert inner == [], f"{name} imports {inner}: add it to perf/internals.py"
+
+
 def test_the_upward_check_sees_installed_names(tmp_path: Path) -> None:
     """An import of the installed name (shmdirty.workers, shmdirty.perf) is
     seen as an import of the folder, also when it is lazy."""
