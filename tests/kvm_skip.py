@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from shmdirty.workers import kvm
 
 KVM_OK, KVM_WHY = kvm.usable()

@@ -21,11 +21,11 @@ from typing import Any
 
 import psutil
 import pytest
-from shmdirty.workers import app, cli
 
 import shmdirty as sd
 from shmdirty import atomic, layout, segment
 from shmdirty.segment import Segment
+from shmdirty.workers import app, cli
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 import pytest
 from kvm_skip import needs_kvm
-from shmdirty.workers import app, kvm
 
 from shmdirty import segment
+from shmdirty.workers import app, kvm
 
 pytestmark = pytest.mark.timeout(120)
 

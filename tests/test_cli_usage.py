@@ -17,11 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from shmdirty.workers import app, cli
-from shmdirty.workers.options import PAGE_BITS
 
 from shmdirty import layout, segment
 from shmdirty.segment import Segment
+from shmdirty.workers import app, cli
+from shmdirty.workers.options import PAGE_BITS
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from kvm_skip import needs_binutils, needs_kvm
-from shmdirty.workers import guest_kvm as g
-from shmdirty.workers.guest_model import expected
 
 import shmdirty as sd
+from shmdirty.workers import guest_kvm as g
+from shmdirty.workers.guest_model import expected
 
 SOURCE = Path(g.__file__).with_name("guest_kvm.S")
 

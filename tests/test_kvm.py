@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 from kvm_skip import needs_cc, needs_kvm
+
 from shmdirty.workers import kvm
 
 C_LAYOUT = r"""

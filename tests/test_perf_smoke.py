@@ -12,11 +12,11 @@ import shutil
 from typing import Any
 
 import pytest
+
+from shmdirty import atomic
 from shmdirty.perf import harness, micro, report
 from shmdirty.perf.registry import IMPL_NAMES, OP_NAMES
 from shmdirty.perf.workloads import OPS
-
-from shmdirty import atomic
 
 pytestmark = pytest.mark.timeout(300)
 

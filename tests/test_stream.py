@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from shmdirty import segment
 from shmdirty.workers import receiver
 from shmdirty.workers import stream as s
 from shmdirty.workers.stream import Channel, StreamError
-
-from shmdirty import segment
 
 pytestmark = pytest.mark.timeout(60)
 

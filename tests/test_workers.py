@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from shmdirty.workers.guest import TAG_BOOT, TAG_VCPU, GuestRam, compare
-from shmdirty.workers.migrator import MigrationBitmap
-from shmdirty.workers.vcpu import PagePicker, VcpuConfig, mark_flag, mark_lebitmap, write_pages
 
 import shmdirty as sd
 from shmdirty import segment
+from shmdirty.workers.guest import TAG_BOOT, TAG_VCPU, GuestRam, compare
+from shmdirty.workers.migrator import MigrationBitmap
+from shmdirty.workers.vcpu import PagePicker, VcpuConfig, mark_flag, mark_lebitmap, write_pages
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from kvm_skip import needs_kvm
+
+from shmdirty import segment
 from shmdirty.workers import guest_kvm as g
 from shmdirty.workers import kvm_run
 from shmdirty.workers.lifecycle import DestinationGone
 from shmdirty.workers.sender import STOP_AND_COPY
-
-from shmdirty import segment
 
 pytestmark = [needs_kvm, pytest.mark.timeout(180)]
 
