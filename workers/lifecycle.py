@@ -1,7 +1,6 @@
 """How a run of ``shmdirty migrate`` ends early, its signal handling and
-the command line's exit codes;
-shared by the simulated guest's run (``workers.app``) and the KVM guest's
-(``workers.kvm_run``)."""
+the command line's exit codes; used by the run of either guest
+(``workers.migration``) and by the command line."""
 
 from __future__ import annotations
 

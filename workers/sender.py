@@ -92,7 +92,7 @@ class GuestControl(Protocol):
         """Pause the guest and every writer, log-sync once more; returns the
         vCPU states (``workers.vm.VcpuState``; none for the simulated guest)."""
     def cont(self) -> None:
-        """The migration failed after ``stop``: let the source guest run on."""
+        """The migration failed after ``stop()``: let the source guest run on."""
     def handover(self) -> None:
         """The destination takes over: the source guest is discarded."""
 
