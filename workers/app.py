@@ -48,6 +48,7 @@ from .lifecycle import (
 )
 from .migration import GuestKind, OnEvent
 from .plot import plot_rounds
+from .reports import DestinationReport
 from .sender import FIRST_DIFFS  # how many differing pages a mismatch names
 from .sim_run import SimGuest, vcpu_rate
 from .stream import PeerGone, StreamError
@@ -98,7 +99,7 @@ class StreamRefused(RunError):
     """``shmdirty receive``: the stream was refused or broke (docs/STREAM.md)."""
 
 
-def receive(host: str, port: int, on_event: Callable[..., None],
+def receive(host: str, port: int, on_event: Callable[[DestinationReport], None],
             on_listening: Callable[[int], None]) -> dict[str, Any]:
     """``shmdirty receive``: one migration on ``host:port``, resumed to its
     end; its result.  ``StreamRefused``, or ``Interrupted`` on SIGINT /

@@ -61,6 +61,7 @@ from .options import (
     writable_file,
 )
 from .render import Progress, error, say, summary
+from .reports import Abandoned, BlocksReady, DestinationReport, Resumed
 
 MIGRATE_EXITS = """\
 exit codes:
@@ -204,9 +205,13 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, out: Console) -> int:
-    def progress(kind: str, **data: Any) -> None:
-        if kind in ("blocks", "resumed", "abandoned"):
-            say(out, f"receive: {kind} {data.get('blocks', data.get('vcpus', ''))}")
+    def progress(ev: DestinationReport) -> None:
+        if isinstance(ev, BlocksReady):
+            say(out, f"receive: blocks {list(ev.blocks)}")
+        elif isinstance(ev, Resumed):
+            say(out, f"receive: resumed {ev.vcpus}")
+        elif isinstance(ev, Abandoned):
+            say(out, "receive: abandoned ")
 
     try:
         res = app.receive(args.listen[0], args.listen[1], progress,

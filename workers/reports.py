@@ -252,6 +252,43 @@ class Received:
     result: dict[str, Any]
 
 
+# --- the destination's own progress (workers.receiver -> `shmdirty receive`) --------------
+@dataclass(frozen=True)
+class StreamHello:
+    """The source's HELLO record (docs/STREAM.md): page size, guest, digests."""
+
+    hello: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BlocksReady:
+    """The RAM blocks the stream announced are allocated here."""
+
+    blocks: tuple[tuple[int, int], ...]   # (offset, size) of every block so far
+
+
+@dataclass(frozen=True)
+class RoundReceived:
+    """A pre-copy round's ROUND record arrived."""
+
+    round: int
+    pages: int                  # pages received so far
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """The source gave up (ABANDON): nothing is resumed."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The destination resumed the guest (KVM)."""
+
+    vcpus: int
+
+
+DestinationReport = StreamHello | BlocksReady | RoundReceived | Abandoned | Resumed
+
 Report = (Ready | WorkerFailed | Started | RoundStart | Sent | Hotplug | HotplugSkipped
           | Stopping | Downtime | VcpuDone | Done | Connected | Switchover | Handover
           | DestinationLost | GuestHotadd | GuestDone | HandedOver | DataplaneDone
