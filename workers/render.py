@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from rich import box
 from rich.console import Console
@@ -65,10 +65,17 @@ def say(out: Console, msg: str) -> None:
 
 
 # --- migrate: rendering the application's events -------------------------------------------
+class Limits(Protocol):
+    """What Progress reads of the run's config (``workers.config.MigrateConfig``)."""
+
+    threshold: int
+    max_rounds: int
+
+
 class Progress:
     """Renders the typed events of a migration: notes, a progress bar per round."""
 
-    def __init__(self, cfg: Any, out: Console) -> None:
+    def __init__(self, cfg: Limits, out: Console) -> None:
         self.cfg, self.out = cfg, out
         self.progress: RichProgress | None = None
         self.tasks: dict[int, TaskID] = {}
