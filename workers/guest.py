@@ -1,12 +1,15 @@
-"""Guest RAM and the destination image: one shared segment per RAM block.
+"""Guest RAM and the destination image: one memfd per RAM block.
 
 RAM block ``i`` of a map (the i-th by offset in ``DirtyMemory.ram_blocks()``)
-lives in segment ``layout.ram_name(map, i)`` = ``shmdirty-<map>-ram<i>``; the
-destination copy of it in ``shmdirty-<map>-dst<i>``.  Both are KIND_RAM
-segments whose prefix records the block's offset (arg0) and size (arg1);
-guest page ``k`` of the block is at byte ``RAM_DATA + k * page_size``,
-page-aligned like host RAM.  They share the map's prefix, so
-``DirtyMemory.destroy()`` and ``shmdirty gc`` remove them with the map.
+lives in a memfd called ``layout.ram_name(map, i)`` = ``shmdirty-<map>-ram<i>``
+(``workers.memfd``: no name in /dev/shm, freed when the last process holding
+it exits, so no kill leaves guest RAM behind); a destination copy of it in
+one called ``shmdirty-<map>-dst<i>``.  Both are KIND_RAM segments whose
+prefix records the block's offset (arg0) and size (arg1); guest page ``k``
+of the block is at byte ``RAM_DATA + k * page_size``, page-aligned like
+host RAM.  The creator of a block keeps it mapped for as long as it needs
+it, and at least until another process of the run holds it; others open it
+through a holder (``memfd.open_block``).
 
 Blocks are only ever appended (``extend`` / ``request_extend`` put the new
 block at the end), so block ``i`` keeps its index for the whole run.
@@ -27,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from shmdirty import layout, segment
+from shmdirty import layout
 from shmdirty.errors import CorruptSegment
 from shmdirty.segment import Segment
+
+from . import memfd
 
 # The guest's page: x86's 4 KiB page, the unit of KVM's dirty log; every map
 # `shmdirty migrate` makes (source and destination, either guest) has it.
@@ -109,9 +114,16 @@ class GuestRam:
         return new
 
     def create_segment(self, index: int, offset: int, size: int, boot_fill: bool) -> Segment:
-        """Create, optionally stamp, and seal the segment of block ``index``."""
+        """The one place guest RAM is allocated: a memfd for block ``index``,
+        reserved before anything is written (``memfd.create``), its prefix,
+        optionally the boot stamps, sealed.  The returned segment holds the
+        memfd: keep it mapped until another process holds it too."""
         name = segment_name(self.map_name, self.role, index)
-        seg = Segment.create(name, RAM_DATA + size, layout.KIND_RAM, offset, size)
+        fd = memfd.create(name, RAM_DATA + size)
+        try:
+            seg = Segment.create_fd(name, fd, RAM_DATA + size, layout.KIND_RAM, offset, size)
+        finally:
+            os.close(fd)     # the mapping keeps its own descriptor
         try:
             if boot_fill:
                 first = offset >> self.page_bits
@@ -121,15 +133,19 @@ class GuestRam:
                 del view
             seg.seal()
         except BaseException:
-            seg.close()
-            segment.unlink(name)
+            seg.close()      # the last holder: the kernel frees it
             raise
         return seg
 
     def attach_segment(self, index: int, offset: int, size: int) -> Segment:
-        """Attach the segment of block ``index`` and check it is that block."""
+        """Open block ``index``'s memfd through a process that holds it and
+        check it is that block."""
         name = segment_name(self.map_name, self.role, index)
-        seg = Segment.attach(name, layout.KIND_RAM, RAM_DATA + size)
+        fd = memfd.open_block(name)
+        try:
+            seg = Segment.attach_fd(name, fd, layout.KIND_RAM, RAM_DATA + size)
+        finally:
+            os.close(fd)
         got = (seg.read_word(layout.P_ARG0), seg.read_word(layout.P_ARG1))
         if got != (offset, size):
             seg.close()
@@ -138,17 +154,9 @@ class GuestRam:
         return seg
 
     def preallocate(self, index: int) -> None:
-        """Give block ``index``'s segment its memory now (``posix_fallocate``)
-        and map it here (``populate``): on this machine batch allocation and
-        mapping cost a fraction of a page fault per first store into each
-        4 KiB page."""
-        offset, size = self.blocks[index]
-        fd = os.open(os.path.join(segment.SHM_DIR, segment_name(self.map_name, self.role, index)),
-                     os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, RAM_DATA, size)
-        finally:
-            os.close(fd)
+        """Map block ``index``'s pages here now (its memory was reserved at
+        creation): on this machine batch mapping costs a fraction of a page
+        fault per first store into each 4 KiB page."""
         self.populate(index, write=True)
 
     def populate(self, index: int, write: bool = False) -> None:
@@ -180,7 +188,7 @@ class GuestRam:
             yield b, pages[sel] - self._starts[b], sel
 
     def close(self) -> None:
-        """Unmap every segment (never unlinks)."""
+        """Unmap every block (the last process to do so frees it)."""
         self.views.clear()
         for seg in self._segs:
             seg.close()

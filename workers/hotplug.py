@@ -3,23 +3,27 @@
 For each ``(seconds after go, size)`` of the schedule: create and fill the
 segment of the next RAM block FIRST (at the current end of RAM, where
 ``extend`` puts it), THEN ``request_extend`` and wait until the coordinator's
-serve loop has published it.  Nothing is added once the STOP flag is set
+serve loop has published it, and keep the block's memfd mapped until
+the run's coordinator (its parent) holds it too: the coordinator maps
+every block it is told of (``workers.memfd``).  Nothing is added once the STOP flag is set
 (the guest is paused for stop-and-copy); a request already posted is seen
 through before the stopped flag, so the final sync sees the block.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout
 
-from . import Control, Flags, worker
+from . import Control, Flags, memfd, worker
 from .guest import GuestRam
 from .reports import Hotplug, HotplugSkipped
 
 REQUEST_POLL = 0.25   # seconds per request_extend attempt between abort checks
+HOLDER_TIMEOUT = 30.0  # seconds a new block waits for another holder (the coordinator)
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,21 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
         blocks = dm.ram_blocks()
         offset = max(o + s for o, s in blocks)
         t_ask = time.monotonic()
-        # The bytes are in shared memory once it is sealed; unmap our view.
-        ram.create_segment(len(blocks), offset, size, boot_fill=True).close()
-        while True:
-            try:
-                dm.request_extend(offset + size, timeout=REQUEST_POLL)
-                break
-            except GraceTimeout:
-                if ctl.aborted():
-                    return
-            except CoordinatorGone:
-                return  # it died: nothing to finish
-        ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))
+        seg = ram.create_segment(len(blocks), offset, size, boot_fill=True)
+        try:
+            while True:
+                try:
+                    dm.request_extend(offset + size, timeout=REQUEST_POLL)
+                    break
+                except GraceTimeout:
+                    if ctl.aborted():
+                        return
+                except CoordinatorGone:
+                    return  # it died: nothing to finish
+            ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))
+            # The coordinator (our parent) maps the block when it reads the
+            # report and keeps it to the end; until it does, unmapping here
+            # could free the memfd under a vCPU about to open it.
+            memfd.wait_for_holder(seg.name, os.getppid(), HOLDER_TIMEOUT, ctl.aborted)
+        finally:
+            seg.close()
