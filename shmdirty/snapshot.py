@@ -9,8 +9,8 @@ import numpy as np
 
 from . import bitmap
 from .bitmap import Block
+from .clients import as_index
 from .errors import BadInput
-from .table import as_index
 
 
 class DirtySnapshot:

@@ -20,7 +20,8 @@ PACKAGES = ("shmdirty", "workers", "perf")
 
 # shmdirty's layers, lowest first (docs/ARCHITECTURE.md): a module imports
 # only modules before it.  errors, layout and atomic are the ground.
-LAYERS = ("errors", "layout", "atomic", "segment", "grace", "rcu", "bitmap", "table", "snapshot",
+LAYERS = ("errors", "layout", "atomic", "segment", "grace", "rcu", "bitmap", "clients", "table",
+          "view", "snapshot", "retired", "take",
           "coordinator", "handles", "dirty", "maps", "options", "render", "cli")
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""The RCU-native take (dirty.py ``_take``, coordinator.py ``swap_out``, issue 6).
+"""The RCU-native take (take.py ``Take.run``, ``SwapTake.swap_out``, issue 6).
 
 sync_dirty_bitmap, test_and_clear_dirty and snapshot_and_clear_dirty take
 the blocks a range covers whole by swapping a zeroed block in for each (a new
@@ -40,6 +40,7 @@ from mp_harness import Migration, Writers, child_result, run_until_caught, segs
 import shmdirty as sd
 from shmdirty import layout, segment
 from shmdirty.coordinator import Coordinator
+from shmdirty.take import SwapTake
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +64,7 @@ def bitmap_of(dm: sd.DirtyMemory, client: int) -> np.ndarray[Any, Any]:
     """Every bit of ``client``'s blocks in the current table (past RAM too)."""
     with dm.read_section():
         n = dm.table.num_blocks
-        return np.concatenate([bits_of(dm._block(client, i).words.copy()) for i in range(n)])
+        return np.concatenate([bits_of(dm.block(client, i).words.copy()) for i in range(n)])
 
 
 def forbid_swap(dm: sd.DirtyMemory) -> Any:
@@ -267,7 +268,7 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
             assert n <= 3 * nblocks + nwhole, (i, n)
             assert len(dm._coordinator.pool) <= nwhole
             for bid in dm._coordinator.pool:
-                assert not dm._map_block(bid).words.any(), f"pooled block {bid} is dirty"
+                assert not dm.map_block(bid).words.any(), f"pooled block {bid} is dirty"
         assert dm.generation - g0 >= 40 + 14                # every take swapped
         assert most == 3 * nblocks + nwhole                 # one take's worth, no more
         assert np.array_equal(bits_of(dest)[:ram_pages], shadow)
@@ -298,7 +299,7 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
 
 
 # --- 2 and 3. no lost bits while writers write and the coordinator swaps -----------------
-class NoGraceCoordinator(Coordinator):
+class NoGraceTake(SwapTake):
     """BROKEN on purpose: publishes the swap table, then reads, zeroes and
     pools the retired blocks at once, without waiting for a grace period.
     A writer still in a section on the old table writes into a block that
@@ -306,11 +307,16 @@ class NoGraceCoordinator(Coordinator):
     some other block)."""
 
     def swap_out(self, client: int, idxs: list[int]) -> list[Any]:
-        """(words, block to recycle), as Coordinator.swap_out: no grace period."""
+        """(words, block to recycle), as SwapTake.swap_out: no grace period."""
         with self.shared.lock:
-            t = self.view._refresh()
-            retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        return [(b.words, b) for b in map(self.view._map_block, retired)]
+            t = self.view.refresh()
+            retired = self.coordinator.publish(list(t.ram_blocks),
+                                               swap=[(client, i) for i in idxs])
+        return [(b.words, b) for b in map(self.view.map_block, retired)]
+
+
+class NoGraceCoordinator(Coordinator):
+    take_class = NoGraceTake
 
 
 class NoGraceSwap(sd.DirtyMemory):
@@ -672,7 +678,7 @@ def test_qsbr_reader_back_online_does_not_write_a_retired_block(
             f"the write went into a retired block: {value}")
         assert np.flatnonzero(bits_of(dest)).tolist() == [page]
         for bid in dm._coordinator.pool:
-            assert not dm._map_block(bid).words.any(), f"pooled block {bid} was written"
+            assert not dm.map_block(bid).words.any(), f"pooled block {bid} was written"
     finally:
         dm.destroy()
     assert segment.list_segments(map_name) == []
