@@ -66,7 +66,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import NoReturn
+from typing import NoReturn, Protocol, cast
 
 import numpy as np
 
@@ -298,8 +298,9 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
                 self.thread_online()
 
 
-class Local(threading.local):
-    """An Rcu's per-thread slot: this thread's Reader and its _ThreadExit,
+class Local(Protocol):
+    """An Rcu's per-thread slot (a plain ``threading.local``: a subclass
+    makes every lookup slower): this thread's Reader and its _ThreadExit,
     both missing (AttributeError) until the thread's first use.  The view
     reads ``reader`` once per op (in C on the kernel, by that name)."""
 
@@ -354,7 +355,7 @@ class Rcu:
         self.flavor = flavor
         self.gp = GracePeriods(header, max_readers)
         self._lock = threading.Lock()        # guards _claimed and slot claims
-        self._local = Local()                # .reader, .exit: this thread's
+        self._local = cast(Local, threading.local())  # .reader, .exit: this thread's
         self._claimed: set[Reader] = set()   # readers holding a slot
         self._closed = False
         self._pid = os.getpid()
