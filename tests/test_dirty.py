@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 import dirty_workers as workers
+import err_workers as W
 import numpy as np
 import pytest
 from mp_harness import child_result, segs
@@ -683,3 +684,47 @@ def test_a_strided_lebitmap_is_merged_like_a_contiguous_one(make: Any) -> None:
     dm.set_dirty_lebitmap(src[::2].copy(), 0, 256)
     assert strided == [p for p in range(256) if dm.get_dirty_flag(p * PS, MIG)] == [65, 130,
                                                                                    193, 194]
+
+
+def test_create_of_an_existing_name_is_map_exists(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(64 * 4096, block_pages=64, name=map_name)
+    try:
+        before = segment.list_segments(map_name)
+        with pytest.raises(sd.MapExists) as e:
+            sd.DirtyMemory.create(128 * 4096, name=map_name)
+        assert isinstance(e.value, FileExistsError) and isinstance(e.value, sd.ShmDirtyError)
+        assert map_name in str(e.value) and "shmdirty gc" in str(e.value)
+        assert segment.list_segments(map_name) == before
+        dm.set_dirty_flag(0, W.MIG)          # the existing map is untouched
+        assert dm.ram_size == 64 * 4096 and dm.is_coordinator
+    finally:
+        dm.destroy()
+
+
+def test_set_dirty_pages_error_counts_pages(map_name: str) -> None:
+    import numpy as np
+    dm = sd.DirtyMemory.create(256 * 4096, block_pages=64, name=map_name)
+    try:
+        dm.test_and_clear_dirty(0, 256 * 4096, W.MIG)   # new RAM starts dirty
+        with pytest.raises(sd.BadInput) as e:
+            dm.set_dirty_pages(np.array([3, 256]), W.MIG)
+        assert "page numbers [3, 256] is outside guest RAM: pages [0, 256)" in str(e.value)
+        assert not dm.get_dirty_flag(3 * 4096, W.MIG)      # nothing changed
+    finally:
+        dm.destroy()
+
+
+def test_destroy_inside_a_section_refuses_before_unlinking(map_name: str) -> None:
+    """destroy() unlinked every segment and dropped the pending callbacks,
+    and only then did close() refuse (inside a read-side section): the call
+    failed, the handle stayed open, and the map was gone for everyone."""
+    dm = sd.DirtyMemory.create(64 * PS, block_pages=64, name=map_name)
+    before = segment.list_segments(map_name)
+    with dm.read_section(), pytest.raises(sd.ShmDirtyError):
+        dm.destroy()
+    assert segment.list_segments(map_name) == before
+    other = sd.DirtyMemory.attach(map_name)     # the map is still there
+    assert other.get_dirty_flag(0, VGA)
+    other.close()
+    dm.destroy()
+    assert segment.list_segments(map_name) == []
