@@ -1,6 +1,13 @@
 """The coordinator (shmdirty/coordinator.py): who coordinates, publishing,
 growth, both ends of hot-plug requests, adopt, and the serve loop.
 
+serve() while a call_rcu callback waits for a long reader backs off like
+synchronize() (issue 10, part 8; was tests/test_bounded_sync.py): on a
+virtual clock (time.monotonic / time.sleep and the stop event's wait
+advance it; nothing really sleeps), it scans the slots and checks owners'
+liveness no more often than synchronize() does over the same virtual
+second.  CPU use itself is measured by a script, not here.
+
 The whole-block swap is take.py's (tests/test_take.py); retired blocks are
 retired.py's (tests/test_retired.py).  Every wait has a timeout.
 """
@@ -10,18 +17,21 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import time
 import traceback
 from typing import Any
 
 import err_workers as W
 import pytest
+from mp_harness import ParkedReader
 
 import shmdirty as sd
-from shmdirty import layout, segment
+from shmdirty import grace, layout, segment
 
 pytestmark = pytest.mark.timeout(120)
 
 WAIT = 30.0
+PARK = 15.0          # the parked reader gives up after this long (s)
 
 PB = 12
 PS = 1 << PB
@@ -112,4 +122,95 @@ def test_request_beyond_max_blocks_is_refused_before_it_is_posted(
         assert dm.serve_once() is False
         assert (what, is_bad_input) == ("BadInput", True)
     finally:
+        dm.destroy()
+
+
+class VirtualClock:
+    """time.monotonic and time.sleep, on a clock that moves only when slept on."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()   # deadlines taken before the patch stay meaningful
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+class StopAfter:
+    """A stop event for serve(): set once the virtual clock passes ``until``
+    (or ``done()`` says so); its wait() advances the clock."""
+
+    def __init__(self, clock: VirtualClock, until: float, done: Any = None) -> None:
+        self.clock, self.until, self.done = clock, until, done
+
+    def is_set(self) -> bool:
+        return self.clock.now >= self.until or bool(self.done and self.done())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.clock.sleep(1e-3 if timeout is None else timeout)
+        return self.is_set()
+
+
+class Counts:
+    """How often slots are scanned and owners checked for liveness."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.scans = self.alive = 0
+        scan, alive = grace.GracePeriods.blockers, grace.owner_alive
+
+        def counted_scan(gp: Any, token: int) -> Any:
+            self.scans += 1
+            return scan(gp, token)
+
+        def counted_alive(word: int) -> bool:
+            self.alive += 1
+            return alive(word)
+
+        monkeypatch.setattr(grace.GracePeriods, "blockers", counted_scan)
+        monkeypatch.setattr(grace, "owner_alive", counted_alive)
+
+    def take(self) -> tuple[int, int]:
+        out = (self.scans, self.alive)
+        self.scans = self.alive = 0
+        return out
+
+
+def test_serve_backs_off_like_synchronize(map_name: str, spawn_ctx: Any, children: list[Any],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = sd.DirtyMemory.create(1 << 20, name=map_name)
+    reader = None
+    try:
+        reader = ParkedReader(spawn_ctx, children, map_name, PARK, "memb", 1)
+        ran: list[int] = []
+        dm.rcu.call_rcu(lambda: ran.append(1))
+        clock = VirtualClock()
+        monkeypatch.setattr(time, "monotonic", clock.monotonic)
+        monkeypatch.setattr(time, "sleep", clock.sleep)
+        counts = Counts(monkeypatch)
+
+        # One virtual second of synchronize() waiting for the reader ...
+        with pytest.raises(sd.GraceTimeout):
+            dm.rcu.synchronize(timeout=1.0)
+        sync_scans, sync_alive = counts.take()
+        # ... and one of serve() with a callback waiting for it.
+        dm.serve(StopAfter(clock, clock.now + 1.0))
+        serve_scans, serve_alive = counts.take()
+        print(f"one virtual second: synchronize {sync_scans} scans, {sync_alive} liveness "
+              f"checks; serve {serve_scans} scans, {serve_alive} liveness checks")
+        assert not ran, "the callback ran inside the reader's section"
+        assert serve_alive <= sync_alive + 1, (serve_alive, sync_alive)
+        assert serve_scans <= sync_scans + 1, (serve_scans, sync_scans)
+        assert serve_scans >= 1          # it did look
+
+        # Once the reader leaves, serve() runs the callback.
+        assert reader.let_go()["released"] is True
+        reader = None
+        dm.serve(StopAfter(clock, clock.now + 5.0, done=lambda: ran))
+        assert ran == [1]
+    finally:
+        if reader is not None:
+            reader.release.set()
+        monkeypatch.undo()
         dm.destroy()

@@ -20,7 +20,14 @@ what lands in them later is given back.  Here:
 - a reader parked in a section does not hold a swap back (its late write
   is given back and taken later), and a SIGKILLed one does not hang it;
 - a qsbr reader coming back online while a swap completes writes into the
-  published block, not the retired one.
+  published block, not the retired one;
+- waits that no reader can stretch (issue 10, parts 5 and 8; these were
+  tests/test_bounded_sync.py): the taking accessors return while another
+  process sits inside one section (memb) or stays online without a
+  quiescent point (qsbr), and the parked reader's late write, into a
+  retired block, is found by a later sync.  "Returned in bounded time" is
+  shown without timing anything: the reader is let go only after the calls
+  returned, and reports whether it was let go or gave up waiting.
 
 No sleeps stand in for synchronisation: Events, Semaphores, pipes, joins.
 """
@@ -35,7 +42,14 @@ import numpy as np
 import pytest
 import rel_workers
 import swap_workers as workers
-from mp_harness import Migration, Writers, child_result, run_until_caught, segs
+from mp_harness import (
+    Migration,
+    ParkedReader,
+    Writers,
+    child_result,
+    run_until_caught,
+    segs,
+)
 
 import shmdirty as sd
 from shmdirty import layout, segment
@@ -682,3 +696,44 @@ def test_qsbr_reader_back_online_does_not_write_a_retired_block(
     finally:
         dm.destroy()
     assert segment.list_segments(map_name) == []
+
+
+# --- the bounded wait: no reader can stretch a take (from test_bounded_sync.py) -----------
+SYNC_BP = 32768      # pages a block: 512 words, what a swap pays off for
+SYNC_PARK = 15.0     # the parked reader gives up after this long (s)
+
+
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_taking_accessors_return_while_a_reader_is_parked(
+        map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:
+    ram = 2 * SYNC_BP * PS                       # two blocks, all dirty (new RAM is)
+    late = SYNC_BP + 12345                       # the parked reader's late page, block 1
+    dm = sd.DirtyMemory.create(ram, block_pages=SYNC_BP, name=map_name)
+    reader = None
+    try:
+        reader = ParkedReader(spawn_ctx, children, map_name, SYNC_PARK, flavor, late)
+        g0 = dm.generation
+        dest = np.zeros(2 * SYNC_BP // 64, dtype=np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, ram) == 2 * SYNC_BP
+        assert dm.generation > g0, "the sync did not swap (nothing to bound)"
+        dm.swap_min_words = 0                # later takes would swap too, if they may
+        assert dm.test_and_clear_dirty(0, ram, VGA) is True
+        assert dm.dirty_pages(VGA) == 0
+        snap = dm.snapshot_and_clear_dirty(0, ram, CODE)
+        assert snap.get_dirty(0, ram) and snap.get_dirty(ram - PS, PS)
+        assert dm.dirty_pages(CODE) == 0
+        dm.set_dirty_range(0, ram, 1 << MIG)
+        assert dm.sync_dirty_bitmap(np.zeros_like(dest), 0, ram) == 2 * SYNC_BP
+        out = reader.let_go()
+        assert out["released"] is True, "the calls waited for the parked reader"
+        assert out["generation"] == g0, out   # it wrote with the table it entered with
+        # Its late write landed in a retired block; it is given back, not lost.
+        dest[:] = 0
+        assert dm.sync_dirty_bitmap(dest, 0, ram) == 1
+        assert np.flatnonzero(np.unpackbits(dest.view(np.uint8), bitorder="little")).tolist() \
+            == [late]
+        assert dm.dirty_pages(MIG) == 0
+    finally:
+        if reader is not None:
+            reader.release.set()
+        dm.destroy()
