@@ -737,3 +737,60 @@ def test_taking_accessors_return_while_a_reader_is_parked(
         if reader is not None:
             reader.release.set()
         dm.destroy()
+
+
+# --- the take object: chosen by the coordinator, never asked about roles ------------------
+def test_the_coordinator_chooses_each_handles_take(map_name: str) -> None:
+    """create() and adopt() give a SwapTake (ranges of a block or more may
+    swap); attach() a word-by-word Take (no range ever swaps), even in the
+    coordinator's process; the role leaves with the handle."""
+    from shmdirty.take import NEVER, SwapTake, Take
+
+    dm = sd.DirtyMemory.create(4 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        a = sd.DirtyMemory.attach(map_name)
+        try:
+            assert type(dm._coordinator.taker) is SwapTake
+            assert dm._coordinator.taker.swap_pages == 64
+            assert type(a._coordinator.taker) is Take and a._coordinator.taker.swap_pages == NEVER
+            # An attached handle's take goes word by word: no table is published.
+            g = dm.generation
+            dest = np.zeros(4, np.uint64)
+            a.swap_min_words = FORCE
+            assert a.sync_dirty_bitmap(dest, 0, 4 * 64 * PS) == 4 * 64
+            assert dm.generation == g
+            # The coordinator's, forced, swaps: a new table.
+            dm.set_dirty_range(0, 4 * 64 * PS, sd.DIRTY_CLIENTS_ALL)
+            dm.swap_min_words = FORCE
+            dm.swap_grace_budget = WAIT
+            assert dm.sync_dirty_bitmap(np.zeros(4, np.uint64), 0, 4 * 64 * PS) == 4 * 64
+            assert dm.generation > g
+        finally:
+            a.close()
+        coord = dm._coordinator
+    finally:
+        dm.destroy()
+    assert type(coord.taker) is Take   # dropped with the role
+
+
+def test_swap_take_chooses_only_when_it_pays_and_outside_other_sections(
+        map_name: str) -> None:
+    """SwapTake.choose: every whole block when they hold at least
+    swap_min_words dirty words and the take's section is the outermost;
+    none inside another section or below the threshold."""
+    dm = sd.DirtyMemory.create(2 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        taker = dm._coordinator.taker
+        clear_all(dm)
+        dm.set_dirty_range(0, 3 * PS, 1 << MIG)          # 3 pages: 1 word dirty
+        dm.set_dirty_range(64 * PS, PS, 1 << MIG)        # 1 more word
+        with dm.read_section():                          # the take's own section
+            dm.swap_min_words = 2
+            assert taker.choose(MIG, [0, 1]) == [0, 1]
+            dm.swap_min_words = 3
+            assert taker.choose(MIG, [0, 1]) == []
+            dm.swap_min_words = 0
+            with dm.read_section():                      # nested: never
+                assert taker.choose(MIG, [0, 1]) == []
+    finally:
+        dm.destroy()
