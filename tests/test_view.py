@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import shmdirty as sd
+from shmdirty import layout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +99,62 @@ def test_offline_quiescent_reads_no_table_outside_a_section(
     assert parent.poll(WAIT)
     status, err = parent.recv()
     assert status == "ok", err
+
+
+def test_a_section_rereads_the_table_only_after_the_counter_moved(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    a = sd.DirtyMemory.attach(map_name)
+    try:
+        t0 = a.begin_section()
+        a.end_section()
+        assert a.begin_section() is t0                # nothing published: the same table
+        a.end_section()
+        dm.extend(2 * BP * PS)                        # publish: the counter moves
+        t1 = a.begin_section()
+        a.end_section()
+        assert t1 is not t0 and t1.generation == dm.generation and t1.ram_size == 2 * BP * PS
+        # refresh() moves to the newest table without a section; invalidate()
+        # makes the next section read the generation again.
+        dm.extend(3 * BP * PS)
+        assert a.refresh().ram_size == 3 * BP * PS
+        a.invalidate()
+        assert a.begin_section().generation == dm.generation
+        a.end_section()
+    finally:
+        a.close()
+        dm.destroy()
+
+
+def test_block_mappings_are_cached_and_the_walk_tiles_a_range(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(3 * BP * PS, block_pages=BP, name=map_name)
+    try:
+        t = dm.begin_section()
+        try:
+            b = dm.block(VGA, 1)
+            assert b.block_id == t.block_ids[VGA][1]
+            assert dm.block(VGA, 1) is b and dm.map_block(b.block_id) is b
+            assert dm.block_segment(b.block_id).name == layout.block_name(map_name, b.block_id)
+            assert list(dm.walk(BP - 1, 2 * BP + 1)) == [(0, BP - 1, 1), (1, 0, BP), (2, 0, 1)]
+            assert dm.page_of(t, 5 * PS + 3) == 5
+            with pytest.raises(sd.BadInput, match="outside guest RAM"):
+                dm.page_of(t, 3 * BP * PS)
+        finally:
+            dm.end_section()
+        # enter_range: a section and the page range; bad input leaves no section open.
+        assert dm.enter_range(PS, 2 * PS)[1:] == (1, 3)
+        dm.end_section()
+        with pytest.raises(sd.BadInput):
+            dm.enter_range(0, 4 * BP * PS)
+        assert dm.rcu.nesting == 0
+    finally:
+        dm.destroy()
+
+
+def test_a_closed_handle_refuses_the_view(map_name: str) -> None:
+    from shmdirty.view import INTERFACE
+
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    dm.destroy()
+    for name in INTERFACE:
+        with pytest.raises(sd.HandleClosed):
+            getattr(dm, name)()
