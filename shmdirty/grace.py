@@ -166,7 +166,9 @@ class GracePeriods:
         return atomic.fetch_add(self._gp, 1, atomic.SEQ_CST) + 1
 
     def blockers(self, token: int) -> list[tuple[int, int]]:
-        """(slot, owner) of every claimed slot whose section began before ``token``."""
+        """(slot, owner) of every claimed slot whose section began before ``token``
+        (the scan every waiter runs; tests count it)."""
+        self._check_open()
         found = []
         for i in range(self.max_readers):
             # seq_cst: the updater's half of the Dekker pair (see rcu.py).

@@ -172,6 +172,7 @@ def _probe_args(kind: str, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         "set_dirty_pages": ((np.array([0, 1]), VGA), {}),
         "snapshot_and_clear_dirty": ((0, ps, VGA), {}),
         "dirty_pages": ((VGA,), {}),
+        "blockers": ((1,), {}),
         # the view's interface (view.INTERFACE): public names the library calls
         "enter_range": ((0, ps), {}),
         "block": ((VGA, 0), {}),
