@@ -44,10 +44,10 @@ from .coordinator import Coordinator, create_map
 from .errors import BadInput, HandleClosed, MapExists, RcuMisuse, check_timeout
 from .handles import MapState
 from .rcu import FLAVORS, Closed, Rcu
-from .snapshot import DirtySnapshot
+from .snapshot import DirtySnapshot, Taking
 from .table import MAX_BLOCKS, Table, find_ram_offset
 from .take import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Words
-from .view import INTERFACE, TableView
+from .view import INTERFACE, Section, TableView
 
 __all__ = ["DIRTY_CLIENTS_ALL", "DIRTY_CLIENTS_NOCODE", "DIRTY_MEMORY_BLOCK_SIZE",
            "DIRTY_MEMORY_CODE", "DIRTY_MEMORY_MIGRATION", "DIRTY_MEMORY_NUM",
@@ -79,7 +79,7 @@ class DirtyMemory(TableView):
         # The closed stand-in (handles.CLOSED) once the handle is closed.
         self._coordinator: Coordinator | Closed = self.coordinator_class(
             self, rcu, shared.header, shared.coord)
-        self._section = _Section(self)
+        self._section = Section(self)
         self._set_page, self._set_pages = bitmap.page_setters()
         # set_dirty_flag runs in C (ViewCore) for a handle made on the kernel.
         self._flag_in_c = atomic.batch is not None
@@ -196,7 +196,7 @@ class DirtyMemory(TableView):
             return list(self._table.ram_blocks)
 
     # --- sections ---------------------------------------------------------------
-    def read_section(self) -> _Section:
+    def read_section(self) -> Section:
         """``with dm.read_section():`` one read-side section around many ops."""
         return self._section
 
@@ -403,22 +403,9 @@ class DirtyMemory(TableView):
     def snapshot_and_clear_dirty(self, start: int, length: int, client: int) -> DirtySnapshot:
         """Take the dirty bits of the range for ``client`` into a snapshot."""
         client = _client(client)
-        snap: list[DirtySnapshot] = []
-
-        def check(end: int) -> None:
-            # The window is the range's pages, ceil((start+length)/page) even
-            # for length 0 (which takes nothing).
-            first = _index(start, "start")
-            page = first >> self.page_bits
-            end = max(end, -(-(first + _index(length, "length")) >> self.page_bits))
-            words = np.zeros(((max(end, page + 1) - 1) >> 6) - (page >> 6) + 1, dtype=np.uint64)
-            snap.append(DirtySnapshot(self.page_bits, page, end, words))
-
-        def merge(g0: int, taken: Words) -> None:
-            g0 -= snap[0]._page >> 6
-            snap[0]._words[g0:g0 + len(taken)] |= taken
-        self._coordinator.taker.run(client, start, length, merge, check)
-        return snap[0]
+        taking = Taking(self.page_bits, start, length)
+        self._coordinator.taker.run(client, start, length, taking.merge, taking.check)
+        return taking.snapshot()
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
@@ -527,22 +514,6 @@ def _refuse(name: str) -> Callable[..., NoReturn]:
 for _name in INTERFACE:
     setattr(_ClosedHandle, _name, _refuse(_name))
 del _name
-
-
-class _Section:
-    """The context manager of read_section(): a plain class, not a
-    generator, so a section costs little more than its two atomics."""
-
-    __slots__ = ("_dm",)
-
-    def __init__(self, dm: DirtyMemory) -> None:
-        self._dm = dm
-
-    def __enter__(self) -> None:
-        self._dm.begin_section()
-
-    def __exit__(self, *exc: object) -> None:
-        self._dm.end_section()
 
 
 class _Unattached(DirtyMemory):
