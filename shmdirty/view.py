@@ -75,6 +75,9 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     max_readers: int
     # Set by DirtyMemory (tests change them on a handle); read by take.py:
     swap_min_words: int        # whole blocks with this many dirty words are swapped
+    # Invariant (the bounded swap, take.SwapTake): no take waits longer than
+    # this for a grace period; past it the retired blocks are taken word by
+    # word and wait in retired.Retired for their give-back.
     swap_grace_budget: float   # how long a swap waits for its grace period (s)
 
     def _init_view(self, name: str, header: Segment, rcu: Rcu) -> None:
