@@ -33,7 +33,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml shmdirty/_kernel.c | $(PY)  # the editable install compiles the kernel
+KERNEL_SRC := $(wildcard shmdirty/_kernel_src/*.c shmdirty/_kernel_src/*.h)
+
+$(VENV)/.installed-%: pyproject.toml $(KERNEL_SRC) | $(PY)  # the editable install compiles the kernel
 	$(PY) -m pip install --quiet -e '.$(EXTRAS_$*)'
 	touch $@
 

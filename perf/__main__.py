@@ -16,6 +16,10 @@ from typing import Any
 from .harness import GIB, BenchConfig, run_bench, sigterm_as_exit
 from .registry import IMPL_NAMES, OP_NAMES
 
+# How this was started: ``python -m perf`` in a checkout, ``python -m
+# shmdirty.perf`` from an install (the same files, package-dir maps them).
+PROG = f"python -m {__package__ or 'perf'}"
+
 
 def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
@@ -51,7 +55,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m perf",
+        prog=PROG,
         description="ops/sec of shmdirty's dirty-bitmap workloads against a lock, the "
                     "public atomics API and C, side by side in one run.")
     p.add_argument("--quick", action="store_true",
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=150)  # logs and CI: do not squeeze the table to 80 columns
     err = Console(stderr=True)
-    command = "python -m perf " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
     machine = machine_info()
     # Workers are spawned: they run on the backend this process picked.
     os.environ["SHMDIRTY_ATOMICS"] = machine["atomic_backend"]

@@ -19,10 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdirty import atomic, layout
-from shmdirty.segment import Segment
-from shmdirty.segment import unlink as unlink_segment
-
+from .internals import Segment, atomic, layout, unlink_segment
 from .registry import (
     DIRTY_MEMORY_NUM,
     Cell,

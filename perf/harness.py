@@ -112,7 +112,7 @@ def leftover_segments(prefix: str) -> list[str]:
 
 def unlink_prefix(prefix: str) -> list[str]:
     """Unlink every segment whose name starts with ``prefix``; return the names."""
-    from shmdirty.segment import unlink
+    from .internals import unlink_segment as unlink
 
     gone = leftover_segments(prefix)
     for name in gone:

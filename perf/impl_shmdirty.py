@@ -50,8 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdirty import atomic, segment
-
+from .internals import atomic, segment
 from .registry import (
     BUSY_READER,
     RCU_LOCK,
@@ -82,7 +81,7 @@ QSBR_EVERY = 64  # ops between quiescent() calls (= the chunk of cheap workloads
 def dirty_memory() -> Any:
     """The DirtyMemory class, or Unavailable while shmdirty.dirty is not written."""
     try:
-        from shmdirty.dirty import DirtyMemory
+        from shmdirty import DirtyMemory
     except ModuleNotFoundError as exc:
         if (exc.name or "").startswith("shmdirty"):
             raise Unavailable(f"shmdirty rows skipped: {exc.name} does not exist yet") from None

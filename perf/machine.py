@@ -30,9 +30,8 @@ def _version(pkg: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """Platform, CPUs, load, and the versions that matter to the figures."""
-    from shmdirty import atomic
-
     from .cbaseline import compiler_version
+    from .internals import atomic
 
     usable: int | None
     try:

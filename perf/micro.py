@@ -28,10 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shmdirty import atomic, layout
-from shmdirty.segment import Segment
-from shmdirty.segment import unlink as unlink_segment
-
+from .internals import Segment, atomic, layout, unlink_segment
 from .registry import (
     BUSY_READER,
     RCU_LOCK,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shmdirty import layout
+from .internals import layout
 
 IMPL_NAMES = ("shmdirty-memb", "shmdirty-qsbr", "lock", "atomics-api", "c")
 OP_NAMES = (

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
-from typing import Any
+from typing import Any, NamedTuple
 
 import cffi
 
@@ -53,10 +53,74 @@ MASK64 = (1 << 64) - 1
 VERIFIED = {"atomics": "1.0.3", "atomics2": "1.1."}
 VERIFIED_ATOMICS_VERSION = VERIFIED["atomics"]
 BACKENDS = ("kernel", "cffi", "public")
-# ns per fetch_or from Python, the micro rows of three `python -m perf --quick`
-# runs on the loaded 2-core project machine (docs/PERFORMANCE.md, Results):
-# the warning quotes them.
-MEASURED_NS = {"kernel": (118, 201), "cffi": (1920, 2175)}
+
+
+class Op(NamedTuple):
+    """Where one of patomic's op functions for 8-byte words is, and how each
+    backend reaches it."""
+
+    group: str   # its group in the package's Patomic.ops(8) table ("": the table
+                 # itself; "arithmetic": ARITHMETIC_GROUP, per package)
+    field: str   # the function pointer's field in that group
+    cdecl: str   # its C type, as the cffi backend casts it (the word as uintptr_t)
+    view: str    # the same op on the public backend: an atomicview method
+    api: str     # the backend attribute (and kernel function) that runs it alone;
+                 # "" if none ("or" serves only the batch loops and or_many)
+
+
+_FETCH = "void(*)(uintptr_t, void *, int, void *)"
+_VOID = "void(*)(uintptr_t, void *, int)"
+_TEST = "int(*)(uintptr_t, int, int)"
+# The one table of op names: patomic_ops() reads the addresses by it, the
+# kernel's setup() takes exactly these names (its OP_NAMES), the kernel
+# backend binds its functions by `api`, the cffi backend casts by `cdecl`, the
+# public backend calls `view`.
+OPS: dict[str, Op] = {
+    "load": Op("", "fp_load", "void(*)(uintptr_t, int, void *)", "load", "load"),
+    "store": Op("", "fp_store", _VOID, "store", "store"),
+    "exchange": Op("xchg_ops", "fp_exchange", _FETCH, "exchange", "exchange"),
+    "cmpxchg_strong": Op("xchg_ops", "fp_cmpxchg_strong",
+                         "int(*)(uintptr_t, void *, void *, int, int)", "cmpxchg_strong",
+                         "compare_exchange"),
+    "or": Op("binary_ops", "fp_or", _VOID, "bin_or", ""),
+    "fetch_or": Op("binary_ops", "fp_fetch_or", _FETCH, "bin_fetch_or", "fetch_or"),
+    "fetch_and": Op("binary_ops", "fp_fetch_and", _FETCH, "bin_fetch_and", "fetch_and"),
+    "fetch_add": Op("arithmetic", "fp_fetch_add", _FETCH, "fetch_add", "fetch_add"),
+    "test_set": Op("bitwise_ops", "fp_test_set", _TEST, "bit_test_set", "bit_test_set"),
+    "test_reset": Op("bitwise_ops", "fp_test_reset", _TEST, "bit_test_reset", "bit_test_reset"),
+}
+# The "arithmetic" group per package: atomics 1.0.3 has signed_ops /
+# unsigned_ops, atomics2 1.1 one arithmetic_ops.
+ARITHMETIC_GROUP = {"atomics": "unsigned_ops", "atomics2": "arithmetic_ops"}
+
+# --- the contract between the kernel and the Python layer -------------------------------
+# Declared once, here.  The kernel takes the two name tables with contract()
+# when it is loaded (_kernel_bases) and refuses any other keys; the fields are
+# C members of its bases; tests/test_kernel.py (test_the_kernel_contract_holds)
+# checks both sides agree.
+# ViewCore's C methods -> the Python path (a DirtyMemory method with the same
+# signature, shmdirty/dirty.py) each hands a call it declines to, as it came.
+KERNEL_SLOW_PATHS = {
+    "set_dirty_flag": "_set_dirty_flag_py",
+    "set_dirty_pages": "_set_dirty_pages_py",
+    "get_dirty": "_get_dirty_py",
+    "set_dirty_range": "_set_dirty_range_py",
+    "test_and_clear_dirty": "_test_and_clear_dirty_py",
+}
+# What the kernel reads by name on Python objects -> the attribute.
+KERNEL_ATTRIBUTES = {
+    "block_base": "base",          # bitmap.Block: the int address of its first word
+    "block_words": "words",        # bitmap.Block: its words (a writable buffer)
+    "local_reader": "reader",      # TableView._local (a threading.local): this thread's Reader
+    "table_ram_size": "ram_size",  # TableView._table: the RAM size in bytes
+}
+# Fields stored as C members of the kernel's bases, so that Python's stores
+# to them are what the C reads: rcu.Reader's (ReaderCore) and
+# view.TableView's (ViewCore; _local, _table, page_bits and block_pages are
+# properties there, which cache what the C needs).  Without the kernel
+# rcu.Reader lists READER_FIELDS in its own __slots__.
+READER_FIELDS = ("slot", "nesting", "online", "seen", "section_words")
+VIEW_FIELDS = ("_seen", "_blocks", "_flag_in_c", "_local", "_table", "page_bits", "block_pages")
 
 ffi = cffi.FFI()
 
@@ -95,17 +159,10 @@ def patomic_ops() -> dict[str, int]:
                            f"{VERIFIED[dist]}")
     patomic = importlib.import_module(f"{dist}._impl.patomic").Patomic
     ops = patomic.ops(WORD)
-    # atomics 1.0.3: signed_ops / unsigned_ops; atomics2 1.1: arithmetic_ops.
-    arith = ops.arithmetic_ops if hasattr(ops, "arithmetic_ops") else ops.unsigned_ops
-    table = {
-        "load": ops.fp_load, "store": ops.fp_store,
-        "exchange": ops.xchg_ops.fp_exchange, "cmpxchg_strong": ops.xchg_ops.fp_cmpxchg_strong,
-        "or": ops.binary_ops.fp_or, "fetch_or": ops.binary_ops.fp_fetch_or,
-        "fetch_and": ops.binary_ops.fp_fetch_and, "fetch_add": arith.fp_fetch_add,
-        "test_set": ops.bitwise_ops.fp_test_set, "test_reset": ops.bitwise_ops.fp_test_reset,
-    }
     out = {}
-    for name, fp in table.items():
+    for name, op in OPS.items():
+        group = ARITHMETIC_GROUP[dist] if op.group == "arithmetic" else op.group
+        fp = getattr(getattr(ops, group) if group else ops, op.field)
         address = ctypes.cast(fp, ctypes.c_void_p).value
         if not address:
             raise RuntimeError(f"patomic ({dist} {version}) has no {name} for 8-byte words")
@@ -177,17 +234,11 @@ class _KernelBackend(_Backend):
     def __init__(self) -> None:
         # The compiled module, optional (ImportError when it was not built).
         k: Any = importlib.import_module(f"{__package__}._kernel")
-        k.setup(patomic_ops())
+        k.setup(patomic_ops())   # after _kernel_bases' contract(): at import
         self.batch = k
-        self.load = k.load
-        self.store = k.store
-        self.exchange = k.exchange
-        self.compare_exchange = k.compare_exchange
-        self.fetch_or = k.fetch_or
-        self.fetch_and = k.fetch_and
-        self.fetch_add = k.fetch_add
-        self.bit_test_set = k.bit_test_set
-        self.bit_test_reset = k.bit_test_reset
+        for op in OPS.values():   # each single op is the kernel function of that name
+            if op.api:
+                setattr(self, op.api, getattr(k, op.api))
         self.fence = k.fence
         self.or_many = self._or_many
         self.take_many = self._take_many
@@ -200,23 +251,14 @@ class _CffiBackend(_Backend):
 
     def __init__(self) -> None:
         table = patomic_ops()
-
-        def fn(name: str, sig: str) -> Any:
-            # The word is passed as uintptr_t: an address in an integer
-            # register, as a `void *` is on every ABI patomic supports.
-            return ffi.cast(sig, table[name])
-
-        fetch = "void(*)(uintptr_t, void *, int, void *)"
-        c_load = fn("load", "void(*)(uintptr_t, int, void *)")
-        c_store = fn("store", "void(*)(uintptr_t, void *, int)")
-        c_xchg = fn("exchange", fetch)
-        c_cmpxchg = fn("cmpxchg_strong", "int(*)(uintptr_t, void *, void *, int, int)")
-        c_or = fn("fetch_or", fetch)
-        c_or_void = fn("or", "void(*)(uintptr_t, void *, int)")
-        c_and = fn("fetch_and", fetch)
-        c_add = fn("fetch_add", fetch)
-        c_set = fn("test_set", "int(*)(uintptr_t, int, int)")
-        c_reset = fn("test_reset", "int(*)(uintptr_t, int, int)")
+        # Every op of OPS as a cffi function pointer of its `cdecl`.  The word
+        # is passed as uintptr_t: an address in an integer register, as a
+        # `void *` is on every ABI patomic supports.
+        c = {name: ffi.cast(op.cdecl, table[name]) for name, op in OPS.items()}
+        c_load, c_store, c_xchg, c_cmpxchg = c["load"], c["store"], c["exchange"], \
+            c["cmpxchg_strong"]
+        c_or, c_or_void, c_and, c_add = c["fetch_or"], c["or"], c["fetch_and"], c["fetch_add"]
+        c_set, c_reset = c["test_set"], c["test_reset"]
 
         # Plain closures, not methods: each op is one Python call around one
         # C call.  The per-thread cell carries arguments and results.
@@ -302,15 +344,9 @@ class _PublicBackend(_Backend):
     def __init__(self) -> None:
         self._atomics, _, _ = atomics_package()
         self._orders = {o: self._atomics.MemoryOrder(o) for o in _ORDERS}
-        self.load = self._load
-        self.store = self._store
-        self.exchange = self._exchange
-        self.compare_exchange = self._compare_exchange
-        self.fetch_or = self._fetch_or
-        self.fetch_and = self._fetch_and
-        self.fetch_add = self._fetch_add
-        self.bit_test_set = self._bit_test_set
-        self.bit_test_reset = self._bit_test_reset
+        for op in OPS.values():
+            if op.api:
+                setattr(self, op.api, self._op(op))
         self.or_many = self._or_many
         self.take_many = self._take_many
         self.fence = self._fence
@@ -319,44 +355,30 @@ class _PublicBackend(_Backend):
         return self._atomics.atomicview(buffer=ffi.buffer(ffi.cast("char *", p), WORD),
                                         atype=self._atomics.UINT)
 
-    def _load(self, p: Ptr, order: int) -> int:
-        with self._view(p) as v:
-            return int(v.load(self._orders[order]))
+    def _op(self, op: Op) -> Callable[..., Any]:
+        """The backend function ``op.api``: atomicview's ``op.view`` on a view of the word."""
+        call, orders, view = op.view, self._orders, self._view
+        if op.api == "load":
+            def load(p: Ptr, order: int) -> int:
+                with view(p) as v:
+                    return int(getattr(v, call)(orders[order]))
+            return load
+        if op.api == "compare_exchange":
+            def compare_exchange(p: Ptr, expected: int, desired: int, succ: int,
+                                 fail: int) -> tuple[bool, int]:
+                with view(p) as v:
+                    r = getattr(v, call)(expected, desired, orders[succ], orders[fail])
+                    return bool(r.success), int(r.expected)
+            return compare_exchange
+        # (word, value or bit, order): the value of fetch_add is taken modulo 2**64.
+        mask = MASK64 if op.api == "fetch_add" else -1
+        result: Callable[[Any], Any] = (bool if call.startswith("bit_test") else
+                                        (lambda r: None) if op.api == "store" else int)
 
-    def _store(self, p: Ptr, value: int, order: int) -> None:
-        with self._view(p) as v:
-            v.store(value, self._orders[order])
-
-    def _exchange(self, p: Ptr, value: int, order: int) -> int:
-        with self._view(p) as v:
-            return int(v.exchange(value, self._orders[order]))
-
-    def _compare_exchange(
-        self, p: Ptr, expected: int, desired: int, succ: int, fail: int
-    ) -> tuple[bool, int]:
-        with self._view(p) as v:
-            r = v.cmpxchg_strong(expected, desired, self._orders[succ], self._orders[fail])
-            return bool(r.success), int(r.expected)
-
-    def _fetch_or(self, p: Ptr, value: int, order: int) -> int:
-        with self._view(p) as v:
-            return int(v.bin_fetch_or(value, self._orders[order]))
-
-    def _fetch_and(self, p: Ptr, value: int, order: int) -> int:
-        with self._view(p) as v:
-            return int(v.bin_fetch_and(value, self._orders[order]))
-
-    def _fetch_add(self, p: Ptr, value: int, order: int) -> int:
-        with self._view(p) as v:
-            return int(v.fetch_add(value & MASK64, self._orders[order]))
-
-    def _bit_test_set(self, p: Ptr, bit: int, order: int) -> bool:
-        with self._view(p) as v:
-            return bool(v.bit_test_set(bit, self._orders[order]))
-
-    def _bit_test_reset(self, p: Ptr, bit: int, order: int) -> bool:
-        with self._view(p) as v:
-            return bool(v.bit_test_reset(bit, self._orders[order]))
+        def run(p: Ptr, arg: int, order: int) -> Any:
+            with view(p) as v:
+                return result(getattr(v, call)(arg & mask, orders[order]))
+        return run
 
 
 _CLASSES: dict[str, type[_Backend]] = {
@@ -394,18 +416,17 @@ def _pick_backend() -> _Backend:
         why = exc
     try:
         chosen: _Backend = _CffiBackend()
-        (k_lo, k_hi), (c_lo, c_hi) = MEASURED_NS["kernel"], MEASURED_NS["cffi"]
-        slower = (f"{c_lo // k_hi}-{c_hi // k_lo}x slower per atomic op (measured "
-                  f"{c_lo}-{c_hi} ns per fetch_or against {k_lo}-{k_hi} ns on the kernel, "
-                  "docs/PERFORMANCE.md), and bulk calls lose the kernel's C loops")
+        slower = ("each atomic op is then a cffi call instead of a C call, many times slower, "
+                  "and bulk calls lose the kernel's C loops")
     except Exception as exc:  # internals moved: stay correct, get slower
         why = exc
         chosen = _PublicBackend()
-        slower = "about 300x slower per atomic op"
+        slower = ("each atomic op then goes through the package's public API, hundreds of "
+                  "times slower")
     warnings.warn(
         f"shmdirty: the compiled kernel is unavailable ({why}); using the {chosen.name} "
-        f"backend, {slower}.  Reinstall with a C compiler (gcc and the Python headers) "
-        "for the kernel.",
+        f"backend: {slower} (docs/PERFORMANCE.md has the measurements).  Reinstall with a "
+        "C compiler (gcc and the Python headers) for the kernel.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -414,13 +435,15 @@ def _pick_backend() -> _Backend:
 
 def _kernel_bases() -> tuple[Any, Any]:
     """(ReaderCore, ViewCore): the kernel's C bases of rcu.Reader and
-    table.TableView, whose set_dirty_flag runs in C; (object, object) where
+    view.TableView, whose set_dirty_flag runs in C; (object, object) where
     the kernel was not built.  Whether a handle uses it is decided when it is
     made, by the backend in use then (DirtyMemory._flag_in_c)."""
     try:
         k = importlib.import_module(f"{__package__}._kernel")
     except ImportError:
         return object, object
+    # The names the C reads and calls, before anything can use it (setup too).
+    k.contract(KERNEL_SLOW_PATHS, KERNEL_ATTRIBUTES)
     return k.ReaderCore, k.ViewCore
 
 
@@ -478,7 +501,8 @@ bit_test_reset: Callable[[Ptr, int, int], bool]
 fence: Callable[[], None]
 """A full memory fence (sequentially consistent)."""
 batch: Any
-"""The kernel's batch loops (shmdirty/_kernel.c), or None on other backends."""
+"""The kernel's batch loops (shmdirty/_kernel_src/block.c, walk.c), or None on other
+backends."""
 _bind()
 
 

@@ -13,7 +13,7 @@ word 0 (atomics).  The rules every caller keeps:
 - clearing bits others may be setting: an atomic exchange or fetch_and.
 
 On the ``kernel`` atomics backend each function below is one call into
-shmdirty/_kernel.c, which keeps these rules word by word in C; on the other
+shmdirty/_kernel_src/block.c, which keeps these rules word by word in C; on the other
 backends it is numpy plus one atomic per word that needs one.  Both give the
 same bits (tests/test_bitmap.py runs them side by side).
 """

@@ -229,10 +229,11 @@ class DirtyMemory(TableView):
     # --- accessors -----------------------------------------------------------------
     # The five hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
     # test_and_clear_dirty, set_dirty_pages): where the kernel was built
-    # each is a C method of TableView's base (shmdirty/_kernel.c, ViewCore).
-    # For a handle made on the kernel backend it reads this thread's reader
-    # and the table fields as the Python path does and runs the op in the
-    # same call (opening and closing a memb section there when outside one).
+    # each is a C method of TableView's base (shmdirty/_kernel_src/cores.c,
+    # ViewCore).  For a handle made on the kernel backend it reads this
+    # thread's reader and the table fields as the Python path does and runs
+    # the op in the same call (opening and closing a memb section there when
+    # outside one).
     # Whatever it declines (bad input, a stale table, a block not mapped yet,
     # a first op, a take that may swap) it hands to the Python path,
     # ``_<op>_py``; without the kernel that is the method itself (the aliases

@@ -91,8 +91,7 @@ _SEQ_CST, _RELEASE = atomic.SEQ_CST, atomic.RELEASE
 # --- one thread's reader -----------------------------------------------------------------
 # The fields DirtyMemory.set_dirty_flag reads: C members of the kernel's
 # ReaderCore where it was built (its C code reads them), else slots here.
-_HOT = () if atomic.READER_BASE is not object else (
-    "slot", "nesting", "online", "seen", "section_words")
+_HOT = () if atomic.READER_BASE is not object else atomic.READER_FIELDS
 
 
 class Reader(atomic.READER_BASE):  # type: ignore[misc]
@@ -104,7 +103,7 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
     counter this reader last observed; a caller that sees it move re-reads
     what it caches of published words).  Plain attributes, not properties:
     DirtyMemory's hottest path reads them per op (in C on the kernel,
-    shmdirty/_kernel.c ReaderCore).  ``slot`` is -1 until the first use
+    shmdirty/_kernel_src/cores.c ReaderCore).  ``slot`` is -1 until the first use
     claims one (and again once it is freed)."""
 
     __slots__ = _HOT + ("flavor", "inherited", "owner", "left", "_rcu", "_memb", "_store",
@@ -128,8 +127,8 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
         self._load = atomic.load
         self._gp_ptr = rcu.gp._gp
         # memb with a slot: (this slot's counter, the grace-period counter),
-        # the two words of a read-side section run in C (shmdirty/_kernel.c
-        # memb_set_in stores and loads them exactly as read_lock /
+        # the two words of a read-side section run in C (shmdirty/_kernel_src/
+        # cores.c memb_set_in stores and loads them exactly as read_lock /
         # read_unlock do, with the GIL held); only for a caller outside any
         # section (nesting 0).  None otherwise.
         self.section_words: tuple[int, int] | None = None
@@ -190,6 +189,8 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
             self._rcu._claim(self)   # first use in this thread (or after a fork)
         self.nesting = 1
         if self._memb:
+            # The C twin is memb_open in shmdirty/_kernel_src/cores.c (the C
+            # fast paths' own section, the same orders, tested side by side).
             # Store the counter value last seen, then load the counter, both
             # seq_cst: the reader's half of the Dekker pair (module doc).  The
             # value stored may be old; that only makes a grace period wait
@@ -221,7 +222,7 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
         self.nesting = 0
         if self._memb:
             # release: every access of the section happens before a waiter
-            # that sees 0.
+            # that sees 0 (the C twin: memb_close, shmdirty/_kernel_src/cores.c).
             self._store(self._ctr, 0, _RELEASE)
         elif self._section_online:
             self._section_online = False

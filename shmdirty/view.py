@@ -63,7 +63,7 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     path reads these fields straight off ``self``).  Its public methods are
     the interface of dirty.py, take.py, retired.py and coordinator.py (the
     module doc lists them); tests hook them by these names.  Where the
-    kernel was built its own base is the C ViewCore (shmdirty/_kernel.c):
+    kernel was built its own base is the C ViewCore (shmdirty/_kernel_src/):
     ``_seen``, ``_blocks``, ``_local``, ``_table``, ``page_bits`` and
     ``block_pages`` are stored there, and its ``set_dirty_flag`` reads them."""
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from shmdirty._workers import kvm
+from shmdirty.workers import kvm
 
 KVM_OK, KVM_WHY = kvm.usable()
 needs_kvm = pytest.mark.skipif(not KVM_OK, reason=f"needs a usable /dev/kvm: {KVM_WHY}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from array import array
@@ -406,6 +407,9 @@ def test_without_the_kernel_import_warns_once_and_uses_cffi() -> None:
     first, message = r.stdout.splitlines()[:2]
     assert first == "cffi None 1"
     assert "compiled kernel is unavailable" in message and "slower" in message
+    # what happened and what to do; the measurements are in docs/PERFORMANCE.md, not here
+    assert "Reinstall with a C compiler" in message and "docs/PERFORMANCE.md" in message
+    assert not re.search(r"\d\s*(ns|us|µs)\b", message), message
 
 
 def test_env_asking_for_a_missing_backend_fails_at_import() -> None:
@@ -442,6 +446,18 @@ def test_fallback_warns_when_internals_differ(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(patomic, "ops", moved)
     with pytest.warns(RuntimeWarning, match="op table moved"):
         assert atomic._pick_backend().name == "public"
+
+
+def test_one_op_table_drives_every_backend() -> None:
+    """atomic.OPS is the one list of patomic ops: patomic_ops() reads exactly
+    those, and every backend here has each op's single-op function (built
+    from the table: the kernel's function, the cffi pointer, the atomicview
+    method)."""
+    assert set(atomic.patomic_ops()) == set(atomic.OPS)
+    for name in AVAILABLE:
+        b = atomic._CLASSES[name]()
+        for op in atomic.OPS.values():
+            assert not op.api or callable(getattr(b, op.api)), (name, op)
 
 
 def test_use_backend_rejects_unknown_names() -> None:

@@ -23,9 +23,9 @@ import psutil
 import pytest
 
 import shmdirty as sd
-from shmdirty import atomic, cli, layout, segment
-from shmdirty._workers import app
+from shmdirty import atomic, layout, segment
 from shmdirty.segment import Segment
+from shmdirty.workers import app, cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +41,8 @@ SMALL_PAGES = (6 << 20) // PAGE
 
 def _migrate(map_name: str, *extra: str, json_path: Path | None = None,
              timeout: float = 50) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name, *SMALL, *extra]
+    argv = [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--name", map_name, *SMALL,
+            *extra]
     if json_path is not None:
         argv += ["--json", str(json_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -119,7 +120,7 @@ def test_migrate_without_the_kernel_warns_once_for_all_its_processes(
         "import sys\nsys.modules['shmdirty._kernel'] = None  # not built\n")
     env = {k: v for k, v in os.environ.items() if k != "SHMDIRTY_ATOMICS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--name", map_name, *SMALL]
+    argv = [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--name", map_name, *SMALL]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert segment.list_segments(map_name) == []
@@ -151,7 +152,7 @@ def _read_line_with(proc: subprocess.Popen[str], needle: str, timeout: float) ->
 def test_signal_mid_run_stops_workers_and_removes_every_segment(
         map_name: str, sig: signal.Signals, code: int) -> None:
     # 16 MiB at 4 MiB/s: the bulk round alone takes 4 s, so the signal lands mid-run.
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+    argv = [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim",
             "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--hotplug", "0:4M",
             "--timeout", "45"]
@@ -176,7 +177,7 @@ def test_signal_mid_run_stops_workers_and_removes_every_segment(
 
 
 def test_a_worker_killed_mid_run_fails_the_run_and_removes_everything(map_name: str) -> None:
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+    argv = [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim",
             "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -201,7 +202,7 @@ def test_a_worker_killed_mid_run_fails_the_run_and_removes_everything(map_name: 
 
 def test_workers_leave_when_the_coordinator_is_sigkilled(
         capsys: pytest.CaptureFixture[str], map_name: str) -> None:
-    argv = [sys.executable, "-m", "shmdirty.cli", "migrate", "--guest", "sim",
+    argv = [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim",
             "--name", map_name,
             "--ram", "16M", "--bandwidth", "4", "--block-pages", "1024", "--timeout", "45"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

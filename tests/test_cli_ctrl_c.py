@@ -28,10 +28,10 @@ pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = textwrap.dedent("""
     import contextlib, os, sys
-    from shmdirty import cli
-    from shmdirty._workers import app, kvm_run
+    from shmdirty.workers import cli
+    from shmdirty.workers import migration
     if os.environ.get("BREAK_SIGINT_HELD"):   # the deliberately broken variant
-        app.sigint_held = kvm_run.sigint_held = contextlib.nullcontext
+        migration.sigint_held = contextlib.nullcontext
     sys.exit(cli.main(sys.argv[1:]))
 """)
 SIM = ["--guest", "sim", "--ram", "4M", "--block-pages", "256", "--hotplug", "none",

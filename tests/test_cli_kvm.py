@@ -19,11 +19,11 @@ import pytest
 from kvm_skip import needs_kvm
 
 from shmdirty import segment
-from shmdirty._workers import app, kvm
+from shmdirty.workers import app, kvm
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-m", "shmdirty.cli"]
+CLI = [sys.executable, "-m", "shmdirty.workers.cli"]
 SMALL = ["--guest", "kvm", "--ram", "16M", "--steps", "4000", "--hotplug", "1:8M",
          "--threshold", "256", "--block-pages", "1024", "--timeout", "90"]
 JSON_KEYS = {"guest", "identical", "resumed_ok", "downtime_ms", "total_s", "pages_sent",

@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shmdirty import cli, layout, segment
-from shmdirty._workers import app
-from shmdirty.options import PAGE_BITS
+from shmdirty import layout, segment
 from shmdirty.segment import Segment
+from shmdirty.workers import app, cli
+from shmdirty.workers.options import PAGE_BITS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,7 +40,8 @@ def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
 def _migrate(map_name: str, *argv: str, env: dict[str, str] | None = None,
              script: str | None = None) -> subprocess.CompletedProcess[str]:
     """``shmdirty migrate`` as a user runs it (a process of its own)."""
-    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "shmdirty.cli"]
+    cmd = ([sys.executable, "-c", script] if script
+           else [sys.executable, "-m", "shmdirty.workers.cli"])
     return subprocess.run([*cmd, "migrate", "--guest", "sim", "--name", map_name, *argv],
                           capture_output=True,
                           text=True, timeout=80, env=env)
@@ -180,16 +181,15 @@ def test_the_real_program_says_bad_options_without_a_traceback(map_name: str) ->
 # process while that stage runs.
 STAGE_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from shmdirty import cli
-    from shmdirty._workers import app
+    from shmdirty.workers import cli, sim_run
 
     stage = os.environ["STAGE"]
     if stage == "compare":  # the result: the comparison with the destination
-        real_result = app.Migration._result
+        real_result = sim_run.SimGuest.result
         def result(*args):
             os.kill(os.getpid(), signal.SIGINT)
             return real_result(*args)
-        app.Migration._result = result
+        sim_run.SimGuest.result = result
     else:
         real_render = cli.summary
         def render(*args):

@@ -11,8 +11,8 @@ import pytest
 from kvm_skip import needs_binutils, needs_kvm
 
 import shmdirty as sd
-from shmdirty._workers import guest_kvm as g
-from shmdirty._workers.guest_model import expected
+from shmdirty.workers import guest_kvm as g
+from shmdirty.workers.guest_model import expected
 
 SOURCE = Path(g.__file__).with_name("guest_kvm.S")
 
@@ -70,7 +70,7 @@ def dm(map_name: str) -> Iterator[sd.DirtyMemory]:
 @pytest.mark.parametrize("pattern, steps", [("random", 40_000), ("sequential", 5),
                                             ("hot", 200_000)])
 def test_vm_ends_as_the_model_says(dm: sd.DirtyMemory, pattern: str, steps: int) -> None:
-    from shmdirty._workers.vm import GuestVM
+    from shmdirty.workers.vm import GuestVM
     cfg = g.GuestConfig(ram=8 << 20, pattern=pattern, steps=steps, hot_pages=16, spin=7,
                         dataplane_pages=16, hotplug=((steps // 2, 4 << 20),))
     vm = GuestVM(dm, cfg)
@@ -96,7 +96,7 @@ def test_a_paused_guest_resumes_in_another_vm_with_its_hot_add(map_name: str) ->
     """The receiver's path without a socket: pause a VM, copy its RAM and
     vCPU state into a fresh VM over another map, run that to the end: the
     model's end, whether the hot-add was made before or after the pause."""
-    from shmdirty._workers.vm import GuestVM
+    from shmdirty.workers.vm import GuestVM
     cfg = g.GuestConfig(ram=8 << 20, pattern="random", steps=30_000, spin=50,
                         dataplane_pages=16, hotplug=((29_000, 4 << 20),))
     src_dm = sd.DirtyMemory.create(cfg.ram, block_pages=1024, name=map_name)

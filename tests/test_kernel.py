@@ -1,4 +1,4 @@
-"""The compiled kernel (shmdirty/_kernel.c) against the Python code it replaces.
+"""The compiled kernel (shmdirty/_kernel_src/) against the Python code it replaces.
 
 Every batch operation of shmdirty.bitmap is run, with the same random
 arguments, on every available atomics backend (``kernel``: one C call;
@@ -6,22 +6,29 @@ arguments, on every available atomics backend (``kernel``: one C call;
 holds the block as one Python int; results and the words (with guard words
 around the block) must agree exactly.  Then every kernel entry point is
 given bad input: a ValueError (or TypeError for a wrong type) and not one
-word changed.
+word changed.  The C methods of ViewCore are run side by side with the
+Python paths they replace (``_<op>_py``) on the same calls; one test checks
+the contract between the C and Python sides (shmdirty/atomic.py declares
+it), and one records the memory orders both twins of the memb read-side
+section pass to patomic.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import secrets
 import shutil
 import sysconfig
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import AVAILABLE_BACKENDS, use_atomics_backend
-from hypothesis import given, settings
+from conftest import AVAILABLE_BACKENDS, TOKEN, unlink_map, use_atomics_backend
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmdirty import atomic, bitmap
@@ -842,3 +849,216 @@ def test_set_dirty_pages_in_c_agrees_with_the_python_path(kernel: Any, map_name:
                 assert fast == slow, (pages, client, fast, slow)
         dm._flag_in_c = True
         assert run(big, 2) == ("ok", len(big))
+
+
+# --- the contract between the C and the Python layer (shmdirty/atomic.py) -------------------
+def _c_fields(t: type) -> set[str]:
+    return {n for n, v in vars(t).items() if not n.startswith("__")
+            and isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType))}
+
+
+def test_the_kernel_contract_holds(kernel: Any, map_name: str) -> None:
+    """The one check that the C and Python sides of the kernel agree, on the
+    one table that declares it (atomic.OPS, KERNEL_SLOW_PATHS,
+    KERNEL_ATTRIBUTES, READER_FIELDS, VIEW_FIELDS): the C bases hold exactly
+    the declared fields; ViewCore's methods are exactly the slow-path table's
+    keys, each with a Python path of the same signature; the attributes the C
+    reads by name are there on a live handle; and the kernel takes exactly the
+    declared names (contract(), setup())."""
+    import inspect
+
+    import shmdirty as sd
+    from shmdirty import rcu
+
+    k = kernel
+    # The mirrored fields: C members (or properties) of the bases, not slots too.
+    assert _c_fields(k.ReaderCore) == set(atomic.READER_FIELDS)
+    assert _c_fields(k.ViewCore) == set(atomic.VIEW_FIELDS)
+    assert not set(rcu.Reader.__slots__) & set(atomic.READER_FIELDS)
+    assert issubclass(rcu.Reader, k.ReaderCore) and issubclass(sd.DirtyMemory, k.ViewCore)
+    # The C methods and their Python paths.
+    methods = {n for n, v in vars(k.ViewCore).items()
+               if isinstance(v, types.MethodDescriptorType)}
+    assert methods == set(atomic.KERNEL_SLOW_PATHS)
+    for op, slow in atomic.KERNEL_SLOW_PATHS.items():
+        assert getattr(sd.DirtyMemory, op) is getattr(k.ViewCore, op)
+        py = inspect.signature(getattr(sd.DirtyMemory, slow))
+        assert list(inspect.signature(getattr(k.ViewCore, op)).parameters) == list(py.parameters)
+    # The attributes the C reads by name, on a live handle.
+    names = atomic.KERNEL_ATTRIBUTES
+    with sd.DirtyMemory.create(1 << 20, name=map_name) as dm:
+        dm.set_dirty_flag(0, 2)
+        block = next(b for b in dm._blocks[2] if b is not None)
+        assert isinstance(getattr(block, names["block_base"]), int)
+        assert memoryview(getattr(block, names["block_words"])).nbytes * 8 >= dm.block_pages
+        assert isinstance(getattr(dm._local, names["local_reader"]), k.ReaderCore)
+        assert getattr(dm._table, names["table_ram_size"]) == dm.ram_size
+        for field in atomic.VIEW_FIELDS:
+            getattr(dm, field)
+        for field in atomic.READER_FIELDS:
+            getattr(dm._local.reader, field)
+    # The kernel takes exactly the declared names: one missing or one more is refused.
+    paths, attrs = dict(atomic.KERNEL_SLOW_PATHS), dict(atomic.KERNEL_ATTRIBUTES)
+    for bad in ({k: v for k, v in paths.items() if k != "get_dirty"}, {**paths, "extra": "x"}):
+        with pytest.raises(ValueError, match="slow_paths"):
+            k.contract(bad, attrs)
+    with pytest.raises(ValueError, match="attributes"):
+        k.contract(paths, {k: v for k, v in attrs.items() if k != "block_words"})
+    k.contract(paths, attrs)
+    # One table of op names: the kernel's, the cffi and the public backends'.
+    assert set(k.OP_NAMES) == set(atomic.OPS)
+    table = atomic.patomic_ops()
+    assert set(table) == set(atomic.OPS)
+    for bad in ({n: a for n, a in table.items() if n != "or"}, {**table, "xor": table["or"]}):
+        with pytest.raises(ValueError):
+            k.setup(bad)
+    k.setup(table)
+    for name in AVAILABLE_BACKENDS:
+        b = atomic._CLASSES[name]()
+        assert all(callable(getattr(b, op.api)) for op in atomic.OPS.values() if op.api)
+
+
+# --- the memb section's memory orders, C and Python twins ------------------------------------
+_P = ctypes.c_void_p
+_PROTOS = {  # patomic's op signatures (the kernel's kernel.h), by the kernel's op name
+    "load": ctypes.CFUNCTYPE(None, _P, ctypes.c_int, _P),
+    "store": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int),
+    "or": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int),
+    "exchange": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int, _P),
+    "fetch_or": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int, _P),
+    "fetch_and": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int, _P),
+    "fetch_add": ctypes.CFUNCTYPE(None, _P, _P, ctypes.c_int, _P),
+    "cmpxchg_strong": ctypes.CFUNCTYPE(ctypes.c_int, _P, _P, _P, ctypes.c_int, ctypes.c_int),
+    "test_set": ctypes.CFUNCTYPE(ctypes.c_int, _P, ctypes.c_int, ctypes.c_int),
+    "test_reset": ctypes.CFUNCTYPE(ctypes.c_int, _P, ctypes.c_int, ctypes.c_int),
+}
+
+
+def _recording_ops(log: list[tuple[str, int, int, int]]) -> tuple[dict[str, int], list[Any]]:
+    """A patomic op table for the kernel's setup() whose loads and stores log
+    (op, word address, value, order) and then run patomic's own function;
+    the other ops only forward.  Returns the table and the callbacks (keep
+    them alive while the table is in use)."""
+    real = {name: _PROTOS[name](address) for name, address in atomic.patomic_ops().items()}
+
+    def load(obj: int, order: int, ret: int) -> None:
+        real["load"](obj, order, ret)
+        log.append(("load", obj, ctypes.c_uint64.from_address(ret).value, order))
+
+    def store(obj: int, desired: int, order: int) -> None:
+        log.append(("store", obj, ctypes.c_uint64.from_address(desired).value, order))
+        real["store"](obj, desired, order)
+
+    def forward(name: str) -> Any:
+        return lambda *args: real[name](*args)
+
+    keep = [_PROTOS[n](load if n == "load" else store if n == "store" else forward(n))
+            for n in _PROTOS]
+    table = {n: ctypes.cast(cb, _P).value or 0 for n, cb in zip(_PROTOS, keep, strict=True)}
+    return table, keep
+
+
+def test_the_memb_section_passes_the_same_orders_in_c_and_python(kernel: Any,
+                                                                 map_name: str) -> None:
+    """A memb read-side section is written twice: Reader.read_lock /
+    read_unlock (shmdirty/rcu.py) and memb_open / memb_close
+    (shmdirty/_kernel_src/cores.c), which the C fast paths open for a caller
+    outside any section.  With a recording op table handed to the kernel,
+    each path must pass patomic: a seq_cst store of the slot counter, a
+    seq_cst load of the grace-period counter (the reader's half of the
+    Dekker pair: a grace period either sees the slot or this load sees it
+    advance), then a release store of 0 (the section's accesses happen
+    before a waiter that reads 0).  A weaker order on any of them (say the
+    entry store as release) breaks the pair and fails here."""
+    import shmdirty as sd
+
+    log: list[tuple[str, int, int, int]] = []
+    with sd.DirtyMemory.create(4 << 20, block_pages=512, name=map_name) as dm:
+        dm.set_dirty_flag(0, 2)                # claims this thread's slot
+        r = dm._local.reader
+        assert r.section_words is not None and r.nesting == 0
+        ctr, gp = r.section_words
+        seen = r.seen
+        expect = [("store", ctr, seen, atomic.SEQ_CST), ("load", gp, seen, atomic.SEQ_CST),
+                  ("store", ctr, 0, atomic.RELEASE)]
+        table, keep = _recording_ops(log)
+        paths: dict[str, Callable[[], Any]] = {
+            "python read_lock / read_unlock": lambda: (r.read_lock(), r.read_unlock()),
+            "C set_dirty_flag": lambda: dm.set_dirty_flag(4096, 2),
+            "C get_dirty (a walk)": lambda: dm.get_dirty(0, 3 << 20, 2),
+            "C set_dirty_range": lambda: dm.set_dirty_range(0, 8192, 0b101),
+            "C test_and_clear_dirty": lambda: dm.test_and_clear_dirty(0, 8192, 2),
+            "C set_dirty_pages": lambda: dm.set_dirty_pages(np.array([3, 700], np.int64), 2),
+        }
+        kernel.setup(table)
+        try:
+            for what, run in paths.items():
+                log.clear()
+                run()
+                got = [e for e in log if e[1] in (ctr, gp)]
+                assert got == expect, (what, got)
+        finally:
+            kernel.setup(atomic.patomic_ops())
+            del keep
+        assert dm.get_dirty_flag(700 << 12, 2) and r.nesting == 0
+
+
+# --- each C method against its Python path, on the same inputs --------------------------------
+_PAGES = 5 * 128 + 40   # RAM pages: five blocks of 128 pages and part of a sixth
+_ADDR = st.one_of(st.integers(-2, (_PAGES + 2) << 12), st.sampled_from([0, (_PAGES << 12) - 1]))
+_CALL = st.one_of(
+    st.tuples(st.just("set_dirty_flag"), _ADDR, st.integers(-1, 3)),
+    st.tuples(st.just("set_dirty_pages"),
+              st.lists(st.integers(-1, _PAGES), max_size=40).map(
+                  lambda p: np.array(p, dtype=np.int64)), st.integers(-1, 3)),
+    *[st.tuples(st.just(op), _ADDR, st.integers(-4096, 3 * 128 << 12), st.integers(-1, 3))
+      for op in ("get_dirty", "test_and_clear_dirty")],
+    st.tuples(st.just("set_dirty_range"), _ADDR, st.integers(-4096, 3 * 128 << 12),
+              st.integers(-1, 8)),
+)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(_CALL, min_size=1, max_size=10), flavor=st.sampled_from(["memb", "qsbr"]))
+def test_each_c_method_agrees_with_its_python_path(kernel: Any, calls: list[tuple[Any, ...]],
+                                                   flavor: str) -> None:
+    """The same calls (valid and not: addresses and ranges past RAM,
+    negative lengths, bad clients and masks, pages outside RAM), on two maps
+    alike: one through ViewCore's C methods, one through the Python paths
+    ``_<op>_py`` they replace.  Every result or error and the final bitmaps
+    of every client agree."""
+    import shmdirty as sd
+
+    names = [TOKEN + secrets.token_hex(4) for _ in range(2)]
+    maps = []
+    try:
+        for name in names:
+            c = sd.DirtyMemory.create(_PAGES << 12, block_pages=128, name=name)
+            c.test_and_clear_dirty(0, _PAGES << 12, 2)   # new RAM starts dirty: VGA, CODE too
+            c.test_and_clear_dirty(0, _PAGES << 12, 1)
+            c.test_and_clear_dirty(0, _PAGES << 12, 0)
+            if flavor == "qsbr":   # a reader of its own (this process read it as memb)
+                c.close()          # resigns; the map stays (unlinked below)
+                c = sd.DirtyMemory.attach(name, flavor="qsbr")
+            maps.append(c)
+        fast, slow = maps
+        assert fast._flag_in_c and sd.DirtyMemory.set_dirty_flag is kernel.ViewCore.set_dirty_flag
+
+        def outcome(dm: Any, op: str, args: tuple[Any, ...]) -> Any:
+            try:
+                return getattr(dm, op)(*args)
+            except Exception as e:  # noqa: BLE001 - the outcome is compared
+                return type(e), str(e)
+
+        for op, *args in calls:
+            assert outcome(fast, op, tuple(args)) == outcome(slow, f"_{op}_py", tuple(args)), op
+        for client in range(3):
+            bits = [[m._get_dirty_py(p << 12, 4096, client) for p in range(_PAGES)]
+                    for m in maps]
+            assert bits[0] == bits[1], client
+    finally:
+        for m in maps:
+            m.close()
+        for name in names:
+            unlink_map(name)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from kvm_skip import needs_cc, needs_kvm
 
-from shmdirty._workers import kvm
+from shmdirty.workers import kvm
 
 C_LAYOUT = r"""
 #include <stdio.h>

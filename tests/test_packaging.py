@@ -62,13 +62,26 @@ def test_the_wheel_holds_only_the_shmdirty_package(wheel: Path) -> None:
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
     dist_info = f"shmdirty-{meta['Version']}.dist-info"
     assert {n.split("/")[0] for n in names} == {"shmdirty", dist_info}
-    # workers/ and perf/ ship inside shmdirty, perf with the C source its `c`
-    # baseline compiles
-    for f in ("shmdirty/py.typed", "shmdirty/cli.py", "shmdirty/_workers/app.py",
-              "shmdirty/_workers/vcpu.py", "shmdirty/_perf/__main__.py",
-              "shmdirty/_perf/cbench.c"):
+    # workers/ (the command line and the application) and perf/ ship inside
+    # shmdirty as shmdirty.workers and shmdirty.perf (pyproject's package-dir),
+    # perf with the C source its `c` baseline compiles
+    for f in ("shmdirty/py.typed", "shmdirty/workers/cli.py", "shmdirty/workers/render.py",
+              "shmdirty/workers/options.py", "shmdirty/workers/app.py",
+              "shmdirty/workers/vcpu.py", "shmdirty/workers/guest_kvm.S",
+              "shmdirty/perf/__main__.py", "shmdirty/perf/cbench.c"):
         assert f in names
-    assert b"shmdirty = shmdirty.cli:main" in entry_points
+    # the library folder holds the library only
+    for f in ("shmdirty/cli.py", "shmdirty/render.py", "shmdirty/options.py"):
+        assert f not in names
+    assert not [n for n in names if "/_workers/" in n or "/_perf/" in n]
+    assert b"shmdirty = shmdirty.workers.cli:main" in entry_points
+
+
+def test_the_wheel_holds_no_symlink(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        links = [i.filename for i in z.infolist()
+                 if (i.external_attr >> 16) & 0o170000 == 0o120000]
+    assert links == []
 
 
 def test_markers_pick_atomics_per_python(wheel: Path) -> None:
@@ -103,13 +116,16 @@ def test_installed_wheel_migrates_outside_the_checkout(wheel: Path, tmp_path: Pa
     # Dependencies come from this environment; shmdirty only from the wheel.
     env = {**os.environ, "PYTHONPATH": str(target)}
     where = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u, shmdirty, shmdirty._perf; "
+        [sys.executable, "-c", "import importlib.util as u, shmdirty, shmdirty.perf; "
          "print(shmdirty.__file__); print(u.find_spec('perf'), u.find_spec('workers'))"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     module_file, perf_spec = where.stdout.split("\n")[:2]
     assert Path(module_file).is_relative_to(target)
     assert perf_spec == "None None"  # no top-level `perf` or `workers` from the wheel
+    bench = subprocess.run([sys.executable, "-m", "shmdirty.perf", "--help"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 0 and "--quick" in bench.stdout, bench.stderr
     out = tmp_path / "run.json"
     run = subprocess.run(
         [str(target / "bin" / "shmdirty"), "migrate", "--guest", "sim", "--name", map_name,

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from shmdirty import atomic
-from shmdirty._perf import harness, micro, report
-from shmdirty._perf.registry import IMPL_NAMES, OP_NAMES
-from shmdirty._perf.workloads import OPS
+from shmdirty.perf import harness, micro, report
+from shmdirty.perf.registry import IMPL_NAMES, OP_NAMES
+from shmdirty.perf.workloads import OPS
 
 pytestmark = pytest.mark.timeout(300)
 

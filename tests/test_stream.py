@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from shmdirty import segment
-from shmdirty._workers import receiver
-from shmdirty._workers import stream as s
-from shmdirty._workers.stream import Channel, StreamError
+from shmdirty.workers import receiver
+from shmdirty.workers import stream as s
+from shmdirty.workers.stream import Channel, StreamError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -243,7 +243,7 @@ def test_shmdirty_receive_refuses_a_crafted_layout_with_exit_5() -> None:
     import re
     import subprocess
     import sys
-    rx = subprocess.Popen([sys.executable, "-m", "shmdirty.cli", "receive", "--listen",
+    rx = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", "receive", "--listen",
                            "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     try:

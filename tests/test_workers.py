@@ -16,9 +16,9 @@ import pytest
 
 import shmdirty as sd
 from shmdirty import segment
-from shmdirty._workers.guest import TAG_BOOT, TAG_VCPU, GuestRam, compare
-from shmdirty._workers.migrator import MigrationBitmap
-from shmdirty._workers.vcpu import PagePicker, VcpuConfig, mark_flag, mark_lebitmap, write_pages
+from shmdirty.workers.guest import TAG_BOOT, TAG_VCPU, GuestRam, compare
+from shmdirty.workers.migrator import MigrationBitmap
+from shmdirty.workers.vcpu import PagePicker, VcpuConfig, mark_flag, mark_lebitmap, write_pages
 
 pytestmark = pytest.mark.timeout(60)
 

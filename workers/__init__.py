@@ -8,8 +8,10 @@
 - ``workers.guest``: guest RAM segments, page stamps.
 
 The KVM guest's processes (VM owner, dataplane, migrator, receiver) are
-started by ``workers.kvm_run`` with pipes of their own instead of the
-flags below: only the VM owner may use the VM, so it answers the others.
+started by the same run (``workers.migration``, as ``workers.kvm_run``
+says) with pipes of their own instead of the flags below, carrying the
+typed messages of ``workers.messages``: only the VM owner may use the VM,
+so it answers the others.
 
 The coordinator (the process that created the map: the CLI) serves RAM
 requests and watches.  Everything a worker needs arrives as arguments of its
@@ -17,8 +19,9 @@ entry point: a pickled ``DirtyMemory`` handle (it attaches in the child), a
 config dataclass, and a ``Control``: the run's shared ``Flags`` and this
 worker's own report pipe.  Workers send the typed reports of
 ``workers.reports``; an exception is reported as ``WorkerFailed`` and ends
-the process with exit code 1.  ``workers.app`` is the application that
-starts them, serves as coordinator and reads their reports.
+the process with exit code 1.  The run (``workers.migration`` with
+``workers.sim_run``) starts them, serves as coordinator and reads their
+reports.
 
 Why not ``multiprocessing.Event`` and one ``Queue``: any process of the run
 may be SIGKILLed (that is a case the CLI handles), and a killed process

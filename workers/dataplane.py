@@ -9,8 +9,9 @@ is that bug, which the switchover comparison must catch.
 Request ``k`` fills page ``first + k % pages`` of its region (a part of RAM
 block 0 that no vCPU touches) with words derived from ``k`` and the page,
 THEN marks the page dirty.  It completes ``rate`` requests per second until
-the VM owner says ``stop`` (it answers ``stopped`` after its last mark),
-then waits for ``cont`` or ``quit``.
+the VM owner says ``Stop`` (it answers ``Stopped`` after its last mark),
+then waits for ``Cont`` or ``Quit`` (``workers.messages``).  It reports
+``Ready``, ``DataplaneDone`` or ``WorkerFailed`` to the run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 from shmdirty import DIRTY_CLIENTS_ALL, DirtyMemory
 
 from .guest import GuestRam
+from .messages import Quit, Stop, Stopped
+from .reports import DataplaneDone, Ready, WorkerFailed
 
 TICK = 0.005      # seconds between two batches of requests
 _MIX = np.uint64(0x9E37_79B9_7F4A_7C15)
@@ -56,17 +59,17 @@ def run(cfg: DataplaneConfig, owner: Connection, parent: Connection) -> int:
         if cfg.first_page + cfg.pages > len(block0):
             raise ValueError(f"dataplane pages [{cfg.first_page}, +{cfg.pages}) are not in "
                              f"RAM block 0 ({len(block0)} pages)")
-        parent.send(("ready", {}))
+        parent.send(Ready("dataplane"))
         k = 0
         t0 = time.monotonic()
         while True:
             if owner.poll(TICK):
                 msg = owner.recv()
-                if msg == "stop":
-                    owner.send("stopped")
+                if isinstance(msg, Stop):
+                    owner.send(Stopped())
                     msg = owner.recv()
                     t0 = time.monotonic() - k / cfg.rate if cfg.rate else t0
-                if msg == "quit":
+                if isinstance(msg, Quit):
                     break
                 continue
             due = int((time.monotonic() - t0) * cfg.rate) if cfg.rate else 0
@@ -78,7 +81,7 @@ def run(cfg: DataplaneConfig, owner: Connection, parent: Connection) -> int:
                         dm.set_dirty_range(page << dm.page_bits, dm.page_size,
                                            DIRTY_CLIENTS_ALL)
                 k += 1
-        parent.send(("done", {"requests": k}))
+        parent.send(DataplaneDone(k))
         return k
     finally:
         del block0
@@ -96,7 +99,7 @@ def main(cfg: DataplaneConfig, owner: Connection, parent: Connection) -> None:
         pass                     # the VM owner is gone: nothing left to serve
     except BaseException:
         try:
-            parent.send(("error", {"role": "dataplane", "traceback": traceback.format_exc()}))
+            parent.send(WorkerFailed("dataplane", traceback.format_exc()))
         except OSError:
             pass
         raise SystemExit(1) from None

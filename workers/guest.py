@@ -31,6 +31,9 @@ from shmdirty import layout, segment
 from shmdirty.errors import CorruptSegment
 from shmdirty.segment import Segment
 
+# The guest's page: x86's 4 KiB page, the unit of KVM's dirty log; every map
+# `shmdirty migrate` makes (source and destination, either guest) has it.
+PAGE_BITS = 12
 RAM_DATA = 4096          # byte offset of guest page 0 in a RAM segment
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23   # <linux/mman.h>
 

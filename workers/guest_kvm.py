@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from . import kvm
+from .guest import PAGE_BITS
 
-PAGE_BITS = 12
 PAGE = 1 << PAGE_BITS
 PARAMS = 0x1000
 PARAM_BYTES = 256

@@ -1,6 +1,6 @@
-"""How a run of ``shmdirty migrate`` ends early, and its signal handling;
-shared by the simulated guest's run (``workers.app``) and the KVM guest's
-(``workers.kvm_run``)."""
+"""How a run of ``shmdirty migrate`` ends early, its signal handling and
+the command line's exit codes; used by the run of either guest
+(``workers.migration``) and by the command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+# The command line's exit codes (each command's --help lists its own).
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_DESTINATION_LOST = 4
+EXIT_STREAM = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 
 # --- how a run ends early -------------------------------------------------------------

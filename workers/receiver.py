@@ -27,12 +27,20 @@ from shmdirty import DirtyMemory
 from . import guest_kvm as g
 from . import stream as s
 from .guest import GuestRam
+from .reports import (
+    Abandoned,
+    BlocksReady,
+    DestinationReport,
+    Resumed,
+    RoundReceived,
+    StreamHello,
+)
 from .stream import Channel, PeerGone, StreamError
 
 RECV_TIMEOUT = 120.0     # seconds without a byte from the source before giving up
 ACCEPT_POLL = 0.2        # seconds between two looks at should_stop() while listening
 
-Report = Callable[..., None]
+Report = Callable[[DestinationReport], None]   # the destination's progress, typed
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -84,7 +92,7 @@ class Destination:
         ch.expect_preamble()
         _, _, payload = ch.recv_expect(s.HELLO)
         hello = json.loads(bytes(payload))
-        self.report("hello", **hello)
+        self.report(StreamHello(hello))
         self.page_size = 1 << int(hello["page_bits"])
         self.dm = DirtyMemory.create(0, page_bits=int(hello["page_bits"]), name=self.map_name)
         if hello.get("guest"):
@@ -104,14 +112,14 @@ class Destination:
         result: dict[str, Any] = {"map": self.dm.name, "pages": self.pages,
                                   "blocks": list(self.ram.blocks), "resumed": False}
         if rtype == s.ABANDON:
-            self.report("abandoned")
+            self.report(Abandoned())
             return result
         if self.vm is not None:
             raw = self.ram.views[0].reshape(-1)
             hotadds = [int(raw[(g.params_addr(v) + g.P_NREG) // 8]) - 1
                        for v in range(self.cfg.vcpus)] if self.cfg else []
             self.vm.restore(states, hotadds)
-            self.report("resumed", vcpus=len(states))
+            self.report(Resumed(len(states)))
             t0 = time.monotonic()
             self.vm.run_to_end()
             if self.vm.errors:
@@ -145,7 +153,7 @@ class Destination:
             elif rtype == s.BLOCKS:
                 self._blocks(s.unpack_blocks(count, payload))
             elif rtype == s.ROUND:
-                self.report("round", round=count, pages=self.pages)
+                self.report(RoundReceived(count, self.pages))
             elif rtype == s.VCPUS:
                 states = [VcpuState(i, d, r, sr) for i, d, r, sr in s.unpack_vcpus(count, payload)]
             else:
@@ -173,7 +181,7 @@ class Destination:
         except ValueError as e:
             raise StreamError(f"BLOCKS record: {e}") from None
         self.ch.send(s.READY)       # their memory is allocated: pages may come
-        self.report("blocks", blocks=list(self.ram.blocks))
+        self.report(BlocksReady(tuple(self.ram.blocks)))
 
     def close(self) -> None:
         """Tear everything down: VM, mappings, every segment of the map."""
@@ -218,7 +226,7 @@ def main(host: str, port: int, map_name: str | None, parent: Connection) -> None
             parent.send(Listening(host, listener.getsockname()[1]))
             conn = accept(listener, should_stop=parent.poll)
         if conn is not None:
-            parent.send(Received(receive(conn, lambda *a, **k: None, map_name)))
+            parent.send(Received(receive(conn, lambda ev: None, map_name)))
     except (StreamError, PeerGone) as e:
         parent.send(DestinationLost(f"the destination refused the stream: {e}"))
         raise SystemExit(1) from None

@@ -1,9 +1,11 @@
 """What the processes of a migration tell the application, one class per kind.
 
-Workers send these through their report pipe (``Control.report``); the
-application (``workers.app``) handles some itself (``Ready``, ``WorkerFailed``,
-``VcpuDone``, ``Done``) and hands every one to its ``on_event`` callback,
-with ``Started`` of its own, so a front end (the CLI) can render progress.
+Workers send these through their report pipe (``Control.report``, or the
+pipe a KVM run's process got); the run (``workers.migration``) handles some
+itself (``Ready``, ``WorkerFailed``, ``Done``, ...) and hands every one to
+its ``on_event`` callback, with ``Started`` or ``GuestStarted`` of its own,
+so a front end (the CLI) can render progress.  The commands the processes
+send each other are ``workers.messages``.
 All are frozen dataclasses: picklable, and ``dataclasses.asdict`` gives the
 JSON of a run's result.
 """
@@ -197,6 +199,31 @@ class GuestHotadd:
 
 
 @dataclass(frozen=True)
+class GuestDone:
+    """The VM owner: the source guest ran to its end on its own (the
+    destination was lost, or there was no migrator)."""
+
+    vcpus: tuple[dict[str, int], ...]   # each vCPU's registers, ``checksum`` = rax
+    t: float                    # seconds since the guest started
+    syncs: int                  # log-syncs made for the migrator
+    logged: int                 # pages KVM's dirty log held over them
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """The VM owner: the destination took over; the source guest stops here."""
+
+    progress: tuple[int, ...]   # steps done by each vCPU then
+
+
+@dataclass(frozen=True)
+class DataplaneDone:
+    """The dataplane left: how many requests it completed."""
+
+    requests: int
+
+
+@dataclass(frozen=True)
 class GuestStarted:
     """A KVM run is set up: every process is ready and the vCPUs run."""
 
@@ -225,6 +252,44 @@ class Received:
     result: dict[str, Any]
 
 
+# --- the destination's own progress (workers.receiver -> `shmdirty receive`) --------------
+@dataclass(frozen=True)
+class StreamHello:
+    """The source's HELLO record (docs/STREAM.md): page size, guest, digests."""
+
+    hello: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BlocksReady:
+    """The RAM blocks the stream announced are allocated here."""
+
+    blocks: tuple[tuple[int, int], ...]   # (offset, size) of every block so far
+
+
+@dataclass(frozen=True)
+class RoundReceived:
+    """A pre-copy round's ROUND record arrived."""
+
+    round: int
+    pages: int                  # pages received so far
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """The source gave up (ABANDON): nothing is resumed."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The destination resumed the guest (KVM)."""
+
+    vcpus: int
+
+
+DestinationReport = StreamHello | BlocksReady | RoundReceived | Abandoned | Resumed
+
 Report = (Ready | WorkerFailed | Started | RoundStart | Sent | Hotplug | HotplugSkipped
           | Stopping | Downtime | VcpuDone | Done | Connected | Switchover | Handover
-          | DestinationLost | GuestHotadd | GuestStarted | Listening | Received)
+          | DestinationLost | GuestHotadd | GuestDone | HandedOver | DataplaneDone
+          | GuestStarted | Listening | Received)

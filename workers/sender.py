@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from shmdirty import DirtyMemory
 
 from . import stream as s
 from .guest import GuestRam, compare
+from .messages import Cont, Go, HandOver, LogSync, Stop, Stopped, Synced
 from .migration_bitmap import MigrationBitmap
 from .reports import (
     Connected,
@@ -70,6 +71,9 @@ STOP_AND_COPY = -1       # drop_round value that drops the stop-and-copy set (te
 FIRST_DIFFS = 10         # how many differing pages (or chunks) a mismatch names
 
 
+_Answer = TypeVar("_Answer", Synced, Stopped)
+
+
 class Aborted(Exception):
     """The run gave up (Ctrl-C, SIGTERM, or it died)."""
 
@@ -88,38 +92,39 @@ class GuestControl(Protocol):
         """Pause the guest and every writer, log-sync once more; returns the
         vCPU states (``workers.vm.VcpuState``; none for the simulated guest)."""
     def cont(self) -> None:
-        """The migration failed after ``stop``: let the source guest run on."""
+        """The migration failed after ``stop()``: let the source guest run on."""
     def handover(self) -> None:
         """The destination takes over: the source guest is discarded."""
 
 
 class OwnerControl:
-    """A KVM VM owner (``workers.vm_owner``) at the other end of a pipe."""
+    """A KVM VM owner (``workers.vm_owner``) at the other end of a pipe,
+    asked in ``workers.messages``."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def _ask(self, msg: str, answer: str) -> tuple[Any, ...]:
+    def _ask(self, msg: LogSync | Stop, answer: type[_Answer]) -> _Answer:
         self.conn.send(msg)
         try:
             reply = self.conn.recv()
         except EOFError:
             raise RuntimeError("the VM owner process is gone") from None
-        if reply[0] != answer:
-            raise RuntimeError(f"the VM owner answered {reply[0]!r} to {msg!r}")
-        return tuple(reply[1:])
+        if not isinstance(reply, answer):
+            raise RuntimeError(f"the VM owner answered {reply!r} to {msg!r}")
+        return reply
 
     def log_sync(self) -> int:
-        return int(self._ask("sync", "synced")[0])
+        return self._ask(LogSync(), Synced).pages
 
     def stop(self) -> list[Any]:
-        return list(self._ask("stop", "stopped")[0])
+        return list(self._ask(Stop(), Stopped).states)
 
     def cont(self) -> None:
-        self.conn.send("cont")
+        self.conn.send(Cont())
 
     def handover(self) -> None:
-        self.conn.send("handover")
+        self.conn.send(HandOver())
 
 
 @dataclass(frozen=True)
@@ -350,14 +355,14 @@ def main(cfg: SenderConfig, map_name: str, owner: Connection, parent: Connection
     sender = None
     dm = None
 
-    def aborted() -> bool:      # the run said "abort", or is gone (EOF)
+    def aborted() -> bool:      # the run said Abort, or is gone (EOF)
         return parent.poll()
 
     try:
         dm = DirtyMemory.attach(map_name)
         sender = Sender(dm, cfg, OwnerControl(owner), parent.send, aborted)
         parent.send(Ready("migrator"))
-        if parent.recv() != "go":
+        if not isinstance(parent.recv(), Go):
             return
         sender.run()
     except (Aborted, EOFError):

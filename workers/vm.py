@@ -38,7 +38,7 @@ from shmdirty import DIRTY_CLIENTS_ALL, DirtyMemory
 
 from . import guest_kvm as g
 from . import kvm
-from .guest import GuestRam
+from .guest import PAGE_BITS, GuestRam
 
 STOP_SIGNAL = signal.SIGUSR1
 
@@ -117,7 +117,7 @@ class GuestVM:
 
     def __init__(self, dm: DirtyMemory, cfg: g.GuestConfig, *, log_dirty: bool = True,
                  vcpu_nice: int = 0) -> None:
-        if dm.page_bits != g.PAGE_BITS:
+        if dm.page_bits != PAGE_BITS:
             raise ValueError(f"the KVM guest needs 4 KiB pages, the map has {dm.page_size}")
         self.dm, self.cfg, self.log_dirty, self.vcpu_nice = dm, cfg, log_dirty, vcpu_nice
         self.ram = GuestRam(dm.name, dm.page_bits, "ram")
@@ -167,7 +167,7 @@ class GuestVM:
             offset, size = self.ram.blocks[i]
             self.vm.set_memory_region(i, offset, size, self.ram.views[i].ctypes.data,
                                       log_dirty=self.log_dirty)
-            self._logs.append(np.zeros(-(-(size >> g.PAGE_BITS) // 64), np.uint64))
+            self._logs.append(np.zeros(-(-(size >> PAGE_BITS) // 64), np.uint64))
         return new
 
     def write(self, addr: int, data: bytes) -> None:
@@ -190,7 +190,7 @@ class GuestVM:
             self.vm.get_dirty_log(slot, log)
             if log.any():
                 n += int(np.bitwise_count(log).sum())
-                self.dm.set_dirty_lebitmap(log, offset, size >> g.PAGE_BITS)
+                self.dm.set_dirty_lebitmap(log, offset, size >> PAGE_BITS)
         return n
 
     # -- vCPUs ---------------------------------------------------------------

@@ -3,21 +3,22 @@
 It creates the map (so it is the coordinator) and the guest's RAM, owns
 /dev/kvm, the VM and the vCPU threads, and answers three peers over pipes:
 
-- the run (its parent): ``go``, ``abort``; it reports ``ready``,
-  ``hotadd``, ``guest_done`` and ``error``;
-- the migrator: ``sync`` (QEMU's log-sync: ``KVM_GET_DIRTY_LOG`` for every
-  slot merged with ``set_dirty_lebitmap``, answered ``synced`` once the map
-  holds every bit KVM had), ``stop`` (quiesce the dataplane, pause the
-  vCPUs, sync once more, answer ``stopped`` with every vCPU's state),
-  ``cont`` (migration failed: run again) and ``handover`` (the destination
+- the run (its parent): ``Go``, ``Abort`` (``workers.messages``); it
+  reports ``Ready``, ``GuestHotadd``, ``HandedOver``, ``GuestDone`` and
+  ``WorkerFailed`` (``workers.reports``);
+- the migrator: ``LogSync`` (QEMU's log-sync: ``KVM_GET_DIRTY_LOG`` for
+  every slot merged with ``set_dirty_lebitmap``, answered ``Synced`` once
+  the map holds every bit KVM had), ``Stop`` (quiesce the dataplane, pause
+  the vCPUs, sync once more, answer ``Stopped`` with every vCPU's state),
+  ``Cont`` (migration failed: run again) and ``HandOver`` (the destination
   took over: this guest is discarded);
-- the dataplane (if any): ``stop`` / ``cont`` / ``quit``, answered
-  ``stopped`` after its last write and dirty mark.
+- the dataplane (if any): ``Stop`` / ``Cont`` / ``Quit``, answered
+  ``Stopped`` after its last write and dirty mark.
 
-The orderings: a vCPU's stores are in KVM's log before ``sync`` answers;
-the dataplane marks each page after writing it and answers ``stopped``
-after its last mark; so the migrator's ``sync_dirty_bitmap`` after
-``stopped`` sees every store made before the pause.
+The orderings: a vCPU's stores are in KVM's log before ``LogSync`` is
+answered; the dataplane marks each page after writing it and answers
+``Stopped`` after its last mark; so the migrator's ``sync_dirty_bitmap``
+after ``Stopped`` sees every store made before the pause.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 from shmdirty import DirtyMemory
 
 from . import guest_kvm as g
+from .messages import Abort, Cont, Go, HandOver, LogSync, Quit, Stop, Stopped, Synced
+from .reports import GuestDone, GuestHotadd, HandedOver, Ready, Report, WorkerFailed
 from .vm import GuestVM
 
 
@@ -54,9 +57,9 @@ class VmOwner:
         self.syncs = 0
         self.logged = 0
 
-    def report(self, kind: str, **data: Any) -> None:
+    def report(self, report: Report) -> None:
         try:
-            self.parent.send((kind, data))
+            self.parent.send(report)
         except OSError:
             pass
 
@@ -64,20 +67,18 @@ class VmOwner:
         self.vm = vm = GuestVM(self.dm, self.cfg.guest, log_dirty=True,
                                vcpu_nice=self.cfg.vcpu_nice)
         vm.boot()
-        self.report("ready", map=self.dm.name, blocks=self.dm.ram_blocks())
-        msg = self.parent.recv()
-        if msg != "go":
+        self.report(Ready("owner"))
+        if not isinstance(self.parent.recv(), Go):
             return
         t0 = time.monotonic()
         vm.start()
-        self.report("started", t=t0)
         while not self.handed_over:
             conns: list[Any] = [self.parent, vm.wakeup_fd]
             if self.migrator is not None:
                 conns.append(self.migrator)
             for c in wait(conns, timeout=1.0):
                 if c is self.parent:
-                    if self._parent_says() == "abort":
+                    if isinstance(self._parent_says(), Abort):
                         return
                 elif c is self.migrator:
                     self._migrator_says()
@@ -87,15 +88,16 @@ class VmOwner:
             if vm.errors:
                 raise RuntimeError("; ".join(vm.errors))
             if vm.finished and self.migrator is None:
-                self.report("guest_done", vcpus=vm.results(), t=time.monotonic() - t0,
-                            syncs=self.syncs, logged=self.logged)
+                self.report(GuestDone(tuple(vm.results()), time.monotonic() - t0,
+                                      self.syncs, self.logged))
                 return
 
-    def _parent_says(self) -> str:
+    def _parent_says(self) -> object:
         try:
-            return str(self.parent.recv())
+            msg: object = self.parent.recv()
+            return msg
         except (EOFError, OSError):
-            return "abort"     # the run is gone: leave
+            return Abort()     # the run is gone: leave
 
     def _migrator_says(self) -> None:
         vm = self.vm
@@ -108,32 +110,32 @@ class VmOwner:
             self.migrator = None
             self._cont()
             return
-        if msg == "sync":
+        if isinstance(msg, LogSync):
             n = vm.log_sync()
             self.syncs += 1
             self.logged += n
-            self.migrator.send(("synced", n, vm.progress()))
-        elif msg == "stop":
-            self._dataplane("stop", wait=False)    # both stop at once ...
+            self.migrator.send(Synced(n, tuple(vm.progress())))
+        elif isinstance(msg, Stop):
+            self._dataplane(Stop(), wait=False)    # both stop at once ...
             states = vm.pause()
             self._dataplane_stopped()              # ... then its last mark is in
             self.paused = True
             n = vm.log_sync()
-            self.migrator.send(("stopped", states, n))
-        elif msg == "cont":
+            self.migrator.send(Stopped(tuple(states), n))
+        elif isinstance(msg, Cont):
             self._cont()
-        elif msg == "handover":
+        elif isinstance(msg, HandOver):
             self.handed_over = True
-            self.report("handed_over", progress=vm.progress())
+            self.report(HandedOver(tuple(vm.progress())))
 
     def _cont(self) -> None:
         if self.paused and self.vm is not None:
             self.vm.resume()
-            self._dataplane("cont")
+            self._dataplane(Cont())
             self.paused = False
 
-    def _dataplane(self, msg: str, wait: bool = True) -> None:
-        """Tell the dataplane ``msg``; for ``stop`` (and ``wait``), wait
+    def _dataplane(self, msg: Stop | Cont, wait: bool = True) -> None:
+        """Tell the dataplane ``msg``; for ``Stop`` (and ``wait``), wait
         until it stopped."""
         if self.dataplane is None:
             return
@@ -142,15 +144,15 @@ class VmOwner:
         except OSError:
             self.dataplane = None
             raise RuntimeError("the dataplane process is gone") from None
-        if msg == "stop" and wait:
+        if isinstance(msg, Stop) and wait:
             self._dataplane_stopped()
 
     def _dataplane_stopped(self) -> None:
-        """Wait for the dataplane's ``stopped``: sent after its last write and mark."""
+        """Wait for the dataplane's ``Stopped``: sent after its last write and mark."""
         if self.dataplane is None:
             return
         try:
-            while self.dataplane.recv() != "stopped":
+            while not isinstance(self.dataplane.recv(), Stopped):
                 pass
         except (EOFError, OSError):
             self.dataplane = None
@@ -162,12 +164,12 @@ class VmOwner:
         while self.reported_hotadds < len(vm.hotadds):
             offset, size, t = vm.hotadds[self.reported_hotadds]
             self.reported_hotadds += 1
-            self.report("hotadd", offset=offset, size=size, t=t, progress=vm.progress())
+            self.report(GuestHotadd(offset, size, t, tuple(vm.progress())))
 
     def close(self) -> None:
         if self.dataplane is not None:
             try:
-                self.dataplane.send("quit")
+                self.dataplane.send(Quit())
                 while True:
                     self.dataplane.recv()  # until it closes its end
             except (EOFError, OSError):
@@ -179,7 +181,7 @@ class VmOwner:
 
 def main(cfg: OwnerConfig, migrator: Connection | None, dataplane: Connection | None,
          parent: Connection) -> None:
-    """Process entry point; reports ``error`` (with the traceback) on failure."""
+    """Process entry point; reports ``WorkerFailed`` (with the traceback) on failure."""
     import traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides on Ctrl-C
     owner = None
@@ -188,7 +190,7 @@ def main(cfg: OwnerConfig, migrator: Connection | None, dataplane: Connection | 
         owner.run()
     except BaseException:
         try:
-            parent.send(("error", {"role": "vm-owner", "traceback": traceback.format_exc()}))
+            parent.send(WorkerFailed("vm-owner", traceback.format_exc()))
         except OSError:
             pass
         raise SystemExit(1) from None

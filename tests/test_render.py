@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from shmdirty import render
-from shmdirty._workers import app, reports
+from shmdirty.workers import app, render, reports
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,3 +107,30 @@ def test_the_json_carries_requested_and_achieved_rate() -> None:
     vr = _result("sim")["vcpu_rate"]      # a real run's --json
     assert set(vr) == {"requested", "achieved", "reached"}
     assert vr["requested"] == 100_000 and not vr["reached"]
+
+
+def test_progress_dispatches_on_the_report_classes() -> None:
+    """Progress renders by the report's class (not its name): every class
+    it handles is a report of workers.reports, a RoundEnd is not rendered as
+    the RoundStart it extends, and a report it does not show is ignored."""
+    kinds = {c for c in vars(reports).values() if isinstance(c, type)
+             and c.__module__ == reports.__name__}
+    assert set(render.Progress.HANDLERS) <= kinds
+    assert {reports.Started, reports.GuestStarted, reports.RoundStart, reports.RoundEnd,
+            reports.Sent, reports.Downtime, reports.Done} <= set(render.Progress.HANDLERS)
+    buf = io.StringIO()
+    cfg = SimpleNamespace(threshold=256, max_rounds=30)
+    progress = render.Progress(cfg, Console(file=buf, width=80, color_system=None))
+    progress(reports.Started("m", 64 << 20, 2, "flag", "uniform", 2000.0, 4))
+    assert progress.progress is not None
+    progress(reports.RoundStart(round=1, ram_size=64 << 20, dirty=10, newly_dirty=10,
+                                dirty_rate=None, dropped=0, t_start=0.0))
+    assert list(progress.tasks) == [1]
+    progress(reports.RoundEnd(round=2, ram_size=64 << 20, dirty=5, newly_dirty=5,
+                              dirty_rate=None, dropped=0, t_start=0.0, sent=5, seconds=0.1,
+                              throughput=None))
+    assert list(progress.tasks) == [1]       # no task for round 2: it was never started
+    progress(reports.Ready("vcpu0"))         # not shown
+    progress(reports.HandedOver((1, 2)))
+    progress.close()
+    assert "map m started: 64 MiB guest RAM" in buf.getvalue()

@@ -9,13 +9,12 @@ the stream was refused or broke, 128 + signal number when interrupted
 (130 Ctrl-C, 143 SIGTERM), after stopping the workers and removing every
 segment.
 
-The application lives in the repository's ``workers/`` folder, installed as
-``shmdirty._workers``.
+The command line lives beside the application in the repository's
+``workers/`` folder, installed as ``shmdirty.workers`` (the console script
+is ``shmdirty.workers.cli:main``).
 
-``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``.  ``ls`` and
-``gc`` never attach a map: they read the header's owner words directly, so
-they claim no reader slot and block nobody.  ``inspect`` attaches (a reader
-slot) only for as long as it takes to count dirty pages.
+``inspect``, ``ls`` and ``gc`` only look, except ``gc --yes``; they are
+``workers.maps_cli`` (why they attach nothing, or only briefly, is there).
 """
 
 from __future__ import annotations
@@ -32,20 +31,27 @@ from importlib.metadata import version as _dist_version
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from . import atomic, layout, segment
+from shmdirty import atomic
+from shmdirty.maps import CLIENT_NAMES, inspect_map, map_status
 
-# The application: the one import of workers/ (shmdirty._workers, a symlink
-# to it) from the library, the layer above it (docs/ARCHITECTURE.md).
-from ._workers import app
-from .errors import ShmDirtyError
-from .maps import CLIENT_NAMES, MapStatus, collect, inspect_map, map_status
+# The application: the command line reaches it through this one import.
+from . import app
+from .lifecycle import (
+    EXIT_DESTINATION_LOST,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_STREAM,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+)
+from .maps_cli import cmd_gc, cmd_inspect, cmd_ls
 from .options import (
     count,
     fraction,
     map_arg,
-    natural,
     non_negative,
     page_size_arg,
     parse_schedule,
@@ -54,16 +60,8 @@ from .options import (
     whole,
     writable_file,
 )
-from .render import Progress, error, fmt_bytes, say, summary
-
-EXIT_OK = 0
-EXIT_MISMATCH = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
-EXIT_DESTINATION_LOST = 4
-EXIT_STREAM = 5
-EXIT_TIMEOUT = 6
-EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
+from .render import Progress, error, say, summary
+from .reports import Abandoned, BlocksReady, DestinationReport, Resumed
 
 MIGRATE_EXITS = """\
 exit codes:
@@ -96,8 +94,6 @@ exit codes:
   2    bad options, or a NAME is not a map (the others are still handled)
   130  interrupted by Ctrl-C"""
 
-PAGE_BITS = app.PAGE_BITS
-FIRST_DIFFS = app.FIRST_DIFFS
 __all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
 
 
@@ -107,131 +103,6 @@ def host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:4444)")
     return host.strip("[]"), int(port)
-
-
-
-def _render_inspect(info: dict[str, Any], out: Console) -> None:
-    name = info["map"]
-    out.print(f"[bold]map {name}[/bold] — {info['state']}", highlight=False)
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="cyan", no_wrap=True)
-    grid.add_column()
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(info["segment_kinds"].items()))
-    if "page_bits" not in info:
-        grid.add_row("status", info.get("why", ""))
-        grid.add_row("segments", f"{len(info['segments'])} in {segment.SHM_DIR} ({kinds})")
-        out.print(grid)
-        return
-    coord = info["coordinator"]
-    ps = info["page_size"]
-    grid.add_row("header", f"{layout.header_name(name)}, layout version "
-                           f"{info['layout_version']}, {info['max_readers']} reader slots")
-    grid.add_row("coordinator", f"pid {coord['pid']}, {'alive' if coord['alive'] else 'DEAD'}"
-                 if coord["pid"] else "none (it left; DirtyMemory.adopt() can take over)")
-    grid.add_row("pages", f"{fmt_bytes(ps)} (page_bits {info['page_bits']}); bitmap blocks of "
-                          f"{info['block_pages']} pages ({fmt_bytes(info['block_pages'] * ps)} "
-                          f"of RAM each); tcg {'yes' if info['tcg'] else 'no'}")
-    grid.add_row("generation", f"{info['generation']} (grace-period counter "
-                               f"{info['grace_period_counter']})")
-    ram = info["ram_size"]
-    blocks = info.get("ram_blocks")
-    where = (" in " + str(len(blocks)) + " block(s): " + " ".join(
-        f"[{o:#x}, +{fmt_bytes(s)})" for o, s in blocks)) if blocks is not None else ""
-    grid.add_row("RAM", f"{fmt_bytes(ram)} ({ram // ps} pages){where}")
-    if "bitmap_blocks" in info:
-        grid.add_row("bitmap", f"{info['bitmap_blocks']} block(s) per client")
-        grid.add_row("dirty pages", ", ".join(f"{k} {v}" for k, v in info["dirty_pages"].items()))
-    else:
-        grid.add_row("dirty pages", f"unavailable: {info.get('table_error', '')}")
-    req = info["request"]
-    grid.add_row("requests", "none pending" if req <= ram else f"RAM size {fmt_bytes(req)} "
-                 "requested, not granted yet")
-    grid.add_row("segments", f"{len(info['segments'])} in {segment.SHM_DIR} ({kinds})")
-    out.print(grid)
-    readers = info["readers"]
-    table = Table(title=f"reader slots: {len(readers)} claimed of {info['max_readers']}",
-                  title_justify="left")
-    for col in ("slot", "pid", "alive", "epoch / counter"):
-        table.add_column(col, no_wrap=True)
-    for r in readers:
-        epoch = "0 (outside a section)" if not r["epoch"] else f"{r['epoch']} (in a section)"
-        table.add_row(str(r["slot"]), str(r["pid"]), "yes" if r["alive"] else "DEAD", epoch)
-    out.print(table)
-
-
-def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
-    try:
-        info = inspect_map(args.name)
-    except (LookupError, ShmDirtyError) as e:
-        error(out, str(e))
-        return EXIT_USAGE
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        _render_inspect(info, out)
-    return EXIT_OK
-
-
-# --- ls and gc ------------------------------------------------------------------------------
-def cmd_ls(args: argparse.Namespace, out: Console) -> int:
-    statuses = [map_status(m) for m in sorted(segment.list_maps(), key=natural)]
-    shown = [s for s in statuses if args.all or s.state == "live"]
-    if not shown:
-        say(out, "no live shmdirty maps" if not args.all else "no shmdirty maps")
-        return EXIT_OK
-    table = Table(box=None, pad_edge=False)
-    table.add_column("map", no_wrap=True, min_width=max(len(s.name) for s in shown))
-    for col in ("state", "coordinator", "readers", "RAM", "generation", "segments"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("why", overflow="fold")
-    for s in shown:
-        alive = sum(r.alive for r in s.readers)
-        coord = (f"pid {s.coordinator_pid}" + ("" if s.coordinator_alive else " (dead)")
-                 if s.coordinator_pid else "-")
-        table.add_row(s.name, s.state, coord, f"{alive}/{len(s.readers)} alive",
-                      fmt_bytes(s.ram_size) if s.max_readers else "-",
-                      str(s.generation) if s.max_readers else "-", str(len(s.segments)),
-                      "" if s.state == "live" else s.why)
-    out.print(table)
-    return EXIT_OK
-
-
-def cmd_gc(args: argparse.Namespace, out: Console) -> int:
-    names = args.names or sorted(segment.list_maps(), key=natural)
-    code = EXIT_OK
-    garbage: list[MapStatus] = []
-    for name in names:
-        st = map_status(name)
-        if st.state == "absent":
-            if args.names:  # (a map that vanished since list_maps() is no error)
-                error(out, f"{name!r} is not a map: no shmdirty-{name}-* segment in "
-                            f"{segment.SHM_DIR}")
-                code = EXIT_USAGE
-        elif st.garbage:
-            garbage.append(st)
-        elif args.names or st.state != "live":
-            say(out, f"map {name}: {st.state}" + (f" ({st.why})" if st.why else "")
-                 + "; left alone")
-    if not garbage:
-        say(out, "nothing to collect")
-        return code
-    total = sum(len(s.segments) for s in garbage)
-    say(out, f"{len(garbage)} dead map(s), {total} segment(s):")
-    for st in garbage:
-        say(out, f"  {st.name}: {st.why}")
-        for n in sorted(st.segments, key=natural):
-            say(out, f"    {n}")
-    if not args.yes:
-        say(out, "run `shmdirty gc --yes` to remove them")
-        return code
-    removed = 0
-    for st in garbage:
-        again, gone = collect(st.name)
-        if not again.garbage:
-            say(out, f"map {st.name} is {again.state} now; left alone")
-        removed += gone
-    say(out, f"removed {removed} segment(s)")
-    return code
 
 
 # Options only one guest uses: given for the other, they are refused up front.
@@ -334,9 +205,13 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, out: Console) -> int:
-    def progress(kind: str, **data: Any) -> None:
-        if kind in ("blocks", "resumed", "abandoned"):
-            say(out, f"receive: {kind} {data.get('blocks', data.get('vcpus', ''))}")
+    def progress(ev: DestinationReport) -> None:
+        if isinstance(ev, BlocksReady):
+            say(out, f"receive: blocks {list(ev.blocks)}")
+        elif isinstance(ev, Resumed):
+            say(out, f"receive: resumed {ev.vcpus}")
+        elif isinstance(ev, Abandoned):
+            say(out, "receive: abandoned ")
 
     try:
         res = app.receive(args.listen[0], args.listen[1], progress,

@@ -1,14 +1,17 @@
 """Rendering for the command line: a migration's progress from its typed
-events, its summary and verdict from its result dict, sizes.
+events, its summary and verdict from its result dict, sizes (``fmt_bytes``,
+the one byte formatter of the tree).
 
-It never imports the application (``workers``): events are told apart by
-their class name (``workers.reports``), results are plain dicts.
+Events are the report classes of ``workers.reports``, dispatched on their
+type (``Progress.HANDLERS``); results are plain dicts.  It never imports the
+run itself (``workers.app``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 from rich import box
 from rich.console import Console
@@ -17,7 +20,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, Tim
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-PAGE_BITS = 12
+from .guest import PAGE_BITS
+from .reports import (
+    DestinationLost,
+    Done,
+    Downtime,
+    GuestHotadd,
+    GuestStarted,
+    Hotplug,
+    HotplugSkipped,
+    Report,
+    RoundEnd,
+    RoundStart,
+    Sent,
+    Started,
+    Stopping,
+    Switchover,
+)
 
 
 def fmt_bytes(n: float) -> str:
@@ -46,10 +65,17 @@ def say(out: Console, msg: str) -> None:
 
 
 # --- migrate: rendering the application's events -------------------------------------------
+class Limits(Protocol):
+    """What Progress reads of the run's config (``workers.config.MigrateConfig``)."""
+
+    threshold: int
+    max_rounds: int
+
+
 class Progress:
     """Renders the typed events of a migration: notes, a progress bar per round."""
 
-    def __init__(self, cfg: Any, out: Console) -> None:
+    def __init__(self, cfg: Limits, out: Console) -> None:
         self.cfg, self.out = cfg, out
         self.progress: RichProgress | None = None
         self.tasks: dict[int, TaskID] = {}
@@ -61,72 +87,101 @@ class Progress:
             self.progress.stop()
             self.progress = None
 
-    def __call__(self, ev: Any) -> None:
+    def __call__(self, ev: Report) -> None:
+        handler = self.HANDLERS.get(type(ev))
+        if handler is not None:
+            handler(self, ev)
+
+    def _bar(self) -> None:
+        self.progress = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
+                                     TimeElapsedColumn(), console=self.out)
+        self.progress.start()
+
+    def _started(self, ev: Started) -> None:
+        self.t_go = time.monotonic()
+        self.out.print(f"shmdirty migrate: map {ev.map_name} started: "
+                       f"{fmt_bytes(ev.ram)} guest RAM, {ev.vcpus} vCPU(s) "
+                       f"({ev.dirty_mode}, {ev.pattern}, {ev.dirty_rate:g} pages/s "
+                       f"each), {ev.workers} workers", highlight=False, soft_wrap=True)
+        self._bar()
+
+    def _guest_started(self, ev: GuestStarted) -> None:
+        self.out.print(f"shmdirty migrate: {ev.why}\nmap {ev.map_name}: {fmt_bytes(ev.ram)} "
+                       f"guest RAM, {ev.vcpus} vCPU thread(s), {ev.pattern} pattern, "
+                       f"{ev.steps} steps each; destination {ev.destination}",
+                       highlight=False, soft_wrap=True)
+        self.t_go = time.monotonic()
+        self._bar()
+
+    def _guest_hotadd(self, ev: GuestHotadd) -> None:
+        self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t - self.t_go:.2f} s, when a "
+                   f"vCPU reached its hot-add step (steps done: {list(ev.progress)})")
+
+    def _switchover(self, ev: Switchover) -> None:
+        self._note(f"switchover check ({ev.method}): "
+                   + ("identical" if ev.identical else f"{ev.n_differ} DIFFER"))
+
+    def _destination_lost(self, ev: DestinationLost) -> None:
+        self._note(f"destination lost: {ev.message}")
+
+    def _round_end(self, ev: RoundEnd) -> None:
         pr = self.progress
-        kind = type(ev).__name__
-        if kind == "Started":
-            self.t_go = time.monotonic()
-            self.out.print(f"shmdirty migrate: map {ev.map_name} started: "
-                           f"{fmt_bytes(ev.ram)} guest RAM, {ev.vcpus} vCPU(s) "
-                           f"({ev.dirty_mode}, {ev.pattern}, {ev.dirty_rate:g} pages/s "
-                           f"each), {ev.workers} workers", highlight=False, soft_wrap=True)
-            self.progress = RichProgress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
-                                     TimeElapsedColumn(), console=self.out)
-            self.progress.start()
-        elif kind == "GuestStarted":
-            self.out.print(f"shmdirty migrate: {ev.why}\nmap {ev.map_name}: {fmt_bytes(ev.ram)} "
-                           f"guest RAM, {ev.vcpus} vCPU thread(s), {ev.pattern} pattern, "
-                           f"{ev.steps} steps each; destination {ev.destination}",
-                           highlight=False, soft_wrap=True)
-            self.t_go = time.monotonic()
-            self.progress = RichProgress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("pages {task.fields[speed]}"),
-                                     TimeElapsedColumn(), console=self.out)
-            self.progress.start()
-        elif kind == "GuestHotadd":
-            self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t - self.t_go:.2f} s, when a "
-                       f"vCPU reached its hot-add step (steps done: {list(ev.progress)})")
-        elif kind == "Switchover":
-            self._note(f"switchover check ({ev.method}): "
-                       + ("identical" if ev.identical else f"{ev.n_differ} DIFFER"))
-        elif kind == "DestinationLost":
-            self._note(f"destination lost: {ev.message}")
-        elif kind == "RoundEnd":
-            if pr is not None and ev.round in self.tasks:
-                tp = ev.throughput
-                pr.update(self.tasks[ev.round], completed=max(ev.sent, 1),
-                          speed=f"{tp / (1 << 20):.0f} MiB/s" if tp else "")
-        elif kind == "RoundStart" and pr is not None:
+        if pr is not None and ev.round in self.tasks:
+            tp = ev.throughput
+            pr.update(self.tasks[ev.round], completed=max(ev.sent, 1),
+                      speed=f"{tp / (1 << 20):.0f} MiB/s" if tp else "")
+
+    def _round_start(self, ev: RoundStart) -> None:
+        pr = self.progress
+        if pr is not None:
             self.tasks[ev.round] = pr.add_task(f"round {ev.round}", total=max(ev.dirty, 1),
                                                completed=0 if ev.dirty else 1, speed="")
             self._t_round = time.monotonic()
-        elif kind == "Sent" and pr is not None and ev.round in self.tasks:
+
+    def _sent(self, ev: Sent) -> None:
+        pr = self.progress
+        if pr is not None and ev.round in self.tasks:
             dt = time.monotonic() - self._t_round
             speed = f"{ev.sent * (1 << PAGE_BITS) / dt / (1 << 20):.0f} MiB/s" if dt else ""
             pr.update(self.tasks[ev.round], completed=ev.sent, speed=speed)
-        elif kind == "Hotplug":
-            self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t_done - self.t_go:.2f} s, "
-                       f"RAM now {fmt_bytes(ev.ram_size)}")
-        elif kind == "HotplugSkipped":
-            self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
-                       "the guest is stopping")
-        elif kind == "Stopping":
-            why = (f"converged (at most {self.cfg.threshold} dirty pages)"
-                   if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
-            # ev.pending is what the last pre-copy round left, often 0; what
-            # stop-and-copy sends is only known once the vCPUs stopped (Downtime).
-            self._note(f"pre-copy {why}; stopping the vCPUs")
-        elif kind == "Downtime":
-            self._note(f"vCPUs stopped: stop-and-copy sends {ev.pages} pages "
-                       f"({fmt_bytes(ev.pages << PAGE_BITS)})")
-            if pr is not None:
-                self.tasks[0] = pr.add_task("stop-and-copy", total=max(ev.pages, 1), speed="")
-                self._t_round = time.monotonic()
-        elif kind == "Done":
-            if pr is not None and 0 in self.tasks:
-                pr.update(self.tasks[0], completed=max(ev.downtime.pages, 1))
-            self.close()
+
+    def _hotplug(self, ev: Hotplug) -> None:
+        self._note(f"hot-add: +{fmt_bytes(ev.size)} at {ev.t_done - self.t_go:.2f} s, "
+                   f"RAM now {fmt_bytes(ev.ram_size)}")
+
+    def _hotplug_skipped(self, ev: HotplugSkipped) -> None:
+        self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
+                   "the guest is stopping")
+
+    def _stopping(self, ev: Stopping) -> None:
+        why = (f"converged (at most {self.cfg.threshold} dirty pages)"
+               if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
+        # ev.pending is what the last pre-copy round left, often 0; what
+        # stop-and-copy sends is only known once the vCPUs stopped (Downtime).
+        self._note(f"pre-copy {why}; stopping the vCPUs")
+
+    def _downtime(self, ev: Downtime) -> None:
+        self._note(f"vCPUs stopped: stop-and-copy sends {ev.pages} pages "
+                   f"({fmt_bytes(ev.pages << PAGE_BITS)})")
+        if self.progress is not None:
+            self.tasks[0] = self.progress.add_task("stop-and-copy", total=max(ev.pages, 1),
+                                                   speed="")
+            self._t_round = time.monotonic()
+
+    def _done(self, ev: Done) -> None:
+        if self.progress is not None and 0 in self.tasks:
+            self.progress.update(self.tasks[0], completed=max(ev.downtime.pages, 1))
+        self.close()
+
+    # The events rendered, by their exact class (a RoundEnd is not a RoundStart
+    # here); every other report is not shown.
+    HANDLERS: ClassVar[dict[type[Any], Callable[[Progress, Any], None]]] = {
+        Started: _started, GuestStarted: _guest_started, GuestHotadd: _guest_hotadd,
+        Switchover: _switchover, DestinationLost: _destination_lost, RoundEnd: _round_end,
+        RoundStart: _round_start, Sent: _sent, Hotplug: _hotplug,
+        HotplugSkipped: _hotplug_skipped, Stopping: _stopping, Downtime: _downtime,
+        Done: _done}
 
     def _note(self, text: str) -> None:
         con = self.progress.console if self.progress is not None else self.out

@@ -12,10 +12,10 @@ import pytest
 from kvm_skip import needs_kvm
 
 from shmdirty import segment
-from shmdirty._workers import guest_kvm as g
-from shmdirty._workers import kvm_run
-from shmdirty._workers.lifecycle import DestinationGone
-from shmdirty._workers.sender import STOP_AND_COPY
+from shmdirty.workers import guest_kvm as g
+from shmdirty.workers import kvm_run
+from shmdirty.workers.lifecycle import DestinationGone
+from shmdirty.workers.sender import STOP_AND_COPY
 
 pytestmark = [needs_kvm, pytest.mark.timeout(180)]
 

@@ -13,9 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import segment
+from shmdirty import segment
 
-PAGE_BITS = 12  # the pages of `shmdirty migrate` (workers/app.py uses the same)
+from .guest import PAGE_BITS  # the pages of `shmdirty migrate`
+
+__all__ = ["PAGE_BITS", "count", "fraction", "map_arg", "natural", "non_negative",
+           "page_size_arg", "parse_schedule", "parse_size", "positive", "positive_whole",
+           "whole", "writable_file"]
 
 # --- sizes ------------------------------------------------------------------------
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
@@ -73,14 +77,6 @@ def parse_schedule(text: str) -> tuple[tuple[float, int], ...]:
                 f"hot-plug item {item!r} is not SECONDS:SIZE (e.g. 1.5:32M)")
         out.append((seconds, page_size_arg(size)))
     return tuple(sorted(out))
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def whole(text: str) -> int:
