@@ -4,9 +4,12 @@ its block mappings, and the section entry that keeps both current.
 ``TableView`` is what a DirtyMemory handle knows of the published table
 (the base of DirtyMemory); its public methods are what dirty.py, take.py,
 retired.py and coordinator.py call on it: sections (``begin_section``,
-``end_section``, ``enter_range``), the table (``refresh``, ``set_table``,
-``invalidate``), block mappings (``block``, ``map_block``,
-``block_segment``, ``unmap_blocks``) and the block walk (``walk``, ``over``).
+``end_section``, ``enter_range``), the table (``refresh``, ``load_table``,
+``set_table``, ``invalidate``), block mappings (``block``, ``map_block``,
+``block_segment``, ``unmap_blocks``), the block walk (``walk``, ``over``)
+and the range checks (``page_of``, ``reaching``): ``INTERFACE``.  These are
+also the seams tests hook (trio's "a hook that acts at just the wrong
+moment"), by name, never a private method.
 
 Invariants, kept here:
 
@@ -51,8 +54,8 @@ class Section:
 
 #: The view's interface: what dirty.py, take.py, retired.py and
 #: coordinator.py call on a handle's view (a closed handle refuses each).
-INTERFACE = ("begin_section", "end_section", "enter_range", "refresh", "set_table",
-             "invalidate", "block", "map_block", "block_segment", "unmap_blocks",
+INTERFACE = ("begin_section", "end_section", "enter_range", "refresh", "load_table",
+             "set_table", "invalidate", "block", "map_block", "block_segment", "unmap_blocks",
              "walk", "over", "page_of", "reaching")
 
 
@@ -149,10 +152,12 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
         """Move to the newest table (always safe: newer tables only add)."""
         g = atomic.load(self._gen_ptr, atomic.SEQ_CST)
         if g != self._table.generation:
-            self._load_table(g)
+            self.load_table(g)
         return self._table
 
-    def _load_table(self, g: int) -> None:
+    def load_table(self, g: int) -> None:
+        """Read the table of generation ``g`` and use it (the one place a
+        view reads a table segment: tests hook it to act at that moment)."""
         self.set_table(read_table(self.name, g))
 
     def set_table(self, t: Table) -> None:

@@ -184,6 +184,7 @@ def _probe_args(kind: str, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         "page_of": ((t1, 0), {}),
         "reaching": ((t1, 0, ps, "a page"), {}),
         "set_table": ((t1,), {}),
+        "load_table": ((1,), {}),
         "ram_block_add": ((ps,), {}),
         "ram_block_remove": ((0,), {}),
         "extend": ((2 << 20,), {}),

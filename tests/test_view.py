@@ -77,14 +77,14 @@ def test_offline_quiescent_reads_no_table_outside_a_section(
         assert r.seen != h2._seen and not r.online
 
         outside: list[int] = []
-        real = h2._load_table
+        real = h2.load_table
 
         def load_table(g: int) -> None:
             if not r.online and r.nesting == 0:
                 outside.append(g)
                 grace_period_now()         # possible only here: no section held
             real(g)
-        h2._load_table = load_table  # type: ignore[method-assign]
+        h2.load_table = load_table  # type: ignore[method-assign]
 
         h2.quiescent()
         assert outside == [], "quiescent() read a table outside any section"
