@@ -406,7 +406,8 @@ class DirtyMemory(TableView):
         client = _client(client)
         taking = Taking(self.page_bits, start, length)
         self._coordinator.taker.run(client, start, length, taking.merge, taking.check)
-        return taking.snapshot()
+        assert taking.snap is not None   # check() made it, inside the take's section
+        return taking.snap
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""

@@ -64,8 +64,3 @@ class Taking:
         assert snap is not None   # check() runs first, inside the take's section
         g0 -= snap._page >> 6
         snap._words[g0:g0 + len(taken)] |= taken
-
-    def snapshot(self) -> DirtySnapshot:
-        """The snapshot, once the take has run."""
-        assert self.snap is not None
-        return self.snap
