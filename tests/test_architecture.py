@@ -204,6 +204,13 @@ def test_modules_stay_small() -> None:
     assert big == [], "split these by idea: " + "; ".join(big)
 
 
+def test_every_library_module_has_its_test_file() -> None:
+    """tests/ mirrors the modules: shmdirty/<m>.py is tested in tests/test_<m>.py."""
+    missing = [p.name for p in sorted((ROOT / "shmdirty").glob("*.py"))
+               if p.stem != "__init__" and not (ROOT / "tests" / f"test_{p.stem}.py").exists()]
+    assert missing == [], f"library modules without tests/test_<module>.py: {missing}"
+
+
 def test_bad_map_name_is_a_shmdirty_error() -> None:
     with pytest.raises(sd.ShmDirtyError) as ei:
         sd.DirtyMemory.attach("bad name!")
