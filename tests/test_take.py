@@ -794,3 +794,35 @@ def test_swap_take_chooses_only_when_it_pays_and_outside_other_sections(
                 assert taker.choose(MIG, [0, 1]) == []
     finally:
         dm.destroy()
+
+
+def test_a_forked_child_takes_word_by_word(map_name: str) -> None:
+    """The role stays with the parent: in a child forked from the
+    coordinator, the inherited handle's take is a plain Take (Shared.forked),
+    and its takes publish no table."""
+    import json
+
+    dm = sd.DirtyMemory.create(2 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        dm.swap_min_words = FORCE
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: one report, then _exit
+            out = {}
+            try:
+                g = dm.generation
+                out["take"] = type(dm._coordinator.taker).__name__
+                out["synced"] = dm.sync_dirty_bitmap(np.zeros(2, np.uint64), 0, 2 * 64 * PS)
+                out["published"] = dm.generation != g
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                out["error"] = repr(e)
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        got = json.loads(os.read(r, 4096))
+        os.close(r)
+        assert status == 0 and got == {"take": "Take", "synced": 2 * 64, "published": False}
+        assert type(dm._coordinator.taker).__name__ == "SwapTake"   # the parent keeps it
+    finally:
+        dm.destroy()
