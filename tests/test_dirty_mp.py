@@ -68,7 +68,7 @@ class CopyingCoordinator(Coordinator):
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
         old = [layout.table_name(v.name, t.generation)]
         old += [layout.block_name(v.name, b) for c in t.block_ids for b in c]
-        v._load_table(g)
+        v.load_table(g)
 
         def free_old() -> None:
             for n in old:
