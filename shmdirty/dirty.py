@@ -212,20 +212,6 @@ class DirtyMemory(TableView):
         else:
             self.close()
 
-    def quiescent(self) -> None:
-        """qsbr: a quiescent point; the table is re-read if it may have moved."""
-        try:
-            r = self._local.reader
-        except AttributeError:
-            r = self._rcu.reader   # this thread's first use
-        # Only while online (inside a section): a table read outside one may
-        # be unlinked before it is attached.  Offline, the next op catches up.
-        if (r.quiescent() or r.seen != self._seen) and r.online:
-            self.refresh()
-            self._seen = r.seen
-        if self._rcu.gp.pending:
-            self._rcu.gp.run_callbacks()
-
     # --- accessors -----------------------------------------------------------------
     # The five hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
     # test_and_clear_dirty, set_dirty_pages): where the kernel was built

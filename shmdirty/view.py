@@ -144,6 +144,21 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
     def end_section(self, r: Reader | None = None) -> None:
         (self._local.reader if r is None else r).read_unlock()
 
+    def quiescent(self) -> None:
+        """qsbr: a quiescent point; the table is re-read if it may have moved
+        (where a qsbr reader's view catches up, besides begin_section)."""
+        try:
+            r = self._local.reader
+        except AttributeError:
+            r = self._rcu.reader   # this thread's first use
+        # Only while online (inside a section): a table read outside one may
+        # be unlinked before it is attached.  Offline, the next op catches up.
+        if (r.quiescent() or r.seen != self._seen) and r.online:
+            self.refresh()
+            self._seen = r.seen
+        if self._rcu.gp.pending:
+            self._rcu.gp.run_callbacks()
+
     def invalidate(self) -> None:
         """Re-read the generation at the next section."""
         self._seen = -1
