@@ -451,6 +451,7 @@ class DirtyMemory(TableView):
             return
         if self._rcu.nesting:
             raise RcuMisuse(f"map {self.name}: close() inside a read-side section")
+        self._coordinator.leave()   # the give-back thread on this view (retired.py)
         with handles.lock:
             if self._shared.refs == 1 and self._rcu.sections_open():
                 raise RcuMisuse(f"map {self.name}: close() while another thread is inside "

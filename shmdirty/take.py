@@ -139,7 +139,8 @@ class SwapTake(Take):
     exchanges, as for a partial block) and leaves them in
     ``shared.retired``; once their grace period has ended, whatever a late
     writer put there meanwhile goes back into the live block at the same
-    position (``Retired.give_back_due``), so no bit is lost.  While a block
+    position (``Retired.give_back_due``, run at once by the give-back
+    thread, ``Retired.watch``), so no bit is lost or stays hidden.  While a block
     is retired no new swap is made (``choose``): at most one take's worth of
     blocks waits."""
 
@@ -189,7 +190,8 @@ class SwapTake(Take):
             # (and pools them) under our feet.  An interrupted wait takes
             # nothing: every bit goes back.
             taken = [bitmap.take(b, 0, v.block_pages)[1] for b in blocks] if late else []
-            retired.retire(pending)
+            # Given back as soon as their grace period ends (retired.py).
+            retired.retire(pending, v, self.rcu)
             if not late:
                 raise
             return [(w, None) for w in taken]

@@ -141,7 +141,6 @@ def _visible(dm: sd.DirtyMemory, client: int, deadline: float) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 1: the late bit waits for another take")
 @pytest.mark.parametrize("take", ["test_and_clear_dirty", "sync_dirty_bitmap"])
 def test_a_bit_written_in_a_long_section_is_seen_once_its_writer_leaves(
         map_name: str, spawn_ctx: object, children: list[object], atomics_backend: str,
