@@ -89,23 +89,26 @@ class Take:
         return dirty
 
     def run(self, client: int, start: Any, length: Any, merge: Merge,
-            check: Check | None = None) -> None:
+            check: Check | None = None, holes: bool = False) -> None:
         """Take (read and clear) the bits of a range for ``client``, handing
         each piece to ``merge(first global word, words)``.
 
         Blocks the range covers only in part lose their bits word by word
         (an atomic exchange / fetch_and per dirty word).  Blocks it covers
-        whole are swapped when ``choose`` picks them (swap_out)."""
+        whole are swapped when ``choose`` picks them (swap_out).  With
+        ``holes`` the range may cross removed RAM blocks: only the RAM pages
+        in it are taken (sync_dirty_bitmap); else a hole is BadInput."""
         v = self.view
         bp, bw = v.block_pages, v.block_pages >> 6
         swap: list[int] = []
         # Late bits of retired blocks first (only the coordinator's process has any).
         self.shared.retired.give_back_due(v, self.rcu)
-        t, page, end = v.enter_range(start, length)
+        t, page, end = v.enter_range(start, length, holes)
         try:
             if check is not None:
                 check(end)
-            pieces = list(v.walk(page, end))
+            pieces = [p for p0, p1 in t.ram_runs(page, end, v.page_bits)
+                      for p in v.walk(p0, p1)]
             whole = [idx for idx, _, num in pieces if num == bp]
             if whole:
                 swap = self.choose(client, whole)

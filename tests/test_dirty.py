@@ -731,7 +731,6 @@ def test_destroy_inside_a_section_refuses_before_unlinking(map_name: str) -> Non
 
 
 # --- issue 17 item 5: a removed RAM block is outside RAM --------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 17 item 5: the hole still takes writes")
 def test_a_removed_ram_block_is_outside_ram(map_name: str) -> None:
     """After ram_block_remove the hole is outside guest RAM: every accessor
     refuses an address or range in it with BadInput (the error past the end
