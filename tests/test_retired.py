@@ -210,3 +210,27 @@ def test_a_bit_written_in_a_long_section_is_seen_once_its_writer_leaves(
         assert p.exitcode == 0 and q.exitcode == 0
     finally:
         dm.destroy()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["give-back thread", "broken: none"])
+def test_the_give_back_thread_is_what_shows_a_late_bit(dm: sd.DirtyMemory, other_reader: Rcu,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       broken: bool) -> None:
+    """The give-back thread (Retired.watch) is what makes a late bit visible
+    once its writer leaves, with no take in between: the deliberately broken
+    variant without it (today's code before issue 17) leaves the bit hidden,
+    and this check catches it."""
+    import time
+    if broken:
+        monkeypatch.setattr(Retired, "watch", lambda self, view, rcu: None)
+    late_swap(dm, other_reader)
+    retired = shared_of(dm).retired
+    entry = retired.waiting[1]
+    bitmap.set_range(dm.map_block(entry.block_id), 5, 1)   # the late writer's bit
+    other_reader.read_unlock()                               # ... and it leaves
+    deadline = time.monotonic() + (0.3 if broken else VISIBLE_WITHIN)
+    while not (seen := dm.get_dirty_flag((BP + 5) * PS, MIG)) and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    assert seen is not broken
+    if not broken:
+        assert not retired and dm.dirty_pages(MIG) == 1
