@@ -102,7 +102,7 @@ def test_a_huge_record_header_allocates_nothing() -> None:
         for rtype, length in ((s.HELLO, 1 << 30), (s.PAGES, 1 << 29), (s.BLOCKS, 1 << 20),
                               (s.END_OF_STREAM, 17)):
             a.sendall(s.RECORD.pack(rtype, 0, 1, length))
-            with pytest.raises(StreamError, match="more than the"):
+            with pytest.raises(StreamError, match="more than the|, it has 16"):
                 ch.recv()
         assert len(ch._buf) == before
 

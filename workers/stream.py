@@ -66,6 +66,10 @@ MAX_LENGTH = {HELLO: MAX_JSON, BLOCKS: MAX_RAM_BLOCKS * 16, ROUND: 8,
               ERROR: MAX_JSON, READY: 0}
 
 
+# Records whose payload has one size only: anything else is refused from the header.
+EXACT_LENGTH = {ROUND: 8, END_OF_STREAM: END.size, RESUME: 0, ABANDON: 0, READY: 0}
+
+
 class StreamError(ShmDirtyError, ValueError):
     """The stream is not one this version reads: wrong magic or version,
     an unknown or malformed record, a bad digest, or it ended early."""
@@ -178,6 +182,9 @@ class Channel:
         if rtype == BLOCKS and count > MAX_RAM_BLOCKS:
             raise StreamError(f"BLOCKS record: {count} RAM blocks, more than the "
                               f"{MAX_RAM_BLOCKS} a receiver accepts")
+        if EXACT_LENGTH.get(rtype, length) != length:
+            raise StreamError(f"{NAMES[rtype]} record of {length} bytes, it has "
+                              f"{EXACT_LENGTH[rtype]}")
         if length > self.limits.get(rtype, MAX_PAYLOAD):
             raise StreamError(f"{NAMES[rtype]} record of {length} bytes, more than the "
                               f"{self.limits.get(rtype, MAX_PAYLOAD)} it may have")
