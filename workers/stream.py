@@ -171,14 +171,19 @@ class Channel:
             raise StreamError(f"stream version {version}, this receiver reads version "
                               f"{VERSION} only")
 
-    def recv(self) -> tuple[int, int, memoryview]:
+    def recv(self, types: tuple[int, ...] = ()) -> tuple[int, int, memoryview]:
         """The next record: (type, count, payload).  The payload view is only
-        valid until the next ``recv``."""
+        valid until the next ``recv``.  With ``types``, a record of another
+        type (ERROR aside) is refused from its header, before its payload is
+        read or a buffer allocated for it."""
         head = bytearray(RECORD.size)
         self._recv_into(memoryview(head), "a record header")
         rtype, _, count, length = RECORD.unpack(head)
         if rtype not in NAMES:
             raise StreamError(f"unknown record type {rtype}")
+        if types and rtype not in types and rtype != ERROR:
+            raise StreamError(f"expected {'/'.join(NAMES[t] for t in types)}, got "
+                              f"{NAMES[rtype]}")
         if rtype == BLOCKS and count > MAX_RAM_BLOCKS:
             raise StreamError(f"BLOCKS record: {count} RAM blocks, more than the "
                               f"{MAX_RAM_BLOCKS} a receiver accepts")
@@ -195,7 +200,7 @@ class Channel:
         return rtype, count, view
 
     def recv_expect(self, *types: int) -> tuple[int, int, memoryview]:
-        rtype, count, payload = self.recv()
+        rtype, count, payload = self.recv(types)
         if rtype == ERROR and ERROR not in types:
             raise StreamError(f"the other end failed: {error_message(payload)}")
         if rtype not in types:
