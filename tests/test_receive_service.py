@@ -258,3 +258,50 @@ def test_receive_help_documents_every_code() -> None:
     r = subprocess.run([*CLI, "receive", "--help"], capture_output=True, text=True, timeout=60)
     for code in ("0 ", "2 ", "5 ", "7 ", "8 ", "130"):
         assert f"\n  {code}" in r.stdout, code
+
+
+@pytest.mark.timeout(120)
+def test_a_resumed_kvm_guest_that_executes_hlt_is_exit_8() -> None:
+    """A real KVM guest whose vCPU resumes at a HLT (a fault at CPL 3: the
+    guest shuts down): `receive` says so in one line, exit 8, and the
+    source gets an ERROR record, not a traceback."""
+    import numpy as np
+
+    from shmdirty.workers import guest_kvm as g
+    from shmdirty.workers import kvm
+    ok, why = kvm.usable()
+    if not ok:
+        pytest.skip(f"needs a usable /dev/kvm: {why}")
+    cfg = g.GuestConfig(ram=4 << 20, vcpus=1, steps=10, dataplane_pages=0)
+    with kvm.Kvm() as k, k.create_vm() as vm:
+        sregs = bytes(kvm.user_mode_sregs(vm.create_vcpu(0)))
+    regs = kvm.Regs(rip=0x100000, rflags=0x202, rsp=0x200000)
+    tables_at, tables = kvm.page_tables(1)
+    ram = np.zeros(cfg.ram, np.uint8)
+    ram[tables_at:tables_at + len(tables)] = np.frombuffer(tables, np.uint8)
+    ram[0x100000] = 0xF4                                    # hlt
+    numbers = np.arange(cfg.ram >> 12, dtype="<u8")
+    rx, port = start_receiver("--once")
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+        ch = Channel(c)
+        ch.preamble()
+        ch.send_json(s.HELLO, {"page_bits": 12, "guest": cfg.to_json(), "digests": False})
+        ch.send(s.BLOCKS, [s.pack_blocks(cfg.block_offsets())], count=1)
+        ch.recv_expect(s.READY)
+        records = 0
+        for i in range(0, len(numbers), 256):
+            part = numbers[i:i + 256]
+            ch.send_pages(part, ram[i << 12:(i + len(part)) << 12].view(np.uint64).reshape(
+                len(part), 512))
+            records += 1
+        ch.send(s.VCPUS, [s.VCPU.pack(0, 0, bytes(regs), sregs)], count=1)
+        ch.send(s.END_OF_STREAM, [s.END.pack(len(numbers), records)])
+        ch.recv_expect(s.LOADED)
+        ch.recv_expect(s.DIGESTS)
+        ch.send(s.RESUME)
+        rtype, _, payload = ch.recv_expect(s.ERROR, s.RESULT)
+    out, err = finish(rx)
+    assert rtype == s.ERROR and b"SHUTDOWN at rip 0x100000" in bytes(payload)
+    assert rx.returncode == 8, (out, err)
+    assert "resumed guest failed" in err and "Traceback" not in out + err, err
+    assert len(err.strip().splitlines()) == 1, err
