@@ -5,7 +5,8 @@ where /dev/kvm works (``--guest auto``), else simulated vCPU processes;
 ``receive`` is its destination.  Exit codes: 0 identical (and, for KVM,
 resumed to the expected end), 1 different, 2 bad usage or not a map, 3 a
 worker failed, 4 the destination was lost before the handover, 5 (receive)
-the stream was refused or broke, 128 + signal number when interrupted
+the stream was refused or broke, 7 (receive) this host cannot hold the
+guest, 8 (receive) the resumed guest failed, 128 + signal number when interrupted
 (130 Ctrl-C, 143 SIGTERM), after stopping the workers and removing every
 segment.
 
