@@ -261,10 +261,16 @@ def test_receive_help_documents_every_code() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_resumed_kvm_guest_that_executes_hlt_is_exit_8() -> None:
+@pytest.mark.parametrize("code, args, words", [
+    (b"\xf4", (), b"SHUTDOWN at rip 0x100000"),                           # hlt
+    (b"\xeb\xfe", ("--guest-timeout", "1"), b"did not finish within 1.0 s"),  # jmp .
+], ids=["hlt", "spins-past-guest-timeout"])
+def test_a_resumed_kvm_guest_that_fails_is_exit_8(code: bytes, args: tuple[str, ...],
+                                                  words: bytes) -> None:
     """A real KVM guest whose vCPU resumes at a HLT (a fault at CPL 3: the
-    guest shuts down): `receive` says so in one line, exit 8, and the
-    source gets an ERROR record, not a traceback."""
+    guest shuts down), or at a loop that never ends (--guest-timeout):
+    `receive` says so in one line, exit 8, and the source gets an ERROR
+    record, not a traceback."""
     import numpy as np
 
     from shmdirty.workers import guest_kvm as g
@@ -279,9 +285,9 @@ def test_a_resumed_kvm_guest_that_executes_hlt_is_exit_8() -> None:
     tables_at, tables = kvm.page_tables(1)
     ram = np.zeros(cfg.ram, np.uint8)
     ram[tables_at:tables_at + len(tables)] = np.frombuffer(tables, np.uint8)
-    ram[0x100000] = 0xF4                                    # hlt
+    ram[0x100000:0x100000 + len(code)] = np.frombuffer(code, np.uint8)
     numbers = np.arange(cfg.ram >> 12, dtype="<u8")
-    rx, port = start_receiver("--once")
+    rx, port = start_receiver("--once", *args)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
         ch = Channel(c)
         ch.preamble()
@@ -301,7 +307,7 @@ def test_a_resumed_kvm_guest_that_executes_hlt_is_exit_8() -> None:
         ch.send(s.RESUME)
         rtype, _, payload = ch.recv_expect(s.ERROR, s.RESULT)
     out, err = finish(rx)
-    assert rtype == s.ERROR and b"SHUTDOWN at rip 0x100000" in bytes(payload)
+    assert rtype == s.ERROR and words in bytes(payload), bytes(payload)
     assert rx.returncode == 8, (out, err)
     assert "resumed guest failed" in err and "Traceback" not in out + err, err
     assert len(err.strip().splitlines()) == 1, err

@@ -206,7 +206,7 @@ class Destination:
             try:
                 self.vm.run_to_end(timeout=self.limits.guest_timeout)
             except TimeoutError as e:
-                raise GuestFailed(f"the resumed guest: {e} (--guest-timeout)") from None
+                raise GuestFailed(f"the resumed guest failed: {e} (--guest-timeout)") from None
             if self.vm.errors:
                 raise GuestFailed("the resumed guest failed: " + "; ".join(self.vm.errors))
             result.update(resumed=True, vcpus=self.vm.results(), run_seconds=time.monotonic() - t0,
