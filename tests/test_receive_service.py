@@ -2,7 +2,7 @@
 a refused or idle connection does not end the service, records and RAM
 sizes are bounded before any allocation, every malformed stream is exit 5
 with one line and an ERROR record to the peer, host problems after the
-accept are exit 7 (not "cannot listen"), a guest that faults is exit 8."""
+accept are exit 9 (not "cannot listen"), a guest that faults is exit 10."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_max_ram_refuses_with_the_numbers() -> None:
         ch.send(s.BLOCKS, [s.pack_blocks([(0, 8 << 20)])], count=1)
         rtype, msg = answer(c)
     out, err = finish(rx)
-    assert rx.returncode == 7, (out, err)
+    assert rx.returncode == 9, (out, err)
     assert rtype == s.ERROR and "8 MiB" in msg["message"]
     assert "needs 8 MiB" in err and "--max-ram 4 MiB" in err and "Traceback" not in err
 
@@ -186,10 +186,10 @@ def test_a_malformed_hello_is_exit_5_with_one_line_and_an_error_record(case: str
     assert len(lines) == 1 and "HELLO" in lines[0] and "Traceback" not in out + err, err
 
 
-def test_a_host_failure_after_the_accept_is_exit_7_not_cannot_listen(
+def test_a_host_failure_after_the_accept_is_exit_9_not_cannot_listen(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """/dev/shm full (ENOSPC) when the map is made: exit 7 and its own
+    """/dev/shm full (ENOSPC) when the map is made: exit 9 and its own
     words; the source gets an ERROR record."""
     from shmdirty.workers import cli
 
@@ -219,15 +219,15 @@ def test_a_host_failure_after_the_accept_is_exit_7_not_cannot_listen(
     code = cli.main(["receive", "--listen", f"unix:{path}", "--once"])
     th.join(30)
     err = capsys.readouterr().err
-    assert code == 7, err
+    assert code == 9, err
     assert "cannot hold the guest" in err and "cannot listen" not in err, err
     assert got["answer"][0] == s.ERROR and "No space left" in got["answer"][1]["message"]
 
 
-def test_a_resumed_guest_that_fails_is_exit_8(monkeypatch: pytest.MonkeyPatch,
+def test_a_resumed_guest_that_fails_is_exit_10(monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str],
                                               tmp_path: Path) -> None:
-    """The words of a guest fault reach the user as exit 8, no traceback
+    """The words of a guest fault reach the user as exit 10, no traceback
     (the real HLT case is tests/test_receive_kvm.py)."""
     from shmdirty.workers import cli
 
@@ -251,12 +251,12 @@ def test_a_resumed_guest_that_fails_is_exit_8(monkeypatch: pytest.MonkeyPatch,
     code = cli.main(["receive", "--listen", f"unix:{path}"])
     th.join(30)
     err = capsys.readouterr().err
-    assert code == 8 and "SHUTDOWN" in err and "Traceback" not in err
+    assert code == 10 and "SHUTDOWN" in err and "Traceback" not in err
 
 
 def test_receive_help_documents_every_code() -> None:
     r = subprocess.run([*CLI, "receive", "--help"], capture_output=True, text=True, timeout=60)
-    for code in ("0 ", "2 ", "5 ", "7 ", "8 ", "130"):
+    for code in ("0 ", "2 ", "5 ", "9 ", "10 ", "130"):
         assert f"\n  {code}" in r.stdout, code
 
 
@@ -265,11 +265,11 @@ def test_receive_help_documents_every_code() -> None:
     (b"\xf4", (), b"SHUTDOWN at rip 0x100000"),                           # hlt
     (b"\xeb\xfe", ("--guest-timeout", "1"), b"did not finish within 1.0 s"),  # jmp .
 ], ids=["hlt", "spins-past-guest-timeout"])
-def test_a_resumed_kvm_guest_that_fails_is_exit_8(code: bytes, args: tuple[str, ...],
+def test_a_resumed_kvm_guest_that_fails_is_exit_10(code: bytes, args: tuple[str, ...],
                                                   words: bytes) -> None:
     """A real KVM guest whose vCPU resumes at a HLT (a fault at CPL 3: the
     guest shuts down), or at a loop that never ends (--guest-timeout):
-    `receive` says so in one line, exit 8, and the source gets an ERROR
+    `receive` says so in one line, exit 10, and the source gets an ERROR
     record, not a traceback."""
     import numpy as np
 
@@ -308,6 +308,6 @@ def test_a_resumed_kvm_guest_that_fails_is_exit_8(code: bytes, args: tuple[str, 
         rtype, _, payload = ch.recv_expect(s.ERROR, s.RESULT)
     out, err = finish(rx)
     assert rtype == s.ERROR and words in bytes(payload), bytes(payload)
-    assert rx.returncode == 8, (out, err)
+    assert rx.returncode == 10, (out, err)
     assert "resumed guest failed" in err and "Traceback" not in out + err, err
     assert len(err.strip().splitlines()) == 1, err

@@ -227,7 +227,7 @@ def test_more_ram_than_available_is_refused(pair: tuple[Channel, socket.socket],
         sim_hello(c)
         c.send(s.BLOCKS, [s.pack_blocks([(0, 2 << 20), (2 << 20, 2 << 20)])], count=2)
 
-    # This host cannot hold it (receive's exit 7, issue 18), with the numbers.
+    # This host cannot hold it (receive's exit 9, issue 18), with the numbers.
     err = refused(ch, dst, map_name, send, receiver.HostFailure)
     assert "needs 4 MiB of RAM" in str(err) and "2 MiB of memory available" in str(err)
 

@@ -129,7 +129,7 @@ def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
 
 class StreamRefused(RunError):
     """``shmdirty receive``: the last connection failed; ``code`` is the
-    command's exit code for it (5 the stream, 7 this host, 8 the resumed guest)."""
+    command's exit code for it (5 the stream, 9 this host, 10 the resumed guest)."""
 
     def __init__(self, message: str, code: int = EXIT_STREAM) -> None:
         super().__init__(message)

@@ -106,5 +106,5 @@ class DestinationGone(RunError):
 
 
 # ``shmdirty receive``'s own codes (besides 0, 2, 5 and 128 + signal):
-EXIT_HOST = 7       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
-EXIT_GUEST = 8      # the resumed guest did not run to its end (a fault, --guest-timeout)
+EXIT_HOST = 9       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
+EXIT_GUEST = 10     # the resumed guest did not run to its end (a fault, --guest-timeout)

@@ -5,7 +5,7 @@ One connection at a time.  Each accepted connection goes through the TLS
 handshake and the ``--tls-authz`` check (``workers.transport``), then the
 stream (``workers.receiver``), each within ``Limits``.  A connection that
 is refused or breaks before the handover (exit-code-like reasons 5, the
-stream, and 7, this host) is logged, the receiver's VM and segments for it
+stream, and 9, this host) is logged, the receiver's VM and segments for it
 are gone, and the service accepts the next one: a stranger's idle or
 garbage connection cannot take the port away from the real migration.
 The service ends when one migration completed (the guest resumed and ran
