@@ -220,11 +220,13 @@ def test_workers_leave_when_the_coordinator_is_sigkilled(
     assert alive == []
     # What is left is two dead maps' bitmaps (the workers die with the run:
     # PR_SET_PDEATHSIG), gc's job; no guest RAM (memfds went with them).
+    # (The receiver makes its map at the stream's HELLO: maybe not yet.)
+    assert cli.map_status(map_name).state == "dead"
     for name in (map_name, f"{map_name}_dst"):
-        assert cli.map_status(name).state == "dead"
         assert not [n for n in segment.list_segments(name) if "-ram" in n]
-        code, out = _run(capsys, "gc", "--yes", name)
-        assert code == 0 and "removed" in out
+        if cli.map_status(name).state == "dead":
+            code, out = _run(capsys, "gc", "--yes", name)
+            assert code == 0 and "removed" in out
         assert segment.list_segments(name) == []
 
 

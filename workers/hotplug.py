@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout
+from shmdirty.segment import Segment
 
 from . import Control, Flags, memfd, worker
 from .guest import GuestRam
@@ -33,15 +34,24 @@ class HotplugConfig:
 
 def main(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control) -> None:
     """Entry point: hot-add RAM on schedule; then set the hot-plug stopped flag."""
+    held: list[Segment] = []
     with worker("hotplug", ctl):
         try:
-            _run(dm, cfg, ctl, GuestRam(dm.name, dm.page_bits))
+            _run(dm, cfg, ctl, GuestRam(dm.name, dm.page_bits), held)
+            ctl.flags.set(Flags.HOTPLUG_STOPPED)
+            # Keep every block made here mapped until the guest stops (or the
+            # run ends): a vCPU or the migrator opening one always finds a
+            # holder, whatever the coordinator's pace.
+            ctl.wait(Flags.STOP)
         finally:
             ctl.flags.set(Flags.HOTPLUG_STOPPED)
+            for seg in held:
+                seg.close()
             dm.close()
 
 
-def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> None:
+def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam,
+         held: list[Segment]) -> None:
     if not ctl.start("hotplug"):
         return
     t0 = time.monotonic()
@@ -55,20 +65,18 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam) -> No
         offset = max(o + s for o, s in blocks)
         t_ask = time.monotonic()
         seg = ram.create_segment(len(blocks), offset, size, boot_fill=True)
-        try:
-            while True:
-                try:
-                    dm.request_extend(offset + size, timeout=REQUEST_POLL)
-                    break
-                except GraceTimeout:
-                    if ctl.aborted():
-                        return
-                except CoordinatorGone:
-                    return  # it died: nothing to finish
-            ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))
-            # The coordinator (our parent) maps the block when it reads the
-            # report and keeps it to the end; until it does, unmapping here
-            # could free the memfd under a vCPU about to open it.
-            memfd.wait_for_holder(seg.name, os.getppid(), HOLDER_TIMEOUT, ctl.aborted)
-        finally:
-            seg.close()
+        held.append(seg)
+        while True:
+            try:
+                dm.request_extend(offset + size, timeout=REQUEST_POLL)
+                break
+            except GraceTimeout:
+                if ctl.aborted():
+                    return
+            except CoordinatorGone:
+                return  # it died: nothing to finish
+        ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))
+        # The coordinator (our parent) maps the block when it reads the
+        # report and keeps it to the end; until it does, unmapping here
+        # could free the memfd under a vCPU about to open it.
+        memfd.wait_for_holder(seg.name, os.getppid(), HOLDER_TIMEOUT, ctl.aborted)
