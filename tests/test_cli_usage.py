@@ -235,3 +235,32 @@ def test_readme_matches_the_code() -> None:
     assert "SHMDIRTY_ATOMICS" in readme
     for v in ("3.11", "3.12", "3.13"):
         assert f"Python :: {v}" in (ROOT / "pyproject.toml").read_text() and v in readme
+
+
+# --- issue 17.4: names whose segment names cannot exist are refused up front ---------------
+def test_migrate_refuses_a_name_its_receiver_map_cannot_have(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    assert MAX_MIGRATE_NAME == layout.MAX_MAP_NAME - len("_dst")
+    too_long = (map_name + "x" * 300)[:MAX_MIGRATE_NAME + 1]
+    before = segment.list_segments()
+    r = _migrate(too_long, *SMALL)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"at most {MAX_MIGRATE_NAME} characters" in r.stderr
+    assert segment.list_segments() == before
+
+
+def test_migrate_runs_with_the_longest_name_allowed(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    longest = (map_name + "x" * 300)[:MAX_MIGRATE_NAME]
+    try:
+        r = _migrate(longest, *SMALL)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        for n in segment.list_segments(longest) + segment.list_segments(longest + "_dst"):
+            segment.unlink(n)
+
+
+def test_inspect_refuses_a_too_long_name(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(capsys, "inspect", "n" * (layout.MAX_MAP_NAME + 1))
+    assert code == 2 and out == "" and f"at most {layout.MAX_MAP_NAME} characters" in err
