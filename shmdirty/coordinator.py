@@ -35,7 +35,8 @@ from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
 from .retired import Retired, give_back
 from .segment import Segment
-from .table import EMPTY, Table, blocks_needed, find_ram_offset, write_table
+from .table import (CREATE_TRIES, EMPTY, Table, blocks_needed, find_ram_offset, record_tag,
+                    write_table)
 from .take import SwapTake, Take
 from .view import TableView
 
@@ -63,7 +64,7 @@ def create_map(name: str, page_bits: int, block_pages: int, max_readers: int,
                            (layout.H_COORD, my_owner_word())):
             w.store(off, value, atomic.RELAXED)
         GracePeriods.init_counter(hdr)
-        write_table(name, Table(1, 0, EMPTY.block_ids, ()))
+        record_tag(hdr, write_table(name, Table(1, 0, EMPTY.block_ids, ())))
         hdr.seal()
     except BaseException:
         hdr.close()
@@ -114,6 +115,7 @@ class Coordinator:
         # until create() or adopt() gives the handle the role (take_role),
         # and again in a forked child (Shared.forked).
         self.taker: Take = self.word_take()
+        self.header = header
         w = header.words
         self.gen_ptr = w.ptr(layout.H_GENERATION)
         self.coord_ptr = w.ptr(layout.H_COORD)
@@ -258,9 +260,19 @@ class Coordinator:
                 return taken_from_pool[-1]
             # relaxed: only the coordinator allocates ids; the word lives in
             # the header so an adopter goes on from it.
-            bid = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
-            seg = Segment.create(layout.block_name(v.name, bid),
-                                 layout.block_size(v.block_pages), layout.KIND_BLOCK, c, bid)
+            counter = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
+            for attempt in range(CREATE_TRIES):
+                # A random part in every id: nobody can squat the next name;
+                # a name taken anyway (EEXIST) gets a fresh one.
+                bid = layout.new_block_id(counter)
+                try:
+                    seg = Segment.create(layout.block_name(v.name, bid),
+                                         layout.block_size(v.block_pages), layout.KIND_BLOCK,
+                                         c, bid)
+                    break
+                except FileExistsError:
+                    if attempt == CREATE_TRIES - 1:
+                        raise
             made.append((bid, seg))
             seg.seal()
             return bid
@@ -288,7 +300,8 @@ class Coordinator:
                 # yet, and setting bits in blocks they can see is harmless.
                 self.mark_dirty(lambda c, idx: v.map_block(ids[c][idx]), *dirty)
             new = Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks))
-            write_table(v.name, new)  # cleans up after itself
+            new = write_table(v.name, new)  # cleans up after itself; gives the tag
+            record_tag(self.header, new)    # before the generation, below
         except BaseException:
             pool.extend(taken_from_pool)
             v.unmap_blocks([bid for bid, _ in made])
@@ -305,7 +318,7 @@ class Coordinator:
         # release: request_extend() waiters that see the size see the table.
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
         v.set_table(new)
-        old = layout.table_name(v.name, t.generation)
+        old = layout.table_name(v.name, t.generation, t.tag)
         self.rcu.call_rcu(lambda: segment.unlink(old))
         return retired
 
@@ -475,7 +488,7 @@ class Coordinator:
             if shown < t.ram_size:
                 self.mark_published(shown, t.ram_size - shown)
             atomic.store(self.ram_ptr, t.ram_size, atomic.RELEASE)
-        keep = {layout.table_name(v.name, t.generation)}
+        keep = {layout.table_name(v.name, t.generation, t.tag)}
         keep.update(layout.block_name(v.name, b) for ids in t.block_ids for b in ids)
         stale: list[str] = []
         stale_blocks: list[int] = []

@@ -364,7 +364,7 @@ def test_names_that_are_not_maps(capsys: pytest.CaptureFixture[str], map_name: s
     code, out = _run(capsys, "inspect", map_name)
     assert code == 2 and "is not a map" in out
     code, out = _run(capsys, "inspect", "no such map!")
-    assert code == 2 and "must be 1-100 characters" in out
+    assert code == 2 and "must be 1 to at most" in out
     code, out = _run(capsys, "gc", "--yes", map_name)
     assert code == 2 and "is not a map" in out
     code, out = _run(capsys, "ls", "--all")

@@ -489,11 +489,11 @@ def test_old_tables_unlinked_after_a_grace_period(make: Any, map_name: str) -> N
             reader.set_dirty_flag(dm.ram_size - PS, VGA)
         dm.ram_block_remove(off)
     dm.rcu.barrier(timeout=10)
-    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
     nblocks = -(-(dm.ram_size // PS + 3) // 64)
     assert len(segs(map_name, "b")) == 3 * nblocks   # no block was lost or duplicated
     reader.close()
-    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
 
 
 @pytest.mark.timeout(60)
