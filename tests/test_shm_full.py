@@ -69,7 +69,7 @@ def test_extend_too_large_leaves_the_map_as_it_was() -> None:
         assert dm.test_and_clear_dirty(0, 4 << 30, sd.DIRTY_MEMORY_VGA)
         dm.set_dirty_flag(5 << 12, sd.DIRTY_MEMORY_VGA)
         before = (dm.generation, dm.ram_size, dm.table, shm())
-        for size in (64 << 30, 10 << 30):
+        for size in (64 << 30, 48 << 30):
             try:
                 dm.extend(size)
             except sd.ShmFull as e:
@@ -79,8 +79,8 @@ def test_extend_too_large_leaves_the_map_as_it_was() -> None:
             assert (dm.generation, dm.ram_size, dm.table, shm()) == before
         assert dm.get_dirty_flag(5 << 12, sd.DIRTY_MEMORY_VGA)
         assert not dm.get_dirty_flag(6 << 12, sd.DIRTY_MEMORY_VGA)
-        dm.extend(6 << 30)                         # what fits still grows
-        assert dm.ram_size == 6 << 30 and dm.all_dirty(4 << 30, 2 << 30, 0)
+        dm.extend(16 << 30)                        # what fits still grows
+        assert dm.ram_size == 16 << 30 and dm.all_dirty(4 << 30, 12 << 30, 0)
         dm.destroy()
         assert shm() == [], shm()
         print("OK")
@@ -110,13 +110,30 @@ def test_a_refused_hot_add_request_is_reported_and_serve_keeps_serving() -> None
         assert time.monotonic() - t0 < 10        # reported, not timed out
         assert th.is_alive() and not failed, failed
         assert dm.ram_size == other.ram_size == 4 << 30
-        other.request_extend(6 << 30, timeout=20)  # the loop still grants
-        assert dm.ram_size == 6 << 30
+        other.request_extend(16 << 30, timeout=20)  # the loop still grants
+        assert dm.ram_size == 16 << 30
         stop.set()
         th.join(20)
         assert not th.is_alive() and not failed, failed
         other.close()
         dm.destroy()
         assert shm() == [], shm()
+        print("OK")
+    """)
+
+
+def test_a_whole_block_take_without_room_to_swap_takes_word_by_word() -> None:
+    _run("""
+        dm = sd.DirtyMemory.create(8 << 30, name="full")     # one block per client
+        free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+        with open("/dev/shm/filler", "wb") as f:             # leave less than a block
+            os.posix_fallocate(f.fileno(), 0, free - 64 * 1024)
+        before = shm()
+        assert dm.test_and_clear_dirty(0, 8 << 30, sd.DIRTY_MEMORY_VGA)
+        assert not dm.get_dirty(0, 8 << 30, sd.DIRTY_MEMORY_VGA)
+        assert dm.all_dirty(0, 8 << 30, sd.DIRTY_MEMORY_MIGRATION)
+        assert shm() == before and dm.generation == 2        # nothing swapped, nothing made
+        os.unlink("/dev/shm/filler")
+        dm.destroy()
         print("OK")
     """)
