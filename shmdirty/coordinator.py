@@ -31,12 +31,19 @@ from typing import Any
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
 from .clients import DIRTY_MEMORY_NUM, as_index
-from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator
+from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator, ShmFull
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
 from .retired import Retired, give_back
 from .segment import Segment
-from .table import (CREATE_TRIES, EMPTY, Table, blocks_needed, find_ram_offset, record_tag,
-                    write_table)
+from .table import (
+    CREATE_TRIES,
+    EMPTY,
+    Table,
+    blocks_needed,
+    find_ram_offset,
+    record_tag,
+    write_table,
+)
 from .take import SwapTake, Take
 from .view import TableView
 
@@ -122,6 +129,7 @@ class Coordinator:
         self.req_ptr = w.ptr(layout.H_REQUEST)
         self.ram_ptr = w.ptr(layout.H_RAM_SIZE)
         self.next_block_ptr = w.ptr(layout.H_NEXT_BLOCK)
+        self.refused_ptr = w.ptr(layout.H_REFUSED)
 
     @property
     def pool(self) -> list[int]:
@@ -251,6 +259,13 @@ class Coordinator:
         made: list[tuple[int, Segment]] = []
         g = t.generation + 1
         pool = self.shared.retired.pool
+        # Room for it all, before anything is made (each segment is reserved
+        # on its own too: segment.reserve); a shortage changes nothing.
+        fresh_blocks = max(0, (need - t.num_blocks) * DIRTY_MEMORY_NUM + len(swap) - len(pool))
+        segment.check_room(
+            f"map {v.name}: RAM size {ram_size:#x}",
+            fresh_blocks * segment.shm_bytes(layout.block_size(v.block_pages))
+            + segment.shm_bytes(layout.table_size(DIRTY_MEMORY_NUM, need, len(ram_blocks))))
         taken_from_pool: list[int] = []
         retired: list[int] = []
 
@@ -376,6 +391,10 @@ class Coordinator:
         if self.is_coordinator():
             self.extend(new_ram_size)
             return
+        # A refusal of this size from before is not about this request.
+        # acq_rel / relaxed: as withdraw().
+        atomic.compare_exchange(self.refused_ptr, new_ram_size, 0, atomic.ACQ_REL,
+                                atomic.RELAXED)
         self.post(new_ram_size)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -423,6 +442,11 @@ class Coordinator:
         # acquire: pairs with publish()'s release of the size.
         while atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size:
             now = time.monotonic()
+            # acquire: pairs with serve_once's release store of a refusal.
+            if atomic.load(self.refused_ptr, atomic.ACQUIRE) == new_ram_size:
+                raise ShmFull(f"map {name}: the coordinator cannot grow to RAM size "
+                              f"{new_ram_size:#x}", self.growth_bytes(new_ram_size),
+                              segment.free_bytes(), segment.SHM_DIR)
             if now >= next_check:
                 coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
                 if not coord or not owner_alive(coord):
@@ -454,12 +478,30 @@ class Coordinator:
             else:
                 time.sleep(poll)
 
+    def growth_bytes(self, new_ram_size: int) -> int:
+        """What of /dev/shm growing to ``new_ram_size`` takes (new blocks and
+        the table, whole pages; the pool of zeroed blocks not counted), as
+        this view's table says (a requester's may be behind: an estimate)."""
+        v = self.view
+        t = v.table
+        need = max(t.num_blocks, blocks_needed(new_ram_size, v.page_bits, v.block_pages))
+        return ((need - t.num_blocks) * DIRTY_MEMORY_NUM
+                * segment.shm_bytes(layout.block_size(v.block_pages))
+                + segment.shm_bytes(layout.table_size(DIRTY_MEMORY_NUM, need,
+                                                      len(t.ram_blocks) + 1)))
+
     def serve_once(self) -> bool:
         grew = False
         req = atomic.load(self.req_ptr, atomic.ACQUIRE)
         if req > atomic.load(self.ram_ptr, atomic.ACQUIRE):
-            self.extend(req)
-            grew = True
+            try:
+                self.extend(req)
+                grew = True
+            except ShmFull:
+                # Refused, the map unchanged: told to the requester (release:
+                # it loads the word with acquire), the request withdrawn, and
+                # the loop goes on serving.
+                atomic.store(self.refused_ptr, req, atomic.RELEASE)
         if req:
             # Granted (or already met): withdraw it, so that RAM removed later
             # is not grown back by a stale request.  A CAS: a larger request

@@ -58,6 +58,10 @@ H_GP = 192           # grace-period counter: synchronize fetch_adds (seq_cst),
 H_COORD = 256        # coordinator's owner word (pid | start << 22); adopt CASes it
 H_REQUEST = 320      # largest RAM size requested by request_extend (CAS max),
                      # read by the coordinator's serve loop (acquire)
+H_REFUSED = 328      # the last request serve() could not grant (/dev/shm full):
+                     # serve stores it (release) before withdrawing the request;
+                     # a requester clears its own (CAS) before posting and raises
+                     # ShmFull when it loads (acquire) its size here
 H_RAM_SIZE = 384     # published RAM size: coordinator stores (release) after
                      # the table that holds it; requesters load (acquire)
 H_NEXT_BLOCK = 448   # next unused block id: coordinator only (survives adoption)

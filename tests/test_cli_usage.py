@@ -245,7 +245,8 @@ def test_migrate_refuses_a_name_its_receiver_map_cannot_have(map_name: str) -> N
     r = _migrate(too_long, *SMALL)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]     # argparse: the usage, then one line
-    assert "Traceback" not in r.stderr and last.startswith("shmdirty migrate: error: argument --name")
+    assert "Traceback" not in r.stderr
+    assert last.startswith("shmdirty migrate: error: argument --name")
     assert f"at most {MAX_MIGRATE_NAME} characters" in last
     assert [n for n in segment.list_segments() if map_name in n] == []
 

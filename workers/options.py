@@ -15,11 +15,12 @@ from typing import Any
 
 from shmdirty import segment
 
-from .guest import DST_MAP_SUFFIX, MAX_MIGRATE_NAME, PAGE_BITS  # the pages of `shmdirty migrate`
+# PAGE_BITS: the pages of `shmdirty migrate`
+from .guest import DST_MAP_SUFFIX, MAX_MIGRATE_NAME, PAGE_BITS
 
-__all__ = ["MAX_MIGRATE_NAME", "PAGE_BITS", "count", "fraction", "map_arg", "migrate_name_arg", "natural", "non_negative",
-           "page_size_arg", "parse_schedule", "parse_size", "positive", "positive_whole",
-           "whole", "writable_file"]
+__all__ = ["MAX_MIGRATE_NAME", "PAGE_BITS", "count", "fraction", "map_arg", "migrate_name_arg",
+           "natural", "non_negative", "page_size_arg", "parse_schedule", "parse_size",
+           "positive", "positive_whole", "whole", "writable_file"]
 
 # --- sizes ------------------------------------------------------------------------
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
