@@ -265,3 +265,37 @@ def test_migrate_runs_with_the_longest_name_allowed(map_name: str) -> None:
 def test_inspect_refuses_a_too_long_name(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _main(capsys, "inspect", "n" * (layout.MAX_MAP_NAME + 1))
     assert code == 2 and out == "" and f"at most {layout.MAX_MAP_NAME} characters" in err
+
+
+# --- issues 18.7 / 17.3: a hot-add that fails fails alone; the guest runs on ---------------
+def test_a_hot_add_that_cannot_be_made_is_refused_and_the_guest_runs_on(
+        map_name: str, tmp_path: Path) -> None:
+    """A stranger squats the name of the next guest RAM segment once the run
+    has made its map: both hot-adds are refused (reported, in the JSON too),
+    the migration still ends identical (exit 0), the squatter's segment is
+    not the run's to use."""
+    out = tmp_path / "run.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim", "--name",
+         map_name, "--ram", "8M", "--block-pages", "256", "--dirty-rate", "300",
+         "--hotplug", "0.3:1M,0.6:1M", "--bandwidth", "4", "--timeout", "60",
+         "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hdr = Path(segment.SHM_DIR) / layout.header_name(map_name)
+        for _ in range(30000):                 # at most 30 s: the run makes its map first
+            if hdr.exists() or proc.poll() is not None:
+                break
+            psutil.Process(proc.pid).cpu_percent()   # a cheap syscall between looks
+        assert hdr.exists(), proc.communicate()
+        Segment.create(layout.ram_name(map_name, 1), 4096, layout.KIND_RAM).close()
+        stdout, stderr = proc.communicate(timeout=80)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stdout + stderr
+    assert "Traceback" not in stderr and "refused" in stdout, stdout
+    import json
+    res = json.loads(out.read_text())
+    assert [h["size"] for h in res["hotplug_refused"]] == [1 << 20, 1 << 20]
+    assert res["hotplug"] == [] and res["ram_size"] == 8 << 20
