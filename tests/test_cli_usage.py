@@ -298,4 +298,4 @@ def test_a_hot_add_that_cannot_be_made_is_refused_and_the_guest_runs_on(
     import json
     res = json.loads(out.read_text())
     assert [h["size"] for h in res["hotplug_refused"]] == [1 << 20, 1 << 20]
-    assert res["hotplug"] == [] and res["ram_size"] == 8 << 20
+    assert res["hotplug"] == [] and res["downtime"]["ram_size"] == 8 << 20
