@@ -7,16 +7,19 @@ dirty rate reported, and docs that name what is really there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import psutil
 import pytest
+from small_shm import run_in_small_shm
 
 from shmdirty import layout, segment
 from shmdirty.segment import Segment
@@ -268,34 +271,76 @@ def test_inspect_refuses_a_too_long_name(capsys: pytest.CaptureFixture[str]) -> 
 
 
 # --- issues 18.7 / 17.3: a hot-add that fails fails alone; the guest runs on ---------------
-def test_a_hot_add_that_cannot_be_made_is_refused_and_the_guest_runs_on(
-        map_name: str, tmp_path: Path) -> None:
-    """A stranger squats the name of the next guest RAM segment once the run
-    has made its map: both hot-adds are refused (reported, in the JSON too),
-    the migration still ends identical (exit 0), the squatter's segment is
-    not the run's to use."""
+HOTADD_RUN = ["--ram", "8M", "--block-pages", "256", "--dirty-rate", "50",
+              "--hotplug", "1.2:1M,1.5:1M", "--bandwidth", "4", "--timeout", "60"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float) -> None:
+    """Until ``path`` exists (the run made it) or the run ended; bounded."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        psutil.Process(proc.pid).cpu_percent()   # a cheap syscall between looks
+    assert path.exists(), proc.communicate()
+
+
+def test_squatted_ram_names_do_not_stop_a_hot_add(map_name: str, tmp_path: Path) -> None:
+    """A stranger squats what the next guest RAM segment's name would be,
+    once the run made its map (the old name ``ram1``, and one of the new
+    shape): the hot-adds are made anyway, the migration ends identical."""
     out = tmp_path / "run.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim", "--name",
-         map_name, "--ram", "8M", "--block-pages", "256", "--dirty-rate", "300",
-         "--hotplug", "0.3:1M,0.6:1M", "--bandwidth", "4", "--timeout", "60",
-         "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         map_name, *HOTADD_RUN, "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        hdr = Path(segment.SHM_DIR) / layout.header_name(map_name)
-        for _ in range(30000):                 # at most 30 s: the run makes its map first
-            if hdr.exists() or proc.poll() is not None:
-                break
-            psutil.Process(proc.pid).cpu_percent()   # a cheap syscall between looks
-        assert hdr.exists(), proc.communicate()
-        Segment.create(layout.ram_name(map_name, 1), 4096, layout.KIND_RAM).close()
+        _wait_for(Path(segment.SHM_DIR) / layout.header_name(map_name), proc, 30)
+        Segment.create(f"{layout.PREFIX}{map_name}-ram1", 4096, layout.KIND_RAM).close()
+        Segment.create(layout.ram_name(map_name, 1, 0), 4096, layout.KIND_RAM).close()
         stdout, stderr = proc.communicate(timeout=80)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stdout + stderr
-    assert "Traceback" not in stderr and "refused" in stdout, stdout
-    import json
     res = json.loads(out.read_text())
-    assert [h["size"] for h in res["hotplug_refused"]] == [1 << 20, 1 << 20]
-    assert res["hotplug"] == [] and res["downtime"]["ram_size"] == 8 << 20
+    assert [h["size"] for h in res["hotplug"]] == [1 << 20, 1 << 20], res["hotplug"]
+    assert res["hotplug_refused"] == []
+
+
+def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on() -> None:
+    """In a private 40 MiB /dev/shm, once the destination's RAM exists, a
+    filler leaves 256 KiB: both hot-adds are refused (ShmFull, reported),
+    the migration still ends identical (exit 0)."""
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys, time
+        from pathlib import Path
+        argv = {["migrate", "--guest", "sim", "--name", "full", *HOTADD_RUN]!r}
+        proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *argv,
+                                 "--json", "/dev/shm/run.json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(n.startswith("shmdirty-full_dst-ram0.") for n in os.listdir("/dev/shm")):
+                break
+            os.stat("/dev/shm")
+        with open("/dev/shm/filler", "wb") as f:
+            for _ in range(50):           # the run may still be reserving: look again
+                st = os.statvfs("/dev/shm")
+                try:
+                    os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize
+                                       - (256 << 10))
+                    break
+                except OSError:
+                    os.ftruncate(f.fileno(), 0)
+        out, err = proc.communicate(timeout=80)
+        res = json.loads(Path("/dev/shm/run.json").read_text())
+        print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
+                          "refused": res["hotplug_refused"], "hotplug": res["hotplug"]}}))
+    """)
+    r = run_in_small_shm(script, size="40m", timeout=100)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 0, got["out"] + got["err"]
+    assert "Traceback" not in got["err"] and "refused" in got["out"], got["out"]
+    assert [h["size"] for h in got["refused"]] == [1 << 20, 1 << 20] and got["hotplug"] == []
+    assert all("bytes are free" in h["why"] for h in got["refused"]), got["refused"]
