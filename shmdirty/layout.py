@@ -130,15 +130,18 @@ def block_size(block_pages: int) -> int:
 # the table records the ids; a table name carries a random tag, the header
 # records it (``H_TABLE_TAGS``).  Creators retry on EEXIST with a fresh one.
 #
+# Guest RAM segments (workers/guest.py) carry a random tag too
+# (``ram<index>.<tag>``); their users find them by listing, owner checked.
+#
 # The longest name (issue 17.4): the platform's NAME_MAX for /dev/shm minus
-# ``shmdirty-``, the ``-`` and the longest role: ``b`` and a block id below
-# 2**63 (19 digits), or ``t`` and a generation below 2**32 (10 digits), ``.``
-# and the tag (8): 20 characters.  ``ram`` / ``dst`` indexes stay below 2**32.
+# ``shmdirty-``, the ``-`` and the longest role: ``ram`` / ``dst``, an index
+# below 2**32 (10 digits), ``.`` and the tag (8): 22 characters (``b`` and a
+# block id below 2**63 is 20, ``t``, a generation below 2**32 and its tag 20).
 BLOCK_ID_COUNTER_BITS = 32     # low bits of a block id: the header's counter
 BLOCK_ID_RANDOM_BITS = 31      # high bits: random (ids stay below 2**63)
 TABLE_TAG_BITS = 32
 GENERATION_LIMIT = 1 << 32     # generations fit beside their tag in one word
-LONGEST_ROLE = 20              # len("b" + str(2**63 - 1)) == len("t4294967295.ffffffff")
+LONGEST_ROLE = 22              # len("ram4294967295.ffffffff")
 
 
 def _name_max() -> int:
@@ -228,9 +231,14 @@ def block_name(map_name: str, block_id: int) -> str:
     return f"{PREFIX}{map_name}-b{block_id}"
 
 
-def ram_name(map_name: str, index: int) -> str:
-    return f"{PREFIX}{map_name}-ram{index}"
+def ram_name(map_name: str, index: int, tag: int) -> str:
+    return f"{PREFIX}{map_name}-ram{index}.{tag:08x}"
 
 
-def dst_name(map_name: str, index: int) -> str:
-    return f"{PREFIX}{map_name}-dst{index}"
+def dst_name(map_name: str, index: int, tag: int) -> str:
+    return f"{PREFIX}{map_name}-dst{index}.{tag:08x}"
+
+
+def ram_names_prefix(map_name: str, role: str, index: int) -> str:
+    """What the names of guest RAM segment ``index`` (``ram``/``dst``) start with."""
+    return f"{PREFIX}{map_name}-{role}{index}."
