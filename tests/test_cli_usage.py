@@ -344,3 +344,20 @@ def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on() -> None:
     assert "Traceback" not in got["err"] and "refused" in got["out"], got["out"]
     assert [h["size"] for h in got["refused"]] == [1 << 20, 1 << 20] and got["hotplug"] == []
     assert all("bytes are free" in h["why"] for h in got["refused"]), got["refused"]
+
+
+def test_a_guest_that_does_not_fit_is_refused_before_anything_starts() -> None:
+    """A private 4 MiB /dev/shm: an 8 MiB guest is refused with exit 2 and one
+    line with the numbers; nothing is made."""
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys
+        r = subprocess.run([sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest",
+                            "sim", "--name", "big", *{SMALL!r}, "--ram", "8M"],
+                           capture_output=True, text=True, timeout=60)
+        print(json.dumps({{"code": r.returncode, "err": r.stderr, "shm": os.listdir("/dev/shm")}}))
+    """)
+    r = run_in_small_shm(script, size="4m", timeout=90)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 2 and got["shm"] == [], got
+    assert len(got["err"].strip().splitlines()) == 1 and "MiB is free" in got["err"], got["err"]
