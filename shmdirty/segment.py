@@ -211,11 +211,13 @@ def check_room(what: str, needed: int) -> None:
 
 
 def unlink(name: str) -> bool:
-    """Remove ``name``; True if it existed."""
+    """Remove ``name``; True if it existed and was removed.  A segment of
+    another user under our prefix (a squatter's: /dev/shm is sticky, so
+    only its owner may remove it) is not ours: False, no error."""
     try:
         _posixshmem.shm_unlink("/" + name)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         return False
 
 
