@@ -103,3 +103,8 @@ class DestinationGone(RunError):
     def __init__(self, message: str, result: dict[str, Any]) -> None:
         super().__init__(message)
         self.result = result
+
+
+# ``shmdirty receive``'s own codes (besides 0, 2, 5 and 128 + signal):
+EXIT_HOST = 9       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
+EXIT_GUEST = 10     # the resumed guest did not run to its end (a fault, --guest-timeout)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from .reports import (
     WorkerFailed,
 )
 from .stream import Channel, PeerGone, StreamError
+from .transport import Endpoint, connect
 
 CONNECT_TIMEOUT = 10.0
 RESULT_TIMEOUT = 600.0     # seconds the destination may take to run the guest to its end
@@ -139,6 +139,7 @@ class SenderConfig:
     local: bool = True              # the destination's segments are on this machine
     drop_round: int = 0             # testing: forget this round's dirty pages
                                     # (STOP_AND_COPY: the final set)
+    tls_creds: str | None = None    # TLS with both ends verified (workers.transport)
 
 
 class Sender:
@@ -162,10 +163,11 @@ class Sender:
 
     def connect(self) -> Channel:
         cfg = self.cfg
+        ep = Endpoint.of(cfg.host, cfg.port)
         try:
-            sock = socket.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT)
-        except OSError as e:
-            raise Lost(f"cannot connect to {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+            sock = connect(ep, cfg.tls_creds, CONNECT_TIMEOUT)
+        except OSError as e:    # Refused (the TLS handshake) included
+            raise Lost(f"cannot connect to {ep}: {e.strerror or e}") from None
         sock.settimeout(None)
         ch = Channel(sock)
         try:
