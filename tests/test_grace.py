@@ -6,6 +6,8 @@ Every wait has a timeout.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import shmdirty as sd
@@ -116,3 +118,115 @@ def test_owner_words_of_dead_or_reused_pids_are_not_alive() -> None:
     assert grace.start_ticks(os.getpid()) == layout.owner_start(me)
     assert not grace.owner_alive(layout.owner_word(os.getpid(), layout.owner_start(me) + 1))
     assert not grace.owner_alive(layout.owner_word((1 << 22) - 1, 1))   # no such pid
+
+
+# --- issue 17.2: teardown runs the callbacks it can, reports what it cannot ----------
+def _parked(map_name: str, dm: sd.DirtyMemory) -> tuple[Segment, Rcu]:
+    hdr = Segment.attach(layout.header_name(map_name), layout.KIND_HEADER,
+                         layout.HEADER_FIXED)
+    return hdr, Rcu(hdr, dm.max_readers, "memb")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17.2: close() of an attached process drops")
+def test_an_attached_process_runs_its_due_callbacks_when_it_closes(
+        map_name: str, spawn_ctx: object, children: list[object]) -> None:
+    import multiprocessing.connection
+
+    import rcu_workers
+
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    try:
+        recv, send = spawn_ctx.Pipe(duplex=False)  # type: ignore[attr-defined]
+        p = spawn_ctx.Process(target=rcu_workers.close_with_callback_due,  # type: ignore[attr-defined]
+                              args=(map_name, send))
+        p.start()
+        children.append(p)
+        send.close()
+        assert multiprocessing.connection.wait([recv], 30.0), "the child reported nothing"
+        status, value = recv.recv()
+        assert status == "ok", value
+        queued, ran = value
+        assert queued == 1, "the callback ran before its reader left (test set-up)"
+        assert ran == ["ran"], "close() dropped a callback whose grace period had ended"
+        p.join(30.0)
+    finally:
+        dm.destroy()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17.2: destroy() drops pending callbacks")
+def test_destroy_runs_the_callbacks_whose_grace_period_ended(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    hdr, other = _parked(map_name, dm)
+    ran: list[int] = []
+    try:
+        other.read_lock()
+        dm.rcu.call_rcu(lambda: ran.append(1))
+        assert dm.rcu.gp.pending == 1
+        other.read_unlock()
+    finally:
+        other.close()
+        hdr.close()
+        dm.destroy()
+    assert ran == [1], "destroy() dropped a callback whose grace period had ended"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17.2: callbacks left at close are dropped silently")
+def test_close_names_the_callbacks_it_could_not_run(map_name: str) -> None:
+    """A reader parked for good: close() waits its timeout, then says how
+    many callbacks could not run (the handle is closed all the same)."""
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    hdr, other = _parked(map_name, dm)
+    ran: list[int] = []
+    try:
+        other.read_lock()
+        dm.rcu.call_rcu(lambda: ran.append(1))
+        dm.rcu.call_rcu(lambda: ran.append(2))
+        with pytest.raises(sd.CallbacksDropped, match="2 call_rcu callbacks") as info:
+            dm.close(timeout=0.1)
+        assert isinstance(info.value, sd.GraceTimeout)
+        assert info.value.count == 2
+        assert f"pid {os.getpid()}" in str(info.value)   # who held them up
+        assert ran == []
+        with pytest.raises(sd.HandleClosed):
+            dm.get_dirty(0, PS, VGA)
+        other.read_unlock()
+    finally:
+        other.close()
+        hdr.close()
+        sd.DirtyMemory.adopt(map_name).destroy()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17.2: a callback's error ends serve()")
+def test_a_failing_callback_is_reported_to_its_owner_not_to_serve(map_name: str) -> None:
+    """The error surfaced in a later serve_once() (ending a serve() loop);
+    now serve_once() goes on and barrier() raises it, with every other
+    callback run."""
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    hdr, other = _parked(map_name, dm)
+    ran: list[int] = []
+
+    def boom() -> None:
+        raise KeyError("the owner's bug")
+    try:
+        other.read_lock()
+        dm.rcu.call_rcu(boom)
+        dm.rcu.call_rcu(lambda: ran.append(1))
+        other.read_unlock()
+        dm.serve_once()                      # runs them: must not raise
+        assert ran == [1]
+        with pytest.raises(sd.CallbackFailed) as info:
+            dm.rcu.barrier(timeout=10.0)
+        assert isinstance(info.value, ExceptionGroup)
+        assert [type(e) for e in info.value.exceptions] == [KeyError]
+        dm.rcu.barrier(timeout=10.0)         # reported once
+        other.read_lock()
+        dm.rcu.call_rcu(boom)
+        other.read_unlock()
+        with pytest.raises(sd.CallbackFailed, match="1 call_rcu callback"):
+            dm.close()                       # the close that ran it reports it
+    finally:
+        other.close()
+        hdr.close()
+        if not dm._closed:
+            dm.close()
+        sd.DirtyMemory.adopt(map_name).destroy()
