@@ -127,7 +127,7 @@ def _parked(map_name: str, dm: sd.DirtyMemory) -> tuple[Segment, Rcu]:
     return hdr, Rcu(hdr, dm.max_readers, "memb")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17.2: close() of an attached process drops")
+
 def test_an_attached_process_runs_its_due_callbacks_when_it_closes(
         map_name: str, spawn_ctx: object, children: list[object]) -> None:
     import multiprocessing.connection
@@ -153,7 +153,7 @@ def test_an_attached_process_runs_its_due_callbacks_when_it_closes(
         dm.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17.2: destroy() drops pending callbacks")
+
 def test_destroy_runs_the_callbacks_whose_grace_period_ended(map_name: str) -> None:
     dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
     hdr, other = _parked(map_name, dm)
@@ -170,7 +170,7 @@ def test_destroy_runs_the_callbacks_whose_grace_period_ended(map_name: str) -> N
     assert ran == [1], "destroy() dropped a callback whose grace period had ended"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17.2: callbacks left at close are dropped silently")
+
 def test_close_names_the_callbacks_it_could_not_run(map_name: str) -> None:
     """A reader parked for good: close() waits its timeout, then says how
     many callbacks could not run (the handle is closed all the same)."""
@@ -196,7 +196,7 @@ def test_close_names_the_callbacks_it_could_not_run(map_name: str) -> None:
         sd.DirtyMemory.adopt(map_name).destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17.2: a callback's error ends serve()")
+
 def test_a_failing_callback_is_reported_to_its_owner_not_to_serve(map_name: str) -> None:
     """The error surfaced in a later serve_once() (ending a serve() loop);
     now serve_once() goes on and barrier() raises it, with every other
