@@ -16,6 +16,8 @@ from .dirty import (
 )
 from .errors import (
     BadInput,
+    CallbackFailed,
+    CallbacksDropped,
     CoordinatorGone,
     CorruptSegment,
     GraceTimeout,
@@ -26,6 +28,7 @@ from .errors import (
     NotCoordinator,
     RcuMisuse,
     ShmDirtyError,
+    ShmFull,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +46,8 @@ __all__ = [
     "CorruptSegment",
     "DirtyMemory",
     "DirtySnapshot",
+    "CallbackFailed",
+    "CallbacksDropped",
     "GraceTimeout",
     "HandleClosed",
     "MapExists",
@@ -51,4 +56,5 @@ __all__ = [
     "NotCoordinator",
     "RcuMisuse",
     "ShmDirtyError",
+    "ShmFull",
 ]

@@ -9,8 +9,10 @@ type, args and message come back the same.
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -40,6 +42,37 @@ class NoReaderSlot(ShmDirtyError, RuntimeError):
 
 class GraceTimeout(ShmDirtyError, TimeoutError):
     """A grace period or a request did not complete in time."""
+
+
+class CallbacksDropped(GraceTimeout):
+    """close() or destroy() could not run ``count`` call_rcu callbacks: their
+    grace period did not end within its timeout (the readers holding it up
+    are named).  They will never run: the process has left the map."""
+
+    def __init__(self, count: int, why: str) -> None:
+        s, was = ("", "was") if count == 1 else ("s", "were")
+        super().__init__(f"{count} call_rcu callback{s} could not run and {was} dropped: {why}")
+        self._ctor_args = (count, why)
+        self.count = count
+        self.why = why
+
+
+class CallbackFailed(ExceptionGroup[Exception], ShmDirtyError):
+    """call_rcu callbacks raised: their exceptions (``exceptions``), kept by the
+    process that queued them and raised from its next ``rcu.barrier()``,
+    ``close()`` or ``destroy()`` (never from an unrelated ``serve_once()``).
+    Also an ExceptionGroup: ``except* KeyError`` picks one kind out."""
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> CallbackFailed:
+        return super().__new__(cls, message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> CallbackFailed:  # type: ignore[override]
+        return CallbackFailed(self.message, excs)
+
+    @classmethod
+    def of(cls, errors: Sequence[Exception], where: str) -> CallbackFailed:
+        n = len(errors)
+        return cls(f"{n} call_rcu callback{'' if n == 1 else 's'} of {where} raised", errors)
 
 
 class CorruptSegment(ShmDirtyError, OSError):
@@ -86,6 +119,25 @@ class MapExists(ShmDirtyError, FileExistsError):
                          "`shmdirty gc` if its processes are gone")
         self._ctor_args = (name,)
         self.map = name
+
+
+class ShmFull(ShmDirtyError, OSError):
+    """/dev/shm (``where``; or "memory", for guest RAM in memfds) cannot
+    hold what is asked (errno ENOSPC): ``needed`` bytes, ``free`` bytes free.
+    Raised before anything is written; nothing half made is left behind and
+    a live map is unchanged."""
+
+    def __init__(self, what: str, needed: int, free: int, where: str = "/dev/shm") -> None:
+        hint = ("enlarge it, e.g. docker --shm-size, or free some: `shmdirty gc`"
+                if where.startswith("/") else "free some, or ask for less")
+        super().__init__(errno.ENOSPC,
+                         f"{what}: needs {needed} bytes of {where}, only {free} bytes are "
+                         f"{'free' if where.startswith('/') else 'available'} ({hint})")
+        self._ctor_args = (what, needed, free, where)
+        self.what, self.needed, self.free, self.where = what, needed, free, where
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:

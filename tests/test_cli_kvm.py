@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,47 @@ def test_the_simulated_guest_goes_to_a_receiver_elsewhere_too(map_name: str,
     assert res["guest"] == "sim" and res["resumed_ok"] is None and res["identical"] is True
     assert res["result"]["method"] == "digests"
     assert segment.list_segments(map_name) == []
+
+
+@needs_kvm
+@pytest.mark.parametrize(("side", "hotplug", "extra"), [
+    ("source", "50:8M", ["--bandwidth", "2"]),   # pre-copy lasts: the source hot-adds
+    ("destination", "90:8M", []),                 # done first: the resumed guest hot-adds
+])
+def test_a_kvm_hot_add_without_room_fails_alone(side: str, hotplug: str,
+                                                extra: list[str], tmp_path: Path) -> None:
+    """Issues 17.3 / 18.7 for the KVM guest: in a private 96 MiB /dev/shm,
+    once the destination's RAM exists a filler takes all that is left (and
+    all that is freed, as the source's map at the handover), so
+    the hot-add cannot be made, on the source or on the destination: it is
+    refused, the guest runs on with the RAM it has, and the run ends
+    identical with the resumed guest as the model (without that hot-add)
+    says (on either side today: exit 3, or a receiver error).  Guest RAM is
+    in memfds (host memory), so what the full tmpfs refuses is the hot-add's
+    bitmap growth (new bitmap blocks and table; see test_cli_usage's
+    FILL_SHM for why this is the honest way to make a hot-add fail here)."""
+    from small_shm import run_in_small_shm
+    from test_cli_usage import FILL_SHM
+    js = tmp_path / "run.json"      # outside the full tmpfs
+    argv = ["migrate", "--name", "full", *SMALL[:6], "--hotplug", hotplug, *SMALL[8:], *extra]
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys, time
+        proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *{argv!r},
+                                 "--json", {str(js)!r}],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """) + textwrap.dedent(FILL_SHM) + textwrap.dedent(f"""\
+        out, err = proc.communicate(timeout=100)
+        res = json.load(open({str(js)!r}))
+        print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
+                          "refused": res.get("hotplug_refused"), "hotplug": res.get("hotplug"),
+                          "dst": res.get("destination_hotadds"),
+                          "resumed_ok": res.get("resumed_ok")}}))
+    """)
+    r = run_in_small_shm(script, size="96m", timeout=115)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 0, got["out"] + got["err"]
+    assert got["hotplug"] == [] and got["dst"] == [], got["out"]
+    refused = [h["size"] for h in got["refused"]]
+    assert refused == ([8 << 20] if side == "source" else []), got["out"]
+    assert got["resumed_ok"] is True and "the resumed guest ended as the model says" in got["out"]

@@ -7,16 +7,19 @@ dirty rate reported, and docs that name what is really there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import psutil
 import pytest
+from small_shm import run_in_small_shm
 
 from shmdirty import layout, segment
 from shmdirty.segment import Segment
@@ -56,7 +59,7 @@ def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str
     code, out, err = _main(capsys, "gc", "--yes", map_name)
     assert code == 2 and "is not a map" in err and "is not a map" not in out
     code, out, err = _main(capsys, "inspect", "no such map!")
-    assert code == 2 and out == "" and "must be 1-100 characters" in err
+    assert code == 2 and out == "" and "must be 1 to at most" in err
 
 
 @pytest.mark.parametrize(("command", "codes"), [
@@ -235,3 +238,153 @@ def test_readme_matches_the_code() -> None:
     assert "SHMDIRTY_ATOMICS" in readme
     for v in ("3.11", "3.12", "3.13"):
         assert f"Python :: {v}" in (ROOT / "pyproject.toml").read_text() and v in readme
+
+
+# --- issue 17.4: names whose segment names cannot exist are refused up front ---------------
+def test_migrate_refuses_a_name_its_receiver_map_cannot_have(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    assert MAX_MIGRATE_NAME == layout.MAX_MAP_NAME - len("_dst")
+    too_long = (map_name + "x" * 300)[:MAX_MIGRATE_NAME + 1]
+    r = _migrate(too_long, *SMALL)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]     # argparse: the usage, then one line
+    assert "Traceback" not in r.stderr
+    assert last.startswith("shmdirty migrate: error: argument --name")
+    assert f"at most {MAX_MIGRATE_NAME} characters" in last
+    assert [n for n in segment.list_segments() if map_name in n] == []
+
+
+def test_migrate_runs_with_the_longest_name_allowed(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    longest = (map_name + "x" * 300)[:MAX_MIGRATE_NAME]
+    try:
+        r = _migrate(longest, *SMALL)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        for n in segment.list_segments(longest) + segment.list_segments(longest + "_dst"):
+            segment.unlink(n)
+
+
+def test_inspect_refuses_a_too_long_name(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(capsys, "inspect", "n" * (layout.MAX_MAP_NAME + 1))
+    assert code == 2 and out == "" and f"at most {layout.MAX_MAP_NAME} characters" in err
+
+
+# --- issues 18.7 / 17.3: a hot-add that fails fails alone; the guest runs on ---------------
+HOTADD_RUN = ["--ram", "8M", "--block-pages", "256", "--dirty-rate", "50",
+              "--hotplug", "1.2:1M,1.5:1M", "--bandwidth", "4", "--timeout", "60"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float) -> None:
+    """Until ``path`` exists (the run made it) or the run ended; bounded."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        psutil.Process(proc.pid).cpu_percent()   # a cheap syscall between looks
+    assert path.exists(), proc.communicate()
+
+
+def test_a_squatter_in_dev_shm_cannot_touch_memfd_ram(map_name: str, tmp_path: Path) -> None:
+    """A stranger squats, once the run made its map, every /dev/shm name the
+    next guest RAM block ever had (``ram1``, ``ram1.<tag>``): guest RAM is in
+    memfds (no name in /dev/shm), so the squat touches nothing; the hot-adds
+    are made and the migration ends identical."""
+    out = tmp_path / "run.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim", "--name",
+         map_name, *HOTADD_RUN, "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(Path(segment.SHM_DIR) / layout.header_name(map_name), proc, 30)
+        Segment.create(f"{layout.PREFIX}{map_name}-ram1", 4096, layout.KIND_RAM).close()
+        Segment.create(f"{layout.PREFIX}{map_name}-ram1.00000000", 4096,
+                       layout.KIND_RAM).close()
+        stdout, stderr = proc.communicate(timeout=80)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stdout + stderr
+    res = json.loads(out.read_text())
+    assert [h["size"] for h in res["hotplug"]] == [1 << 20, 1 << 20], res["hotplug"]
+    assert res["hotplug_refused"] == []
+
+
+# Guest RAM is in memfds (host memory), so a small /dev/shm no longer makes a
+# hot-add's RAM fail; what a hot-add still needs from /dev/shm is the bitmap's
+# growth (new bitmap blocks and a new table, made by the coordinator).  Filling
+# the private tmpfs completely once the destination's RAM exists, and keeping
+# it full (the source's map frees its pages at the handover), makes that
+# growth fail for real (ShmFull from the coordinator's room check): the
+# hot-add cannot be made and must fail alone.  (A real memfd shortage would need a
+# cgroup memory limit, not available here; RLIMIT_FSIZE does not apply to
+# memfds.  That path, memfd.create -> ShmFull naming available memory, is
+# tests/test_memfd.py's.)
+FILL_SHM = """\
+        import threading
+        from shmdirty.workers import memfd
+        deadline = time.monotonic() + 30  # the destination's RAM (a memfd) appears first
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(True for _ in memfd.holders("shmdirty-full_dst-ram0")):
+                break
+            time.sleep(0.005)
+        def keep_full():   # and keeps it full: what the source frees at its end too
+            with open("/dev/shm/filler", "wb") as f:
+                while proc.poll() is None:
+                    st = os.statvfs("/dev/shm")
+                    if st.f_bavail:
+                        try:
+                            os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size,
+                                               st.f_bavail * st.f_frsize)
+                        except OSError:   # the run took some meanwhile: look again
+                            pass
+                    time.sleep(0.001)
+        threading.Thread(target=keep_full, daemon=True).start()
+"""
+
+
+def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on(tmp_path: Path) -> None:
+    """In a private 40 MiB /dev/shm, once the destination's RAM exists, a
+    filler takes all that is left and all that is freed: the bitmap cannot grow, so both hot-adds
+    are refused (ShmFull, reported), the migration still ends identical
+    (exit 0)."""
+    js = tmp_path / "run.json"      # outside the full tmpfs
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys, time
+        from pathlib import Path
+        argv = {["migrate", "--guest", "sim", "--name", "full", *HOTADD_RUN]!r}
+        proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *argv,
+                                 "--json", {str(js)!r}],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """) + textwrap.dedent(FILL_SHM) + textwrap.dedent(f"""\
+        out, err = proc.communicate(timeout=80)
+        res = json.loads(Path({str(js)!r}).read_text())
+        print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
+                          "refused": res["hotplug_refused"], "hotplug": res["hotplug"]}}))
+    """)
+    r = run_in_small_shm(script, size="40m", timeout=100)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 0, got["out"] + got["err"]
+    assert "Traceback" not in got["err"] and "refused" in got["out"], got["out"]
+    assert [h["size"] for h in got["refused"]] == [1 << 20, 1 << 20] and got["hotplug"] == []
+    assert all("bytes are free" in h["why"] for h in got["refused"]), got["refused"]
+
+
+def test_a_guest_that_does_not_fit_is_refused_before_anything_starts() -> None:
+    """A guest whose RAM and its copy do not fit the host's available memory
+    (guest RAM is in memfds, not /dev/shm) is refused with exit 2 and one
+    line with the numbers; nothing is made (checked in a private /dev/shm)."""
+    ram = f"{2 * psutil.virtual_memory().total >> 20}M"
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys
+        r = subprocess.run([sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest",
+                            "sim", "--name", "big", *{SMALL!r}, "--ram", {ram!r}],
+                           capture_output=True, text=True, timeout=60)
+        print(json.dumps({{"code": r.returncode, "err": r.stderr, "shm": os.listdir("/dev/shm")}}))
+    """)
+    r = run_in_small_shm(script, size="4m", timeout=90)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 2 and got["shm"] == [], got
+    err = got["err"]
+    assert len(err.strip().splitlines()) == 1 and "MiB is available" in err, err

@@ -3,6 +3,7 @@ through a live holder, gone with the last one."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from conftest import shm_entries
 
 from shmdirty import layout
-from shmdirty.errors import CorruptSegment
+from shmdirty.errors import CorruptSegment, ShmDirtyError, ShmFull
 from shmdirty.segment import Segment
 from shmdirty.workers import memfd
 from shmdirty.workers.guest import RAM_DATA, TAG_BOOT, GuestRam
@@ -133,3 +134,28 @@ def test_create_reserves_the_whole_block() -> None:
         assert st.st_blocks * 512 >= 64 * PAGE    # allocated now, not at first store
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.ENOMEM])
+def test_a_memfd_that_cannot_be_reserved_raises_shmfull_naming_memory(
+        map_name: str, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """Issue 17.3 for guest RAM in memfds: posix_fallocate's ENOSPC / ENOMEM
+    becomes ShmFull (a ShmDirtyError, errno ENOSPC) naming the bytes needed
+    and the memory available (not /dev/shm), before anything is written;
+    nothing is left open.  The kernel's refusal is simulated: a real one
+    needs a memory cgroup limit (RLIMIT_FSIZE does not apply to memfds, and
+    an unlimited memfd fallocate runs the host out of memory)."""
+    def refuse(fd: int, offset: int, size: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(memfd.os, "posix_fallocate", refuse)
+    fds = len(os.listdir("/proc/self/fd"))
+    ram = GuestRam(map_name, 12)
+    with pytest.raises(ShmFull) as ei:
+        ram.update([(0, 4 * PAGE)], create=True)
+    e = ei.value
+    assert isinstance(e, ShmDirtyError) and e.errno == errno.ENOSPC
+    assert e.needed == RAM_DATA + 4 * PAGE and e.where == "memory" and e.free > 0
+    assert f"needs {e.needed} bytes of memory" in str(e) and "available" in str(e)
+    assert ram.blocks == [] and len(os.listdir("/proc/self/fd")) == fds
+    assert list(memfd.holders(layout.ram_name(map_name, 0))) == []

@@ -42,6 +42,11 @@ PAGE_BITS = 12
 RAM_DATA = 4096          # byte offset of guest page 0 in a RAM segment
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23   # <linux/mman.h>
 
+# The map of a loopback receiver: ``<map>_dst`` (workers/migration.py); so a
+# migrate run's own map name is at most this long (issue 17.4).
+DST_MAP_SUFFIX = "_dst"
+MAX_MIGRATE_NAME = layout.MAX_MAP_NAME - len(DST_MAP_SUFFIX)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 TAG_BOOT = 0xB007 << 32  # word 0 of a page nobody has written since boot
@@ -53,7 +58,7 @@ U64Pages = np.ndarray[Any, np.dtype[np.uint64]]
 
 
 def dst_name(map_name: str, index: int) -> str:
-    """The destination segment of RAM block ``index``."""
+    """The destination memfd of RAM block ``index``."""
     return layout.dst_name(map_name, index)
 
 

@@ -8,6 +8,13 @@ the run's coordinator (its parent) holds it too: the coordinator maps
 every block it is told of (``workers.memfd``).  Nothing is added once the STOP flag is set
 (the guest is paused for stop-and-copy); a request already posted is seen
 through before the stopped flag, so the final sync sees the block.
+
+A hot-add that cannot be made (issues 17.3, 18.7: the host's memory cannot
+hold its memfd, or the coordinator refused it with ShmFull because
+/dev/shm cannot hold the bitmap's growth) fails alone: ``HotplugRefused``
+is reported, the memfd this worker made (if any) is unmapped, which frees
+it, and the guest runs on.  (Its name cannot be squatted: a memfd has no
+name in /dev/shm.)
 """
 
 from __future__ import annotations
@@ -16,12 +23,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout
+from shmdirty import CoordinatorGone, DirtyMemory, GraceTimeout, ShmDirtyError
 from shmdirty.segment import Segment
 
 from . import Control, Flags, memfd, worker
 from .guest import GuestRam
-from .reports import Hotplug, HotplugSkipped
+from .reports import Hotplug, HotplugRefused, HotplugSkipped
 
 REQUEST_POLL = 0.25   # seconds per request_extend attempt between abort checks
 HOLDER_TIMEOUT = 30.0  # seconds a new block waits for another holder (the coordinator)
@@ -64,8 +71,13 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam,
         blocks = dm.ram_blocks()
         offset = max(o + s for o, s in blocks)
         t_ask = time.monotonic()
-        seg = ram.create_segment(len(blocks), offset, size, boot_fill=True)
+        try:
+            seg = ram.create_segment(len(blocks), offset, size, boot_fill=True)
+        except (ShmDirtyError, OSError) as e:   # no memory for the memfd (ShmFull)
+            ctl.report(HotplugRefused(at, size, str(e)))
+            continue
         held.append(seg)
+        refused = None
         while True:
             try:
                 dm.request_extend(offset + size, timeout=REQUEST_POLL)
@@ -75,6 +87,14 @@ def _run(dm: DirtyMemory, cfg: HotplugConfig, ctl: Control, ram: GuestRam,
                     return
             except CoordinatorGone:
                 return  # it died: nothing to finish
+            except ShmDirtyError as e:          # refused (ShmFull): the map is as it was
+                refused = e
+                break
+        if refused is not None:   # unmapping our memfd frees the block's memory
+            held.remove(seg)
+            seg.close()
+            ctl.report(HotplugRefused(at, size, str(refused)))
+            continue
         ctl.report(Hotplug(at, size, offset, dm.ram_size, t_ask, time.monotonic()))
         # The coordinator (our parent) maps the block when it reads the
         # report and keeps it to the end; until it does, unmapping here

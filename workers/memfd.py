@@ -20,16 +20,18 @@ does (``wait_for_holder``).
 
 A memfd is also where the ``posix_fallocate`` reservation of a block goes
 (``create``): its pages are allocated before anything is written, so a
-host short of memory fails the creation, not a later store.
+host short of memory fails the creation with ``ShmFull`` (bytes needed,
+memory available), not a later store with SIGBUS.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator
 
-from shmdirty.errors import CorruptSegment
+from shmdirty.errors import CorruptSegment, ShmFull
 
 PROC = "/proc"
 HOLDER_POLL = 0.01    # seconds between looks for another holder
@@ -41,16 +43,29 @@ def _link(name: str) -> str:
 
 def create(name: str, size: int) -> int:
     """A new memfd called ``name`` of ``size`` bytes, zeroed and reserved
-    (``posix_fallocate``: ENOSPC / ENOMEM now rather than SIGBUS at a
-    store); close-on-exec.  The caller maps it and closes the descriptor."""
+    (``posix_fallocate``) before anything is written: a host short of memory
+    raises ``ShmFull`` now, naming the bytes needed and the memory available
+    (never a SIGBUS at a later store); close-on-exec.  The caller maps it
+    and closes the descriptor.  Nothing is left behind on failure."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
         os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise ShmFull(f"guest RAM {name}", size, available(), "memory") from None
+        raise
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def available() -> int:
+    """Bytes of memory available for new guest RAM (MemAvailable)."""
+    import psutil
+    return int(psutil.virtual_memory().available)
 
 
 def _pids() -> Iterator[int]:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from shmdirty import segment
 
 from . import receiver
+from .guest import DST_MAP_SUFFIX
 from .lifecycle import Failed, RunError, Signals, TimedOut, sigint_held
 from .messages import Abort
 from .reports import DestinationLost, Handover, Listening, Ready, Report, WorkerFailed
@@ -108,7 +109,7 @@ class Migration:
     @property
     def dst_name(self) -> str:
         """The map of a loopback receiver."""
-        return f"{self.map_name}_dst"
+        return self.map_name + DST_MAP_SUFFIX
 
     # -- processes -----------------------------------------------------------------------
     def start(self, role: str, target: Callable[..., None], *args: Any, duplex: bool = True,
