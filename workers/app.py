@@ -92,7 +92,7 @@ def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
         dataplane=bool(cfg.dataplane_rate), dataplane_rate=cfg.dataplane_rate,
         dataplane_forget=cfg.dataplane_forget, drop_round=cfg.drop_round,
         kill_destination_at=cfg.kill_destination_at, name=cfg.name,
-        block_pages=cfg.block_pages, timeout=cfg.timeout)
+        block_pages=cfg.block_pages, timeout=cfg.timeout, peer_timeout=cfg.peer_timeout)
 
 
 class StreamRefused(RunError):
@@ -100,7 +100,7 @@ class StreamRefused(RunError):
 
 
 def receive(host: str, port: int, on_event: Callable[[DestinationReport], None],
-            on_listening: Callable[[int], None]) -> dict[str, Any]:
+            on_listening: Callable[[int], None], peer_timeout: float = 5.0) -> dict[str, Any]:
     """``shmdirty receive``: one migration on ``host:port``, resumed to its
     end; its result.  ``StreamRefused``, or ``Interrupted`` on SIGINT /
     SIGTERM; the receiver's VM and segments are gone either way."""
@@ -111,10 +111,10 @@ def receive(host: str, port: int, on_event: Callable[[DestinationReport], None],
     try:
         with receiver.listen(host, port) as listener:
             on_listening(listener.getsockname()[1])
-            conn = receiver.accept(listener)
+            conn = receiver.accept(listener, peer_timeout=peer_timeout)
         assert conn is not None
         try:
-            return receiver.receive(conn, on_event)
+            return receiver.receive(conn, on_event, peer_timeout=peer_timeout)
         except (StreamError, PeerGone) as e:
             raise StreamRefused(str(e)) from None
     finally:

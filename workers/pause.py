@@ -11,7 +11,8 @@ heartbeat) run on meanwhile, so the paused process still looks alive to
 its peer, as a slow one would.
 
 Stages of ``shmdirty receive`` (``workers.receiver``): ``precopy`` (the
-first ROUND record arrived), ``digests`` (LOADED and DIGESTS sent: the
+first ROUND record arrived), ``end`` (END read: everything is loaded,
+LOADED not sent yet; the source waits, its guest paused), ``digests`` (LOADED and DIGESTS sent: the
 source compares; before RESUME is read), ``resumed`` (RESUME read, the
 guest not started yet), ``running`` (RUNNING sent: after the commit).
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 import os
 
 ENV = "SHMDIRTY_TEST_PAUSE_AT"
-STAGES = ("precopy", "digests", "resumed", "running")
+STAGES = ("precopy", "end", "digests", "resumed", "running")
+_passed: set[str] = set()     # each stage pauses once (``precopy`` is met every round)
 
 
 def at(stage: str) -> None:
@@ -30,8 +32,9 @@ def at(stage: str) -> None:
     if not spec:
         return
     want, _, folder = spec.partition(":")
-    if want != stage or not folder:
+    if want != stage or not folder or stage in _passed:
         return
+    _passed.add(stage)
     fd = os.open(os.path.join(folder, "reached"), os.O_WRONLY)  # blocks until the test reads
     try:
         os.write(fd, f"{stage} {os.getpid()}\n".encode())

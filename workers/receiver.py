@@ -5,8 +5,13 @@ its own, whose RAM blocks it creates as the stream announces them (same
 offsets and sizes as the source's, hot-added blocks included); pages land
 in those segments.  For a KVM guest it also builds its own VM over them
 (``GuestVM`` without dirty logging), loads the vCPU state at the end of the
-stream and, once the source says RESUME, runs the guest to completion and
-sends back its result.  For the simulated guest there is nothing to resume.
+stream and, once the source says RESUME, starts the guest, says RUNNING
+(the commit point of docs/STREAM.md: from here the guest is this side's),
+runs it to completion and sends back its result; a source that is gone by
+then does not stop the guest.  For the simulated guest there is nothing to
+resume (RUNNING follows RESUME at once).  Every wait for the source ends
+within ``peer_timeout`` (``workers.peer``); a heartbeat thread keeps this
+side audible while it loads, digests or runs the guest.
 
 Whatever happens, the receiver's VM is closed and every segment of its map
 is unlinked before ``receive()`` returns or raises: a refused or truncated
@@ -25,8 +30,10 @@ from typing import Any
 from shmdirty import DirtyMemory
 
 from . import guest_kvm as g
+from . import pause
 from . import stream as s
 from .guest import GuestRam
+from .peer import DEFAULT_PEER_TIMEOUT, Heartbeat, tune
 from .reports import (
     Abandoned,
     BlocksReady,
@@ -37,7 +44,6 @@ from .reports import (
 )
 from .stream import Channel, PeerGone, StreamError
 
-RECV_TIMEOUT = 120.0     # seconds without a byte from the source before giving up
 ACCEPT_POLL = 0.2        # seconds between two looks at should_stop() while listening
 
 Report = Callable[[DestinationReport], None]   # the destination's progress, typed
@@ -59,7 +65,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: False,
-           timeout: float | None = None) -> socket.socket | None:
+           timeout: float | None = None, peer_timeout: float = DEFAULT_PEER_TIMEOUT
+           ) -> socket.socket | None:
     """Wait for the source; None if ``should_stop()`` or ``timeout`` first."""
     listener.settimeout(ACCEPT_POLL)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -70,7 +77,7 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
             conn, _ = listener.accept()
         except TimeoutError:
             continue
-        conn.settimeout(RECV_TIMEOUT)
+        tune(conn, peer_timeout)
         return conn
     return None
 
@@ -78,8 +85,10 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
 class Destination:
     """The receiving side of one connection: its map, RAM and (KVM) VM."""
 
-    def __init__(self, ch: Channel, report: Report, map_name: str | None) -> None:
+    def __init__(self, ch: Channel, report: Report, map_name: str | None,
+                 peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> None:
         self.ch, self.report, self.map_name = ch, report, map_name
+        self.peer_timeout = peer_timeout
         self.dm: DirtyMemory | None = None
         self.ram: GuestRam | None = None
         self.vm: Any = None                 # workers.vm.GuestVM for a KVM guest
@@ -88,7 +97,10 @@ class Destination:
         self.records = 0
 
     def run(self) -> dict[str, Any]:
-        ch = self.ch
+        with Heartbeat(self.ch, self.peer_timeout):
+            return self._run(self.ch)
+
+    def _run(self, ch: Channel) -> dict[str, Any]:
         ch.expect_preamble()
         _, _, payload = ch.recv_expect(s.HELLO)
         hello = json.loads(bytes(payload))
@@ -103,22 +115,29 @@ class Destination:
         else:
             self.ram = GuestRam(self.dm.name, self.dm.page_bits, "ram")
         states = self._load()
+        pause.at("end")
         t_loaded = time.monotonic()
         ch.send_json(s.LOADED, {"map": self.dm.name, "blocks": self.ram.blocks,
                                 "pages": self.pages})
         digests = s.ram_digests(self.ram.views) if hello.get("digests", True) else []
         ch.send(s.DIGESTS, [b"".join(digests)], count=len(digests))
+        pause.at("digests")
         rtype, _, _ = ch.recv_expect(s.RESUME, s.ABANDON)
         result: dict[str, Any] = {"map": self.dm.name, "pages": self.pages,
                                   "blocks": list(self.ram.blocks), "resumed": False}
         if rtype == s.ABANDON:
             self.report(Abandoned())
             return result
+        pause.at("resumed")
         if self.vm is not None:
             raw = self.ram.views[0].reshape(-1)
             hotadds = [int(raw[(g.params_addr(v) + g.P_NREG) // 8]) - 1
                        for v in range(self.cfg.vcpus)] if self.cfg else []
             self.vm.restore(states, hotadds)
+            self.vm.start()
+        ch.send(s.RUNNING)     # the commit point: the guest is ours from here
+        pause.at("running")
+        if self.vm is not None:
             self.report(Resumed(len(states)))
             t0 = time.monotonic()
             self.vm.run_to_end()
@@ -127,7 +146,10 @@ class Destination:
             result.update(resumed=True, vcpus=self.vm.results(), run_seconds=time.monotonic() - t0,
                           hotadds=[(o, z) for o, z, _ in self.vm.hotadds],
                           blocks=list(self.ram.blocks), loaded_at=t_loaded)
-        ch.send_json(s.RESULT, {k: v for k, v in result.items() if k != "loaded_at"})
+        try:
+            ch.send_json(s.RESULT, {k: v for k, v in result.items() if k != "loaded_at"})
+        except PeerGone as e:      # the guest ran here all the same: it was ours
+            result["source_gone"] = str(e)
         return result
 
     def _load(self) -> list[Any]:
@@ -154,6 +176,7 @@ class Destination:
                 self._blocks(s.unpack_blocks(count, payload))
             elif rtype == s.ROUND:
                 self.report(RoundReceived(count, self.pages))
+                pause.at("precopy")
             elif rtype == s.VCPUS:
                 states = [VcpuState(i, d, r, sr) for i, d, r, sr in s.unpack_vcpus(count, payload)]
             else:
@@ -194,9 +217,10 @@ class Destination:
         self.ch.close()
 
 
-def receive(conn: socket.socket, report: Report, map_name: str | None = None) -> dict[str, Any]:
+def receive(conn: socket.socket, report: Report, map_name: str | None = None,
+            peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> dict[str, Any]:
     """Receive one migration on ``conn`` and resume it; tell the source on failure."""
-    dest = Destination(Channel(conn), report, map_name)
+    dest = Destination(Channel(conn), report, map_name, peer_timeout)
     try:
         return dest.run()
     except (StreamError, PeerGone):
@@ -211,7 +235,8 @@ def receive(conn: socket.socket, report: Report, map_name: str | None = None) ->
         dest.close()
 
 
-def main(host: str, port: int, map_name: str | None, parent: Connection) -> None:
+def main(host: str, port: int, map_name: str | None, peer_timeout: float,
+         parent: Connection) -> None:
     """Process entry point of a receiver started by ``shmdirty migrate``:
     reports ``Listening`` (with the bound port), then ``Received``, or
     ``DestinationLost`` (the stream was refused) or ``WorkerFailed``.  It
@@ -224,9 +249,9 @@ def main(host: str, port: int, map_name: str | None, parent: Connection) -> None
     try:
         with listen(host, port) as listener:
             parent.send(Listening(host, listener.getsockname()[1]))
-            conn = accept(listener, should_stop=parent.poll)
+            conn = accept(listener, should_stop=parent.poll, peer_timeout=peer_timeout)
         if conn is not None:
-            parent.send(Received(receive(conn, lambda ev: None, map_name)))
+            parent.send(Received(receive(conn, lambda ev: None, map_name, peer_timeout)))
     except (StreamError, PeerGone) as e:
         parent.send(DestinationLost(f"the destination refused the stream: {e}"))
         raise SystemExit(1) from None
