@@ -7,6 +7,7 @@ dirty rate reported, and docs that name what is really there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -209,7 +210,8 @@ def test_ctrl_c_is_honoured_during_the_final_stages(map_name: str, stage: str,
     assert r.returncode == 130, r.stdout + r.stderr
     assert "source and destination are identical" not in r.stdout   # no verdict
     assert "Traceback" not in r.stderr and "interrupted" in r.stderr
-    assert not out.exists()                        # no result written for a stopped run
+    res = json.loads(out.read_text())      # written on every exit: no verdict, its code
+    assert res["exit_code"] == 130 and "identical" not in res
     assert segment.list_segments(map_name) == []
 
 
