@@ -29,7 +29,15 @@ from typing import Any, Protocol
 from shmdirty import segment
 
 from . import receiver
-from .lifecycle import DestinationGone, Failed, RunError, Signals, TimedOut, sigint_held
+from .lifecycle import (
+    DestinationGone,
+    Failed,
+    FateUnknown,
+    RunError,
+    Signals,
+    TimedOut,
+    sigint_held,
+)
 from .messages import Abort
 from .reports import (
     DestinationLost,
@@ -270,7 +278,11 @@ def run(kind: GuestKind, on_event: OnEvent) -> dict[str, Any]:
             return result
         except RunError as e:
             e.map_name, e.removed = m.map_name, m.removed
-            if not isinstance(e, DestinationGone):
+            if isinstance(e, FateUnknown) and kind.to is None:
+                # the source could not know; the run does: it killed its own receiver
+                e.result.update(guest_on="none", receiver="the loopback receiver was killed "
+                                "by the run: the guest runs nowhere")
+            elif not isinstance(e, DestinationGone):
                 # the source guest is torn down; after the commit, a destination
                 # elsewhere holds it (a loopback receiver is torn down too)
                 e.guest_on = "destination" if HandedOver in m.got and kind.to else "none"
