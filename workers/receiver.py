@@ -42,7 +42,7 @@ from .reports import (
     RoundReceived,
     StreamHello,
 )
-from .stream import Channel, PeerGone, StreamError
+from .stream import Channel, PeerGone, PeerSilent, StreamError
 
 ACCEPT_POLL = 0.2        # seconds between two looks at should_stop() while listening
 
@@ -160,6 +160,8 @@ class Destination:
             try:
                 rtype, count, payload = self.ch.recv_expect(s.BLOCKS, s.PAGES, s.ROUND,
                                                             s.VCPUS, s.END_OF_STREAM)
+            except PeerSilent:
+                raise
             except PeerGone as e:
                 raise StreamError(f"stream truncated before its end marker: {e}") from None
             if rtype == s.PAGES:
