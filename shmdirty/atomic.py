@@ -116,7 +116,7 @@ KERNEL_ATTRIBUTES = {
 }
 # Fields stored as C members of the kernel's bases, so that Python's stores
 # to them are what the C reads: rcu.Reader's (ReaderCore) and
-# table.TableView's (ViewCore; _local, _table, page_bits and block_pages are
+# view.TableView's (ViewCore; _local, _table, page_bits and block_pages are
 # properties there, which cache what the C needs).  Without the kernel
 # rcu.Reader lists READER_FIELDS in its own __slots__.
 READER_FIELDS = ("slot", "nesting", "online", "seen", "section_words")
@@ -435,7 +435,7 @@ def _pick_backend() -> _Backend:
 
 def _kernel_bases() -> tuple[Any, Any]:
     """(ReaderCore, ViewCore): the kernel's C bases of rcu.Reader and
-    table.TableView, whose set_dirty_flag runs in C; (object, object) where
+    view.TableView, whose set_dirty_flag runs in C; (object, object) where
     the kernel was not built.  Whether a handle uses it is decided when it is
     made, by the backend in use then (DirtyMemory._flag_in_c)."""
     try:

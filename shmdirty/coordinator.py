@@ -1,5 +1,5 @@
 """What only the coordinator does: create a map, publish tables, grow RAM,
-serve hot-plug requests, swap whole blocks out, adopt, reap and resign.
+serve hot-plug requests, choose each handle's take, adopt, reap and resign.
 
 Every header word but the grace-period counter and the reader slots (rcu.py)
 is written here, and only here (docs/ARCHITECTURE.md lists them).
@@ -13,15 +13,11 @@ Invariants, kept here:
 - New RAM is dirty for every client: marked before its table is published
   (so it is dirty even if the coordinator dies right after), and again
   after (a sync of the old range may have taken the bits set before).
-- A block swapped out of a table is read with plain loads only after a
-  grace period.  The swap waits for it only within a small budget
-  (``swap_grace_budget``): no reader can stall a take.  Past the budget the
-  take clears the retired block word by word (atomic exchanges, as for a
-  partial block) and leaves it in ``Shared.retired``; once its grace period
-  has ended, whatever a late writer put there meanwhile goes back into the
-  live block at the same position (``give_back_due``), so no bit is lost.
-  While a block is retired no new swap is made: at most one take's worth of
-  blocks waits.
+- Which take a handle runs is decided here, once, when it is made,
+  created or adopted (``taker``): the whole-block swap (take.py, bounded:
+  its invariant is written there) for the handles create() and adopt()
+  returned, word by word for every other one.  Accessors never ask.
+  Retired and pooled blocks are retired.py's.
 """
 
 from __future__ import annotations
@@ -30,33 +26,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
-from .errors import BadInput, CoordinatorGone, CorruptSegment, GraceTimeout, NotCoordinator
+from .clients import DIRTY_MEMORY_NUM, as_index
+from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
+from .retired import Retired, give_back
 from .segment import Segment
-from .table import (
-    DIRTY_MEMORY_NUM,
-    EMPTY,
-    Table,
-    as_index,
-    blocks_needed,
-    find_ram_offset,
-    write_table,
-)
+from .table import EMPTY, Table, blocks_needed, find_ram_offset, write_table
+from .take import SwapTake, Take
+from .view import TableView
 
-if TYPE_CHECKING:
-    from .table import TableView
-
-Words = np.ndarray[Any, np.dtype[np.uint64]]
-
-SWAP_MIN_WORDS = 512        # ~0.2 ms of per-word atomics: about what a swap costs
-SWAP_GRACE_BUDGET = 0.02    # longest a swap waits for its grace period (s): a few
-                            # scheduler slices (a preempted reader still lets it end)
 SERVE_POLL = 1e-3           # how often serve() looks for requests (s) ...
 SERVE_POLL_IDLE = 4e-3      # ... backing off to this while none comes (s)
 REQUEST_POLL = 2e-4         # how often request_extend() looks for the grant (s)
@@ -98,31 +80,40 @@ class Shared:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.pool: list[int] = []  # ids of retired blocks, zeroed, for reuse
-        # (client, index, block id, grace-period token) of blocks a swap
-        # retired and no plain read has emptied yet: their bits go back into
-        # the live block at (client, index) once the token's grace period
-        # has ended (give_back_due)
-        self.retired: list[tuple[int, int, int, int]] = []
-        self.roles: set[Coordinator] = set()  # of the handles create()/adopt() gave
+        # Blocks a swap retired, and the pool of zeroed ones (retired.py).
+        self.retired = Retired(self.lock)
+        # The handles (their Coordinator) that create() or adopt() returned:
+        # only they coordinate; attach() in the same process does not.
+        self.roles: set[Coordinator] = set()
 
     def forked(self) -> None:
-        """In a forked child: the pool, the retired blocks and the role are the
-        parent's; a fresh lock (a parent thread may have held it)."""
+        """In a forked child: the pool and the retired blocks are the
+        parent's work, and so is the coordinator role (the child's handles
+        take word by word from now on); a fresh lock (a parent thread may
+        have held it)."""
         self.lock = threading.RLock()
-        self.pool = []
-        self.retired = []
+        self.retired = Retired(self.lock)
+        for c in self.roles:
+            c.taker = c.word_take()
         self.roles = set()
 
 
 class Coordinator:
     """The coordinator's side of one DirtyMemory handle.  A DirtyMemory
-    subclass swaps in another one through its ``coordinator_class``."""
+    subclass swaps in another one through its ``coordinator_class``, and a
+    Coordinator subclass another swap through its ``take_class``."""
+
+    #: The take of a coordinating handle (tests swap in broken variants).
+    take_class: type[SwapTake] = SwapTake
 
     def __init__(self, view: TableView, rcu: Rcu, header: Segment, shared: Shared) -> None:
         self.view = view
         self.rcu = rcu
         self.shared = shared
+        # The handle's take, chosen here and nowhere else: word by word
+        # until create() or adopt() gives the handle the role (take_role),
+        # and again in a forked child (Shared.forked).
+        self.taker: Take = self.word_take()
         w = header.words
         self.gen_ptr = w.ptr(layout.H_GENERATION)
         self.coord_ptr = w.ptr(layout.H_COORD)
@@ -132,25 +123,36 @@ class Coordinator:
 
     @property
     def pool(self) -> list[int]:
-        return self.shared.pool
+        """Ids of zeroed blocks for reuse (retired.py)."""
+        return self.shared.retired.pool
+
+    def word_take(self) -> Take:
+        """The take of a handle that does not coordinate: word by word."""
+        return Take(self.view, self.rcu, self.shared)
 
     # --- who coordinates --------------------------------------------------------------
-    # The role is a handle's (create(), adopt()) while its process owns the
-    # header's coordinator word; attach() never gives it, even in that process.
-    def process_coordinates(self) -> bool:  # whatever the handle
+    # The role is a handle's: the one create() or adopt() returned, while its
+    # process owns the header's coordinator word.  A handle attach() gives
+    # is not the coordinator, even in the coordinator's own process.
+    def process_coordinates(self) -> bool:
+        """Does this process own the header's coordinator word (whatever the handle)?"""
         return atomic.load(self.coord_ptr, atomic.ACQUIRE) == my_owner_word()
 
     def is_coordinator(self) -> bool:
+        """Is this handle the coordinator's (create(), adopt()) and does its
+        process still coordinate the map?"""
         return self in self.shared.roles and self.process_coordinates()
 
     def take_role(self) -> None:
-        """create() and adopt(): this handle coordinates."""
+        """create() and adopt(): this handle coordinates; its takes may swap."""
         self.shared.roles.add(self)
+        self.taker = self.take_class(self.view, self.rcu, self.shared, self)
 
     def drop_role(self) -> bool:
         """This handle closes: True if it was the process's last coordinating one."""
         had = self in self.shared.roles
         self.shared.roles.discard(self)
+        self.taker = self.word_take()
         return had and not self.shared.roles
 
     def require(self, what: str) -> None:
@@ -164,8 +166,9 @@ class Coordinator:
                                  "or adopt()")
         if self not in self.shared.roles:
             raise NotCoordinator(f"{what} is for the coordinator of map {self.view.name}: "
-                                 "a handle from attach() never coordinates (use the one "
-                                 "create() or adopt() returned, or request_extend())")
+                                 "this handle came from attach(), which never coordinates "
+                                 "(use the handle create() or adopt() returned, or "
+                                 "request_extend())")
 
     def adopt(self) -> None:
         """Become the coordinator if the old one is dead or has left, then
@@ -195,7 +198,7 @@ class Coordinator:
         if not self.process_coordinates():
             return
         try:
-            self.give_back_due(timeout=1.0)
+            self.shared.retired.give_back_due(self.view, self.rcu, timeout=1.0)
             self.rcu.barrier(timeout=1.0)
         except GraceTimeout:
             pass  # an adopter reaps what is left
@@ -213,7 +216,7 @@ class Coordinator:
         """Set every client's bits of [offset, offset+size) in the blocks
         ``block(client, index)`` gives."""
         pb = self.view.page_bits
-        for idx, off, num in self.view._walk(offset >> pb, (offset + size) >> pb):
+        for idx, off, num in self.view.walk(offset >> pb, (offset + size) >> pb):
             for c in range(DIRTY_MEMORY_NUM):
                 bitmap.set_range(block(c, idx), off, num)
 
@@ -222,11 +225,11 @@ class Coordinator:
         (a swap by another thread of this process cannot retire the block
         under us)."""
         v = self.view
-        v._begin()
+        v.begin_section()
         try:
-            self.mark_dirty(v._block, offset, size)
+            self.mark_dirty(v.block, offset, size)
         finally:
-            v._end()
+            v.end_section()
 
     # --- publishing -----------------------------------------------------------------------
     def publish(self, ram_blocks: list[tuple[int, int]],
@@ -238,14 +241,14 @@ class Coordinator:
         index) of ``swap`` gets a zeroed block; the ids of the blocks it
         replaced are returned.  Nothing changes if this fails."""
         v = self.view
-        t = v._refresh()
+        t = v.refresh()
         ram_blocks = sorted(ram_blocks)
         ram_size = max((o + s for o, s in ram_blocks), default=0)
         need = max(t.num_blocks, blocks_needed(ram_size, v.page_bits, v.block_pages))
         ids = [list(t.block_ids[c]) for c in range(DIRTY_MEMORY_NUM)]
         made: list[tuple[int, Segment]] = []
         g = t.generation + 1
-        pool = self.shared.pool
+        pool = self.shared.retired.pool
         taken_from_pool: list[int] = []
         retired: list[int] = []
 
@@ -273,22 +276,22 @@ class Coordinator:
                 ids[c][idx] = fresh(c)
                 placed.append((c, idx))
             for bid, seg in made:
-                v._map_block(bid, seg)
+                v.map_block(bid, seg)
             for c, idx in placed:
                 # Where the block sits, for an adopter that finds it retired
                 # but not yet taken (reap_unreachable gives its bits back).
-                w = v._block_segment(ids[c][idx]).words
+                w = v.block_segment(ids[c][idx]).words
                 w.store(layout.P_ARG0, c, atomic.RELAXED)
                 w.store(layout.P_ARG2, idx, atomic.RELAXED)
             if dirty is not None:
                 # Before the publication: no reader can see the new blocks
                 # yet, and setting bits in blocks they can see is harmless.
-                self.mark_dirty(lambda c, idx: v._map_block(ids[c][idx]), *dirty)
+                self.mark_dirty(lambda c, idx: v.map_block(ids[c][idx]), *dirty)
             new = Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks))
             write_table(v.name, new)  # cleans up after itself
         except BaseException:
             pool.extend(taken_from_pool)
-            v._unmap_blocks([bid for bid, _ in made])
+            v.unmap_blocks([bid for bid, _ in made])
             for _bid, seg in made:
                 seg.close()
                 segment.unlink(seg.name)
@@ -297,11 +300,11 @@ class Coordinator:
         # reader that loads g finds the sealed table and its sealed blocks.
         atomic.store(self.gen_ptr, g, atomic.SEQ_CST)
         # Advance the grace-period counter: readers re-read the generation
-        # only when it moved (see TableView._begin).
+        # only when it moved (see TableView.begin_section).
         self.rcu.gp.start_poll()
         # release: request_extend() waiters that see the size see the table.
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
-        v._set_table(new)
+        v.set_table(new)
         old = layout.table_name(v.name, t.generation)
         self.rcu.call_rcu(lambda: segment.unlink(old))
         return retired
@@ -324,7 +327,7 @@ class Coordinator:
         self.require("ram_block_add()")
         size = self._size(size, "RAM block size")
         with self.shared.lock:
-            blocks = list(self.view._refresh().ram_blocks)
+            blocks = list(self.view.refresh().ram_blocks)
             offset = find_ram_offset(blocks, size)
             self.grow(blocks + [(offset, size)], (offset, size))
         return offset
@@ -333,7 +336,7 @@ class Coordinator:
         self.require("ram_block_remove()")
         offset = as_index(offset, "offset")
         with self.shared.lock:
-            blocks = list(self.view._refresh().ram_blocks)
+            blocks = list(self.view.refresh().ram_blocks)
             found = [b for b in blocks if b[0] == offset]
             if not found:
                 raise BadInput(f"no RAM block starts at {offset:#x}; blocks start at "
@@ -345,7 +348,7 @@ class Coordinator:
         self.require("extend()")
         new_ram_size = self._size(new_ram_size, "RAM size")
         with self.shared.lock:
-            t = self.view._refresh()
+            t = self.view.refresh()
             if new_ram_size <= t.ram_size:
                 return
             added = (t.ram_size, new_ram_size - t.ram_size)
@@ -360,33 +363,38 @@ class Coordinator:
         if self.is_coordinator():
             self.extend(new_ram_size)
             return
-        self._post(new_ram_size)
+        self.post(new_ram_size)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with self.rcu.offline():  # a qsbr reader must not hold up grace periods
-                self._await_ram_size(new_ram_size, timeout, deadline)
+                self.await_ram_size(new_ram_size, timeout, deadline)
         except BaseException as e:
-            # Withdrawn (the error changes nothing).  Accepted races: a grant
-            # landing as the timeout fires is a success (acquire: pairs with
+            # A request that raised is withdrawn (the error changes nothing):
+            # the word goes back to 0 only if it still holds our value (a
+            # larger one is another caller's).
+            self.withdraw(new_ram_size)
+            # Remaining race, accepted: a grant that lands just as the timeout
+            # fires is reported as success (checked here, acquire: pairs with
             # publish()'s release); a coordinator that loaded the request
-            # before the withdrawal still grows RAM after the error; a caller
-            # of the same size re-posts it (_await_ram_size).
-            self._withdraw(new_ram_size)
+            # before the withdrawal but publishes after this check still
+            # grows RAM after the caller got its error.  Another caller
+            # waiting for the same size re-posts it (await_ram_size).
             if (not isinstance(e, GraceTimeout)
                     or atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size):
                 raise
         else:  # granted: a re-post may have landed after the grant cleared the word
-            self._withdraw(new_ram_size)
-        v._invalidate()  # re-read the table at the next op
+            self.withdraw(new_ram_size)
+        v.invalidate()  # re-read the table at the next op
 
-    def _withdraw(self, new_ram_size: int) -> None:
+    def withdraw(self, new_ram_size: int) -> None:
         """The request word back to 0 if it still holds ours (a larger one is
         another caller's).  acq_rel on success, ordered with serve's acquire
         load and CAS to 0; relaxed on failure (nothing touched)."""
         atomic.compare_exchange(self.req_ptr, new_ram_size, 0, atomic.ACQ_REL, atomic.RELAXED)
 
-    def _post(self, new_ram_size: int) -> None:
-        """Post the largest request: a CAS-max (acq_rel; serve loads it with acquire)."""
+    def post(self, new_ram_size: int) -> None:
+        """Post the largest request: a CAS-max (acq_rel; the serve loop loads
+        it with acquire)."""
         cur = atomic.load(self.req_ptr, atomic.ACQUIRE)
         while cur < new_ram_size:
             ok, cur = atomic.compare_exchange(self.req_ptr, cur, new_ram_size,
@@ -394,7 +402,7 @@ class Coordinator:
             if ok:
                 break
 
-    def _await_ram_size(self, new_ram_size: int, timeout: float | None,
+    def await_ram_size(self, new_ram_size: int, timeout: float | None,
                         deadline: float | None) -> None:
         name = self.view.name
         next_check = 0.0
@@ -410,7 +418,7 @@ class Coordinator:
                         f"{new_ram_size:#x}; call DirtyMemory.adopt({name!r})")
                 # Still ours to ask for: another caller of the same size that
                 # timed out may have withdrawn the word it shared with us.
-                self._post(new_ram_size)
+                self.post(new_ram_size)
                 next_check = now + 0.05
             if deadline is not None and now >= deadline:
                 raise GraceTimeout(
@@ -440,95 +448,13 @@ class Coordinator:
             self.extend(req)
             grew = True
         if req:
-            # Granted (or already met): withdrawn, so that RAM removed later is
-            # not grown back by it (a larger request posted meanwhile stays).
-            self._withdraw(req)
+            # Granted (or already met): withdraw it, so that RAM removed later
+            # is not grown back by a stale request.  A CAS: a larger request
+            # posted meanwhile stays for the next round.
+            self.withdraw(req)
         if self.rcu.gp.pending:
             self.rcu.gp.run_callbacks()
         return grew
-
-    # --- the whole-block swap -------------------------------------------------------------
-    def swap_choice(self, client: int, whole: list[int], swap_min_words: int) -> list[int]:
-        """Which of ``client``'s whole blocks ``whole`` a take should swap
-        out (inside the take's section): all of them when this is the
-        coordinator outside any other section and they hold at least
-        ``swap_min_words`` dirty words, else none."""
-        if self.rcu.nesting != 1 or self.shared.retired or not self.is_coordinator():
-            return []
-        v = self.view
-        dirty_words = sum(int(np.count_nonzero(v._block(client, i).words)) for i in whole)
-        return whole if dirty_words >= swap_min_words else []
-
-    def swap_out(self, client: int, idxs: list[int]) -> list[tuple[Words, Block | None]]:
-        """Put zeroed blocks in place of ``client``'s blocks ``idxs``; return,
-        for each, the bits taken from the old block, and the block itself
-        when its grace period has ended (nobody can reach it: the words are
-        its plain contents; the caller merges them, then recycle()s it).  The
-        wait is bounded by the handle's ``swap_grace_budget``: past it,
-        writers may still set bits in the old block, so they are taken with
-        atomics here and the block stays retired until give_back_due()
-        returns what lands there later."""
-        self.give_back_due()
-        with self.shared.lock:
-            t = self.view._refresh()
-            retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-            # A token taken now (after the publication) ends once every
-            # section that could have found the old blocks has ended.
-            token = self.rcu.gp.start_poll()
-        blocks = [self.view._map_block(b) for b in retired]
-        pending = [(client, i, b, token) for i, b in zip(idxs, retired, strict=True)]
-        try:
-            # The wait: the readers' bit sets happen before our plain reads
-            # (the waiter's seq_cst slot loads pair with their release unlocks).
-            self.rcu.synchronize(timeout=self.view.swap_grace_budget)
-        except BaseException as e:
-            late = isinstance(e, GraceTimeout)
-            # Taken before they are listed: no other thread gives them back
-            # (and pools them) under our feet.  An interrupted wait takes
-            # nothing: every bit goes back.
-            taken = [bitmap.take(b, 0, self.view.block_pages)[1] for b in blocks] if late else []
-            with self.shared.lock:
-                self.shared.retired.extend(pending)
-            if not late:
-                raise
-            return [(w, None) for w in taken]
-        return [(b.words, b) for b in blocks]
-
-    def recycle(self, block: Block) -> None:
-        block.words[:] = 0  # nobody can reach it: plain stores
-        self.shared.pool.append(block.block_id)
-
-    def give_back_due(self, timeout: float = 0.0) -> None:
-        """OR the bits of retired blocks whose grace period has ended back
-        into the live blocks at their positions, and pool them.  Waits for
-        those grace periods up to ``timeout`` seconds (0: only polls)."""
-        retired = self.shared.retired
-        if not retired:
-            return
-        gp = self.rcu.gp
-        if timeout:
-            try:
-                with self.rcu.offline():
-                    gp.wait(max(e[3] for e in retired), timeout)
-            except GraceTimeout:
-                pass
-        v = self.view
-        bw = v.block_pages >> 6
-        with self.shared.lock:  # threads of this process take at once: one gives back
-            due = [e for e in retired if gp.poll(e[3])]
-            if not due:
-                return
-            t = v._begin()
-            try:
-                for e in due:
-                    client, idx, bid, _ = e
-                    old = v._map_block(bid)
-                    if idx < t.num_blocks and old.words.any():
-                        bitmap.or_words(v._block(client, idx), 0, old.words[:bw].copy())
-                    retired.remove(e)
-                    self.recycle(old)
-            finally:
-                v._end()
 
     # --- adoption: reaping what a dead coordinator left -----------------------------------
     def reap_unreachable(self) -> None:
@@ -542,7 +468,7 @@ class Coordinator:
           loses data), then store the size.
         - Older tables and blocks in no table go after a grace period."""
         v = self.view
-        t = v._refresh()
+        t = v.refresh()
         # acquire / release: as in publish.
         shown = atomic.load(self.ram_ptr, atomic.ACQUIRE)
         if shown != t.ram_size:
@@ -567,33 +493,7 @@ class Coordinator:
         published = t.num_blocks  # positions a block could have been retired from
 
         def reap() -> None:
-            self.give_back(stale_blocks, published)
+            give_back(v, stale_blocks, published)
             for n in stale:
                 segment.unlink(n)
         self.rcu.call_rcu(reap)
-
-    def give_back(self, block_ids: list[int], published: int) -> None:
-        """After a grace period: OR the bits of blocks no table references
-        (retired by a take whose coordinator died before reading them) back
-        into the live block at the position they were taken from.  A block
-        whose position is at or past ``published`` (the number of blocks when
-        this process adopted) was made by a growth that never got published:
-        its bits (new RAM marked dirty early) belong to nobody."""
-        v = self.view
-        v._begin()
-        try:
-            for bid in block_ids:
-                try:
-                    old = v._map_block(bid)
-                except CorruptSegment:
-                    continue  # never sealed: created by a growth that died
-                w = v._block_segment(bid).words
-                # relaxed: written before the table that placed the block
-                # was published, by a coordinator that is dead now.
-                c = w.load(layout.P_ARG0, atomic.RELAXED)
-                idx = w.load(layout.P_ARG2, atomic.RELAXED)
-                if c < DIRTY_MEMORY_NUM and idx < published and old.words.any():
-                    bitmap.or_words(v._block(c, idx), 0, old.words.copy())
-        finally:
-            v._end()
-        v._unmap_blocks(block_ids)

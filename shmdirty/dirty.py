@@ -8,9 +8,10 @@ Shared state (names in layout.py):
 - one segment per (client, block) holding ``block_pages`` bits (bitmap.py).
 
 Every accessor runs inside a read-side section over the table it read
-there (table.TableView, the base of DirtyMemory); what only the coordinator
-does lives in coordinator.py, and the coordinator methods here are one-line
-delegations to it.  Each process copies a table into Python lists when it
+there (view.TableView, the base of DirtyMemory); the takes run the
+handle's take object (take.py), which the coordinator chose; what only the
+coordinator does lives in coordinator.py, and the coordinator methods here
+are one-line delegations to it.  Each process copies a table into Python lists when it
 first sees it and caches its block mappings, so an op touches shared memory
 only for the grace-period counter (memb) and the bitmap words themselves.
 """
@@ -18,17 +19,12 @@ only for the grace-period counter (memb) and the bitmap words themselves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import atomic, bitmap, handles, layout, segment
-from .coordinator import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Coordinator, create_map
-from .errors import BadInput, HandleClosed, MapExists, RcuMisuse, check_timeout
-from .handles import MapState
-from .rcu import FLAVORS, Rcu
-from .snapshot import DirtySnapshot
-from .table import (
+from .clients import (
     DIRTY_CLIENTS_ALL,
     DIRTY_CLIENTS_NOCODE,
     DIRTY_MEMORY_BLOCK_SIZE,
@@ -36,18 +32,22 @@ from .table import (
     DIRTY_MEMORY_MIGRATION,
     DIRTY_MEMORY_NUM,
     DIRTY_MEMORY_VGA,
-    MAX_BLOCKS,
     U64,
-    Table,
-    TableView,
     as_index,
     as_words,
     check_client,
     check_geometry,
     check_mask,
     clients_of,
-    find_ram_offset,
 )
+from .coordinator import Coordinator, create_map
+from .errors import BadInput, HandleClosed, MapExists, RcuMisuse, check_timeout
+from .handles import MapState
+from .rcu import FLAVORS, Closed, Rcu
+from .snapshot import DirtySnapshot, Taking
+from .table import MAX_BLOCKS, Table, find_ram_offset
+from .take import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Words
+from .view import INTERFACE, Section, TableView
 
 __all__ = ["DIRTY_CLIENTS_ALL", "DIRTY_CLIENTS_NOCODE", "DIRTY_MEMORY_BLOCK_SIZE",
            "DIRTY_MEMORY_CODE", "DIRTY_MEMORY_MIGRATION", "DIRTY_MEMORY_NUM",
@@ -73,24 +73,25 @@ class DirtyMemory(TableView):
         rcu = shared.rcu
         self._init_view(name, shared.header, rcu)
         self._shared = shared
-        self._rcu: Any = rcu
         self.flavor = rcu.flavor
         hdr = shared.header.words
         self._ram_ptr = hdr.ptr(layout.H_RAM_SIZE)
-        self._coordinator = self.coordinator_class(self, rcu, shared.header, shared.coord)
-        self._section = _Section(self)
+        # The closed stand-in (handles.CLOSED) once the handle is closed.
+        self._coordinator: Coordinator | Closed = self.coordinator_class(
+            self, rcu, shared.header, shared.coord)
+        self._section = Section(self)
         self._set_page, self._set_pages = bitmap.page_setters()
         # set_dirty_flag runs in C (ViewCore) for a handle made on the kernel.
         self._flag_in_c = atomic.batch is not None
         # Whole blocks with at least this many dirty words are taken by a
-        # block swap and a grace period rather than word by word (coordinator).
+        # block swap and a grace period rather than word by word (take.py).
         self.swap_min_words = SWAP_MIN_WORDS
         # How long a swap may wait for its grace period (s) before it takes
-        # the retired blocks word by word instead (coordinator.py).
+        # the retired blocks word by word instead (take.py).
         self.swap_grace_budget = SWAP_GRACE_BUDGET
         self._closed = False
-        self._begin()  # the first table
-        self._end()
+        self.begin_section()  # the first table
+        self.end_section()
 
     @classmethod
     def create(cls, ram_size: int = 0, *, page_bits: int = 12,
@@ -164,8 +165,10 @@ class DirtyMemory(TableView):
     @property
     def rcu(self) -> Rcu:
         """This process's readers of the map (one per thread) and its grace periods."""
-        self._open_check()
-        return self._rcu  # type: ignore[no-any-return]
+        rcu = self._rcu
+        if isinstance(rcu, Closed):   # as _open_check()
+            raise HandleClosed(f"this handle of map {self.name} is closed: attach again")
+        return rcu
 
     @property
     def ram_size(self) -> int:
@@ -193,7 +196,7 @@ class DirtyMemory(TableView):
             return list(self._table.ram_blocks)
 
     # --- sections ---------------------------------------------------------------
-    def read_section(self) -> _Section:
+    def read_section(self) -> Section:
         """``with dm.read_section():`` one read-side section around many ops."""
         return self._section
 
@@ -209,27 +212,18 @@ class DirtyMemory(TableView):
         else:
             self.close()
 
-    def quiescent(self) -> None:
-        """qsbr: a quiescent point; the table is re-read if it may have moved."""
-        try:
-            r = self._local.reader
-        except AttributeError:
-            r = self._rcu.reader   # this thread's first use
-        # Only while online (inside a section): a table read outside one may
-        # be unlinked before it is attached.  Offline, the next op catches up.
-        if (r.quiescent() or r.seen != self._seen) and r.online:
-            self._refresh()
-            self._seen = r.seen
-        if self._rcu.gp.pending:
-            self._rcu.gp.run_callbacks()
-
     # --- accessors -----------------------------------------------------------------
-    # The five hottest ops are C methods of TableView's base where the kernel
-    # was built (shmdirty/_kernel_src/cores.c, ViewCore): for a handle made on the
-    # kernel backend, one call checks this thread's reader and the table as
-    # the Python path does and runs the op (a memb section included); what
-    # it declines goes to the Python path ``_<op>_py`` (the method itself
-    # without the kernel: the aliases below).
+    # The five hottest ops (set_dirty_flag, get_dirty, set_dirty_range,
+    # test_and_clear_dirty, set_dirty_pages): where the kernel was built
+    # each is a C method of TableView's base (shmdirty/_kernel_src/cores.c,
+    # ViewCore).  For a handle made on the kernel backend it reads this
+    # thread's reader and the table fields as the Python path does and runs
+    # the op in the same call (opening and closing a memb section there when
+    # outside one).
+    # Whatever it declines (bad input, a stale table, a block not mapped yet,
+    # a first op, a take that may swap) it hands to the Python path,
+    # ``_<op>_py``; without the kernel that is the method itself (the aliases
+    # at the end).
     def _set_dirty_flag_py(self, addr: Any, client: Any) -> None:
         """Mark the page holding ``addr`` dirty for ``client``."""
         try:
@@ -244,84 +238,80 @@ class DirtyMemory(TableView):
                               self.page_bits, self.block_pages, _RELEASE):
                 return
         client = _client(client)
-        t = self._begin(r)
+        t = self.begin_section(r)
         try:
             if not self._set_page(self._blocks, client, addr, t.ram_size, self.page_bits,
                                   self.block_pages, _RELEASE):
-                idx, bit = divmod(self._page(t, addr), self.block_pages)
-                bitmap.set_range(self._block(client, idx), bit, 1)
+                idx, bit = divmod(self.page_of(t, addr), self.block_pages)
+                bitmap.set_range(self.block(client, idx), bit, 1)
         finally:
-            self._end(r)
+            self.end_section(r)
 
     def get_dirty_flag(self, addr: int, client: int) -> bool:
         """Is the page holding ``addr`` dirty for ``client``?"""
         client = _client(client)
-        t = self._begin()
+        t = self.begin_section()
         try:
-            idx, bit = divmod(self._page(t, addr), self.block_pages)
-            return bitmap.test(self._block(client, idx), bit)
+            idx, bit = divmod(self.page_of(t, addr), self.block_pages)
+            return bitmap.test(self.block(client, idx), bit)
         finally:
-            self._end()
+            self.end_section()
 
     def _get_dirty_py(self, start: int, length: int, client: int) -> bool:
         """Is any page of [start, start+length) dirty for ``client``?"""
         client = _client(client)
-        t, page, end = self._enter_range(start, length)
+        t, page, end = self.enter_range(start, length)
         try:
-            return bool(self._over(bitmap.WALK_ANY, client, page, end))
+            return bool(self.over(bitmap.WALK_ANY, client, page, end))
         finally:
-            self._end()
+            self.end_section()
 
     def all_dirty(self, start: int, length: int, client: int) -> bool:
         """Is every page of [start, start+length) dirty for ``client``?"""
         client = _client(client)
-        t, page, end = self._enter_range(start, length)
+        t, page, end = self.enter_range(start, length)
         try:
-            return bool(self._over(bitmap.WALK_ALL, client, page, end))
+            return bool(self.over(bitmap.WALK_ALL, client, page, end))
         finally:
-            self._end()
+            self.end_section()
 
     def range_includes_clean(self, start: int, length: int, mask: int) -> int:
         """The clients of ``mask`` for which some page of the range is clean."""
         mask = _mask(mask)
-        t, page, end = self._enter_range(start, length)
+        t, page, end = self.enter_range(start, length)
         try:
             clean = 0
             for c in _clients(mask):
-                if not self._over(bitmap.WALK_ALL, c, page, end):
+                if not self.over(bitmap.WALK_ALL, c, page, end):
                     clean |= 1 << c
             return clean
         finally:
-            self._end()
+            self.end_section()
 
     def _set_dirty_range_py(self, start: int, length: int, mask: int) -> None:
         """Mark [start, start+length) dirty for the clients of ``mask``."""
         mask = _mask(mask)
-        t, page, end = self._enter_range(start, length)
+        t, page, end = self.enter_range(start, length)
         try:
             for c in _clients(mask):
-                self._over(bitmap.WALK_SET, c, page, end)
+                self.over(bitmap.WALK_SET, c, page, end)
         finally:
-            self._end()
+            self.end_section()
 
     def _test_and_clear_dirty_py(self, start: int, length: int, client: int) -> bool:
         """Clear [start, start+length) for ``client``; True if any page was dirty."""
         client = _client(client)
-        t, page, end = self._enter_range(start, length)
+        taker = self._coordinator.taker
+        t, page, end = self.enter_range(start, length)
         try:
-            if end - page < self.block_pages or not self.is_coordinator:
-                # Nothing to swap (no block covered whole, or not the
-                # coordinator): one call, the words taken one by one.
-                return bool(self._over(bitmap.WALK_TAKE, client, page, end))
+            if end - page < taker.swap_pages:
+                # Nothing this handle's take could swap (no block covered
+                # whole, or a take that never swaps): one call, the words
+                # taken one by one.
+                return bool(self.over(bitmap.WALK_TAKE, client, page, end))
         finally:
-            self._end()
-        dirty = False
-
-        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
-            nonlocal dirty
-            dirty = dirty or bool(taken.any())
-        self._take(client, start, length, merge)
-        return dirty
+            self.end_section()
+        return taker.test_and_clear(client, start, length)
 
     def set_dirty_lebitmap(self, bitmap_: Any, start: int, pages: int) -> None:
         """Merge a little-endian bitmap (bit i = page of ``start`` + i), as KVM
@@ -335,13 +325,13 @@ class DirtyMemory(TableView):
         start = _index(start, "start")
         clients = _clients(DIRTY_CLIENTS_ALL if self.tcg else DIRTY_CLIENTS_NOCODE)
         pb = self.page_bits
-        t, page0, end = self._enter_range((start >> pb) << pb, pages << pb)
+        t, page0, end = self.enter_range((start >> pb) << pb, pages << pb)
         try:
-            for idx, off, num in self._walk(page0, end):
+            for idx, off, num in self.walk(page0, end):
                 k = idx * self.block_pages + off - page0   # source bit of block bit `off`
-                bitmap.or_bitmaps([self._block(c, idx) for c in clients], off, num, bits, k)
+                bitmap.or_bitmaps([self.block(c, idx) for c in clients], off, num, bits, k)
         finally:
-            self._end()
+            self.end_section()
 
     def sync_dirty_bitmap(self, dest: Any, start: int, length: int) -> int:
         """Take MIGRATION bits of the range into ``dest`` (uint64, indexed by
@@ -356,12 +346,12 @@ class DirtyMemory(TableView):
             if end > len(dest) * 64 and length:
                 raise BadInput(f"dest holds {len(dest) * 64} pages; the range ends at page {end}")
 
-        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+        def merge(g0: int, taken: Words) -> None:
             nonlocal newly
             d = dest[g0:g0 + len(taken)]
             newly += bitmap.popcount(taken & ~d)
             d |= taken
-        self._take(DIRTY_MEMORY_MIGRATION, start, length, merge, check)
+        self._coordinator.taker.run(DIRTY_MEMORY_MIGRATION, start, length, merge, check)
         return newly
 
     def _set_dirty_pages_py(self, pages: Any, client: int) -> None:
@@ -369,22 +359,22 @@ class DirtyMemory(TableView):
         client = _client(client)
         if not isinstance(pages, np.ndarray) or pages.dtype.kind not in "iu" or pages.ndim != 1:
             raise BadInput("pages must be a 1-D numpy array of integer page numbers")
-        t = self._begin()
+        t = self.begin_section()
         try:
             if not len(pages):
                 return
             lo, hi = int(pages.min()), int(pages.max())
             if lo < 0 or (hi + 1) << self.page_bits > t.ram_size:
-                self._reaching(t, lo << self.page_bits, (hi + 1) << self.page_bits,
+                self.reaching(t, lo << self.page_bits, (hi + 1) << self.page_bits,
                                f"page numbers [{lo}, {hi}]", pages=True)
             p = np.ascontiguousarray(pages, dtype=np.int64)
             # release: as set_dirty_flag.  One call; it names a block to map
             # first if one is not mapped yet.
             while (idx := self._set_pages(self._blocks[client], p, self.block_pages,
                                           _RELEASE)) >= 0:
-                self._block(client, idx)
+                self.block(client, idx)
         finally:
-            self._end()
+            self.end_section()
 
     for _f in (_set_dirty_flag_py, _get_dirty_py, _set_dirty_range_py,
                _test_and_clear_dirty_py, _set_dirty_pages_py):   # for argument errors
@@ -400,74 +390,24 @@ class DirtyMemory(TableView):
     def snapshot_and_clear_dirty(self, start: int, length: int, client: int) -> DirtySnapshot:
         """Take the dirty bits of the range for ``client`` into a snapshot."""
         client = _client(client)
-        snap: list[DirtySnapshot] = []
-
-        def check(end: int) -> None:
-            # The window is the range's pages, ceil((start+length)/page) even
-            # for length 0 (which takes nothing).
-            first = _index(start, "start")
-            page = first >> self.page_bits
-            end = max(end, -(-(first + _index(length, "length")) >> self.page_bits))
-            words = np.zeros(((max(end, page + 1) - 1) >> 6) - (page >> 6) + 1, dtype=np.uint64)
-            snap.append(DirtySnapshot(self.page_bits, page, end, words))
-
-        def merge(g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
-            g0 -= snap[0]._page >> 6
-            snap[0]._words[g0:g0 + len(taken)] |= taken
-        self._take(client, start, length, merge, check)
-        return snap[0]
-
-    def _take(self, client: int, start: Any, length: Any,
-              merge: Callable[[int, np.ndarray[Any, np.dtype[np.uint64]]], None],
-              check: Callable[[int], None] | None = None) -> None:
-        """Take (read and clear) the bits of a range for ``client``, handing
-        each piece to ``merge(first global word, words)``.
-
-        Blocks the range covers only in part lose their bits word by word
-        (an atomic exchange / fetch_and per dirty word).  Blocks it covers
-        whole are swapped, when this is the coordinator outside any section
-        and they hold enough dirty words to pay for it: a new table puts a
-        zeroed block in their place, and after one grace period no writer
-        can reach the retired block, which is then read with plain numpy
-        and zeroed for reuse: no atomics at all (coordinator.swap_out)."""
-        bp, bw = self.block_pages, self.block_pages >> 6
-        swap: list[int] = []
-        coord = self._coordinator
-        coord.give_back_due()   # late bits of retired blocks first (coordinator only)
-        t, page, end = self._enter_range(start, length)
-        try:
-            if check is not None:
-                check(end)
-            pieces = list(self._walk(page, end))
-            whole = [idx for idx, _, num in pieces if num == bp]
-            if whole:
-                swap = coord.swap_choice(client, whole, self.swap_min_words)
-            for idx, off, num in pieces:
-                if num == bp and swap:
-                    continue
-                w0, taken = bitmap.take(self._block(client, idx), off, num)
-                merge(idx * bw + w0, taken)
-        finally:
-            self._end()
-        if swap:
-            for idx, (words, block) in zip(swap, coord.swap_out(client, swap), strict=True):
-                merge(idx * bw, words)
-                if block is not None:   # its grace period ended: zeroed and pooled
-                    coord.recycle(block)
+        taking = Taking(self.page_bits, start, length)
+        self._coordinator.taker.run(client, start, length, taking.merge, taking.check)
+        assert taking.snap is not None   # check() made it, inside the take's section
+        return taking.snap
 
     def dirty_pages(self, client: int) -> int:
         """How many pages of guest RAM are dirty for ``client``."""
         client = _client(client)
-        t = self._begin()
+        t = self.begin_section()
         try:
             total = 0
-            for idx, off, num in self._walk(0, t.ram_size >> self.page_bits):
+            for idx, off, num in self.walk(0, t.ram_size >> self.page_bits):
                 w0, masks = bitmap.range_masks(off, num)
-                words = self._block(client, idx).words[w0:w0 + len(masks)]
+                words = self.block(client, idx).words[w0:w0 + len(masks)]
                 total += bitmap.popcount(words & masks)
             return total
         finally:
-            self._end()
+            self.end_section()
 
     # --- the coordinator: one-line delegations to coordinator.py -----------------------
     def ram_block_add(self, size: int) -> int:
@@ -522,8 +462,10 @@ class DirtyMemory(TableView):
             self._closed = True
             # Every later op fails clearly (the header is unmapped below).
             self._rcu = self._local = self._coordinator = handles.CLOSED
-            self._unmap_blocks()
+            self.unmap_blocks()
             handles.release(self.name, self._shared)
+            if type(self) is not _Unattached:
+                self.__class__ = _ClosedHandle   # the view's methods refuse from now on
 
     def destroy(self) -> None:
         """Coordinator: unlink every segment of this map, then close."""
@@ -543,20 +485,23 @@ class DirtyMemory(TableView):
                 f"generation={self._table.generation} flavor={self.flavor}>")
 
 
-class _Section:
-    """The context manager of read_section(): a plain class, not a
-    generator, so a section costs little more than its two atomics."""
+class _ClosedHandle(DirtyMemory):
+    """A closed handle (close() makes it one): the view's methods (view.py
+    ``INTERFACE``, which the library calls) raise HandleClosed instead of
+    reaching the unmapped header or blocks; every other method already
+    does, through the closed stand-ins (handles.CLOSED)."""
 
-    __slots__ = ("_dm",)
 
-    def __init__(self, dm: DirtyMemory) -> None:
-        self._dm = dm
+def _refuse(name: str) -> Callable[..., NoReturn]:
+    def refused(self: DirtyMemory, *args: object, **kwargs: object) -> NoReturn:
+        raise HandleClosed(f"this handle of map {self.name} is closed: attach again")
+    refused.__name__ = refused.__qualname__ = name
+    return refused
 
-    def __enter__(self) -> None:
-        self._dm._begin()
 
-    def __exit__(self, *exc: object) -> None:
-        self._dm._end()
+for _name in INTERFACE:
+    setattr(_ClosedHandle, _name, _refuse(_name))
+del _name
 
 
 class _Unattached(DirtyMemory):

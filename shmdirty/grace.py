@@ -165,8 +165,10 @@ class GracePeriods:
         # before the advance, and the advance before the slot loads that follow.
         return atomic.fetch_add(self._gp, 1, atomic.SEQ_CST) + 1
 
-    def _blockers(self, token: int) -> list[tuple[int, int]]:
-        """(slot, owner) of every claimed slot whose section began before ``token``."""
+    def blockers(self, token: int) -> list[tuple[int, int]]:
+        """(slot, owner) of every claimed slot whose section began before ``token``
+        (the scan every waiter runs; tests count it)."""
+        self._check_open()
         found = []
         for i in range(self.max_readers):
             # seq_cst: the updater's half of the Dekker pair (see rcu.py).
@@ -207,7 +209,7 @@ class GracePeriods:
             # grace period up to it at once (see _completed).
             raise BadInput(f"grace-period token {token} was never started: the "
                            f"counter is at {self.counter()}")
-        blockers = self._blockers(token)
+        blockers = self.blockers(token)
         if blockers and check_owners:
             blockers = [(s, o) for s, o in blockers if not self.reclaim(s, o)]
         if blockers:
@@ -231,7 +233,7 @@ class GracePeriods:
         while True:
             if token <= self._completed:
                 return
-            blockers = self._blockers(token)
+            blockers = self.blockers(token)
             if not blockers:
                 self._complete(token)
                 return

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 
 from . import atomic, layout, segment
 from .coordinator import Shared
-from .errors import BadInput, CorruptSegment, HandleClosed, MapNotFound
-from .rcu import Rcu
+from .errors import BadInput, CorruptSegment, MapNotFound
+from .rcu import Closed, Rcu
 from .segment import Segment
 
 
@@ -107,23 +106,9 @@ def known(name: str) -> MapState | None:
         return states.get(name)
 
 
-class Closed:
-    """Stands in for the Rcu, the thread-local readers and the Coordinator
-    of a closed handle: every use fails clearly."""
-
-    nesting = 0
-    online = False
-    seen = -2
-    flavor = "closed"
-
-    def read_lock(self) -> None:
-        raise HandleClosed("this DirtyMemory handle is closed: attach again")
-
-    def __getattr__(self, name: str) -> Any:
-        raise HandleClosed("this DirtyMemory handle is closed: attach again")
-
-
-CLOSED: Any = Closed()
+# Stands in for the Rcu, the thread-local readers and the Coordinator of a
+# closed handle (rcu.Closed): every use fails clearly.
+CLOSED = Closed()
 
 
 def _after_fork_in_child() -> None:

@@ -65,8 +65,8 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import NoReturn, Protocol, cast
 
 import numpy as np
 
@@ -299,6 +299,34 @@ class Reader(atomic.READER_BASE):  # type: ignore[misc]
                 self.thread_online()
 
 
+class Local(Protocol):
+    """An Rcu's per-thread slot (a plain ``threading.local``: a subclass
+    makes every lookup slower): this thread's Reader and its _ThreadExit,
+    both missing (AttributeError) until the thread's first use.  The view
+    reads ``reader`` once per op (in C on the kernel, by that name)."""
+
+    reader: Reader
+    exit: _ThreadExit
+
+
+class Closed:
+    """Stands in for the Rcu, the thread-local readers and the Coordinator
+    of a closed handle (handles.CLOSED): every use fails clearly.  Reading
+    any attribute it lacks raises HandleClosed (typed NoReturn: an
+    ``Rcu | Closed`` field reads as the Rcu's type)."""
+
+    nesting = 0
+    online = False
+    seen = -2
+    flavor = "closed"
+
+    def read_lock(self) -> None:
+        raise HandleClosed("this DirtyMemory handle is closed: attach again")
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise HandleClosed("this DirtyMemory handle is closed: attach again")
+
+
 class _ThreadExit:
     """Kept in a thread's slot of ``Rcu._local`` next to its Reader: when the
     thread ends, Python drops both and this frees the reader's slot."""
@@ -328,7 +356,7 @@ class Rcu:
         self.flavor = flavor
         self.gp = GracePeriods(header, max_readers)
         self._lock = threading.Lock()        # guards _claimed and slot claims
-        self._local = threading.local()      # .reader, .exit: this thread's
+        self._local = cast(Local, threading.local())  # .reader, .exit: this thread's
         self._claimed: set[Reader] = set()   # readers holding a slot
         self._closed = False
         self._pid = os.getpid()
@@ -340,7 +368,7 @@ class Rcu:
     def reader(self) -> Reader:
         """This thread's Reader (a new one, without a slot yet, on first use)."""
         try:
-            return self._local.reader  # type: ignore[no-any-return]
+            return self._local.reader
         except AttributeError:
             return self._new_reader()
 
@@ -391,7 +419,7 @@ class Rcu:
         """qsbr: a quiescent point of this thread (see Reader.quiescent)."""
         return self.reader.quiescent()
 
-    def offline(self) -> Any:
+    def offline(self) -> AbstractContextManager[None]:
         """``with rcu.offline():`` wait offline (see Reader.offline)."""
         self._check_open()
         return self.reader.offline()

@@ -9,8 +9,8 @@ import numpy as np
 
 from . import bitmap
 from .bitmap import Block
+from .clients import as_index
 from .errors import BadInput
-from .table import as_index
 
 
 class DirtySnapshot:
@@ -37,3 +37,30 @@ class DirtySnapshot:
         end = -(-(start + length) >> self.page_bits)
         first = page - (self._page & ~63)
         return bitmap.any_set(Block(-1, self._words, None), first, end - page)
+
+
+class Taking:
+    """A snapshot being taken by snapshot_and_clear_dirty(): ``check`` and
+    ``merge`` are what the take (take.py ``Take.run``) calls, inside its
+    section, for the window and for each piece it took."""
+
+    def __init__(self, page_bits: int, start: Any, length: Any) -> None:
+        self.page_bits = page_bits
+        self.start = start
+        self.length = length
+        self.snap: DirtySnapshot | None = None
+
+    def check(self, end: int) -> None:
+        # The window is the range's pages, ceil((start+length)/page) even
+        # for length 0 (which takes nothing).
+        first = as_index(self.start, "start")
+        page = first >> self.page_bits
+        end = max(end, -(-(first + as_index(self.length, "length")) >> self.page_bits))
+        words = np.zeros(((max(end, page + 1) - 1) >> 6) - (page >> 6) + 1, dtype=np.uint64)
+        self.snap = DirtySnapshot(self.page_bits, page, end, words)
+
+    def merge(self, g0: int, taken: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+        snap = self.snap
+        assert snap is not None   # check() runs first, inside the take's section
+        g0 -= snap._page >> 6
+        snap._words[g0:g0 + len(taken)] |= taken

@@ -1,7 +1,9 @@
-"""Pool tasks of tests/test_libfix.py (importable by spawned workers)."""
+"""Pool tasks of tests/test_errors.py, test_pools.py and test_coordinator.py
+(importable by spawned workers), and the error classes they raise."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import shmdirty as sd
@@ -34,3 +36,15 @@ def timed_request(name: str, size: int, timeout: float) -> str:
     finally:
         dm.close()
     return "granted"
+
+
+ERRORS = [getattr(sd, n) for n in sd.__all__
+          if isinstance(getattr(sd, n), type) and issubclass(getattr(sd, n), sd.ShmDirtyError)]
+
+
+def example(cls: type[sd.ShmDirtyError]) -> sd.ShmDirtyError:
+    """An instance built the way the library builds it (its own parameters)."""
+    if "__init__" in vars(cls):
+        params = list(inspect.signature(cls).parameters)
+        return cls(*[f"{p}-value" for p in params])
+    return cls("something went wrong")

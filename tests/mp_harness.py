@@ -13,6 +13,7 @@ from typing import Any
 
 import dirty_workers as workers
 import numpy as np
+import rel_workers
 
 import shmdirty as sd
 from shmdirty import segment
@@ -158,3 +159,29 @@ def run_until_caught(body: Any, map_name: str, broken: bool, label: str) -> dict
         if broken and r["lost"]:
             break
     return r
+
+
+class ParkedReader:
+    """A spawned rel_workers.parked_reader, inside once constructed (it gives
+    up after ``park`` seconds)."""
+
+    def __init__(self, ctx: Any, children: list[Any], name: str, park: float, flavor: str,
+                 page: int) -> None:
+        self.entered, self.release = ctx.Event(), ctx.Event()
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=rel_workers.parked_reader,
+                                args=(name, flavor, self.entered, self.release, page, park,
+                                      child))
+        self.proc.start()
+        children.append(self.proc)
+        child.close()
+        assert self.entered.wait(WAIT), "the reader never got in"
+
+    def let_go(self) -> dict[str, Any]:
+        self.release.set()
+        assert self.conn.poll(WAIT), "the parked reader reported nothing"
+        status, value = self.conn.recv()
+        assert status == "ok", value
+        self.proc.join(WAIT)
+        assert self.proc.exitcode == 0
+        return dict(value)

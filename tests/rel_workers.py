@@ -155,7 +155,10 @@ def _probe_args(kind: str, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
     import numpy as np
 
+    from shmdirty.table import Table
+
     ps = 4096
+    t1 = Table(1, ps, ((0,),) * 3, ((0, ps),))
     table: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
         "set_dirty_flag": ((0, VGA), {}),
         "get_dirty_flag": ((0, VGA), {}),
@@ -169,6 +172,19 @@ def _probe_args(kind: str, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         "set_dirty_pages": ((np.array([0, 1]), VGA), {}),
         "snapshot_and_clear_dirty": ((0, ps, VGA), {}),
         "dirty_pages": ((VGA,), {}),
+        "blockers": ((1,), {}),
+        # the view's interface (view.INTERFACE): public names the library calls
+        "enter_range": ((0, ps), {}),
+        "block": ((VGA, 0), {}),
+        "map_block": ((0,), {}),
+        "block_segment": ((0,), {}),
+        "unmap_blocks": (([0],), {}),
+        "walk": ((0, 1), {}),
+        "over": ((0, VGA, 0, 1), {}),
+        "page_of": ((t1, 0), {}),
+        "reaching": ((t1, 0, ps, "a page"), {}),
+        "set_table": ((t1,), {}),
+        "load_table": ((1,), {}),
         "ram_block_add": ((ps,), {}),
         "ram_block_remove": ((0,), {}),
         "extend": ((2 << 20,), {}),

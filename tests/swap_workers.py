@@ -1,4 +1,4 @@
-"""Spawn targets for tests/test_swap.py (the RCU-native take: whole blocks
+"""Spawn targets for tests/test_take.py (the RCU-native take: whole blocks
 swapped out and read after a grace period).
 
 Module level and free of pytest, so spawned children import them quickly.

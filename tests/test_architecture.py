@@ -24,8 +24,8 @@ PACKAGES = ("shmdirty", "workers", "perf")
 
 # shmdirty's layers, lowest first (docs/ARCHITECTURE.md): a module imports
 # only modules before it.  errors, layout and atomic are the ground.
-LAYERS = ("errors", "layout", "atomic", "segment", "grace", "rcu", "bitmap", "table", "snapshot",
-          "coordinator", "handles", "dirty", "maps")
+LAYERS = ("errors", "layout", "atomic", "segment", "grace", "rcu", "bitmap", "clients", "table",
+          "view", "snapshot", "retired", "take", "coordinator", "handles", "dirty", "maps")
 # Module size caps: code lines of a .py under shmdirty/ or workers/ (blank
 # lines, comments and docstrings do not count: reaching the cap means a
 # split, never a trimmed comment), lines of a C file under shmdirty/.
@@ -202,6 +202,13 @@ def test_modules_stay_small() -> None:
         if n > MAX_C_LINES:
             big.append(f"{path.relative_to(ROOT)}: {n} lines")
     assert big == [], "split these by idea: " + "; ".join(big)
+
+
+def test_every_library_module_has_its_test_file() -> None:
+    """tests/ mirrors the modules: shmdirty/<m>.py is tested in tests/test_<m>.py."""
+    missing = [p.name for p in sorted((ROOT / "shmdirty").glob("*.py"))
+               if p.stem != "__init__" and not (ROOT / "tests" / f"test_{p.stem}.py").exists()]
+    assert missing == [], f"library modules without tests/test_<module>.py: {missing}"
 
 
 def test_bad_map_name_is_a_shmdirty_error() -> None:

@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 import dirty_workers as workers
+import err_workers as W
 import numpy as np
 import pytest
 from mp_harness import child_result, segs
@@ -335,17 +336,17 @@ def test_a_repost_after_the_grant_is_withdrawn(make: Any, monkeypatch: pytest.Mo
 
     dm = make(64)
     want = 64 * 3 + 5
-    wait, withdraw = Coordinator._await_ram_size, Coordinator._withdraw
+    wait, withdraw = Coordinator.await_ram_size, Coordinator.withdraw
 
     def wait_then_repost(self: Coordinator, size: int, *args: Any) -> None:
         wait(self, size, *args)
         stop.set()         # serve looks no more (it would clear a met request)
         server.join(10)
-        self._post(size)   # the waiter's re-post, landing after the grant
+        self.post(size)   # the waiter's re-post, landing after the grant
 
-    monkeypatch.setattr(Coordinator, "_await_ram_size", wait_then_repost)
+    monkeypatch.setattr(Coordinator, "await_ram_size", wait_then_repost)
     if not fixed:   # the waiter never withdraws; serve (the coordinator) still does
-        monkeypatch.setattr(Coordinator, "_withdraw", lambda self, size: (
+        monkeypatch.setattr(Coordinator, "withdraw", lambda self, size: (
             withdraw(self, size) if self.is_coordinator() else None))
     a = sd.DirtyMemory.attach(dm.name)   # not the coordinator: it posts and waits
     stop = threading.Event()
@@ -551,12 +552,12 @@ def test_a_threads_first_use_waits_for_an_attach_under_way(make: Any, op: str,
 def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
         make: Any, map_name: str, op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A range op whose block is not mapped yet maps it and walks again
-    (TableView._over).  While it maps (segment attach: the GIL is free),
+    (TableView.over).  While it maps (segment attach: the GIL is free),
     another thread of the process may refresh the same handle to a newer
     table, which replaces the handle's block lists: the op must walk the
     new list it mapped the block into, and finish."""
     from shmdirty import bitmap
-    from shmdirty.table import TableView
+    from shmdirty.view import TableView
 
     bp = 64
     c = make(2 * bp, block_pages=bp)
@@ -565,7 +566,7 @@ def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
     try:
         dm.get_dirty(0, PS, MIG)                  # dm's table: 2 blocks
         c.extend(4 * bp * PS)                     # blocks 2, 3: dm has not mapped them
-        real_map, real_walk = TableView._map_block, bitmap.walk_blocks
+        real_map, real_walk = TableView.map_block, bitmap.walk_blocks
         walks, published = [0], []
 
         def map_block(self: Any, *a: Any, **kw: Any) -> Any:
@@ -584,7 +585,7 @@ def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
                 raise RuntimeError("the walk never ends: its block list was replaced")
             return real_walk(*a)
 
-        monkeypatch.setattr(TableView, "_map_block", map_block)
+        monkeypatch.setattr(TableView, "map_block", map_block)
         monkeypatch.setattr(bitmap, "walk_blocks", walk_blocks)
         args = (3 * bp * PS, PS, 1 << MIG if op == "set_dirty_range" else MIG)
         got = getattr(dm, op)(*args)
@@ -597,7 +598,7 @@ def test_a_range_op_mapping_a_block_survives_a_refresh_by_another_thread(
 @pytest.mark.timeout(60)
 def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
         make: Any, map_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a thread maps a block of the table it read (TableView._block:
+    """While a thread maps a block of the table it read (TableView.block:
     the GIL is free), the coordinator swaps that block out (a take of it
     whole; no grace wait: the budget is 0) and another thread refreshes the
     same handle to the new table.  The mapping must not be filed under the
@@ -605,7 +606,7 @@ def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
     this handle to that block would land in the retired one, which the
     coordinator gives back once and then pools.  Writes after the swap
     must all be found by syncs."""
-    from shmdirty.table import TableView
+    from shmdirty.view import TableView
 
     bp = 64
     c = make(4 * bp, block_pages=bp)
@@ -623,7 +624,7 @@ def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
         c.set_dirty_flag((2 * bp + 1) * PS, MIG)
         assert c.sync_dirty_bitmap(np.zeros(4, dtype=np.uint64), 2 * bp * PS, bp * PS) == 1
 
-    real_map = TableView._map_block
+    real_map = TableView.map_block
     swapped: list[int] = []
 
     def map_block(self: Any, *a: Any, **kw: Any) -> Any:
@@ -643,9 +644,9 @@ def test_a_block_mapped_while_another_thread_refreshes_goes_to_its_own_table(
 
     try:
         dm.get_dirty(0, PS, MIG)                      # dm maps block 0, not 2
-        monkeypatch.setattr(TableView, "_map_block", map_block)
+        monkeypatch.setattr(TableView, "map_block", map_block)
         assert dm.get_dirty(2 * bp * PS, PS, MIG) is False   # maps block 2
-        monkeypatch.setattr(TableView, "_map_block", real_map)
+        monkeypatch.setattr(TableView, "map_block", real_map)
         assert c.generation > swapped[0]
         c.swap_min_words = 1 << 30
         for page in (2 * bp + 10, 2 * bp + 20, 2 * bp + 30):
@@ -683,3 +684,47 @@ def test_a_strided_lebitmap_is_merged_like_a_contiguous_one(make: Any) -> None:
     dm.set_dirty_lebitmap(src[::2].copy(), 0, 256)
     assert strided == [p for p in range(256) if dm.get_dirty_flag(p * PS, MIG)] == [65, 130,
                                                                                    193, 194]
+
+
+def test_create_of_an_existing_name_is_map_exists(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(64 * 4096, block_pages=64, name=map_name)
+    try:
+        before = segment.list_segments(map_name)
+        with pytest.raises(sd.MapExists) as e:
+            sd.DirtyMemory.create(128 * 4096, name=map_name)
+        assert isinstance(e.value, FileExistsError) and isinstance(e.value, sd.ShmDirtyError)
+        assert map_name in str(e.value) and "shmdirty gc" in str(e.value)
+        assert segment.list_segments(map_name) == before
+        dm.set_dirty_flag(0, W.MIG)          # the existing map is untouched
+        assert dm.ram_size == 64 * 4096 and dm.is_coordinator
+    finally:
+        dm.destroy()
+
+
+def test_set_dirty_pages_error_counts_pages(map_name: str) -> None:
+    import numpy as np
+    dm = sd.DirtyMemory.create(256 * 4096, block_pages=64, name=map_name)
+    try:
+        dm.test_and_clear_dirty(0, 256 * 4096, W.MIG)   # new RAM starts dirty
+        with pytest.raises(sd.BadInput) as e:
+            dm.set_dirty_pages(np.array([3, 256]), W.MIG)
+        assert "page numbers [3, 256] is outside guest RAM: pages [0, 256)" in str(e.value)
+        assert not dm.get_dirty_flag(3 * 4096, W.MIG)      # nothing changed
+    finally:
+        dm.destroy()
+
+
+def test_destroy_inside_a_section_refuses_before_unlinking(map_name: str) -> None:
+    """destroy() unlinked every segment and dropped the pending callbacks,
+    and only then did close() refuse (inside a read-side section): the call
+    failed, the handle stayed open, and the map was gone for everyone."""
+    dm = sd.DirtyMemory.create(64 * PS, block_pages=64, name=map_name)
+    before = segment.list_segments(map_name)
+    with dm.read_section(), pytest.raises(sd.ShmDirtyError):
+        dm.destroy()
+    assert segment.list_segments(map_name) == before
+    other = sd.DirtyMemory.attach(map_name)     # the map is still there
+    assert other.get_dirty_flag(0, VGA)
+    other.close()
+    dm.destroy()
+    assert segment.list_segments(map_name) == []

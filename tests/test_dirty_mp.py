@@ -43,7 +43,7 @@ class CopyingCoordinator(Coordinator):
                 swap: Any = ()) -> list[int]:
         assert not swap, "this test never takes whole blocks by swapping"
         v = self.view
-        t = v._refresh()
+        t = v.refresh()
         ram_blocks = sorted(ram_blocks)
         ram_size = max((o + s for o, s in ram_blocks), default=0)
         need = max(t.num_blocks, -(-(ram_size >> v.page_bits) // v.block_pages))
@@ -56,9 +56,9 @@ class CopyingCoordinator(Coordinator):
                                      layout.block_size(v.block_pages),
                                      layout.KIND_BLOCK, c, bid)
                 if i < t.num_blocks:      # the copy: a plain read of live words
-                    seg.array(layout.B_WORDS, words)[:] = v._block(c, i).words
+                    seg.array(layout.B_WORDS, words)[:] = v.block(c, i).words
                 seg.seal()
-                v._map_block(bid, seg)
+                v.map_block(bid, seg)
                 ids[c].append(bid)
         g = t.generation + 1
         write_table(v.name, Table(g, ram_size, tuple(tuple(c) for c in ids),
@@ -68,7 +68,7 @@ class CopyingCoordinator(Coordinator):
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
         old = [layout.table_name(v.name, t.generation)]
         old += [layout.block_name(v.name, b) for c in t.block_ids for b in c]
-        v._load_table(g)
+        v.load_table(g)
 
         def free_old() -> None:
             for n in old:

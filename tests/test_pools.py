@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 from typing import Any
 
+import err_workers as EW
 import numpy as np
 import pytest
 import rel_workers as W
@@ -26,6 +27,7 @@ import shmdirty as sd
 pytestmark = pytest.mark.timeout(90)
 
 WAIT = 20.0
+ERR_WAIT = 30.0   # the error-pool tests (from test_libfix.py)
 SPAWN = mp.get_context("spawn")
 
 
@@ -93,3 +95,43 @@ def test_spawn_pool_with_a_live_handle(map_name: str) -> None:
         assert all(dm.get_dirty_flag(p * dm.page_size, W.MIG) for p in range(10))
     finally:
         dm.destroy()
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_pool_gets_errors_back(method: str) -> None:
+    with mp.get_context(method).Pool(1) as pool:
+        for cls in EW.ERRORS:
+            e = EW.example(cls)
+            r = pool.apply_async(EW.raise_error, (cls.__name__, e.args if "__init__" not in
+                                                 vars(cls) else e._ctor_args))
+            with pytest.raises(cls) as got:
+                r.get(ERR_WAIT)
+            assert str(got.value) == str(e)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_pool_survives_a_map_destroyed_between_tasks(map_name: str, method: str) -> None:
+    bp = 64
+    dm = sd.DirtyMemory.create(4 * bp * 4096, block_pages=bp, name=map_name)
+    live = sd.DirtyMemory.create(bp * 4096, block_pages=bp, name=map_name + "l")
+    try:
+        with mp.get_context(method).Pool(1) as pool:
+            # The worker attaches and keeps its handle (mapping block 0 only).
+            assert pool.apply_async(EW.attach_and_dirty, (map_name, 1)).get(ERR_WAIT) == 1
+            dm.destroy()
+            # Its next task needs a block (and table) that is gone with the map.
+            bad = pool.apply_async(EW.attach_and_dirty, (map_name, 3 * bp))
+            try:
+                bad.get(ERR_WAIT)
+            except mp.TimeoutError:
+                pytest.fail("the pool hung: the task's error did not come back")
+            except sd.MapNotFound as e:
+                assert map_name in str(e)
+            else:
+                pytest.fail("a task on a destroyed map succeeded")
+            assert pool.apply_async(EW.attach_and_dirty, (map_name + "l", 2)).get(ERR_WAIT) == 2
+        assert live.get_dirty_flag(2 * live.page_size, EW.MIG)
+    finally:
+        if not dm.__dict__.get("_closed"):
+            dm.destroy()
+        live.destroy()

@@ -1,4 +1,4 @@
-"""The RCU-native take (dirty.py ``_take``, coordinator.py ``swap_out``, issue 6).
+"""The RCU-native take (take.py ``Take.run``, ``SwapTake.swap_out``, issue 6).
 
 sync_dirty_bitmap, test_and_clear_dirty and snapshot_and_clear_dirty take
 the blocks a range covers whole by swapping a zeroed block in for each (a new
@@ -20,7 +20,14 @@ what lands in them later is given back.  Here:
 - a reader parked in a section does not hold a swap back (its late write
   is given back and taken later), and a SIGKILLed one does not hang it;
 - a qsbr reader coming back online while a swap completes writes into the
-  published block, not the retired one.
+  published block, not the retired one;
+- waits that no reader can stretch (issue 10, parts 5 and 8; these were
+  tests/test_bounded_sync.py): the taking accessors return while another
+  process sits inside one section (memb) or stays online without a
+  quiescent point (qsbr), and the parked reader's late write, into a
+  retired block, is found by a later sync.  "Returned in bounded time" is
+  shown without timing anything: the reader is let go only after the calls
+  returned, and reports whether it was let go or gave up waiting.
 
 No sleeps stand in for synchronisation: Events, Semaphores, pipes, joins.
 """
@@ -35,11 +42,19 @@ import numpy as np
 import pytest
 import rel_workers
 import swap_workers as workers
-from mp_harness import Migration, Writers, child_result, run_until_caught, segs
+from mp_harness import (
+    Migration,
+    ParkedReader,
+    Writers,
+    child_result,
+    run_until_caught,
+    segs,
+)
 
 import shmdirty as sd
 from shmdirty import layout, segment
 from shmdirty.coordinator import Coordinator
+from shmdirty.take import SwapTake
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +78,7 @@ def bitmap_of(dm: sd.DirtyMemory, client: int) -> np.ndarray[Any, Any]:
     """Every bit of ``client``'s blocks in the current table (past RAM too)."""
     with dm.read_section():
         n = dm.table.num_blocks
-        return np.concatenate([bits_of(dm._block(client, i).words.copy()) for i in range(n)])
+        return np.concatenate([bits_of(dm.block(client, i).words.copy()) for i in range(n)])
 
 
 def forbid_swap(dm: sd.DirtyMemory) -> Any:
@@ -267,7 +282,7 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
             assert n <= 3 * nblocks + nwhole, (i, n)
             assert len(dm._coordinator.pool) <= nwhole
             for bid in dm._coordinator.pool:
-                assert not dm._map_block(bid).words.any(), f"pooled block {bid} is dirty"
+                assert not dm.map_block(bid).words.any(), f"pooled block {bid} is dirty"
         assert dm.generation - g0 >= 40 + 14                # every take swapped
         assert most == 3 * nblocks + nwhole                 # one take's worth, no more
         assert np.array_equal(bits_of(dest)[:ram_pages], shadow)
@@ -298,7 +313,7 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
 
 
 # --- 2 and 3. no lost bits while writers write and the coordinator swaps -----------------
-class NoGraceCoordinator(Coordinator):
+class NoGraceTake(SwapTake):
     """BROKEN on purpose: publishes the swap table, then reads, zeroes and
     pools the retired blocks at once, without waiting for a grace period.
     A writer still in a section on the old table writes into a block that
@@ -306,11 +321,16 @@ class NoGraceCoordinator(Coordinator):
     some other block)."""
 
     def swap_out(self, client: int, idxs: list[int]) -> list[Any]:
-        """(words, block to recycle), as Coordinator.swap_out: no grace period."""
+        """(words, block to recycle), as SwapTake.swap_out: no grace period."""
         with self.shared.lock:
-            t = self.view._refresh()
-            retired = self.publish(list(t.ram_blocks), swap=[(client, i) for i in idxs])
-        return [(b.words, b) for b in map(self.view._map_block, retired)]
+            t = self.view.refresh()
+            retired = self.coordinator.publish(list(t.ram_blocks),
+                                               swap=[(client, i) for i in idxs])
+        return [(b.words, b) for b in map(self.view.map_block, retired)]
+
+
+class NoGraceCoordinator(Coordinator):
+    take_class = NoGraceTake
 
 
 class NoGraceSwap(sd.DirtyMemory):
@@ -672,7 +692,137 @@ def test_qsbr_reader_back_online_does_not_write_a_retired_block(
             f"the write went into a retired block: {value}")
         assert np.flatnonzero(bits_of(dest)).tolist() == [page]
         for bid in dm._coordinator.pool:
-            assert not dm._map_block(bid).words.any(), f"pooled block {bid} was written"
+            assert not dm.map_block(bid).words.any(), f"pooled block {bid} was written"
     finally:
         dm.destroy()
     assert segment.list_segments(map_name) == []
+
+
+# --- the bounded wait: no reader can stretch a take (from test_bounded_sync.py) -----------
+SYNC_BP = 32768      # pages a block: 512 words, what a swap pays off for
+SYNC_PARK = 15.0     # the parked reader gives up after this long (s)
+
+
+@pytest.mark.parametrize("flavor", ["memb", "qsbr"])
+def test_taking_accessors_return_while_a_reader_is_parked(
+        map_name: str, spawn_ctx: Any, children: list[Any], flavor: str) -> None:
+    ram = 2 * SYNC_BP * PS                       # two blocks, all dirty (new RAM is)
+    late = SYNC_BP + 12345                       # the parked reader's late page, block 1
+    dm = sd.DirtyMemory.create(ram, block_pages=SYNC_BP, name=map_name)
+    reader = None
+    try:
+        reader = ParkedReader(spawn_ctx, children, map_name, SYNC_PARK, flavor, late)
+        g0 = dm.generation
+        dest = np.zeros(2 * SYNC_BP // 64, dtype=np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, ram) == 2 * SYNC_BP
+        assert dm.generation > g0, "the sync did not swap (nothing to bound)"
+        dm.swap_min_words = 0                # later takes would swap too, if they may
+        assert dm.test_and_clear_dirty(0, ram, VGA) is True
+        assert dm.dirty_pages(VGA) == 0
+        snap = dm.snapshot_and_clear_dirty(0, ram, CODE)
+        assert snap.get_dirty(0, ram) and snap.get_dirty(ram - PS, PS)
+        assert dm.dirty_pages(CODE) == 0
+        dm.set_dirty_range(0, ram, 1 << MIG)
+        assert dm.sync_dirty_bitmap(np.zeros_like(dest), 0, ram) == 2 * SYNC_BP
+        out = reader.let_go()
+        assert out["released"] is True, "the calls waited for the parked reader"
+        assert out["generation"] == g0, out   # it wrote with the table it entered with
+        # Its late write landed in a retired block; it is given back, not lost.
+        dest[:] = 0
+        assert dm.sync_dirty_bitmap(dest, 0, ram) == 1
+        assert np.flatnonzero(np.unpackbits(dest.view(np.uint8), bitorder="little")).tolist() \
+            == [late]
+        assert dm.dirty_pages(MIG) == 0
+    finally:
+        if reader is not None:
+            reader.release.set()
+        dm.destroy()
+
+
+# --- the take object: chosen by the coordinator, never asked about roles ------------------
+def test_the_coordinator_chooses_each_handles_take(map_name: str) -> None:
+    """create() and adopt() give a SwapTake (ranges of a block or more may
+    swap); attach() a word-by-word Take (no range ever swaps), even in the
+    coordinator's process; the role leaves with the handle."""
+    from shmdirty.take import NEVER, SwapTake, Take
+
+    dm = sd.DirtyMemory.create(4 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        a = sd.DirtyMemory.attach(map_name)
+        try:
+            assert type(dm._coordinator.taker) is SwapTake
+            assert dm._coordinator.taker.swap_pages == 64
+            assert type(a._coordinator.taker) is Take and a._coordinator.taker.swap_pages == NEVER
+            # An attached handle's take goes word by word: no table is published.
+            g = dm.generation
+            dest = np.zeros(4, np.uint64)
+            a.swap_min_words = FORCE
+            assert a.sync_dirty_bitmap(dest, 0, 4 * 64 * PS) == 4 * 64
+            assert dm.generation == g
+            # The coordinator's, forced, swaps: a new table.
+            dm.set_dirty_range(0, 4 * 64 * PS, sd.DIRTY_CLIENTS_ALL)
+            dm.swap_min_words = FORCE
+            dm.swap_grace_budget = WAIT
+            assert dm.sync_dirty_bitmap(np.zeros(4, np.uint64), 0, 4 * 64 * PS) == 4 * 64
+            assert dm.generation > g
+        finally:
+            a.close()
+        coord = dm._coordinator
+    finally:
+        dm.destroy()
+    assert type(coord.taker) is Take   # dropped with the role
+
+
+def test_swap_take_chooses_only_when_it_pays_and_outside_other_sections(
+        map_name: str) -> None:
+    """SwapTake.choose: every whole block when they hold at least
+    swap_min_words dirty words and the take's section is the outermost;
+    none inside another section or below the threshold."""
+    dm = sd.DirtyMemory.create(2 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        taker = dm._coordinator.taker
+        clear_all(dm)
+        dm.set_dirty_range(0, 3 * PS, 1 << MIG)          # 3 pages: 1 word dirty
+        dm.set_dirty_range(64 * PS, PS, 1 << MIG)        # 1 more word
+        with dm.read_section():                          # the take's own section
+            dm.swap_min_words = 2
+            assert taker.choose(MIG, [0, 1]) == [0, 1]
+            dm.swap_min_words = 3
+            assert taker.choose(MIG, [0, 1]) == []
+            dm.swap_min_words = 0
+            with dm.read_section():                      # nested: never
+                assert taker.choose(MIG, [0, 1]) == []
+    finally:
+        dm.destroy()
+
+
+def test_a_forked_child_takes_word_by_word(map_name: str) -> None:
+    """The role stays with the parent: in a child forked from the
+    coordinator, the inherited handle's take is a plain Take (Shared.forked),
+    and its takes publish no table."""
+    import json
+
+    dm = sd.DirtyMemory.create(2 * 64 * PS, block_pages=64, name=map_name)
+    try:
+        dm.swap_min_words = FORCE
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: one report, then _exit
+            out = {}
+            try:
+                g = dm.generation
+                out["take"] = type(dm._coordinator.taker).__name__
+                out["synced"] = dm.sync_dirty_bitmap(np.zeros(2, np.uint64), 0, 2 * 64 * PS)
+                out["published"] = dm.generation != g
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                out["error"] = repr(e)
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        got = json.loads(os.read(r, 4096))
+        os.close(r)
+        assert status == 0 and got == {"take": "Take", "synced": 2 * 64, "published": False}
+        assert type(dm._coordinator.taker).__name__ == "SwapTake"   # the parent keeps it
+    finally:
+        dm.destroy()

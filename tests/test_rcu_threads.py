@@ -1,4 +1,4 @@
-"""One handle shared between threads (issue 10, part 2).
+"""rcu.py's readers per thread: one handle shared between threads (issue 10, part 2).
 
 As liburcu registers threads, every thread that uses a map is a reader of
 its own: its own slot (claimed on first use, freed when the thread ends or

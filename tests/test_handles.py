@@ -1,4 +1,7 @@
-"""Objects of a closed or destroyed handle never reach unmapped memory
+"""This process's maps and their handles (shmdirty/handles.py): the shared
+state, and closed handles (handles.CLOSED).
+
+Objects of a closed or destroyed handle never reach unmapped memory
 (issue 10, part 3).
 
 ``r = dm.rcu; dm.destroy(); r.readers()`` used to kill the interpreter
@@ -22,8 +25,14 @@ import rel_workers as W
 from mp_harness import child_result
 
 import shmdirty as sd
+from shmdirty import segment
 
 pytestmark = pytest.mark.timeout(120)
+
+PB = 12
+PS = 1 << PB
+BP = 64               # block_pages: small blocks, so MAX_BLOCKS is reachable
+WAIT = 30.0
 
 # Calls that may return on a closed handle: they leave, or touch nothing shared.
 MAY_RETURN = {
@@ -70,3 +79,52 @@ def test_every_method_after_close_raises_and_never_crashes(
     assert report["Rcu"] and report["DirtyMemory"] and report["GracePeriods"]
     bad = check(report)
     assert not bad, "\n".join(bad)
+
+
+def test_closed_handle_objects_as_the_readme_says(map_name: str) -> None:
+    dm = sd.DirtyMemory.create(64 * 4096, block_pages=64, name=map_name)
+    a = sd.DirtyMemory.attach(map_name)
+    r = a.rcu
+    a.close()
+    with pytest.raises(sd.HandleClosed):
+        _ = a.rcu
+    r.synchronize(timeout=10)          # another handle is open: the shared rcu works
+    gp = r.gp
+    dm.destroy()
+    for use in (lambda: dm.rcu, gp.start_poll, lambda: gp.wait(1, 0), r.synchronize,
+                lambda: r.barrier(1), lambda: dm.read_section().__enter__()):
+        with pytest.raises(sd.HandleClosed):
+            use()
+    assert r.gp is gp                  # the attribute itself still reads
+
+
+def _serve_once_after_close(name: str, conn: Any) -> None:
+    """Create, destroy (closes the last handle), then serve_once() on it."""
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=name)
+    dm.destroy()
+    try:
+        dm.serve_once()
+        conn.send(("returned", None))
+    except Exception as e:
+        conn.send((type(e).__name__, isinstance(e, sd.ShmDirtyError)))
+    finally:
+        conn.close()
+
+
+def test_serve_once_on_a_closed_handle_raises(
+        map_name: str, spawn_ctx: Any, children: list[Any]) -> None:
+    """serve_once() skipped the closed check and loaded the request word
+    through a pointer into the unmapped header: SIGSEGV.  (Run in a child.)"""
+    parent, child = spawn_ctx.Pipe(duplex=False)
+    p = spawn_ctx.Process(target=_serve_once_after_close, args=(map_name, child))
+    p.start()
+    children.append(p)
+    child.close()
+    try:
+        got = parent.recv() if parent.poll(WAIT) else None
+    except EOFError:                       # it died before it could say
+        got = None
+    p.join(WAIT)
+    assert p.exitcode == 0, f"the child died with exit code {p.exitcode}"
+    assert got == ("HandleClosed", True)    # a ShmDirtyError (issue 10)
+    assert segment.list_segments(map_name) == []

@@ -1,0 +1,121 @@
+"""Retired blocks (shmdirty/retired.py): a block a swap could not read
+within its grace budget waits until its grace period has ended; then what
+a late writer put there goes back into the live block at its position and
+the block is zeroed and pooled.  The blocking reader is a second Rcu of
+this process (a slot of its own), so nothing here races: each step happens
+exactly when the test says."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import shmdirty as sd
+from shmdirty import bitmap, layout
+from shmdirty.coordinator import Shared
+from shmdirty.rcu import Rcu
+from shmdirty.retired import Retired, give_back
+from shmdirty.segment import Segment
+
+pytestmark = pytest.mark.timeout(60)
+
+PS = 4096
+BP = 64
+MIG = sd.DIRTY_MEMORY_MIGRATION
+
+
+@pytest.fixture
+def dm(map_name: str) -> Iterator[sd.DirtyMemory]:
+    d = sd.DirtyMemory.create(2 * BP * PS, block_pages=BP, name=map_name)
+    yield d
+    if not d._closed:
+        d.destroy()
+
+
+@pytest.fixture
+def other_reader(dm: sd.DirtyMemory) -> Iterator[Rcu]:
+    hdr = Segment.attach(layout.header_name(dm.name), layout.KIND_HEADER, layout.HEADER_FIXED)
+    r = Rcu(hdr, dm.max_readers, "memb")
+    yield r
+    r.close()
+    hdr.close()
+
+
+def shared_of(dm: sd.DirtyMemory) -> Shared:
+    return dm._shared.coord
+
+
+def late_swap(dm: sd.DirtyMemory, other: Rcu) -> np.ndarray:
+    """A sync whose swap runs past its budget (``other`` is inside a section):
+    both blocks stay retired.  Returns the migration bitmap it took."""
+    dm.swap_min_words, dm.swap_grace_budget = 0, 0.0
+    dest = np.zeros(2 * BP // 64, np.uint64)
+    other.read_lock()
+    dm.sync_dirty_bitmap(dest, 0, 2 * BP * PS)
+    return dest
+
+
+def test_recycle_zeroes_and_pools() -> None:
+    r = Retired(Shared().lock)
+    words = np.full(4, 0xFF, np.uint64)
+    r.recycle(bitmap.Block(42, words, int(words.ctypes.data)))
+    assert r.pool == [42] and not words.any() and not r
+
+
+def test_a_late_bit_goes_back_once_the_grace_period_ends(dm: sd.DirtyMemory,
+                                                         other_reader: Rcu) -> None:
+    dest = late_swap(dm, other_reader)
+    assert bitmap.popcount(dest) == 2 * BP           # new RAM: every page was dirty
+    retired = shared_of(dm).retired
+    assert retired and len(retired.waiting) == 2     # both blocks wait
+    entry = retired.waiting[1]
+    assert (entry.client, entry.position) == (MIG, 1)
+    assert entry.block_id not in dm.table.block_ids[MIG]
+    # A writer still on the old table sets page 5 of block 1, after the take.
+    bitmap.set_range(dm.map_block(entry.block_id), 5, 1)
+    live_page = BP + 5
+    assert not dm.get_dirty_flag(live_page * PS, MIG)
+    # While the reader is inside, nothing is given back (no plain read yet).
+    retired.give_back_due(dm, dm.rcu)
+    assert len(retired.waiting) == 2 and not dm.get_dirty_flag(live_page * PS, MIG)
+    # Invariant: no new swap while blocks wait; this take goes word by word.
+    assert dm._coordinator.taker.choose(MIG, [0, 1]) == []
+    other_reader.read_unlock()
+    retired.give_back_due(dm, dm.rcu, timeout=10.0)
+    assert not retired and dm.get_dirty_flag(live_page * PS, MIG)
+    assert dm.dirty_pages(MIG) == 1                  # only the late bit came back
+    assert len(retired.pool) == 2 and entry.block_id in retired.pool
+    for bid in retired.pool:                         # pooled: all zero, in no table
+        assert not dm.map_block(bid).words.any()
+        assert all(bid not in ids for ids in dm.table.block_ids)
+
+
+def test_the_pool_is_handed_out_again(dm: sd.DirtyMemory, other_reader: Rcu) -> None:
+    late_swap(dm, other_reader)
+    other_reader.read_unlock()
+    retired = shared_of(dm).retired
+    retired.give_back_due(dm, dm.rcu, timeout=10.0)
+    pooled = set(retired.pool)
+    assert len(pooled) == 2
+    dm.extend(dm.ram_size + BP * PS)                 # 3 new blocks: 2 from the pool
+    assert retired.pool == []
+    assert pooled <= {b for ids in dm.table.block_ids for b in ids}
+
+
+def test_give_back_after_adoption_uses_the_position_words(dm: sd.DirtyMemory,
+                                                          other_reader: Rcu) -> None:
+    """give_back (what an adopter runs for blocks no table lists): the bits
+    go to the live block at the position written in the block segment; a
+    position at or past ``published`` belongs to nobody."""
+    late_swap(dm, other_reader)
+    retired = shared_of(dm).retired
+    e0, e1 = retired.waiting
+    retired.clear()                                  # as if the coordinator had died
+    bitmap.set_range(dm.map_block(e0.block_id), 7, 1)
+    bitmap.set_range(dm.map_block(e1.block_id), 9, 1)
+    give_back(dm, [e0.block_id, e1.block_id], published=1)   # block 1 "never published"
+    assert dm.get_dirty_flag(7 * PS, MIG)
+    assert not dm.get_dirty_flag((BP + 9) * PS, MIG)
+    other_reader.read_unlock()
