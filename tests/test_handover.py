@@ -20,12 +20,12 @@ from typing import Any
 
 import psutil
 import pytest
-from kvm_skip import needs_kvm
+from kvm_skip import KVM_OK, KVM_WHY
 
 from shmdirty import segment
-from shmdirty.workers import pause
+from shmdirty.workers import app, cli, pause
 
-pytestmark = [needs_kvm, pytest.mark.timeout(150)]
+pytestmark = pytest.mark.timeout(150)
 
 CLI = [sys.executable, "-m", "shmdirty.workers.cli"]
 PEER_TIMEOUT = "2"
@@ -92,6 +92,8 @@ class PausedRun:
 
 @pytest.fixture
 def paused(map_name: str, tmp_path: Path) -> Iterator[Any]:
+    if not KVM_OK:
+        pytest.skip(f"needs a usable /dev/kvm: {KVM_WHY}")
     runs: list[PausedRun] = []
 
     def start(stage: str, *extra: str) -> PausedRun:
@@ -175,3 +177,16 @@ def test_json_is_written_on_ctrl_c(paused: Any) -> None:
     code, out, res = run.finish()
     assert code == 130, out
     assert res["exit_code"] == 130 and res["guest_on"] == "none", out
+
+
+def test_json_is_written_when_a_worker_fails(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(cfg: Any, on_event: Any) -> dict[str, Any]:
+        e = app.Failed("worker owner (pid 1) exited with code -9")
+        e.map_name = "m"
+        raise e
+    monkeypatch.setattr(app, "run", failing)
+    js = tmp_path / "r.json"
+    assert cli.main(["migrate", "--guest", "sim", "--json", str(js)]) == 3
+    res = json.loads(js.read_text())
+    assert res["exit_code"] == 3 and res["guest_on"] == "none" and "owner" in res["error"]

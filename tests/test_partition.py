@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from kvm_skip import needs_kvm
-from test_handover import SMALL, PausedRun
+from test_handover import SMALL, PausedRun  # the same run, its receiver stopped at a stage
 
 from shmdirty import segment
 from shmdirty.workers import pause
