@@ -212,9 +212,14 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
     except app.Usage as e:
         error(out, str(e))
         return EXIT_USAGE
-    summary(res, out)
     ok = res["identical"] and res["resumed_ok"] is not False
     res["exit_code"] = code = EXIT_OK if ok else EXIT_MISMATCH
+    try:
+        summary(res, out)
+    except KeyboardInterrupt:     # the run is done: its result, with the code of the exit
+        res["exit_code"] = EXIT_INTERRUPTED
+        _write_outputs(args, res, out)
+        raise
     if not _write_outputs(args, res, out):
         return EXIT_FAILED
     return code
