@@ -22,7 +22,7 @@ EXTRAS_test  := [test]
 EXTRAS_bench := [bench]
 EXTRAS_dev   := [test,bench]
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean fuzz
 
 install: $(VENV)/.installed-dev
 
@@ -41,6 +41,11 @@ $(VENV)/.installed-%: pyproject.toml $(KERNEL_SRC) | $(PY)  # the editable insta
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
+
+# The receiver's fuzzer for longer than the suite's few seconds (tests/test_stream_fuzz.py).
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(VENV)/.installed-test
+	SHMDIRTY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_stream_fuzz.py
 
 demo: $(VENV)/.installed-run
 	$(VENV)/bin/shmdirty migrate

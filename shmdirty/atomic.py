@@ -112,7 +112,9 @@ KERNEL_ATTRIBUTES = {
     "block_base": "base",          # bitmap.Block: the int address of its first word
     "block_words": "words",        # bitmap.Block: its words (a writable buffer)
     "local_reader": "reader",      # TableView._local (a threading.local): this thread's Reader
-    "table_ram_size": "ram_size",  # TableView._table: the RAM size in bytes
+    # TableView._table: RAM up to the first hole (table.Table.ram_prefix), in
+    # bytes; the C fast paths take an address below it, hand any other to Python.
+    "table_ram_size": "ram_prefix",
 }
 # Fields stored as C members of the kernel's bases, so that Python's stores
 # to them are what the C reads: rcu.Reader's (ReaderCore) and

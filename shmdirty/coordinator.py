@@ -206,6 +206,10 @@ class Coordinator:
         atomic.compare_exchange(self.coord_ptr, my_owner_word(), 0,
                                 atomic.ACQ_REL, atomic.RELAXED)
 
+    def leave(self) -> None:
+        """This handle closes: stop the give-back thread working with its view."""
+        self.shared.retired.stop(self.view)
+
     def forget(self) -> None:
         """destroy(): every segment is gone; drop deferred work on them."""
         self.rcu.gp.drop_callbacks()

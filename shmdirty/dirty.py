@@ -234,13 +234,14 @@ class DirtyMemory(TableView):
         # written before it (the guest page).
         if r.online and r.seen == self._seen:
             # qsbr, online, table current: already inside a section.
-            if self._set_page(self._blocks, client, addr, self._table.ram_size,
+            if self._set_page(self._blocks, client, addr, self._table.ram_prefix,
                               self.page_bits, self.block_pages, _RELEASE):
                 return
         client = _client(client)
         t = self.begin_section(r)
         try:
-            if not self._set_page(self._blocks, client, addr, t.ram_size, self.page_bits,
+            # ram_prefix: RAM up to the first hole; past it, page_of's exact check.
+            if not self._set_page(self._blocks, client, addr, t.ram_prefix, self.page_bits,
                                   self.block_pages, _RELEASE):
                 idx, bit = divmod(self.page_of(t, addr), self.block_pages)
                 bitmap.set_range(self.block(client, idx), bit, 1)
@@ -351,7 +352,9 @@ class DirtyMemory(TableView):
             d = dest[g0:g0 + len(taken)]
             newly += bitmap.popcount(taken & ~d)
             d |= taken
-        self._coordinator.taker.run(DIRTY_MEMORY_MIGRATION, start, length, merge, check)
+        # holes: the range may cross removed RAM blocks; only RAM pages are taken.
+        self._coordinator.taker.run(DIRTY_MEMORY_MIGRATION, start, length, merge, check,
+                                    holes=True)
         return newly
 
     def _set_dirty_pages_py(self, pages: Any, client: int) -> None:
@@ -364,10 +367,19 @@ class DirtyMemory(TableView):
             if not len(pages):
                 return
             lo, hi = int(pages.min()), int(pages.max())
-            if lo < 0 or (hi + 1) << self.page_bits > t.ram_size:
-                self.reaching(t, lo << self.page_bits, (hi + 1) << self.page_bits,
-                               f"page numbers [{lo}, {hi}]", pages=True)
+            if lo < 0 or (hi + 1) << self.page_bits > t.ram_prefix:
+                t = self.reaching(t, lo << self.page_bits, (hi + 1) << self.page_bits,
+                                  f"page numbers [{lo}, {hi}]", pages=True, holes=True)
             p = np.ascontiguousarray(pages, dtype=np.int64)
+            if (hi + 1) << self.page_bits > t.ram_prefix and len(
+                    bad := t.pages_outside(p, self.page_bits)):
+                # Past a hole: each page checked (a removed block is not RAM).
+                t = self.reaching(t, int(bad[0]) << self.page_bits,
+                                  (int(bad[0]) + 1) << self.page_bits,
+                                  f"page number {int(bad[0])}", pages=True)
+                if len(t.pages_outside(p, self.page_bits)):
+                    raise BadInput(f"page numbers {t.pages_outside(p, self.page_bits)[:4]}"
+                                   " are outside guest RAM")
             # release: as set_dirty_flag.  One call; it names a block to map
             # first if one is not mapped yet.
             while (idx := self._set_pages(self._blocks[client], p, self.block_pages,
@@ -401,10 +413,12 @@ class DirtyMemory(TableView):
         t = self.begin_section()
         try:
             total = 0
-            for idx, off, num in self.walk(0, t.ram_size >> self.page_bits):
-                w0, masks = bitmap.range_masks(off, num)
-                words = self.block(client, idx).words[w0:w0 + len(masks)]
-                total += bitmap.popcount(words & masks)
+            pb = self.page_bits
+            for p0, p1 in t.ram_runs(0, t.ram_size >> pb, pb):   # RAM only, no hole
+                for idx, off, num in self.walk(p0, p1):
+                    w0, masks = bitmap.range_masks(off, num)
+                    words = self.block(client, idx).words[w0:w0 + len(masks)]
+                    total += bitmap.popcount(words & masks)
             return total
         finally:
             self.end_section()
@@ -451,6 +465,7 @@ class DirtyMemory(TableView):
             return
         if self._rcu.nesting:
             raise RcuMisuse(f"map {self.name}: close() inside a read-side section")
+        self._coordinator.leave()   # the give-back thread on this view (retired.py)
         with handles.lock:
             if self._shared.refs == 1 and self._rcu.sections_open():
                 raise RcuMisuse(f"map {self.name}: close() while another thread is inside "

@@ -11,7 +11,10 @@ published table is view.py.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from . import atomic, layout, segment
 from .clients import DIRTY_MEMORY_NUM
@@ -53,10 +56,61 @@ class Table:
     ram_size: int
     block_ids: tuple[tuple[int, ...], ...]      # per client
     ram_blocks: tuple[tuple[int, int], ...]     # (offset, size), by offset
+    # Invariant (issue 17 item 5): guest RAM is the union of ``ram_blocks``;
+    # a removed block leaves a hole below ``ram_size`` that is not RAM.
+    # ``ram_prefix`` is where the first hole begins (``ram_size`` when there
+    # is none): everything below it is RAM, so the accessors' fast paths
+    # (the kernel's included: atomic.KERNEL_ATTRIBUTES) check an address
+    # against it alone and hand anything past it to the exact check.
+    ram_prefix: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        end = 0
+        for off, size in self.ram_blocks:
+            if off > end:
+                break
+            end = max(end, off + size)
+        object.__setattr__(self, "ram_prefix", end)
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_ids[0])
+
+    def covers(self, lo: int, end: int) -> bool:
+        """Are bytes [lo, end) guest RAM (an empty range: inside [0, ram_size])?"""
+        if lo < 0 or end > self.ram_size:
+            return False
+        if end <= self.ram_prefix or end <= lo:
+            return True
+        for off, size in self.ram_blocks:
+            if off > lo:
+                return False
+            lo = max(lo, off + size)
+            if lo >= end:
+                return True
+        return False
+
+    def ram_runs(self, page: int, end: int, page_bits: int) -> list[tuple[int, int]]:
+        """The page ranges [p0, p1) of guest RAM inside pages [page, end)."""
+        if end <= self.ram_prefix >> page_bits:
+            return [(page, end)] if page < end else []
+        runs: list[tuple[int, int]] = []
+        for off, size in self.ram_blocks:
+            p0, p1 = max(page, off >> page_bits), min(end, (off + size) >> page_bits)
+            if p0 < p1:
+                if runs and runs[-1][1] == p0:
+                    runs[-1] = (runs[-1][0], p1)
+                else:
+                    runs.append((p0, p1))
+        return runs
+
+    def pages_outside(self, pages: np.ndarray[Any, np.dtype[np.int64]],
+                      page_bits: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """The pages of ``pages`` that are not guest RAM."""
+        inside = np.zeros(len(pages), dtype=bool)
+        for off, size in self.ram_blocks:
+            inside |= (pages >= off >> page_bits) & (pages < (off + size) >> page_bits)
+        return pages[~inside]
 
 
 EMPTY = Table(0, 0, ((),) * DIRTY_MEMORY_NUM, ())

@@ -89,23 +89,26 @@ class Take:
         return dirty
 
     def run(self, client: int, start: Any, length: Any, merge: Merge,
-            check: Check | None = None) -> None:
+            check: Check | None = None, holes: bool = False) -> None:
         """Take (read and clear) the bits of a range for ``client``, handing
         each piece to ``merge(first global word, words)``.
 
         Blocks the range covers only in part lose their bits word by word
         (an atomic exchange / fetch_and per dirty word).  Blocks it covers
-        whole are swapped when ``choose`` picks them (swap_out)."""
+        whole are swapped when ``choose`` picks them (swap_out).  With
+        ``holes`` the range may cross removed RAM blocks: only the RAM pages
+        in it are taken (sync_dirty_bitmap); else a hole is BadInput."""
         v = self.view
         bp, bw = v.block_pages, v.block_pages >> 6
         swap: list[int] = []
         # Late bits of retired blocks first (only the coordinator's process has any).
         self.shared.retired.give_back_due(v, self.rcu)
-        t, page, end = v.enter_range(start, length)
+        t, page, end = v.enter_range(start, length, holes)
         try:
             if check is not None:
                 check(end)
-            pieces = list(v.walk(page, end))
+            pieces = [p for p0, p1 in t.ram_runs(page, end, v.page_bits)
+                      for p in v.walk(p0, p1)]
             whole = [idx for idx, _, num in pieces if num == bp]
             if whole:
                 swap = self.choose(client, whole)
@@ -139,7 +142,8 @@ class SwapTake(Take):
     exchanges, as for a partial block) and leaves them in
     ``shared.retired``; once their grace period has ended, whatever a late
     writer put there meanwhile goes back into the live block at the same
-    position (``Retired.give_back_due``), so no bit is lost.  While a block
+    position (``Retired.give_back_due``, run at once by the give-back
+    thread, ``Retired.watch``), so no bit is lost or stays hidden.  While a block
     is retired no new swap is made (``choose``): at most one take's worth of
     blocks waits."""
 
@@ -189,7 +193,8 @@ class SwapTake(Take):
             # (and pools them) under our feet.  An interrupted wait takes
             # nothing: every bit goes back.
             taken = [bitmap.take(b, 0, v.block_pages)[1] for b in blocks] if late else []
-            retired.retire(pending)
+            # Given back as soon as their grace period ends (retired.py).
+            retired.retire(pending, v, self.rcu)
             if not late:
                 raise
             return [(w, None) for w in taken]

@@ -232,44 +232,55 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
             self._blocks = []
 
     # --- ranges -------------------------------------------------------------------------
-    def reaching(self, t: Table, lo: int, end: int, what: str, pages: bool = False) -> Table:
+    def reaching(self, t: Table, lo: int, end: int, what: str, pages: bool = False,
+                 holes: bool = False) -> Table:
         """A table whose RAM holds bytes [lo, end): ``t``, or the newest (a
         qsbr reader's table may be behind); BadInput about ``what`` if none,
         giving RAM in pages if ``what`` counts pages, else in bytes.
         Callers test ``t`` inline first: this is the slow path."""
-        if lo < 0 or end > t.ram_size:
+        if not _inside(t, lo, end, holes):
             t = self.refresh()
-            if lo < 0 or end > t.ram_size:
+            if not _inside(t, lo, end, holes):
+                # A hole (a removed RAM block) is outside RAM like the space
+                # past its end (table.Table's invariant): the same error.
+                listed = "" if t.ram_prefix == t.ram_size else (
+                    f"; RAM blocks (offset, size): "
+                    f"{[(hex(o), hex(s)) for o, s in t.ram_blocks]}")
                 if pages:
                     raise BadInput(f"{what} is outside guest RAM: pages "
                                    f"[0, {t.ram_size >> self.page_bits}) "
-                                   f"({t.ram_size:#x} bytes)")
-                raise BadInput(f"{what} is outside guest RAM [0, {t.ram_size:#x})")
+                                   f"({t.ram_size:#x} bytes){listed}")
+                raise BadInput(f"{what} is outside guest RAM [0, {t.ram_size:#x}){listed}")
         return t
 
-    def _range(self, t: Table, start: Any, length: Any) -> tuple[Table, int, int]:
-        """The page range [page, end) of (start, length), checked against RAM."""
+    def _range(self, t: Table, start: Any, length: Any,
+               holes: bool = False) -> tuple[Table, int, int]:
+        """The page range [page, end) of (start, length), checked against RAM
+        (with ``holes``, only against [0, ram_size): sync takes RAM pages only)."""
         if (start.__class__ is int and length.__class__ is int and 0 <= start
-                and 0 < length <= t.ram_size - start):
+                and 0 < length <= t.ram_prefix - start):
             # The common case, checked without the conversions below.
             return t, start >> self.page_bits, -(-(start + length) >> self.page_bits)
         start = as_index(start, "start")
         length = as_index(length, "length")
         if length < 0:
             raise BadInput(f"length {length} is negative")
-        if start < 0 or start + length > t.ram_size:
+        if start < 0 or start + length > t.ram_size or not (
+                holes or t.covers(start, start + length)):
             t = self.reaching(t, start, start + length,
-                               f"range [{start:#x}, {start:#x}+{length:#x})")
+                              f"range [{start:#x}, {start:#x}+{length:#x})", holes=holes)
         page = start >> self.page_bits
         if length == 0:
             return t, page, page  # an empty range, even inside a page, covers no page
         return t, page, -(-(start + length) >> self.page_bits)
 
-    def enter_range(self, start: Any, length: Any) -> tuple[Table, int, int]:
+    def enter_range(self, start: Any, length: Any,
+                    holes: bool = False) -> tuple[Table, int, int]:
         """Enter a section and check (start, length) in it: the opening of
         every range accessor.  The caller leaves with ``end_section()``; on bad
         input the section is left here.  (``begin_section`` written in: one call
-        less per op.)"""
+        less per op.)  With ``holes`` a range over a hole is accepted (the
+        caller walks ``Table.ram_runs``)."""
         try:
             r = self._local.reader
         except AttributeError:
@@ -279,14 +290,14 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
             if r.seen != self._seen:
                 self.refresh()
                 self._seen = r.seen
-            return self._range(self._table, start, length)
+            return self._range(self._table, start, length, holes)
         except BaseException:
             r.read_unlock()
             raise
 
     def page_of(self, t: Table, addr: Any) -> int:
         a = as_index(addr, "address")
-        if not 0 <= a < t.ram_size:
+        if not 0 <= a < t.ram_prefix:
             self.reaching(t, a, a + 1, f"address {a:#x}")
         return a >> self.page_bits
 
@@ -303,3 +314,8 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
                                        op)) < 0:
             self.block(client, -1 - r)
         return r
+
+
+def _inside(t: Table, lo: int, end: int, holes: bool) -> bool:
+    """Bytes [lo, end) inside guest RAM (with ``holes``: inside [0, ram_size])."""
+    return 0 <= lo and end <= t.ram_size if holes else t.covers(lo, end)

@@ -17,17 +17,21 @@ dirty.py must match every one of them (the hypothesis machine checks it):
     (float, str, None, bool) is a ValueError, not a TypeError.
  2. Ranges.  (start, length) is valid iff ``0 <= start``, ``0 <= length`` and
     ``start + length <= ram_size`` (exact Python arithmetic: a length that
-    would wrap a 64-bit ram_addr_t is simply too long).  So for length 0,
-    ``start == ram_size`` is valid (an empty range at the end).  start need
-    not be page aligned.
+    would wrap a 64-bit ram_addr_t is simply too long), and every byte of
+    it is guest RAM: a hole left by ram_block_remove is outside RAM like
+    the space past its end (rule 11; issue 17).  So for length 0,
+    ``start == ram_size`` is valid (an empty range at the end), and an
+    empty range inside a hole too.  start need not be page aligned.
+    sync_dirty_bitmap alone accepts a range over holes (rule 8).
  3. Page range of a valid (start, length): ``start >> page_bits`` up to
     ``ceil((start + length) / page_size)`` exclusive -- except that length 0
     is ALWAYS the empty page range, even for an unaligned start (the seed's
     get_dirty would look at one page there; DESIGN fixes length 0 as:
     get_dirty False, all_dirty True, test_and_clear_dirty False, and every
     set / sync / snapshot of length 0 changes nothing, sync returns 0).
- 4. Single addresses (set_dirty_flag, get_dirty_flag): ``0 <= addr <
-    ram_size``; the page is ``addr >> page_bits``.
+ 4. Single addresses (set_dirty_flag, get_dirty_flag): ``addr`` inside a
+    RAM block (so ``0 <= addr < ram_size`` and not in a hole); the page is
+    ``addr >> page_bits``.
  5. client in 0..2, mask in 0..7.  A mask of 0 is valid and does nothing.
     range_includes_clean returns the subset of ``mask`` whose clients have at
     least one clean page in the range (0 for length 0).
@@ -42,25 +46,28 @@ dirty.py must match every one of them (the hypothesis machine checks it):
       little-endian words.  Bit i marks page ``(start >> page_bits) + i``.
     - it must hold at least ``pages`` bits (a bytes object need not be a
       multiple of 8 long); bits at index >= pages are ignored (exact range).
-    - valid iff ``0 <= start <= ram_size``, ``pages >= 0`` and
-      ``(start >> page_bits) + pages <= ram_size >> page_bits``; start need
-      not be page or word aligned.
+    - valid iff ``0 <= start <= ram_size``, ``pages >= 0``,
+      ``(start >> page_bits) + pages <= ram_size >> page_bits`` and those
+      pages are RAM (no hole); start need not be page or word aligned.
     - sets VGA and MIGRATION; CODE too only when the map has tcg=True.
  8. sync_dirty_bitmap(dest, start, length) -> int:
     - dest is a writeable 1-D numpy uint64 array; bit p (page p, global) is
       bit ``p % 64`` of the value of ``dest[p // 64]``.  Wrong type/dtype,
       not 1-D or read-only: ValueError (checked even for length 0).
-    - any valid range (rule 2); start need not be word (64-page) aligned,
-      nor even page aligned.
+    - any range inside [0, ram_size] (rule 2, holes allowed: the pages of
+      a hole are not RAM, are not taken and do not count); start need not
+      be word (64-page) aligned, nor even page aligned.
     - dest must hold the last page of the range: ``64 * len(dest) >= end
       page``, else ValueError (no requirement for an empty range).
     - for each page in the page range whose MIGRATION bit is set: clear it,
       set the page's dest bit; return how many of those dest bits were 0
-      before.  Pages outside the range and the other clients are untouched.
+      before.  Only RAM pages (rule 11).  Pages outside the range and the
+      other clients are untouched.
  9. set_dirty_pages(pages, client): pages is a 1-D numpy array of integer
-    dtype (kind 'i' or 'u'); every value ``0 <= p < ram_size >> page_bits``,
-    else ValueError.  Duplicates are fine, an empty array does nothing.  A
-    list, a float or bool array, or a 2-D array is a ValueError.
+    dtype (kind 'i' or 'u'); every value a RAM page (``0 <= p < ram_size >>
+    page_bits``, not in a hole), else ValueError.  Duplicates are fine, an
+    empty array does nothing.  A list, a float or bool array, or a 2-D
+    array is a ValueError.
 10. snapshot_and_clear_dirty(start, length, client): validate like any
     range; take and clear exactly the page range (rule 3).  The snapshot's
     window is ``[(start >> page_bits) * page_size, ceil((start + length) /
@@ -79,8 +86,10 @@ dirty.py must match every one of them (the hypothesis machine checks it):
       become dirty for all three clients.  Returns the offset.
     - ram_block_remove(offset): offset must be the start of an existing RAM
       block, else ValueError.  No bit changes.  ram_size shrinks if that was
-      the highest block.  A hole left in the middle stays addressable (it is
-      below ram_size) and keeps its bits.
+      the highest block.  A hole left in the middle is NOT RAM (issue 17):
+      every accessor refuses it (rules 2, 4, 7, 9) as it refuses the space
+      past ram_size, and nothing counts its bits (dirty_pages, sync); it
+      keeps them unseen until an add fills it, marking it dirty anyway.
     - extend(new_ram_size): new_ram_size a positive multiple of page_size
       (else ValueError, even when it is smaller than ram_size); if it is
       larger than ram_size, a RAM block [ram_size, new_ram_size) is added
@@ -195,9 +204,25 @@ class RefDirtyMemory:
     def ram_pages(self) -> int:
         return self.ram_size >> self.page_bits
 
+    @property
+    def ram_mask(self) -> int:
+        """Bit p set for every page p of guest RAM (holes are not RAM)."""
+        m = 0
+        for o, sz in self.blocks.items():
+            m |= self._span(o >> self.page_bits, (o + sz) >> self.page_bits)
+        return m
+
+    def covers(self, lo: int, end: int) -> bool:
+        """Are bytes [lo, end) RAM (rule 2; an empty range: True)?"""
+        if end <= lo:
+            return True
+        first, last = lo >> self.page_bits, (end - 1) >> self.page_bits
+        span = self._span(first, last + 1)
+        return self.ram_mask & span == span
+
     def state(self) -> tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]:
         """Everything an observer could compare: ram_size, visible bits, blocks."""
-        visible = (1 << self.ram_pages) - 1
+        visible = self.ram_mask
         return (
             self.ram_size,
             tuple(b & visible for b in self.bitmaps),
@@ -205,8 +230,8 @@ class RefDirtyMemory:
         )
 
     def dirty_pages(self, client: int) -> list[int]:
-        """The dirty pages of ``client`` below ram_size, ascending."""
-        b = self.bitmaps[client] & ((1 << self.ram_pages) - 1)
+        """The dirty pages of ``client`` in guest RAM, ascending."""
+        b = self.bitmaps[client] & self.ram_mask
         out = []
         while b:
             low = b & -b
@@ -215,9 +240,16 @@ class RefDirtyMemory:
         return out
 
     def runs(self, client: int) -> list[tuple[int, int, bool]]:
-        """Maximal runs (first page, page count, dirty) covering [0, ram_pages)."""
+        """Maximal runs (first page, page count, dirty) covering guest RAM
+        (a run never crosses a hole)."""
         out: list[tuple[int, int, bool]] = []
-        b, p, n = self.bitmaps[client], 0, self.ram_pages
+        for o, sz in sorted(self.blocks.items()):
+            out += self._runs(client, o >> self.page_bits, (o + sz) >> self.page_bits)
+        return out
+
+    def _runs(self, client: int, p: int, n: int) -> list[tuple[int, int, bool]]:
+        out: list[tuple[int, int, bool]] = []
+        b = self.bitmaps[client]
         while p < n:
             y = b >> p
             dirty = bool(y & 1)
@@ -242,18 +274,19 @@ class RefDirtyMemory:
 
     def _addr(self, addr: Any) -> int:
         a = as_int("addr", addr)
-        if not 0 <= a < self.ram_size:
-            raise ValueError(f"address {a:#x} outside [0, {self.ram_size:#x})")
+        if not 0 <= a < self.ram_size or not self.covers(a, a + 1):
+            raise ValueError(f"address {a:#x} outside guest RAM")
         return a >> self.page_bits
 
-    def _range(self, start: Any, length: Any) -> tuple[int, int]:
-        """The page range [first, end) of a valid (start, length) (rules 2, 3)."""
+    def _range(self, start: Any, length: Any, holes: bool = False) -> tuple[int, int]:
+        """The page range [first, end) of a valid (start, length) (rules 2, 3;
+        ``holes``: a range over holes is valid, rule 8)."""
         s = as_int("start", start)
         n = as_int("length", length)
         if n < 0:
             raise ValueError(f"length {n} is negative")
-        if s < 0 or s + n > self.ram_size:
-            raise ValueError(f"range [{s:#x}, {s:#x}+{n:#x}) outside [0, {self.ram_size:#x})")
+        if s < 0 or s + n > self.ram_size or not (holes or self.covers(s, s + n)):
+            raise ValueError(f"range [{s:#x}, {s:#x}+{n:#x}) outside guest RAM")
         first = s >> self.page_bits
         if n == 0:
             return first, first
@@ -333,7 +366,8 @@ class RefDirtyMemory:
         if nbits < n:
             raise ValueError(f"bitmap holds {nbits} bits, fewer than pages={n}")
         first = s >> self.page_bits if s >= 0 else -1
-        if s < 0 or s > self.ram_size or first + n > self.ram_pages:
+        if (s < 0 or s > self.ram_size or first + n > self.ram_pages
+                or not self.covers(first << self.page_bits, (first + n) << self.page_bits)):
             raise ValueError(
                 f"pages [{first}, {first}+{n}) outside [0, {self.ram_pages})"
             )
@@ -348,11 +382,11 @@ class RefDirtyMemory:
             raise ValueError("dest must be a 1-D uint64 numpy array")
         if not dest.flags.writeable:
             raise ValueError("dest is read-only")
-        first, end = self._range(start, length)
+        first, end = self._range(start, length, holes=True)
         if end > first and end > 64 * len(dest):
             raise ValueError(f"dest holds {64 * len(dest)} pages, the range ends at page {end}")
         mig = self.bitmaps[DIRTY_MEMORY_MIGRATION]
-        taken = mig & self._span(first, end)
+        taken = mig & self._span(first, end) & self.ram_mask   # RAM pages only
         self.bitmaps[DIRTY_MEMORY_MIGRATION] = mig & ~taken
         newly = 0
         while taken:
@@ -372,7 +406,8 @@ class RefDirtyMemory:
             raise ValueError("pages must be a 1-D numpy array of an integer dtype")
         c = self._client(client)
         values = [int(p) for p in pages.tolist()]
-        bad = [p for p in values if not 0 <= p < self.ram_pages]
+        ram = self.ram_mask
+        bad = [p for p in values if not 0 <= p < self.ram_pages or not ram >> p & 1]
         if bad:
             raise ValueError(f"page {bad[0]} outside [0, {self.ram_pages})")
         for p in values:

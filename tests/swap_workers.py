@@ -146,3 +146,41 @@ def die_mid_swap(name: str, block_pages: int, pages: list[int], ready: Any) -> N
 
     dm.rcu.synchronize = die  # type: ignore[method-assign]
     dm.sync_dirty_bitmap(np.zeros(4 * block_pages // 64, np.uint64), 0, dm.ram_size)
+
+
+def late_writer(name: str, page: int, client: int, entered: Any, go: Any, conn: Any) -> None:
+    """Issue 17 item 1: attach (memb), enter one read-side section, set
+    ``entered``, wait for ``go`` (the coordinator has taken the whole block
+    meanwhile), set ``client``'s bit of ``page`` still inside, leave the
+    section and report ``time.monotonic()`` taken just after leaving (the
+    clock is system-wide: the parent compares it with its own)."""
+    import time
+
+    def run() -> float:
+        dm = sd.DirtyMemory.attach(name)
+        try:
+            with dm.read_section():
+                entered.set()
+                assert go.wait(WAIT), "never told to write"
+                dm.set_dirty_flag(page << dm.page_bits, client)
+            return time.monotonic()
+        finally:
+            dm.close()
+
+    _report(conn, run)
+
+
+def observe_page(name: str, page: int, client: int, conn: Any) -> None:
+    """A fresh process: attach and report what get_dirty_flag, get_dirty and
+    dirty_pages say about ``client``'s ``page``."""
+
+    def run() -> tuple[bool, bool, int]:
+        dm = sd.DirtyMemory.attach(name)
+        try:
+            addr = page << dm.page_bits
+            return (dm.get_dirty_flag(addr, client), dm.get_dirty(addr, dm.page_size, client),
+                    dm.dirty_pages(client))
+        finally:
+            dm.close()
+
+    _report(conn, run)

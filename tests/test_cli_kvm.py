@@ -116,7 +116,7 @@ def test_sigterm_stops_a_kvm_run_cleanly(map_name: str) -> None:
 
 
 def test_receive_refuses_another_stream_with_exit_5() -> None:
-    rx = subprocess.Popen([*CLI, "receive", "--listen", "127.0.0.1:0"],
+    rx = subprocess.Popen([*CLI, "receive", "--listen", "127.0.0.1:0", "--once"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert rx.stdout is not None

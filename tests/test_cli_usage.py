@@ -62,7 +62,7 @@ def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.parametrize(("command", "codes"), [
     ("migrate", ("0 ", "1 ", "2 ", "3 ", "4 ", "6 ", "130/143")),
-    ("receive", ("0 ", "2 ", "5 ", "130")),
+    ("receive", ("0 ", "2 ", "5 ", "9 ", "10 ", "130")),
     ("inspect", ("0 ", "2 ", "130")),
     ("ls", ("0 ", "2 ", "130")),
     ("gc", ("0 ", "2 ", "130")),

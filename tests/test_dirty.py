@@ -728,3 +728,64 @@ def test_destroy_inside_a_section_refuses_before_unlinking(map_name: str) -> Non
     other.close()
     dm.destroy()
     assert segment.list_segments(map_name) == []
+
+
+# --- issue 17 item 5: a removed RAM block is outside RAM --------------------------------
+def test_a_removed_ram_block_is_outside_ram(map_name: str) -> None:
+    """After ram_block_remove the hole is outside guest RAM: every accessor
+    refuses an address or range in it with BadInput (the error past the end
+    gives), on the C fast paths too, and changes nothing; dirty_pages and
+    sync_dirty_bitmap count RAM pages only; RAM after the hole still works."""
+    bp = 64
+    dm = sd.DirtyMemory.create(bp * PS, block_pages=bp, name=map_name)
+    try:
+        assert dm.ram_block_add(bp * PS) == bp * PS           # [64, 128): the hole-to-be
+        assert dm.ram_block_add(bp * PS) == 2 * bp * PS       # [128, 192)
+        dm.ram_block_remove(bp * PS)
+        assert dm.ram_size == 3 * bp * PS
+        hole, after = (bp + 5) * PS, (2 * bp + 7) * PS
+        clear_all_ram = [(0, bp * PS), (2 * bp * PS, bp * PS)]
+        for c in CLIENTS:
+            for s, n in clear_all_ram:
+                dm.test_and_clear_dirty(s, n, c)
+        for c in CLIENTS:
+            assert dm.dirty_pages(c) == 0
+        calls = [
+            ("set_dirty_flag", (hole, VGA)), ("get_dirty_flag", (hole, VGA)),
+            ("get_dirty", (hole, PS, VGA)), ("all_dirty", (hole, PS, VGA)),
+            ("range_includes_clean", (hole, PS, 7)), ("set_dirty_range", (hole, PS, 7)),
+            ("test_and_clear_dirty", (hole, PS, VGA)),
+            ("test_and_clear_dirty", (0, dm.ram_size, VGA)),       # spans the hole
+            ("get_dirty", ((bp - 1) * PS, 2 * PS, VGA)),           # RAM, then the hole
+            ("set_dirty_range", (0, dm.ram_size, 7)),
+            ("set_dirty_pages", (np.array([bp + 5], np.int64), VGA)),
+            ("set_dirty_pages", (np.array([3, bp + 5], np.int64), VGA)),
+            ("set_dirty_lebitmap", (np.array([1], np.uint64), hole, 1)),
+            ("snapshot_and_clear_dirty", (hole, PS, VGA)),
+        ]
+        for op, args in calls:
+            for _ in range(2):            # the second call runs with every block mapped
+                with pytest.raises(sd.ShmDirtyError, match="outside guest RAM") as e:
+                    getattr(dm, op)(*args)
+                assert isinstance(e.value, ValueError), op
+        for c in CLIENTS:                  # nothing changed
+            assert dm.dirty_pages(c) == 0
+        # RAM after the hole: the accessors work there.
+        dm.set_dirty_flag(after, VGA)
+        assert dm.get_dirty_flag(after, VGA) and dm.get_dirty(after, PS, VGA)
+        dm.set_dirty_pages(np.array([2 * bp + 9], np.int64), MIG)
+        dm.set_dirty_range(0, PS, 1 << MIG)
+        assert dm.dirty_pages(VGA) == 1 and dm.dirty_pages(MIG) == 2
+        # Bits in the hole (from before the removal) are never counted.
+        dm.set_dirty_range(0, bp * PS, 7)
+        assert dm.dirty_pages(MIG) == bp + 1
+        dest = np.zeros(3 * bp // 64, np.uint64)
+        assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == bp + 1   # RAM pages only
+        assert not dest[1].any()
+        assert dm.test_and_clear_dirty(after, PS, VGA) is True
+        # The hole filled again is RAM again, dirty for every client.
+        assert dm.ram_block_add(bp * PS) == bp * PS
+        dm.set_dirty_flag(hole, VGA)
+        assert dm.dirty_pages(CODE) == 2 * bp
+    finally:
+        dm.destroy()

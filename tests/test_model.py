@@ -294,7 +294,9 @@ def test_find_ram_offset_prefers_the_smallest_gap() -> None:
     assert m.ram_size == 11 * PS
 
 
-def test_added_block_is_dirty_and_hole_keeps_its_bits() -> None:
+def test_added_block_is_dirty_and_a_hole_is_not_ram() -> None:
+    """(issue 17 item 5) A removed block's hole is outside RAM: refused like
+    the space past the end, never counted; an add fills it, dirty."""
     m = RefDirtyMemory(0, page_bits=12, block_pages=64)
     m.ram_block_add(2 * PS)
     hole = m.ram_block_add(2 * PS)
@@ -304,8 +306,15 @@ def test_added_block_is_dirty_and_hole_keeps_its_bits() -> None:
     m.set_dirty_flag(hole, VGA)
     m.ram_block_remove(hole)
     assert m.ram_size == 6 * PS
-    assert m.get_dirty_flag(hole, VGA) is True             # still addressable
-    assert m.get_dirty_flag(hole, CODE) is False
+    for op, args in (("get_dirty_flag", (hole, VGA)), ("set_dirty_flag", (hole + PS, VGA)),
+                     ("get_dirty", (0, 6 * PS, VGA)), ("test_and_clear_dirty", (hole, 1, VGA)),
+                     ("set_dirty_pages", (np.array([3]), VGA))):
+        with pytest.raises(ValueError, match="outside"):
+            getattr(m, op)(*args)
+    assert m.dirty_pages(VGA) == []                        # the hole's bit does not count
+    dest = np.zeros(1, np.uint64)
+    m.set_dirty_range(0, PS, 1 << MIG)
+    assert m.sync_dirty_bitmap(dest, 0, 6 * PS) == 1       # holes allowed: RAM pages only
     assert m.ram_block_add(PS) == hole
     for c in range(3):
         assert m.dirty_pages(c) == [2]

@@ -77,7 +77,8 @@ def test_a_partition_at_each_stage(link: tuple[str, str, str], map_name: str, tm
     rjs, js = tmp_path / "recv.json", tmp_path / "r.json"
     env = dict(os.environ, **{pause.ENV: f"{stage}:{tmp_path}"})
     rx = subprocess.Popen(["ip", "netns", "exec", dst, *CLI, "receive", "--listen",
-                           "10.218.0.2:4444", "--peer-timeout", "2", "--json", str(rjs)],
+                           "10.218.0.2:4444", "--insecure", "--once", "--peer-timeout", "2",
+                           "--json", str(rjs)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert rx.stdout is not None
     line = rx.stdout.readline()          # "receive: listening on ..." (bounded: pytest timeout)

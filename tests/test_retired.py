@@ -8,6 +8,7 @@ exactly when the test says."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.timeout(60)
 PS = 4096
 BP = 64
 MIG = sd.DIRTY_MEMORY_MIGRATION
+VGA = sd.DIRTY_MEMORY_VGA
+WAIT = 30.0
 
 
 @pytest.fixture
@@ -119,3 +122,115 @@ def test_give_back_after_adoption_uses_the_position_words(dm: sd.DirtyMemory,
     assert dm.get_dirty_flag(7 * PS, MIG)
     assert not dm.get_dirty_flag((BP + 9) * PS, MIG)
     other_reader.read_unlock()
+
+
+# --- issue 17 item 1: a late bit is visible once its writer leaves --------------------------
+LATE_BP = 32768          # the issue's block: 32768 pages, 512 words (a swap pays for it)
+LATE_PAGE = 1234
+VISIBLE_WITHIN = 1.0     # s: the test's patience; the bound itself is measured by
+                         # ``python -m perf.late_bit`` (docs/ARCHITECTURE.md)
+
+
+def _visible(dm: sd.DirtyMemory, client: int, deadline: float) -> bool:
+    """Poll get_dirty_flag until the late page shows or ``deadline`` passes."""
+    import time
+    while not dm.get_dirty_flag(LATE_PAGE * PS, client):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1e-4)
+    return True
+
+
+@pytest.mark.parametrize("take", ["test_and_clear_dirty", "sync_dirty_bitmap"])
+def test_a_bit_written_in_a_long_section_is_seen_once_its_writer_leaves(
+        map_name: str, spawn_ctx: object, children: list[object], atomics_backend: str,
+        take: str) -> None:
+    """(issue 17 item 1) One block of 32768 pages, all dirty; a memb reader
+    process parks inside a section; the coordinator takes the whole block
+    (its swap cannot finish its grace period: the block is retired); the
+    reader, still inside, sets page 1234 and leaves.  Then the bit is seen
+    by every accessor in the coordinator and in a fresh process without
+    another whole-block take, and a take returns it exactly once."""
+    import time
+
+    import swap_workers as SW
+
+    client = VGA if take == "test_and_clear_dirty" else MIG
+    dm = sd.DirtyMemory.create(LATE_BP * PS, block_pages=LATE_BP, name=map_name)
+    try:
+        ctx: Any = spawn_ctx
+        entered, go = ctx.Event(), ctx.Event()
+        conn, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=SW.late_writer,
+                        args=(map_name, LATE_PAGE, client, entered, go, child))
+        p.start()
+        children.append(p)
+        child.close()
+        assert entered.wait(WAIT), "the writer never entered its section"
+        g0 = dm.generation
+        dest = np.zeros(LATE_BP // 64, np.uint64)
+        if take == "test_and_clear_dirty":
+            assert dm.test_and_clear_dirty(0, dm.ram_size, client) is True
+        else:
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == LATE_BP
+        assert dm.generation == g0 + 1                    # it swapped ...
+        assert shared_of(dm).retired                      # ... and the block is retired
+        assert not dm.get_dirty_flag(LATE_PAGE * PS, client)
+        go.set()
+        assert conn.poll(WAIT), "the writer reported nothing"
+        status, left = conn.recv()
+        assert status == "ok", left
+        assert _visible(dm, client, time.monotonic() + VISIBLE_WITHIN), (
+            f"page {LATE_PAGE} still clean {VISIBLE_WITHIN} s after its writer left")
+        assert dm.get_dirty(LATE_PAGE * PS, PS, client)
+        assert dm.dirty_pages(client) == 1
+        fresh_conn, fresh_child = ctx.Pipe(duplex=False)
+        q = ctx.Process(target=SW.observe_page, args=(map_name, LATE_PAGE, client, fresh_child))
+        q.start()
+        children.append(q)
+        fresh_child.close()
+        assert fresh_conn.poll(WAIT)
+        status, seen = fresh_conn.recv()
+        assert status == "ok", seen
+        assert tuple(seen) == (True, True, 1)
+        # Taken exactly once: never lost, never twice.
+        if take == "test_and_clear_dirty":
+            assert dm.test_and_clear_dirty(LATE_PAGE * PS, PS, client) is True
+            assert dm.test_and_clear_dirty(LATE_PAGE * PS, PS, client) is False
+            assert dm.test_and_clear_dirty(0, dm.ram_size, client) is False
+        else:
+            dest[:] = 0
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 1
+            assert np.flatnonzero(np.unpackbits(dest.view(np.uint8), bitorder="little")
+                                  ).tolist() == [LATE_PAGE]
+            assert dm.sync_dirty_bitmap(dest, 0, dm.ram_size) == 0
+        assert dm.dirty_pages(client) == 0
+        p.join(WAIT)
+        q.join(WAIT)
+        assert p.exitcode == 0 and q.exitcode == 0
+    finally:
+        dm.destroy()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["give-back thread", "broken: none"])
+def test_the_give_back_thread_is_what_shows_a_late_bit(dm: sd.DirtyMemory, other_reader: Rcu,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       broken: bool) -> None:
+    """The give-back thread (Retired.watch) is what makes a late bit visible
+    once its writer leaves, with no take in between: the deliberately broken
+    variant without it (today's code before issue 17) leaves the bit hidden,
+    and this check catches it."""
+    import time
+    if broken:
+        monkeypatch.setattr(Retired, "watch", lambda self, view, rcu: None)
+    late_swap(dm, other_reader)
+    retired = shared_of(dm).retired
+    entry = retired.waiting[1]
+    bitmap.set_range(dm.map_block(entry.block_id), 5, 1)   # the late writer's bit
+    other_reader.read_unlock()                               # ... and it leaves
+    deadline = time.monotonic() + (0.3 if broken else VISIBLE_WITHIN)
+    while not (seen := dm.get_dirty_flag((BP + 5) * PS, MIG)) and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    assert seen is not broken
+    if not broken:
+        assert not retired and dm.dirty_pages(MIG) == 1

@@ -33,11 +33,12 @@ from typing import Any
 from shmdirty import segment
 
 from . import guest_kvm as gk
-from . import kvm, kvm_run, migration, receiver
+from . import kvm, kvm_run, migration, receive_service
 from .config import MigrateConfig
 from .guest import PAGE_BITS
 from .kvm_run import KvmGuest
 from .lifecycle import (
+    EXIT_STREAM,
     DestinationGone,
     Failed,
     Interrupted,
@@ -48,14 +49,15 @@ from .lifecycle import (
 )
 from .migration import GuestKind, OnEvent
 from .plot import plot_rounds
+from .receive_service import ServiceConfig
 from .reports import DestinationReport
 from .sender import FIRST_DIFFS  # how many differing pages a mismatch names
 from .sim_run import SimGuest, vcpu_rate
-from .stream import PeerGone, StreamError
+from .transport import Endpoint, TransportError
 
 __all__ = ["FIRST_DIFFS", "PAGE_BITS", "DestinationGone", "Failed", "Interrupted",
-           "MigrateConfig", "RunError", "StreamRefused", "TimedOut", "Usage", "choose_guest",
-           "plot_rounds", "receive", "run", "vcpu_rate"]
+           "MigrateConfig", "RunError", "ServiceConfig", "StreamRefused", "TimedOut", "Usage",
+           "choose_guest", "plot_rounds", "receive", "run", "vcpu_rate"]
 
 MAX_READERS = 64          # reader slots of the map (DirtyMemory.create's default)
 
@@ -92,31 +94,37 @@ def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
         dataplane=bool(cfg.dataplane_rate), dataplane_rate=cfg.dataplane_rate,
         dataplane_forget=cfg.dataplane_forget, drop_round=cfg.drop_round,
         kill_destination_at=cfg.kill_destination_at, name=cfg.name,
-        block_pages=cfg.block_pages, timeout=cfg.timeout, peer_timeout=cfg.peer_timeout)
+        block_pages=cfg.block_pages, timeout=cfg.timeout, peer_timeout=cfg.peer_timeout,
+        tls_creds=cfg.tls_creds)
 
 
 class StreamRefused(RunError):
-    """``shmdirty receive``: the stream was refused or broke (docs/STREAM.md)."""
+    """``shmdirty receive``: the last connection failed; ``code`` is the
+    command's exit code for it (5 the stream, 9 this host, 10 the resumed guest)."""
+
+    def __init__(self, message: str, code: int = EXIT_STREAM) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def receive(host: str, port: int, on_event: Callable[[DestinationReport], None],
-            on_listening: Callable[[int], None], peer_timeout: float = 5.0) -> dict[str, Any]:
-    """``shmdirty receive``: one migration on ``host:port``, resumed to its
-    end; its result.  ``StreamRefused``, or ``Interrupted`` on SIGINT /
+def receive(cfg: ServiceConfig, on_event: Callable[[DestinationReport], None],
+            on_listening: Callable[[Endpoint], None],
+            on_refused: Callable[[int, str, str], None]) -> dict[str, Any]:
+    """``shmdirty receive``: serve ``cfg`` until one migration is resumed to
+    its end (``workers.receive_service``); its result.  ``StreamRefused``
+    (the connection that ended the service), ``Usage`` (the TLS
+    credentials), OSError (cannot listen), or ``Interrupted`` on SIGINT /
     SIGTERM; the receiver's VM and segments are gone either way."""
     def interrupt(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)    # unwinds receive(), whose finally tears down
 
     old = {s_: signal.signal(s_, interrupt) for s_ in Signals.SIGNALS}
     try:
-        with receiver.listen(host, port) as listener:
-            on_listening(listener.getsockname()[1])
-            conn = receiver.accept(listener, peer_timeout=peer_timeout)
-        assert conn is not None
-        try:
-            return receiver.receive(conn, on_event, peer_timeout=peer_timeout)
-        except (StreamError, PeerGone) as e:
-            raise StreamRefused(str(e)) from None
+        return receive_service.serve(cfg, on_event, on_listening, on_refused)
+    except receive_service.ConnectionFailed as e:
+        raise StreamRefused(str(e), e.code) from None
+    except TransportError as e:
+        raise Usage(str(e)) from None
     finally:
         for s_, h in old.items():
             signal.signal(s_, h)

@@ -5,7 +5,8 @@ where /dev/kvm works (``--guest auto``), else simulated vCPU processes;
 ``receive`` is its destination.  Exit codes: 0 identical (and, for KVM,
 resumed to the expected end), 1 different, 2 bad usage or not a map, 3 a
 worker failed, 4 the destination was lost before the handover, 5 (receive)
-the stream was refused or broke, 128 + signal number when interrupted
+the stream was refused or broke, 7 (receive) this host cannot hold the
+guest, 8 (receive) the resumed guest failed, 128 + signal number when interrupted
 (130 Ctrl-C, 143 SIGTERM), after stopping the workers and removing every
 segment.
 
@@ -36,13 +37,12 @@ from shmdirty import atomic
 from shmdirty.maps import CLIENT_NAMES, inspect_map, map_status
 
 # The application: the command line reaches it through this one import.
-from . import app
+from . import app, receiver, transport
 from .lifecycle import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_MISMATCH,
     EXIT_OK,
-    EXIT_STREAM,
     EXIT_TIMEOUT,
     EXIT_USAGE,
 )
@@ -59,6 +59,8 @@ from .options import (
     whole,
     writable_file,
 )
+from .receive_service import REASONS
+from .receiver import Limits
 from .render import Progress, error, say, summary
 from .reports import Abandoned, BlocksReady, DestinationReport, Resumed
 
@@ -81,10 +83,19 @@ exit codes:
 destination, unknown, none) says which side holds the guest."""
 RECEIVE_EXITS = """\
 exit codes:
-  0    received and resumed
-  2    bad options, or HOST:PORT cannot be listened on
-  5    the stream was refused or broke (or the source fell silent: --peer-timeout)
-  130  interrupted by Ctrl-C (143: SIGTERM)"""
+  0    received, resumed, and the guest ran to its end
+  2    bad options, unreadable --tls-creds, or the address cannot be listened on
+  5    the stream was refused or broke: not TLS or not authorized, malformed
+       (not the format of docs/STREAM.md), truncated, or the source went away
+       or fell silent before the commit (--peer-timeout)
+  9    this host cannot hold the guest: KVM or /dev/shm failed, or more RAM
+       than --max-ram
+  10   the resumed guest did not run to its end (a vCPU fault such as HLT,
+       or --guest-timeout)
+  130  interrupted by Ctrl-C (143: SIGTERM)
+Without --once, a connection refused for 5 or 9 is logged on stderr as one line
+`receive: refused (code N, ...)` and the receiver listens on: it ends after one
+migration resumed its guest."""
 INSPECT_EXITS = """\
 exit codes:
   0    shown
@@ -104,12 +115,25 @@ exit codes:
 __all__ = ["CLIENT_NAMES", "inspect_map", "main", "map_status"]
 
 
-def host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:4444)")
-    return host.strip("[]"), int(port)
+def endpoint(text: str) -> transport.Endpoint:
+    """``HOST:PORT`` or ``unix:PATH``."""
+    try:
+        return transport.parse_endpoint(text)
+    except transport.TransportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def creds_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
+def _to(ep: transport.Endpoint | None) -> tuple[str, int] | None:
+    """``--to`` as the run's (host, port): a Unix socket is ("unix:PATH", 0)."""
+    if ep is None:
+        return None
+    return (f"{transport.UNIX}{ep.path}", 0) if ep.path is not None else (ep.host, ep.port)
 
 
 # Options only one guest uses: given for the other, they are refused up front.
@@ -127,6 +151,9 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         except ImportError as e:
             raise app.Usage(f"--plot needs matplotlib, which cannot be imported ({e}); "
                             "install it with: pip install 'shmdirty[bench]'") from None
+    if args.tls_creds is not None and args.to is None:
+        raise app.Usage("--tls-creds protects the stream to a receiver elsewhere: give --to "
+                        "too (the loopback receiver is this run's own child)")
     for name, only in ONLY_FOR.items():
         if getattr(args, name) is not None and guest != only:
             raise app.Usage(f"--{name.replace('_', '-')} applies to --guest {only} only "
@@ -145,11 +172,11 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         bandwidth=args.bandwidth if args.bandwidth is not None else (0.0 if kvm else 24.0),
         threshold=args.threshold if args.threshold is not None else (512 if kvm else 256),
         max_rounds=args.max_rounds, seed=args.seed, timeout=args.timeout,
-        drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=args.to,
+        drop_round=args.drop_round, name=args.name, guest=guest, guest_why=why, to=_to(args.to),
         steps=args.steps or 0,
         dataplane_rate=1000 if args.dataplane_rate is None else args.dataplane_rate,
         dataplane_forget=args.dataplane_forget, kill_destination_at=args.kill_destination_at,
-        peer_timeout=args.peer_timeout)
+        peer_timeout=args.peer_timeout, tls_creds=args.tls_creds)
 
 
 def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) -> bool:
@@ -234,16 +261,38 @@ def cmd_receive(args: argparse.Namespace, out: Console) -> int:
         elif isinstance(ev, Abandoned):
             say(out, "receive: abandoned ")
 
+    def refused(code: int, peer: str, reason: str) -> None:
+        error(out, f"receive: refused (code {code}, {REASONS[code]}) {peer}: {reason}; "
+                   "still listening")
+
+    ep, tls = args.listen, args.tls_creds is not None
+    if args.tls_authz and not tls:
+        error(out, "receive: --tls-authz needs --tls-creds")
+        return EXIT_USAGE
+    if transport.needs_insecure(ep, tls):
+        if not args.insecure:
+            error(out, f"receive: {ep} is reachable from other machines and the stream is "
+                       "not encrypted: give --tls-creds DIR, or --insecure to allow it")
+            return EXIT_USAGE
+        error(out, f"receive: WARNING: listening on {ep} without TLS (--insecure): anyone "
+                   "who reaches it can push a guest, and guest RAM crosses the network in clear")
+    cfg = app.ServiceConfig(ep, args.tls_creds, transport.parse_authz(args.tls_authz or ()),
+                            Limits(max_ram=args.max_ram,
+                                   handshake_timeout=args.handshake_timeout,
+                                   peer_timeout=args.peer_timeout,
+                                   guest_timeout=args.guest_timeout), once=args.once)
     try:
-        res = app.receive(args.listen[0], args.listen[1], progress,
-                          lambda port: say(out, f"receive: listening on "
-                                                 f"{args.listen[0]}:{port}"),
-                          args.peer_timeout)
+        res = app.receive(cfg, progress,
+                          lambda addr: say(out, f"receive: listening on {addr}"
+                                           + (" (TLS)" if tls else "")), refused)
     except app.StreamRefused as e:
         error(out, f"receive: {e}; nothing was left behind")
-        return EXIT_STREAM
+        return e.code
+    except app.Usage as e:
+        error(out, f"receive: {e}")
+        return EXIT_USAGE
     except OSError as e:
-        error(out, f"receive: cannot listen on {args.listen[0]}:{args.listen[1]}: {e}")
+        error(out, f"receive: cannot listen on {ep}: {e.strerror or e}")
         return EXIT_USAGE
     except app.Interrupted as e:
         out.print(f"receive: interrupted by {e}; nothing was left behind")
@@ -275,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--guest", choices=("auto", "kvm", "sim"), default="auto",
                    help="kvm: a real KVM guest; sim: simulated vCPU processes; auto (default): "
                         "kvm where /dev/kvm works")
-    m.add_argument("--to", type=host_port, default=None, metavar="HOST:PORT",
+    m.add_argument("--to", type=endpoint, default=None, metavar="HOST:PORT|unix:PATH",
                    help="send to a `shmdirty receive` there (default: start one on loopback)")
+    m.add_argument("--tls-creds", type=creds_dir, default=None, metavar="DIR",
+                   help="TLS 1.3 with both ends verified, as QEMU's tls-creds-x509 "
+                        "verify-peer=on: DIR holds ca-cert.pem, client-cert.pem, client-key.pem "
+                        "(and server-cert.pem, server-key.pem for the loopback receiver)")
     m.add_argument("--ram", type=page_size_arg, default=None, metavar="SIZE",
                    help="initial guest RAM, a positive size like 512K, 64M, 1G "
                         "(default 128M kvm, 64M sim)")
@@ -331,7 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "migration stream (docs/STREAM.md), build the guest's RAM (and VM) "
                        "here, resume it to its end, then exit.", epilog=RECEIVE_EXITS,
                        formatter_class=raw)
-    r.add_argument("--listen", type=host_port, required=True, metavar="HOST:PORT")
+    r.add_argument("--listen", type=endpoint, required=True, metavar="HOST:PORT|unix:PATH",
+                   help="where to listen: TCP, or a Unix socket created mode 0600 (a "
+                        "non-loopback address without --tls-creds needs --insecure)")
+    r.add_argument("--tls-creds", type=creds_dir, default=None, metavar="DIR",
+                   help="TLS 1.3 with both ends verified, as QEMU's tls-creds-x509 "
+                        "verify-peer=on: DIR holds ca-cert.pem, server-cert.pem, server-key.pem")
+    r.add_argument("--tls-authz", action="append", metavar="SUBJECT[,...]",
+                   help="only clients whose certificate's common name is listed (or whose "
+                        "whole subject is the given CN=..,O=..); may be repeated")
+    r.add_argument("--insecure", action="store_true",
+                   help="allow a plain TCP listener on a non-loopback address (one warning)")
+    r.add_argument("--max-ram", type=page_size_arg, default=0, metavar="SIZE",
+                   help="refuse guests with more RAM (default: what this host's memory and "
+                        "/dev/shm can hold when the guest arrives)")
+    r.add_argument("--handshake-timeout", type=positive, default=receiver.HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="from the accept to the stream's HELLO, TLS "
+                   f"included (default {receiver.HANDSHAKE_TIMEOUT:g})")
+    r.add_argument("--guest-timeout", type=positive, default=receiver.GUEST_TIMEOUT,
+                   metavar="SECONDS", help="the resumed guest's run at most (default "
+                   f"{receiver.GUEST_TIMEOUT:g})")
+    r.add_argument("--once", action="store_true",
+                   help="end after the first connection, whatever becomes of it")
     r.add_argument("--json", type=writable_file, metavar="PATH",
                    help="write the result as JSON to PATH")
     r.add_argument("--peer-timeout", type=positive, default=PEER_TIMEOUT, metavar="S",

@@ -25,7 +25,9 @@ class MigrateConfig:
     name: str | None = None
     guest: str = "sim"          # "sim" or "kvm": choose_guest() resolves --guest auto
     guest_why: str = ""
-    to: tuple[str, int] | None = None   # a receiver elsewhere; None: one on loopback
+    to: tuple[str, int] | None = None   # a receiver elsewhere (host "unix:PATH": a Unix
+                                        # socket); None: one on loopback
+    tls_creds: str | None = None        # TLS with both ends verified (workers.transport)
     steps: int = 0              # KVM: guest steps per vCPU, 0: the pattern's default
     dataplane_rate: float = 1000.0      # KVM: dataplane requests/s, 0: no dataplane
     dataplane_forget: bool = False      # testing: a dataplane that forgets to mark

@@ -60,6 +60,7 @@ class KvmRunConfig:
     guest: g.GuestConfig = field(default_factory=g.GuestConfig)
     why: str = ""                          # why the KVM guest (--guest auto)
     to: tuple[str, int] | None = None      # a receiver elsewhere; None: one on loopback
+    tls_creds: str | None = None           # TLS with both ends verified (workers.transport)
     bandwidth: float = 0.0                 # bytes/s in pre-copy, 0: no limit
     threshold: int = 512
     max_rounds: int = 30
@@ -119,7 +120,8 @@ class KvmGuest:
                       self._dp_owner)
         scfg = sender.SenderConfig(host, port, cfg.guest.to_json(), cfg.bandwidth,
                                    cfg.threshold, cfg.max_rounds, local=cfg.to is None,
-                                   drop_round=cfg.drop_round, peer_timeout=cfg.peer_timeout)
+                                   drop_round=cfg.drop_round, peer_timeout=cfg.peer_timeout,
+                                   tls_creds=cfg.tls_creds)
         run.start("migrator", sender.main, scfg, run.map_name, self._mig_owner)
         for c in self._pipes:     # the VM owner, the migrator and the dataplane hold them
             c.close()

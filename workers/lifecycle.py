@@ -20,6 +20,10 @@ EXIT_STREAM = 5
 EXIT_TIMEOUT = 6
 EXIT_FATE_UNKNOWN = 7     # RESUME sent, then silence: the guest may or may not run there
 EXIT_LOST_AFTER_COMMIT = 8   # the destination committed (ran the guest), then was lost
+# ``shmdirty receive``'s own codes (besides 0, 2, 5 and 128 + signal), apart
+# from migrate's 7 and 8 so that no number means two things:
+EXIT_HOST = 9       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
+EXIT_GUEST = 10     # the resumed guest did not run to its end (a fault, --guest-timeout)
 EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 

@@ -44,6 +44,7 @@ class MigratorConfig:
     drop_round: int = 0             # testing: forget this round's dirty pages
     hotplug: bool = False           # a hot-plug worker runs: wait for it to stop too
     peer_timeout: float = 5.0       # seconds of silence after which the destination is lost
+    tls_creds: str | None = None    # TLS with both ends verified (workers.transport)
 
 
 class SimControl:
@@ -84,7 +85,8 @@ def main(dm: DirtyMemory, cfg: MigratorConfig, ctl: Control) -> None:
     with worker("migrator", ctl):
         sender = Sender(dm, SenderConfig(cfg.host, cfg.port, None, cfg.bandwidth,
                                          cfg.threshold, cfg.max_rounds, cfg.chunk_pages,
-                                         cfg.local, cfg.drop_round, cfg.peer_timeout),
+                                         cfg.local, cfg.drop_round, cfg.peer_timeout,
+                                         tls_creds=cfg.tls_creds),
                         SimControl(ctl, cfg.hotplug), ctl.report, ctl.aborted)
         try:
             if ctl.start("migrator"):

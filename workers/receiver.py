@@ -21,18 +21,21 @@ stream leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from shmdirty import DirtyMemory
+from shmdirty import DirtyMemory, segment
+from shmdirty.errors import ShmDirtyError
 
 from . import guest_kvm as g
 from . import pause
 from . import stream as s
-from .guest import GuestRam
+from .guest import PAGE_BITS, GuestRam
 from .peer import DEFAULT_PEER_TIMEOUT, Heartbeat, tune
 from .reports import (
     Abandoned,
@@ -43,6 +46,9 @@ from .reports import (
     StreamHello,
 )
 from .stream import Channel, PeerGone, PeerSilent, StreamError
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds from the accept to a whole HELLO (TLS included)
+GUEST_TIMEOUT = 600.0    # seconds the resumed guest may run (--guest-timeout)
 
 ACCEPT_POLL = 0.2        # seconds between two looks at should_stop() while listening
 
@@ -82,13 +88,83 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
     return None
 
 
+class HostFailure(ShmDirtyError, OSError):
+    """This host cannot hold the guest: KVM or /dev/shm failed after the
+    accept, or the guest needs more RAM than ``--max-ram``."""
+
+
+class GuestFailed(ShmDirtyError, RuntimeError):
+    """The resumed guest did not run to its end (a vCPU fault such as HLT
+    at CPL 3, a shutdown, or ``--guest-timeout``)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may make this receiver do."""
+
+    max_ram: int = 0                    # bytes of guest RAM; 0: what this host can hold
+    handshake_timeout: float = HANDSHAKE_TIMEOUT   # accept to HELLO
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT  # then: seconds of silence (--peer-timeout)
+    guest_timeout: float = GUEST_TIMEOUT  # the resumed guest's run
+
+
+def host_ram_limit() -> tuple[int, str]:
+    """(bytes, why): the guest RAM this host can hold now, the smaller of
+    its available memory and the free space of /dev/shm."""
+    import psutil
+    mem = int(psutil.virtual_memory().available)
+    st = os.statvfs(segment.SHM_DIR)
+    shm = st.f_bavail * st.f_frsize
+    return min(mem, shm), (f"{mem >> 20} MiB of memory available, {shm >> 20} MiB free in "
+                           f"{segment.SHM_DIR}")
+
+
+def check_ram(need: int, limits: Limits) -> None:
+    """HostFailure, before anything is allocated, if ``need`` bytes of guest
+    RAM are more than ``--max-ram`` or than this host can hold."""
+    have, why = host_ram_limit()
+    if limits.max_ram and limits.max_ram < have:
+        have, why = limits.max_ram, f"--max-ram {limits.max_ram >> 20} MiB"
+    if need > have:
+        raise HostFailure(f"the guest needs {need >> 20} MiB of RAM, more than this receiver "
+                          f"may hold ({why})")
+
+
+def parse_hello(payload: memoryview) -> tuple[int, g.GuestConfig | None, bool]:
+    """(page bits, the KVM guest's config or None, digests) of a HELLO;
+    StreamError for anything else than docs/STREAM.md describes."""
+    try:
+        hello = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StreamError(f"HELLO is not JSON: {e}") from None
+    if not isinstance(hello, dict):
+        raise StreamError(f"HELLO is a JSON {type(hello).__name__}, not an object")
+    bits = hello.get("page_bits")
+    if type(bits) is not int or not s.MIN_PAGE_BITS <= bits <= s.MAX_PAGE_BITS:
+        raise StreamError(f"HELLO: page_bits {bits!r}, not a whole number from "
+                          f"{s.MIN_PAGE_BITS} to {s.MAX_PAGE_BITS}")
+    digests = hello.get("digests", True)
+    if not isinstance(digests, bool):
+        raise StreamError(f"HELLO: digests {digests!r}, not true or false")
+    guest = hello.get("guest")
+    if guest is None:
+        return bits, None, digests
+    if bits != PAGE_BITS:
+        raise StreamError(f"HELLO: a KVM guest has page_bits {PAGE_BITS}, not {bits}")
+    if not isinstance(guest, str):
+        raise StreamError("HELLO: guest is not the JSON text of a guest configuration")
+    try:
+        return bits, g.GuestConfig.from_json(guest), digests
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise StreamError(f"HELLO: bad guest configuration: {e}") from None
+
+
 class Destination:
     """The receiving side of one connection: its map, RAM and (KVM) VM."""
 
     def __init__(self, ch: Channel, report: Report, map_name: str | None,
-                 peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> None:
-        self.ch, self.report, self.map_name = ch, report, map_name
-        self.peer_timeout = peer_timeout
+                 limits: Limits = Limits()) -> None:
+        self.ch, self.report, self.map_name, self.limits = ch, report, map_name, limits
         self.dm: DirtyMemory | None = None
         self.ram: GuestRam | None = None
         self.vm: Any = None                 # workers.vm.GuestVM for a KVM guest
@@ -97,19 +173,23 @@ class Destination:
         self.records = 0
 
     def run(self) -> dict[str, Any]:
-        with Heartbeat(self.ch, self.peer_timeout):
+        with Heartbeat(self.ch, self.limits.peer_timeout):
             return self._run(self.ch)
 
     def _run(self, ch: Channel) -> dict[str, Any]:
+        ch.sock.settimeout(self.limits.handshake_timeout)   # accept to HELLO
         ch.expect_preamble()
         _, _, payload = ch.recv_expect(s.HELLO)
-        hello = json.loads(bytes(payload))
-        self.report(StreamHello(hello))
-        self.page_size = 1 << int(hello["page_bits"])
-        self.dm = DirtyMemory.create(0, page_bits=int(hello["page_bits"]), name=self.map_name)
-        if hello.get("guest"):
+        bits, self.cfg, digests = parse_hello(payload)
+        ch.sock.settimeout(self.limits.peer_timeout)     # then: bounded waits (workers.peer)
+        self.page_size = 1 << bits
+        ch.limits[s.PAGES] = s.MAX_CHUNK_PAGES * (8 + self.page_size) + s.CRC.size
+        if self.cfg is not None:
+            check_ram(self.cfg.ram_total, self.limits)
+        self.report(StreamHello(json.loads(bytes(payload))))
+        self.dm = DirtyMemory.create(0, page_bits=bits, name=self.map_name)
+        if self.cfg is not None:
             from .vm import GuestVM  # only a KVM destination needs /dev/kvm
-            self.cfg = g.GuestConfig.from_json(hello["guest"])
             self.vm = GuestVM(self.dm, self.cfg, log_dirty=False)
             self.ram = self.vm.ram
         else:
@@ -119,15 +199,15 @@ class Destination:
         t_loaded = time.monotonic()
         ch.send_json(s.LOADED, {"map": self.dm.name, "blocks": self.ram.blocks,
                                 "pages": self.pages})
-        digests = s.ram_digests(self.ram.views) if hello.get("digests", True) else []
-        ch.send(s.DIGESTS, [b"".join(digests)], count=len(digests))
+        digest_list = s.ram_digests(self.ram.views) if digests else []
+        ch.send(s.DIGESTS, [b"".join(digest_list)], count=len(digest_list))
         pause.at("digests")
         rtype, _, _ = ch.recv_expect(s.RESUME, s.ABANDON)
         result: dict[str, Any] = {"map": self.dm.name, "pages": self.pages,
                                   "blocks": list(self.ram.blocks), "resumed": False}
         if rtype == s.ABANDON:
             self.report(Abandoned())
-            return result
+            return dict(result, abandoned=True)
         pause.at("resumed")
         if self.vm is not None:
             raw = self.ram.views[0].reshape(-1)
@@ -140,9 +220,12 @@ class Destination:
         if self.vm is not None:
             self.report(Resumed(len(states)))
             t0 = time.monotonic()
-            self.vm.run_to_end()
+            try:
+                self.vm.run_to_end(timeout=self.limits.guest_timeout)
+            except TimeoutError as e:
+                raise GuestFailed(f"the resumed guest failed: {e} (--guest-timeout)") from None
             if self.vm.errors:
-                raise RuntimeError("; ".join(self.vm.errors))
+                raise GuestFailed("the resumed guest failed: " + "; ".join(self.vm.errors))
             result.update(resumed=True, vcpus=self.vm.results(), run_seconds=time.monotonic() - t0,
                           hotadds=[(o, z) for o, z, _ in self.vm.hotadds],
                           blocks=list(self.ram.blocks), loaded_at=t_loaded)
@@ -181,6 +264,11 @@ class Destination:
                 pause.at("precopy")
             elif rtype == s.VCPUS:
                 states = [VcpuState(i, d, r, sr) for i, d, r, sr in s.unpack_vcpus(count, payload)]
+                n = self.cfg.vcpus if self.cfg is not None else 0
+                if sorted(st.index for st in states) != list(range(len(states))) or \
+                        len(states) not in (0, n):
+                    raise StreamError(f"VCPUS record: indexes {[st.index for st in states]}, "
+                                      f"expected 0 to {n - 1} once each")
             else:
                 pages, records = s.END.unpack(payload)
                 if (pages, records) != (self.pages, self.records):
@@ -192,7 +280,9 @@ class Destination:
 
     def _blocks(self, blocks: list[tuple[int, int]]) -> None:
         assert self.dm is not None and self.ram is not None
-        s.check_ram_layout(blocks)   # refused before anything is allocated
+        # refused before anything is allocated
+        s.check_ram_layout(blocks, available=1 << 62)
+        check_ram(sum(size for _, size in blocks), self.limits)
         try:
             if self.vm is not None:
                 self.vm.ensure_blocks(blocks)
@@ -220,18 +310,27 @@ class Destination:
 
 
 def receive(conn: socket.socket, report: Report, map_name: str | None = None,
-            peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> dict[str, Any]:
-    """Receive one migration on ``conn`` and resume it; tell the source on failure."""
-    dest = Destination(Channel(conn), report, map_name, peer_timeout)
+            limits: Limits = Limits()) -> dict[str, Any]:
+    """Receive one migration on ``conn`` and resume it.  StreamError /
+    PeerGone (the stream; PeerSilent: nothing for ``limits.peer_timeout``),
+    HostFailure (this host), GuestFailed (the resumed guest); the source is
+    sent an ERROR record first where it still listens."""
+    dest = Destination(Channel(conn), report, map_name, limits)
     try:
         return dest.run()
-    except (StreamError, PeerGone):
+    except PeerGone:
         raise
     except BaseException as e:
+        err: BaseException = e
+        if isinstance(e, (OSError, MemoryError)) and not isinstance(e, (StreamError,
+                                                                        HostFailure)):
+            err = HostFailure(f"this host cannot hold the guest: {type(e).__name__}: {e}")
         try:
-            dest.ch.send_json(s.ERROR, {"message": f"{type(e).__name__}: {e}"})
+            dest.ch.send_json(s.ERROR, {"message": f"{type(err).__name__}: {err}"})
         except (OSError, PeerGone):
             pass
+        if err is not e:
+            raise err from None
         raise
     finally:
         dest.close()
@@ -253,7 +352,8 @@ def main(host: str, port: int, map_name: str | None, peer_timeout: float,
             parent.send(Listening(host, listener.getsockname()[1]))
             conn = accept(listener, should_stop=parent.poll, peer_timeout=peer_timeout)
         if conn is not None:
-            parent.send(Received(receive(conn, lambda ev: None, map_name, peer_timeout)))
+            parent.send(Received(receive(conn, lambda ev: None, map_name,
+                                         Limits(peer_timeout=peer_timeout))))
     except (StreamError, PeerGone) as e:
         parent.send(DestinationLost(f"the destination refused the stream: {e}"))
         raise SystemExit(1) from None

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -70,9 +69,10 @@ from .reports import (
     Switchover,
     WorkerFailed,
 )
+from .stream import Channel, PeerGone, PeerSilent, StreamError
+from .transport import Endpoint, connect
 
 __all__ = ["DEFAULT_PEER_TIMEOUT", "Lost", "Sender", "SenderConfig"]
-from .stream import Channel, PeerGone, PeerSilent, StreamError
 
 CONNECT_TIMEOUT = 10.0
 REPORT_EVERY = 0.05
@@ -149,6 +149,7 @@ class SenderConfig:
     drop_round: int = 0             # testing: forget this round's dirty pages
                                     # (STOP_AND_COPY: the final set)
     peer_timeout: float = DEFAULT_PEER_TIMEOUT   # seconds of silence that mean the peer is lost
+    tls_creds: str | None = None    # TLS with both ends verified (workers.transport)
 
 
 class Sender:
@@ -172,10 +173,11 @@ class Sender:
 
     def connect(self) -> Channel:
         cfg = self.cfg
+        ep = Endpoint.of(cfg.host, cfg.port)
         try:
-            sock = socket.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT)
-        except OSError as e:
-            raise Lost(f"cannot connect to {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+            sock = connect(ep, cfg.tls_creds, CONNECT_TIMEOUT)
+        except OSError as e:    # Refused (the TLS handshake) included
+            raise Lost(f"cannot connect to {ep}: {e.strerror or e}") from None
         tune(sock, cfg.peer_timeout)
         ch = Channel(sock)
         try:

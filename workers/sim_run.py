@@ -91,7 +91,8 @@ class SimGuest:
             host=host, port=port, local=cfg.to is None,
             bandwidth=cfg.bandwidth * (1 << 20), threshold=cfg.threshold,
             max_rounds=cfg.max_rounds, drop_round=cfg.drop_round,
-            hotplug=bool(cfg.hotplug), peer_timeout=cfg.peer_timeout)))
+            hotplug=bool(cfg.hotplug), peer_timeout=cfg.peer_timeout,
+            tls_creds=cfg.tls_creds)))
         return jobs
 
     def spawn(self, run: Migration, host: str, port: int) -> None:

@@ -1,16 +1,17 @@
 """The migration stream: framing, records, and both ends' reads and writes.
 
-The format is documented in docs/STREAM.md (version 1).  In short: a
+The format is documented in docs/STREAM.md (version 2).  In short: a
 16-byte preamble (magic, version), then records, each a 16-byte header
 (type u16, flags u16, count u32, payload length u64, little-endian) and its
 payload.  Page records carry a CRC-32 of their payload (the per-chunk
 digest), so a corrupted chunk is caught where it lands.
 
-``Channel`` wraps one connected TCP socket.  A peer that goes away shows up
-as ``PeerGone`` (EOF, reset, broken pipe), one that says nothing for the
-socket's timeout (hung, or unreachable: ``workers.peer``) as
-``PeerSilent``; a stream that breaks its own rules (other version, bad
-record, truncated) as ``StreamError``.  HEARTBEAT records (either
+``Channel`` wraps one connected socket (TCP, TLS or Unix:
+``workers.transport``).  A peer that goes away shows up as ``PeerGone``
+(EOF, reset, broken pipe), one that says nothing for the socket's timeout
+(hung, or unreachable: ``workers.peer``) as ``PeerSilent``; a stream that
+breaks its own rules (other version, bad record, truncated, a TLS record
+that does not decrypt) as ``StreamError``.  HEARTBEAT records (either
 direction) are skipped by ``recv``: they only prove the peer alive.
 Records are sent whole under a lock, so a heartbeat thread may send
 between two records of the main thread.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -43,6 +45,10 @@ END = struct.Struct("<QQ")            # pages sent, page records sent
 DIGEST_CHUNK = 1 << 20                # bytes of RAM per switchover digest
 MAX_PAYLOAD = 1 << 30
 MAX_RAM_BLOCKS = 1024                 # RAM blocks a receiver accepts (QEMU has far fewer)
+MAX_CHUNK_PAGES = 1024                # pages per PAGES record a receiver accepts
+MIN_PAGE_BITS, MAX_PAGE_BITS = 12, 16  # 4 KiB to 64 KiB pages
+MAX_VCPUS = 256
+MAX_JSON = 1 << 20                    # HELLO, LOADED, RESULT, ERROR
 # Socket buffers of each end.  Small on purpose: what sits in buffers has
 # not arrived, so big buffers would hide a slow destination from the
 # throughput the source measures and add their backlog to the downtime.
@@ -58,6 +64,22 @@ NAMES = {HELLO: "HELLO", BLOCKS: "BLOCKS", PAGES: "PAGES", ROUND: "ROUND", VCPUS
          END_OF_STREAM: "END", RESUME: "RESUME", ABANDON: "ABANDON", LOADED: "LOADED",
          DIGESTS: "DIGESTS", RESULT: "RESULT", ERROR: "ERROR", READY: "READY",
          RUNNING: "RUNNING", HEARTBEAT: "HEARTBEAT"}
+
+
+# The largest payload of each record type, checked against the header before
+# a byte of the payload is read or a buffer allocated for it (a header that
+# claims 1 GiB costs nothing).  A receiver narrows PAGES once HELLO gave the
+# page size (``Channel.limits``).
+MAX_LENGTH = {HELLO: MAX_JSON, BLOCKS: MAX_RAM_BLOCKS * 16, ROUND: 8,
+              PAGES: MAX_CHUNK_PAGES * (8 + (1 << MAX_PAGE_BITS)) + 4, VCPUS: MAX_VCPUS * 464,
+              END_OF_STREAM: 16,
+              RESUME: 0, ABANDON: 0, LOADED: MAX_JSON, DIGESTS: MAX_PAYLOAD, RESULT: MAX_JSON,
+              ERROR: MAX_JSON, READY: 0, RUNNING: 0, HEARTBEAT: 0}
+
+
+# Records whose payload has one size only: anything else is refused from the header.
+EXACT_LENGTH = {ROUND: 8, END_OF_STREAM: END.size, RESUME: 0, ABANDON: 0, READY: 0,
+                RUNNING: 0, HEARTBEAT: 0}
 
 
 class StreamError(ShmDirtyError, ValueError):
@@ -85,6 +107,7 @@ class Channel:
         self._buf = bytearray(1 << 20)
         self._send_lock = threading.Lock()   # one record at a time (module doc)
         self.last_sent = time.monotonic()    # when a record last went out
+        self.limits = dict(MAX_LENGTH)       # per record type; see MAX_LENGTH
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -93,6 +116,11 @@ class Channel:
         views = [memoryview(b).cast("B") for b in bufs]
         views = [v for v in views if len(v)]
         try:
+            if isinstance(self.sock, ssl.SSLSocket):   # TLS has no sendmsg: one write each
+                for v in views:
+                    self.sock.sendall(v)
+                    self.bytes_sent += len(v)
+                views = []
             while views:
                 n = self.sock.sendmsg(views)
                 self.bytes_sent += n
@@ -108,6 +136,8 @@ class Channel:
                              "(--peer-timeout): hung or unreachable") from None
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
             raise PeerGone(f"the other end went away while sending: {e.strerror}") from None
+        except ssl.SSLError as e:
+            raise PeerGone(f"the TLS session broke while sending: {e.reason or e}") from None
 
     def preamble(self) -> None:
         self._sendall([PREAMBLE.pack(MAGIC, VERSION, 0)])
@@ -154,6 +184,8 @@ class Channel:
                 raise PeerSilent(f"nothing from the other end for {self.sock.gettimeout()} s "
                                  f"(--peer-timeout) during {what}: hung or unreachable"
                                  ) from None
+            except ssl.SSLError as e:     # a TLS record that does not decrypt: broken
+                raise StreamError(f"TLS error during {what}: {e.reason or e}") from None
             if n == 0:
                 if got == 0 and what == "a record header":
                     raise PeerGone("the other end closed the connection")
@@ -176,9 +208,11 @@ class Channel:
             raise StreamError(f"stream version {version}, this receiver reads version "
                               f"{VERSION} only")
 
-    def recv(self) -> tuple[int, int, memoryview]:
+    def recv(self, types: tuple[int, ...] = ()) -> tuple[int, int, memoryview]:
         """The next record but heartbeats: (type, count, payload).  The
-        payload view is only valid until the next ``recv``."""
+        payload view is only valid until the next ``recv``.  With ``types``,
+        a record of another type (ERROR aside) is refused from its header,
+        before its payload is read or a buffer allocated for it."""
         head = bytearray(RECORD.size)
         while True:
             self._recv_into(memoryview(head), "a record header")
@@ -187,8 +221,18 @@ class Channel:
                 break
         if rtype not in NAMES:
             raise StreamError(f"unknown record type {rtype}")
-        if length > MAX_PAYLOAD:
-            raise StreamError(f"{NAMES[rtype]} record of {length} bytes is too large")
+        if types and rtype not in types and rtype != ERROR:
+            raise StreamError(f"expected {'/'.join(NAMES[t] for t in types)}, got "
+                              f"{NAMES[rtype]}")
+        if rtype == BLOCKS and count > MAX_RAM_BLOCKS:
+            raise StreamError(f"BLOCKS record: {count} RAM blocks, more than the "
+                              f"{MAX_RAM_BLOCKS} a receiver accepts")
+        if EXACT_LENGTH.get(rtype, length) != length:
+            raise StreamError(f"{NAMES[rtype]} record of {length} bytes, it has "
+                              f"{EXACT_LENGTH[rtype]}")
+        if length > self.limits.get(rtype, MAX_PAYLOAD):
+            raise StreamError(f"{NAMES[rtype]} record of {length} bytes, more than the "
+                              f"{self.limits.get(rtype, MAX_PAYLOAD)} it may have")
         if length > len(self._buf):
             self._buf = bytearray(length)
         view = memoryview(self._buf)[:length]
@@ -196,9 +240,9 @@ class Channel:
         return rtype, count, view
 
     def recv_expect(self, *types: int) -> tuple[int, int, memoryview]:
-        rtype, count, payload = self.recv()
+        rtype, count, payload = self.recv(types)
         if rtype == ERROR and ERROR not in types:
-            raise StreamError(f"the other end failed: {json.loads(bytes(payload))['message']}")
+            raise StreamError(f"the other end failed: {error_message(payload)}")
         if rtype not in types:
             raise StreamError(f"expected {'/'.join(NAMES[t] for t in types)}, got "
                               f"{NAMES[rtype]}")
@@ -212,6 +256,15 @@ class Channel:
 
 
 # -- payloads ------------------------------------------------------------------
+
+def error_message(payload: memoryview) -> str:
+    """The ``message`` of an ERROR record, whatever the peer put there."""
+    try:
+        obj = json.loads(bytes(payload))
+        return str(obj["message"]) if isinstance(obj, dict) and "message" in obj else repr(obj)
+    except (ValueError, UnicodeDecodeError):
+        return repr(bytes(payload[:200]))
+
 
 def pack_blocks(blocks: Iterable[tuple[int, int]]) -> bytes:
     return b"".join(BLOCK.pack(o, s) for o, s in blocks)

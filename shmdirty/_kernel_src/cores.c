@@ -106,7 +106,7 @@ PyObject *k_memb_set_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
  *   ViewCore (the base of shmdirty.table.TableView): _seen, _blocks,
  *     _flag_in_c, and the properties _local (this handle's threading.local;
  *     setting it forgets the cached reader), _table (setting it caches its
- *     ram_size), page_bits and block_pages.
+ *     ram_prefix: RAM up to the first hole), page_bits and block_pages.
  *
  * The GIL is held from the checks to the op (a long walk or page batch
  * releases it only while its section shows in the reader's nesting), as
@@ -162,7 +162,7 @@ typedef struct {
     PyObject *blocks;          /* _blocks: per client, the mapped blocks (None: not yet) */
     PyObject *local;           /* _local: threading.local whose .reader is this thread's */
     PyObject *table;           /* _table */
-    long long ram_end;         /* _table.ram_size, bytes */
+    long long ram_end;         /* _table.ram_prefix: RAM below it, no hole (bytes) */
     PyObject *page_bits_o, *block_pages_o;
     long long page_bits, block_pages;
     char flag_in_c;           /* _flag_in_c: the handle was made on the kernel backend */
