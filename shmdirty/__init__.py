@@ -26,6 +26,7 @@ from .errors import (
     NotCoordinator,
     RcuMisuse,
     ShmDirtyError,
+    ShmFull,
 )
 
 __version__ = "0.1.0"
@@ -51,4 +52,5 @@ __all__ = [
     "NotCoordinator",
     "RcuMisuse",
     "ShmDirtyError",
+    "ShmFull",
 ]

@@ -31,11 +31,19 @@ from typing import Any
 from . import atomic, bitmap, layout, segment
 from .bitmap import Block
 from .clients import DIRTY_MEMORY_NUM, as_index
-from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator
+from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator, ShmFull
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
 from .retired import Retired, give_back
 from .segment import Segment
-from .table import EMPTY, Table, blocks_needed, find_ram_offset, write_table
+from .table import (
+    CREATE_TRIES,
+    EMPTY,
+    Table,
+    blocks_needed,
+    find_ram_offset,
+    record_tag,
+    write_table,
+)
 from .take import SwapTake, Take
 from .view import TableView
 
@@ -63,7 +71,7 @@ def create_map(name: str, page_bits: int, block_pages: int, max_readers: int,
                            (layout.H_COORD, my_owner_word())):
             w.store(off, value, atomic.RELAXED)
         GracePeriods.init_counter(hdr)
-        write_table(name, Table(1, 0, EMPTY.block_ids, ()))
+        record_tag(hdr, write_table(name, Table(1, 0, EMPTY.block_ids, ())))
         hdr.seal()
     except BaseException:
         hdr.close()
@@ -114,12 +122,14 @@ class Coordinator:
         # until create() or adopt() gives the handle the role (take_role),
         # and again in a forked child (Shared.forked).
         self.taker: Take = self.word_take()
+        self.header = header
         w = header.words
         self.gen_ptr = w.ptr(layout.H_GENERATION)
         self.coord_ptr = w.ptr(layout.H_COORD)
         self.req_ptr = w.ptr(layout.H_REQUEST)
         self.ram_ptr = w.ptr(layout.H_RAM_SIZE)
         self.next_block_ptr = w.ptr(layout.H_NEXT_BLOCK)
+        self.refused_ptr = w.ptr(layout.H_REFUSED)
 
     @property
     def pool(self) -> list[int]:
@@ -253,6 +263,13 @@ class Coordinator:
         made: list[tuple[int, Segment]] = []
         g = t.generation + 1
         pool = self.shared.retired.pool
+        # Room for it all, before anything is made (each segment is reserved
+        # on its own too: segment.reserve); a shortage changes nothing.
+        fresh_blocks = max(0, (need - t.num_blocks) * DIRTY_MEMORY_NUM + len(swap) - len(pool))
+        segment.check_room(
+            f"map {v.name}: RAM size {ram_size:#x}",
+            fresh_blocks * segment.shm_bytes(layout.block_size(v.block_pages))
+            + segment.shm_bytes(layout.table_size(DIRTY_MEMORY_NUM, need, len(ram_blocks))))
         taken_from_pool: list[int] = []
         retired: list[int] = []
 
@@ -262,9 +279,19 @@ class Coordinator:
                 return taken_from_pool[-1]
             # relaxed: only the coordinator allocates ids; the word lives in
             # the header so an adopter goes on from it.
-            bid = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
-            seg = Segment.create(layout.block_name(v.name, bid),
-                                 layout.block_size(v.block_pages), layout.KIND_BLOCK, c, bid)
+            counter = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
+            for attempt in range(CREATE_TRIES):
+                # A random part in every id: nobody can squat the next name;
+                # a name taken anyway (EEXIST) gets a fresh one.
+                bid = layout.new_block_id(counter)
+                try:
+                    seg = Segment.create(layout.block_name(v.name, bid),
+                                         layout.block_size(v.block_pages), layout.KIND_BLOCK,
+                                         c, bid)
+                    break
+                except FileExistsError:
+                    if attempt == CREATE_TRIES - 1:
+                        raise
             made.append((bid, seg))
             seg.seal()
             return bid
@@ -292,7 +319,8 @@ class Coordinator:
                 # yet, and setting bits in blocks they can see is harmless.
                 self.mark_dirty(lambda c, idx: v.map_block(ids[c][idx]), *dirty)
             new = Table(g, ram_size, tuple(tuple(c) for c in ids), tuple(ram_blocks))
-            write_table(v.name, new)  # cleans up after itself
+            new = write_table(v.name, new)  # cleans up after itself; gives the tag
+            record_tag(self.header, new)    # before the generation, below
         except BaseException:
             pool.extend(taken_from_pool)
             v.unmap_blocks([bid for bid, _ in made])
@@ -309,7 +337,7 @@ class Coordinator:
         # release: request_extend() waiters that see the size see the table.
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
         v.set_table(new)
-        old = layout.table_name(v.name, t.generation)
+        old = layout.table_name(v.name, t.generation, t.tag)
         self.rcu.call_rcu(lambda: segment.unlink(old))
         return retired
 
@@ -367,6 +395,10 @@ class Coordinator:
         if self.is_coordinator():
             self.extend(new_ram_size)
             return
+        # A refusal of this size from before is not about this request.
+        # acq_rel / relaxed: as withdraw().
+        atomic.compare_exchange(self.refused_ptr, new_ram_size, 0, atomic.ACQ_REL,
+                                atomic.RELAXED)
         self.post(new_ram_size)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -414,6 +446,11 @@ class Coordinator:
         # acquire: pairs with publish()'s release of the size.
         while atomic.load(self.ram_ptr, atomic.ACQUIRE) < new_ram_size:
             now = time.monotonic()
+            # acquire: pairs with serve_once's release store of a refusal.
+            if atomic.load(self.refused_ptr, atomic.ACQUIRE) == new_ram_size:
+                raise ShmFull(f"map {name}: the coordinator cannot grow to RAM size "
+                              f"{new_ram_size:#x}", self.growth_bytes(new_ram_size),
+                              segment.free_bytes(), segment.SHM_DIR)
             if now >= next_check:
                 coord = atomic.load(self.coord_ptr, atomic.ACQUIRE)
                 if not coord or not owner_alive(coord):
@@ -445,12 +482,30 @@ class Coordinator:
             else:
                 time.sleep(poll)
 
+    def growth_bytes(self, new_ram_size: int) -> int:
+        """What of /dev/shm growing to ``new_ram_size`` takes (new blocks and
+        the table, whole pages; the pool of zeroed blocks not counted), as
+        this view's table says (a requester's may be behind: an estimate)."""
+        v = self.view
+        t = v.table
+        need = max(t.num_blocks, blocks_needed(new_ram_size, v.page_bits, v.block_pages))
+        return ((need - t.num_blocks) * DIRTY_MEMORY_NUM
+                * segment.shm_bytes(layout.block_size(v.block_pages))
+                + segment.shm_bytes(layout.table_size(DIRTY_MEMORY_NUM, need,
+                                                      len(t.ram_blocks) + 1)))
+
     def serve_once(self) -> bool:
         grew = False
         req = atomic.load(self.req_ptr, atomic.ACQUIRE)
         if req > atomic.load(self.ram_ptr, atomic.ACQUIRE):
-            self.extend(req)
-            grew = True
+            try:
+                self.extend(req)
+                grew = True
+            except ShmFull:
+                # Refused, the map unchanged: told to the requester (release:
+                # it loads the word with acquire), the request withdrawn, and
+                # the loop goes on serving.
+                atomic.store(self.refused_ptr, req, atomic.RELEASE)
         if req:
             # Granted (or already met): withdraw it, so that RAM removed later
             # is not grown back by a stale request.  A CAS: a larger request
@@ -479,7 +534,7 @@ class Coordinator:
             if shown < t.ram_size:
                 self.mark_published(shown, t.ram_size - shown)
             atomic.store(self.ram_ptr, t.ram_size, atomic.RELEASE)
-        keep = {layout.table_name(v.name, t.generation)}
+        keep = {layout.table_name(v.name, t.generation, t.tag)}
         keep.update(layout.block_name(v.name, b) for ids in t.block_ids for b in ids)
         stale: list[str] = []
         stale_blocks: list[int] = []

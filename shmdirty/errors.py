@@ -9,6 +9,7 @@ type, args and message come back the same.
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 from typing import Any
@@ -86,6 +87,23 @@ class MapExists(ShmDirtyError, FileExistsError):
                          "`shmdirty gc` if its processes are gone")
         self._ctor_args = (name,)
         self.map = name
+
+
+class ShmFull(ShmDirtyError, OSError):
+    """/dev/shm cannot hold what is asked (errno ENOSPC): ``needed`` bytes,
+    ``free`` bytes free.  Raised before anything is written; nothing half
+    made is left behind and a live map is unchanged."""
+
+    def __init__(self, what: str, needed: int, free: int, where: str = "/dev/shm") -> None:
+        super().__init__(errno.ENOSPC,
+                         f"{what}: needs {needed} bytes of {where}, only {free} bytes are "
+                         f"free (enlarge it, e.g. docker --shm-size, or free some: "
+                         f"`shmdirty gc`)")
+        self._ctor_args = (what, needed, free, where)
+        self.what, self.needed, self.free, self.where = what, needed, free, where
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:

@@ -7,12 +7,13 @@ a segment of another version raises CorruptSegment.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 
 from .errors import BadInput
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3   # 3: random parts in block ids and table names (issue 18.7)
 MAGIC = int.from_bytes(b"SHMDIRTY", "little")
 CACHE_LINE = 64
 WORD = 8
@@ -48,11 +49,19 @@ H_MAX_READERS = 88
 # Each mutable word below has a cache line of its own (no false sharing).
 H_GENERATION = 128   # coordinator stores (seq_cst) after the table is complete;
                      # every op loads it (seq_cst) after entering its section
+H_TABLE_TAGS = 136   # two words, [generation % 2]: (generation << 32) | tag, the
+                     # random part of that table's name; the coordinator stores
+                     # it (release) before the generation, a reader loads it
+                     # (acquire) after the generation and retries on a mismatch
 H_GP = 192           # grace-period counter: synchronize fetch_adds (seq_cst),
                      # readers load it when they enter a section
 H_COORD = 256        # coordinator's owner word (pid | start << 22); adopt CASes it
 H_REQUEST = 320      # largest RAM size requested by request_extend (CAS max),
                      # read by the coordinator's serve loop (acquire)
+H_REFUSED = 328      # the last request serve() could not grant (/dev/shm full):
+                     # serve stores it (release) before withdrawing the request;
+                     # a requester clears its own (CAS) before posting and raises
+                     # ShmFull when it loads (acquire) its size here
 H_RAM_SIZE = 384     # published RAM size: coordinator stores (release) after
                      # the table that holds it; requesters load (acquire)
 H_NEXT_BLOCK = 448   # next unused block id: coordinator only (survives adoption)
@@ -112,10 +121,40 @@ def block_size(block_pages: int) -> int:
 
 # --- names: every segment name is built and parsed here ---------------------
 # ``shmdirty-<map>-<role><index>``: role ``hdr`` (no index), ``t`` (table of a
-# generation), ``b`` (bitmap block id), ``ram`` / ``dst`` (guest RAM block and
-# its destination copy, workers/guest.py).
-_MAP_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
-_ROLE_RE = re.compile(r"^([a-z]+)([0-9]*)$")
+# generation, then ``.<tag>``: 8 random hex digits), ``b`` (bitmap block id),
+# ``ram`` / ``dst`` (guest RAM block and its destination copy, workers/guest.py).
+#
+# Names a stranger cannot predict (issue 18.7): segments are created with
+# O_EXCL in a directory every user may write, so a name known in advance
+# could be squatted.  A block id carries a random part (``new_block_id``),
+# the table records the ids; a table name carries a random tag, the header
+# records it (``H_TABLE_TAGS``).  Creators retry on EEXIST with a fresh one.
+#
+# Guest RAM segments (workers/guest.py) carry a random tag too
+# (``ram<index>.<tag>``); their users find them by listing, owner checked.
+#
+# The longest name (issue 17.4): the platform's NAME_MAX for /dev/shm minus
+# ``shmdirty-``, the ``-`` and the longest role: ``ram`` / ``dst``, an index
+# below 2**32 (10 digits), ``.`` and the tag (8): 22 characters (``b`` and a
+# block id below 2**63 is 20, ``t``, a generation below 2**32 and its tag 20).
+BLOCK_ID_COUNTER_BITS = 32     # low bits of a block id: the header's counter
+BLOCK_ID_RANDOM_BITS = 31      # high bits: random (ids stay below 2**63)
+TABLE_TAG_BITS = 32
+GENERATION_LIMIT = 1 << 32     # generations fit beside their tag in one word
+LONGEST_ROLE = 22              # len("ram4294967295.ffffffff")
+
+
+def _name_max() -> int:
+    try:
+        return min(os.pathconf("/dev/shm", "PC_NAME_MAX"), 255)
+    except (OSError, ValueError):
+        return 255   # Linux NAME_MAX
+
+
+NAME_MAX = _name_max()
+MAX_MAP_NAME = NAME_MAX - len(PREFIX) - 1 - LONGEST_ROLE
+_MAP_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+_ROLE_RE = re.compile(r"^([a-z]+)([0-9]*)(?:\.[0-9a-f]{8})?$")
 
 
 def new_map_name() -> str:
@@ -123,13 +162,20 @@ def new_map_name() -> str:
     return secrets.token_hex(6)
 
 
-def check_map_name(name: str) -> str:
-    """Accept ``abc`` or ``shmdirty-abc``; return ``abc``.  BadInput otherwise."""
+def check_map_name(name: str, max_len: int | None = None) -> str:
+    """Accept ``abc`` or ``shmdirty-abc``; return ``abc``.  BadInput otherwise,
+    and for a name longer than ``max_len`` (default MAX_MAP_NAME: the
+    longest whose every segment name fits NAME_MAX)."""
+    limit = MAX_MAP_NAME if max_len is None else max_len
     if isinstance(name, str) and name.startswith(PREFIX):
         name = name[len(PREFIX):]
-    if not isinstance(name, str) or not _MAP_NAME_RE.match(name):
+    if not isinstance(name, str) or not _MAP_NAME_RE.match(name) or len(name) > limit:
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:37] + "..."
+        length = f" ({len(name)} characters)" if isinstance(name, str) else ""
         raise BadInput(
-            f"map name {name!r} must be 1-100 characters of letters, digits, '_' or '.'"
+            f"map name {shown!r}{length} must be 1 to at most {limit} characters of "
+            f"letters, digits, '_' or '.' (its longest segment name must fit the "
+            f"{NAME_MAX} characters of a /dev/shm name)"
         )
     return name
 
@@ -156,21 +202,43 @@ def role_of(segment_name: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2)) if m.group(2) else None
 
 
+def new_block_id(counter: int) -> int:
+    """A block id: the header's counter in the low bits, a random part above
+    (a stranger cannot tell the next block's name)."""
+    return (secrets.randbits(BLOCK_ID_RANDOM_BITS) << BLOCK_ID_COUNTER_BITS) | (
+        counter & ((1 << BLOCK_ID_COUNTER_BITS) - 1))
+
+
+def new_table_tag() -> int:
+    """The random part of a table's name."""
+    return secrets.randbits(TABLE_TAG_BITS)
+
+
+def table_tag_word(generation: int, tag: int) -> int:
+    """What ``H_TABLE_TAGS[generation % 2]`` holds for a published table."""
+    return (generation << TABLE_TAG_BITS) | tag
+
+
 def header_name(map_name: str) -> str:
     return f"{PREFIX}{map_name}-hdr"
 
 
-def table_name(map_name: str, generation: int) -> str:
-    return f"{PREFIX}{map_name}-t{generation}"
+def table_name(map_name: str, generation: int, tag: int) -> str:
+    return f"{PREFIX}{map_name}-t{generation}.{tag:08x}"
 
 
 def block_name(map_name: str, block_id: int) -> str:
     return f"{PREFIX}{map_name}-b{block_id}"
 
 
-def ram_name(map_name: str, index: int) -> str:
-    return f"{PREFIX}{map_name}-ram{index}"
+def ram_name(map_name: str, index: int, tag: int) -> str:
+    return f"{PREFIX}{map_name}-ram{index}.{tag:08x}"
 
 
-def dst_name(map_name: str, index: int) -> str:
-    return f"{PREFIX}{map_name}-dst{index}"
+def dst_name(map_name: str, index: int, tag: int) -> str:
+    return f"{PREFIX}{map_name}-dst{index}.{tag:08x}"
+
+
+def ram_names_prefix(map_name: str, role: str, index: int) -> str:
+    """What the names of guest RAM segment ``index`` (``ram``/``dst``) start with."""
+    return f"{PREFIX}{map_name}-{role}{index}."

@@ -23,6 +23,7 @@ well under the usual ``ulimit -n`` for guests up to terabytes.
 from __future__ import annotations
 
 import _posixshmem  # type: ignore[import-not-found]
+import errno
 import mmap
 import os
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic, layout
-from .errors import CorruptSegment
+from .errors import CorruptSegment, ShmFull
 
 SHM_DIR = "/dev/shm"
 
@@ -56,11 +57,15 @@ class Segment:
     @classmethod
     def create(cls, name: str, size: int, kind: int, arg0: int = 0, arg1: int = 0) -> Segment:
         """Create ``name`` exclusively (mode 0600), zeroed, with its prefix
-        written; FileExistsError if the name is taken."""
+        written; FileExistsError if the name is taken.  Its pages are
+        reserved before anything is written: a /dev/shm too small raises
+        ShmFull (and the name is gone again) instead of a SIGBUS later, at
+        the first store to a page tmpfs cannot give."""
         size = max(size, layout.PREFIX_BYTES)
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             os.ftruncate(fd, size)
+            reserve(fd, size, f"segment {name}")
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -166,12 +171,53 @@ class Segment:
         return f"<Segment {self.name} {state}>"
 
 
+def free_bytes() -> int:
+    """Bytes /dev/shm can still give (0 if it cannot be asked)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def reserve(fd: int, size: int, what: str) -> None:
+    """posix_fallocate the first ``size`` bytes of ``fd``: ShmFull if tmpfs
+    cannot hold them (the caller removes what it made)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise ShmFull(what, size, free_bytes(), SHM_DIR) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # A file system that cannot reserve (not tmpfs, where /dev/shm
+        # lives on Linux): nothing to reserve with; the check_room of the
+        # caller is the only guard left.
+
+
+def shm_bytes(size: int) -> int:
+    """What a segment of ``size`` bytes takes of tmpfs: whole pages."""
+    page = mmap.PAGESIZE
+    return -(-max(size, layout.PREFIX_BYTES) // page) * page
+
+
+def check_room(what: str, needed: int) -> None:
+    """ShmFull up front if ``needed`` bytes (of whole segments: shm_bytes)
+    do not fit (the exact check is each segment's reserve(); this one names
+    the whole amount before the first is made)."""
+    free = free_bytes()
+    if needed > free:
+        raise ShmFull(what, needed, free, SHM_DIR)
+
+
 def unlink(name: str) -> bool:
-    """Remove ``name``; True if it existed."""
+    """Remove ``name``; True if it existed and was removed.  A segment of
+    another user under our prefix (a squatter's: /dev/shm is sticky, so
+    only its owner may remove it) is not ours: False, no error."""
     try:
         _posixshmem.shm_unlink("/" + name)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         return False
 
 

@@ -11,7 +11,7 @@ published table is view.py.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ class Table:
     ram_size: int
     block_ids: tuple[tuple[int, ...], ...]      # per client
     ram_blocks: tuple[tuple[int, int], ...]     # (offset, size), by offset
+    tag: int = 0                                # random part of its segment's name
     # Invariant (issue 17 item 5): guest RAM is the union of ``ram_blocks``;
     # a removed block leaves a hole below ``ram_size`` that is not RAM.
     # ``ram_prefix`` is where the first hole begins (``ram_size`` when there
@@ -128,11 +129,12 @@ def attach_part(map_name: str, seg_name: str, kind: int, min_size: int) -> Segme
         raise
 
 
-def read_table(map_name: str, generation: int) -> Table:
-    """Copy the table of ``generation`` out of its segment; MapNotFound if
-    the map is gone, CorruptSegment if the table is missing or inconsistent."""
-    seg = attach_part(map_name, layout.table_name(map_name, generation), layout.KIND_TABLE,
-                      layout.T_BLOCK_IDS)
+def read_table(map_name: str, generation: int, tag: int) -> Table:
+    """Copy the table of ``generation`` (name tag ``tag``) out of its segment;
+    MapNotFound if the map is gone, CorruptSegment if the table is missing
+    or inconsistent."""
+    seg = attach_part(map_name, layout.table_name(map_name, generation, tag),
+                      layout.KIND_TABLE, layout.T_BLOCK_IDS)
     try:
         w = seg.words
         # The table is immutable once published (its generation store is a
@@ -150,18 +152,53 @@ def read_table(map_name: str, generation: int) -> Table:
         seg.close()
     return Table(generation, ram_size,
                  tuple(tuple(ids[c * nb:(c + 1) * nb]) for c in range(DIRTY_MEMORY_NUM)),
-                 tuple(zip(ram[0::2], ram[1::2], strict=True)))
+                 tuple(zip(ram[0::2], ram[1::2], strict=True)), tag)
 
 
-def write_table(map_name: str, t: Table) -> None:
+def published_tag(header: Segment, generation: int) -> int | None:
+    """The name tag the header records for ``generation``, or None if its
+    word already holds a later generation's (two publications since: the
+    caller reloads the generation, the newest table is always safe)."""
+    # acquire: pairs with publish()'s release store of the word, made before
+    # the generation's store; the caller loaded the generation (seq_cst) first.
+    word = header.words.load(layout.H_TABLE_TAGS + layout.WORD * (generation % 2),
+                             atomic.ACQUIRE)
+    if word >> layout.TABLE_TAG_BITS != generation:
+        return None
+    return word & ((1 << layout.TABLE_TAG_BITS) - 1)
+
+
+def record_tag(header: Segment, t: Table) -> None:
+    """Record ``t``'s name tag in the header, before its generation is stored."""
+    # release: a reader that loads the generation (seq_cst, stored after this)
+    # and then this word (acquire) sees the tag; a reader of an older
+    # generation sees a mismatch and reloads.
+    header.words.store(layout.H_TABLE_TAGS + layout.WORD * (t.generation % 2),
+                       layout.table_tag_word(t.generation, t.tag), atomic.RELEASE)
+
+
+CREATE_TRIES = 16   # fresh random names tried when a name is taken (squatted)
+
+
+def write_table(map_name: str, t: Table) -> Table:
     """Create and seal the segment of ``t`` (not yet published: the caller
-    stores the generation).  FileExistsError if the name is taken; on any
-    other failure nothing is left behind."""
-    name = layout.table_name(map_name, t.generation)
+    records its tag and stores the generation); returns ``t`` with the tag
+    it got: a fresh random one, retried when a name is taken.  On failure
+    nothing is left behind."""
+    if t.generation >= layout.GENERATION_LIMIT:
+        raise BadInput(f"map {map_name}: generation {t.generation} is past "
+                       f"{layout.GENERATION_LIMIT - 1}")
     flat = [b for ids in t.block_ids for b in ids]
-    seg = Segment.create(name, layout.table_size(DIRTY_MEMORY_NUM, t.num_blocks,
-                                                 len(t.ram_blocks)),
-                         layout.KIND_TABLE, t.generation)
+    size = layout.table_size(DIRTY_MEMORY_NUM, t.num_blocks, len(t.ram_blocks))
+    for attempt in range(CREATE_TRIES):
+        t = replace(t, tag=layout.new_table_tag())
+        name = layout.table_name(map_name, t.generation, t.tag)
+        try:
+            seg = Segment.create(name, size, layout.KIND_TABLE, t.generation)
+            break
+        except FileExistsError:
+            if attempt == CREATE_TRIES - 1:
+                raise
     try:
         w = seg.words
         # Nobody reads the table before its seal (a release): relaxed stores.
@@ -178,3 +215,4 @@ def write_table(map_name: str, t: Table) -> None:
         segment.unlink(name)
         raise
     seg.close()
+    return t

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import bitmap
 from .bitmap import Block
-from .errors import GraceTimeout
+from .errors import GraceTimeout, ShmFull
 from .rcu import Rcu
 from .retired import Retired, RetiredBlock
 from .view import TableView
@@ -120,10 +120,29 @@ class Take:
         finally:
             v.end_section()
         if swap:
-            for idx, (words, block) in zip(swap, self.swap_out(client, swap), strict=True):
+            try:
+                out = self.swap_out(client, swap)
+            except ShmFull:
+                # No room for the zeroed blocks (nothing was published):
+                # these blocks are taken word by word, like any other.
+                self.take_words(client, swap, merge)
+                return
+            for idx, (words, block) in zip(swap, out, strict=True):
                 merge(idx * bw, words)
                 if block is not None:   # its grace period ended: zeroed and pooled
                     self.shared.retired.recycle(block)
+
+    def take_words(self, client: int, idxs: list[int], merge: Merge) -> None:
+        """Take ``client``'s whole blocks ``idxs`` word by word, in a section."""
+        v = self.view
+        bw = v.block_pages >> 6
+        v.begin_section()
+        try:
+            for idx in idxs:
+                w0, taken = bitmap.take(v.block(client, idx), 0, v.block_pages)
+                merge(idx * bw + w0, taken)
+        finally:
+            v.end_section()
 
     def choose(self, client: int, whole: list[int]) -> list[int]:
         """Which of ``client``'s whole blocks ``whole`` to swap out: none."""

@@ -30,10 +30,12 @@ from typing import Any
 from . import atomic, bitmap, layout
 from .bitmap import Block
 from .clients import DIRTY_MEMORY_NUM, as_index
-from .errors import BadInput
+from .errors import BadInput, CorruptSegment
 from .rcu import Closed, Local, Rcu, Reader
 from .segment import Segment
-from .table import EMPTY, Table, attach_part, read_table
+from .table import EMPTY, Table, attach_part, published_tag, read_table
+
+TAG_TRIES = 1000   # a table name's tag re-read while the coordinator keeps publishing
 
 
 class Section:
@@ -93,6 +95,7 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
         self.tcg = bool(w.load(layout.H_TCG, atomic.RELAXED))
         self.max_readers = w.load(layout.H_MAX_READERS, atomic.RELAXED)
         self._gen_ptr = w.ptr(layout.H_GENERATION)
+        self._header = header   # its H_TABLE_TAGS name the published tables
         # This thread's Reader is ``self._local.reader`` (one threading.local
         # lookup per op: readers are per thread, rcu.py); a thread's first op
         # makes it through ``self._rcu.reader``.
@@ -172,8 +175,18 @@ class TableView(atomic.VIEW_BASE):  # type: ignore[misc]
 
     def load_table(self, g: int) -> None:
         """Read the table of generation ``g`` and use it (the one place a
-        view reads a table segment: tests hook it to act at that moment)."""
-        self.set_table(read_table(self.name, g))
+        view reads a table segment: tests hook it to act at that moment).
+        Its name's random part is in the header; if two publications
+        overwrote it since ``g`` was loaded, the newest table is used."""
+        for _ in range(TAG_TRIES):
+            tag = published_tag(self._header, g)
+            if tag is not None:
+                self.set_table(read_table(self.name, g, tag))
+                return
+            # seq_cst: as refresh() (the Dekker pair with publish).
+            g = atomic.load(self._gen_ptr, atomic.SEQ_CST)
+        raise CorruptSegment(layout.header_name(self.name),
+                             f"records no name for the table of generation {g}")
 
     def set_table(self, t: Table) -> None:
         with self._view_lock:

@@ -16,7 +16,7 @@ import numpy as np
 import rel_workers
 
 import shmdirty as sd
-from shmdirty import segment
+from shmdirty import layout, segment
 
 PB = 12
 PS = 1 << PB
@@ -25,12 +25,8 @@ WAIT = 30.0          # the longest any single wait may take before the test fail
 
 
 def segs(name: str, role: str) -> list[str]:
-    out = []
-    for n in segment.list_segments(name):
-        tail = n.rsplit("-", 1)[1]
-        if tail[:1] == role and tail[1:].isdigit():
-            out.append(n)
-    return out
+    return [n for n in segment.list_segments(name)
+            if layout.role_of(n)[0] == role and layout.role_of(n)[1] is not None]
 
 
 def pages_of(dest: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:

@@ -33,7 +33,7 @@ PIPE_LEN = 10   # histogram bins: pipe age 0..8, and 9 for "9 or more"
 
 
 def object_name(map_name: str, generation: int) -> str:
-    return layout.table_name(map_name, generation)
+    return layout.table_name(map_name, generation, 0)
 
 
 def attach_header(map_name: str, max_readers: int) -> Segment:

@@ -162,7 +162,8 @@ def test_signal_mid_run_stops_workers_and_removes_every_segment(
         workers = psutil.Process(proc.pid).children()
         assert len([w for w in workers if w.is_running()]) >= 4  # 2 vCPUs, hotplug, migrator
         segs = segment.list_segments(map_name)
-        assert layout.header_name(map_name) in segs and layout.ram_name(map_name, 0) in segs
+        assert layout.header_name(map_name) in segs
+        assert any(layout.role_of(n) == ("ram", 0) for n in segs)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -364,7 +365,7 @@ def test_names_that_are_not_maps(capsys: pytest.CaptureFixture[str], map_name: s
     code, out = _run(capsys, "inspect", map_name)
     assert code == 2 and "is not a map" in out
     code, out = _run(capsys, "inspect", "no such map!")
-    assert code == 2 and "must be 1-100 characters" in out
+    assert code == 2 and "must be 1 to at most" in out
     code, out = _run(capsys, "gc", "--yes", map_name)
     assert code == 2 and "is not a map" in out
     code, out = _run(capsys, "ls", "--all")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,52 @@ def test_the_simulated_guest_goes_to_a_receiver_elsewhere_too(map_name: str,
     assert res["guest"] == "sim" and res["resumed_ok"] is None and res["identical"] is True
     assert res["result"]["method"] == "digests"
     assert segment.list_segments(map_name) == []
+
+
+@needs_kvm
+@pytest.mark.parametrize(("side", "hotplug", "extra"), [
+    ("source", "50:8M", ["--bandwidth", "2"]),   # pre-copy lasts: the source hot-adds
+    ("destination", "90:8M", []),                 # done first: the resumed guest hot-adds
+])
+def test_a_kvm_hot_add_without_room_fails_alone(side: str, hotplug: str,
+                                                extra: list[str]) -> None:
+    """Issues 17.3 / 18.7 for the KVM guest: in a private 96 MiB /dev/shm,
+    once the destination's RAM exists a filler leaves 256 KiB, so the
+    hot-add cannot be made, on the source or on the destination: it is
+    refused, the guest runs on with the RAM it has, and the run ends
+    identical with the resumed guest as the model (without that hot-add)
+    says (on either side today: exit 3, or a receiver error)."""
+    from small_shm import run_in_small_shm
+    argv = ["migrate", "--name", "full", *SMALL[:6], "--hotplug", hotplug, *SMALL[8:], *extra]
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys
+        proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *{argv!r},
+                                 "--json", "/dev/shm/run.json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(300000):            # bounded: the destination's RAM appears first
+            if proc.poll() is not None or any(n.startswith("shmdirty-full_dst-ram0.")
+                                              for n in os.listdir("/dev/shm")):
+                break
+        with open("/dev/shm/filler", "wb") as f:
+            for _ in range(50):           # the run may still be reserving: look again
+                st = os.statvfs("/dev/shm")
+                try:
+                    os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - (256 << 10))
+                    break
+                except OSError:
+                    os.ftruncate(f.fileno(), 0)
+        out, err = proc.communicate(timeout=100)
+        res = json.load(open("/dev/shm/run.json"))
+        print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
+                          "refused": res.get("hotplug_refused"), "hotplug": res.get("hotplug"),
+                          "dst": res.get("destination_hotadds"),
+                          "resumed_ok": res.get("resumed_ok")}}))
+    """)
+    r = run_in_small_shm(script, size="96m", timeout=115)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 0, got["out"] + got["err"]
+    assert got["hotplug"] == [] and got["dst"] == [], got["out"]
+    refused = [h["size"] for h in got["refused"]]
+    assert refused == ([8 << 20] if side == "source" else []), got["out"]
+    assert got["resumed_ok"] is True and "the resumed guest ended as the model says" in got["out"]

@@ -13,11 +13,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import psutil
 import pytest
+from small_shm import run_in_small_shm
 
 from shmdirty import layout, segment
 from shmdirty.segment import Segment
@@ -57,7 +59,7 @@ def test_errors_of_inspect_and_gc_go_to_stderr(capsys: pytest.CaptureFixture[str
     code, out, err = _main(capsys, "gc", "--yes", map_name)
     assert code == 2 and "is not a map" in err and "is not a map" not in out
     code, out, err = _main(capsys, "inspect", "no such map!")
-    assert code == 2 and out == "" and "must be 1-100 characters" in err
+    assert code == 2 and out == "" and "must be 1 to at most" in err
 
 
 @pytest.mark.parametrize(("command", "codes"), [
@@ -239,3 +241,126 @@ def test_readme_matches_the_code() -> None:
     assert "SHMDIRTY_ATOMICS" in readme
     for v in ("3.11", "3.12", "3.13"):
         assert f"Python :: {v}" in (ROOT / "pyproject.toml").read_text() and v in readme
+
+
+# --- issue 17.4: names whose segment names cannot exist are refused up front ---------------
+def test_migrate_refuses_a_name_its_receiver_map_cannot_have(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    assert MAX_MIGRATE_NAME == layout.MAX_MAP_NAME - len("_dst")
+    too_long = (map_name + "x" * 300)[:MAX_MIGRATE_NAME + 1]
+    r = _migrate(too_long, *SMALL)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]     # argparse: the usage, then one line
+    assert "Traceback" not in r.stderr
+    assert last.startswith("shmdirty migrate: error: argument --name")
+    assert f"at most {MAX_MIGRATE_NAME} characters" in last
+    assert [n for n in segment.list_segments() if map_name in n] == []
+
+
+def test_migrate_runs_with_the_longest_name_allowed(map_name: str) -> None:
+    from shmdirty.workers.options import MAX_MIGRATE_NAME
+    longest = (map_name + "x" * 300)[:MAX_MIGRATE_NAME]
+    try:
+        r = _migrate(longest, *SMALL)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        for n in segment.list_segments(longest) + segment.list_segments(longest + "_dst"):
+            segment.unlink(n)
+
+
+def test_inspect_refuses_a_too_long_name(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(capsys, "inspect", "n" * (layout.MAX_MAP_NAME + 1))
+    assert code == 2 and out == "" and f"at most {layout.MAX_MAP_NAME} characters" in err
+
+
+# --- issues 18.7 / 17.3: a hot-add that fails fails alone; the guest runs on ---------------
+HOTADD_RUN = ["--ram", "8M", "--block-pages", "256", "--dirty-rate", "50",
+              "--hotplug", "1.2:1M,1.5:1M", "--bandwidth", "4", "--timeout", "60"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float) -> None:
+    """Until ``path`` exists (the run made it) or the run ended; bounded."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        psutil.Process(proc.pid).cpu_percent()   # a cheap syscall between looks
+    assert path.exists(), proc.communicate()
+
+
+def test_squatted_ram_names_do_not_stop_a_hot_add(map_name: str, tmp_path: Path) -> None:
+    """A stranger squats what the next guest RAM segment's name would be,
+    once the run made its map (the old name ``ram1``, and one of the new
+    shape): the hot-adds are made anyway, the migration ends identical."""
+    out = tmp_path / "run.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim", "--name",
+         map_name, *HOTADD_RUN, "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(Path(segment.SHM_DIR) / layout.header_name(map_name), proc, 30)
+        Segment.create(f"{layout.PREFIX}{map_name}-ram1", 4096, layout.KIND_RAM).close()
+        Segment.create(layout.ram_name(map_name, 1, 0), 4096, layout.KIND_RAM).close()
+        stdout, stderr = proc.communicate(timeout=80)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stdout + stderr
+    res = json.loads(out.read_text())
+    assert [h["size"] for h in res["hotplug"]] == [1 << 20, 1 << 20], res["hotplug"]
+    assert res["hotplug_refused"] == []
+
+
+def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on() -> None:
+    """In a private 40 MiB /dev/shm, once the destination's RAM exists, a
+    filler leaves 256 KiB: both hot-adds are refused (ShmFull, reported),
+    the migration still ends identical (exit 0)."""
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys, time
+        from pathlib import Path
+        argv = {["migrate", "--guest", "sim", "--name", "full", *HOTADD_RUN]!r}
+        proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *argv,
+                                 "--json", "/dev/shm/run.json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(n.startswith("shmdirty-full_dst-ram0.") for n in os.listdir("/dev/shm")):
+                break
+            os.stat("/dev/shm")
+        with open("/dev/shm/filler", "wb") as f:
+            for _ in range(50):           # the run may still be reserving: look again
+                st = os.statvfs("/dev/shm")
+                try:
+                    os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize
+                                       - (256 << 10))
+                    break
+                except OSError:
+                    os.ftruncate(f.fileno(), 0)
+        out, err = proc.communicate(timeout=80)
+        res = json.loads(Path("/dev/shm/run.json").read_text())
+        print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
+                          "refused": res["hotplug_refused"], "hotplug": res["hotplug"]}}))
+    """)
+    r = run_in_small_shm(script, size="40m", timeout=100)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 0, got["out"] + got["err"]
+    assert "Traceback" not in got["err"] and "refused" in got["out"], got["out"]
+    assert [h["size"] for h in got["refused"]] == [1 << 20, 1 << 20] and got["hotplug"] == []
+    assert all("bytes are free" in h["why"] for h in got["refused"]), got["refused"]
+
+
+def test_a_guest_that_does_not_fit_is_refused_before_anything_starts() -> None:
+    """A private 4 MiB /dev/shm: an 8 MiB guest is refused with exit 2 and one
+    line with the numbers; nothing is made."""
+    script = textwrap.dedent(f"""\
+        import json, os, subprocess, sys
+        r = subprocess.run([sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest",
+                            "sim", "--name", "big", *{SMALL!r}, "--ram", "8M"],
+                           capture_output=True, text=True, timeout=60)
+        print(json.dumps({{"code": r.returncode, "err": r.stderr, "shm": os.listdir("/dev/shm")}}))
+    """)
+    r = run_in_small_shm(script, size="4m", timeout=90)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["code"] == 2 and got["shm"] == [], got
+    assert len(got["err"].strip().splitlines()) == 1 and "MiB is free" in got["err"], got["err"]

@@ -214,3 +214,56 @@ def test_serve_backs_off_like_synchronize(map_name: str, spawn_ctx: Any, childre
             reader.release.set()
         monkeypatch.undo()
         dm.destroy()
+
+
+# --- issue 18.7: segment names a stranger cannot predict or squat -------------------------
+def _squat(name: str) -> None:
+    segment.Segment.create(name, 64, layout.KIND_BLOCK).close()
+
+
+def test_growth_survives_squatters_of_every_name_a_counter_would_use(map_name: str) -> None:
+    """A stranger who lists /dev/shm pre-creates the next names a counter
+    would give (next block ids, next generation): growth goes on, the map
+    is intact, and the squatters' segments are left alone."""
+    with sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name) as dm:
+        dm.set_dirty_flag(0, VGA)
+        listed = segment.list_segments(map_name)
+        ids = [i for n in listed if (r := layout.role_of(n))[0] == "b" and (i := r[1]) is not None]
+        squatted = [f"{layout.PREFIX}{map_name}-b{i}" for i in range(max(ids) + 1, max(ids) + 13)]
+        squatted += [f"{layout.PREFIX}{map_name}-b{i}" for i in range(12)]
+        squatted += [f"{layout.PREFIX}{map_name}-t{dm.generation + k}" for k in (1, 2)]
+        for n in squatted:
+            if n not in listed:
+                _squat(n)
+        dm.extend(4 * BP * PS)          # three new blocks per client and a new table
+        assert dm.ram_size == 4 * BP * PS and dm.all_dirty(BP * PS, 3 * BP * PS, VGA)
+        assert dm.get_dirty_flag(0, VGA)
+        for n in squatted:
+            assert os.path.exists(os.path.join(segment.SHM_DIR, n)), n
+
+
+def test_a_guessed_name_is_retried_with_a_fresh_random_part(
+        map_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a name guessed right (EEXIST) only costs a retry: the block id
+    and the table's tag are drawn again."""
+    with sd.DirtyMemory.create(0, block_pages=BP, name=map_name) as dm:
+        real_id, real_tag = layout.new_block_id, layout.new_table_tag
+        first_id = real_id(1)
+        first_tag = real_tag()
+        _squat(layout.block_name(map_name, first_id))
+        _squat(layout.table_name(map_name, dm.generation + 1, first_tag))
+        ids = iter([first_id])
+        tags = iter([first_tag])
+        monkeypatch.setattr(layout, "new_block_id", lambda c: next(ids, None) or real_id(c))
+        monkeypatch.setattr(layout, "new_table_tag", lambda: next(tags, None) or real_tag())
+        dm.extend(BP * PS)
+        assert dm.all_dirty(0, BP * PS, VGA) and first_id not in dm.table.block_ids[VGA]
+        assert dm.table.tag != first_tag
+
+
+def test_two_maps_made_alike_have_different_segment_names() -> None:
+    names = []
+    for _ in range(2):
+        with sd.DirtyMemory.create(BP * PS, block_pages=BP) as dm:
+            names.append({n.split("-", 2)[2] for n in segment.list_segments(dm.name)} - {"hdr"})
+    assert names[0] and not names[0] & names[1]

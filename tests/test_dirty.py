@@ -23,6 +23,7 @@ from mp_harness import child_result, segs
 
 import shmdirty as sd
 from shmdirty import layout, segment
+from shmdirty.segment import Segment
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("atomics_backend")]
 
@@ -489,11 +490,11 @@ def test_old_tables_unlinked_after_a_grace_period(make: Any, map_name: str) -> N
             reader.set_dirty_flag(dm.ram_size - PS, VGA)
         dm.ram_block_remove(off)
     dm.rcu.barrier(timeout=10)
-    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
     nblocks = -(-(dm.ram_size // PS + 3) // 64)
     assert len(segs(map_name, "b")) == 3 * nblocks   # no block was lost or duplicated
     reader.close()
-    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+    assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
 
 
 @pytest.mark.timeout(60)
@@ -789,3 +790,40 @@ def test_a_removed_ram_block_is_outside_ram(map_name: str) -> None:
         assert dm.dirty_pages(CODE) == 2 * bp
     finally:
         dm.destroy()
+
+
+# --- issue 18.7: a stranger's segment under our map's prefix does not break teardown ---------
+def test_destroy_leaves_a_strangers_segment_and_succeeds(map_name: str) -> None:
+    """Run as uid 65534 (nobody), the coordinator destroys its map while a
+    segment of another user (root) sits under the map's prefix: destroy
+    removes the map's own segments and leaves the stranger's, no error."""
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to run a second user")
+    code = (f"import shmdirty as sd, sys\n"
+            f"dm = sd.DirtyMemory.create(1 << 20, block_pages=64, name={map_name!r})\n"
+            f"print('made', flush=True)\n"
+            f"sys.stdin.readline()\n"
+            f"dm.destroy()\n"
+            f"print('destroyed', flush=True)\n")
+    proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        first = proc.stdout.readline()
+        if first != "made\n":
+            proc.kill()
+            pytest.skip(f"uid 65534 cannot run this interpreter here: {proc.communicate()}")
+        stranger = f"{layout.PREFIX}{map_name}-b7"
+        Segment.create(stranger, 64, layout.KIND_BLOCK).close()    # root's
+        out, err = proc.communicate("\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and out == "destroyed\n", (out, err)
+    assert segment.list_segments(map_name) == [stranger]

@@ -28,7 +28,7 @@ import shmdirty as sd
 from shmdirty import atomic, layout, segment
 from shmdirty.coordinator import Coordinator
 from shmdirty.segment import Segment
-from shmdirty.table import Table, write_table
+from shmdirty.table import Table, record_tag, write_table
 
 
 # --- the broken coordinator -----------------------------------------------------------------
@@ -51,7 +51,8 @@ class CopyingCoordinator(Coordinator):
         ids: list[list[int]] = [[] for _ in range(sd.DIRTY_MEMORY_NUM)]
         for c in range(sd.DIRTY_MEMORY_NUM):
             for i in range(need):
-                bid = atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED)
+                bid = layout.new_block_id(
+                    atomic.fetch_add(self.next_block_ptr, 1, atomic.RELAXED))
                 seg = Segment.create(layout.block_name(v.name, bid),
                                      layout.block_size(v.block_pages),
                                      layout.KIND_BLOCK, c, bid)
@@ -61,12 +62,13 @@ class CopyingCoordinator(Coordinator):
                 v.map_block(bid, seg)
                 ids[c].append(bid)
         g = t.generation + 1
-        write_table(v.name, Table(g, ram_size, tuple(tuple(c) for c in ids),
-                                  tuple(ram_blocks)))
+        record_tag(self.header, write_table(v.name, Table(g, ram_size,
+                                                          tuple(tuple(c) for c in ids),
+                                                          tuple(ram_blocks))))
         atomic.store(self.gen_ptr, g, atomic.SEQ_CST)
         self.rcu.gp.start_poll()
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
-        old = [layout.table_name(v.name, t.generation)]
+        old = [layout.table_name(v.name, t.generation, t.tag)]
         old += [layout.block_name(v.name, b) for c in t.block_ids for b in c]
         v.load_table(g)
 
@@ -216,7 +218,7 @@ def test_coordinator_sigkilled_reader_adopts(map_name: str, spawn_ctx: Any,
 
         # What the dead coordinator left (old tables, half-made ones) goes.
         dm.rcu.barrier(timeout=WAIT)
-        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
         nblocks = -(-(dm.ram_size >> PB) // bp)
         assert len(segs(map_name, "b")) == 3 * nblocks
         assert {r.pid for r in dm.rcu.readers() if r.alive} == {os.getpid()}
@@ -275,7 +277,7 @@ def test_coordinator_killed_inside_a_growth(map_name: str, spawn_ctx: Any,
         os.kill(reader.pid, signal.SIGKILL)
         reader.join(WAIT)
         dm.rcu.barrier(timeout=WAIT)
-        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
         assert len(segs(map_name, "b")) == 3 * -(-(dm.ram_size >> PB) // bp)
     finally:
         mine.close()
@@ -311,7 +313,7 @@ def test_blocks_of_an_unpublished_growth_give_nothing_back(map_name: str, spawn_
         os.kill(reader.pid, signal.SIGKILL)
         reader.join(WAIT)
         dm.rcu.barrier(timeout=WAIT)                   # the reap has run
-        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
         for c in (sd.DIRTY_MEMORY_VGA, sd.DIRTY_MEMORY_CODE):
             assert not dm.get_dirty(old * PS, dm.ram_size - old * PS, c)
     finally:
@@ -346,7 +348,7 @@ def test_sigkilled_reader_does_not_block_grace_periods(map_name: str, spawn_ctx:
         dm.rcu.barrier(timeout=10)
         assert dm.rcu.poll(token)
         assert p.pid not in {r.pid for r in dm.rcu.readers()}   # its slot is reclaimed
-        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
         assert dm.ram_size == 500 * PS
     finally:
         dm.destroy()

@@ -104,14 +104,15 @@ def test_create_is_exclusive(map_name: str) -> None:
 
 
 def test_names_and_mode(map_name: str) -> None:
-    names = [layout.header_name(map_name), layout.table_name(map_name, 4),
-             layout.block_name(map_name, 11), layout.ram_name(map_name, 2)]
+    names = [layout.header_name(map_name), layout.table_name(map_name, 4, 0xabc),
+             layout.block_name(map_name, 11), layout.ram_name(map_name, 2, 0xabc)]
     old = os.umask(0)  # the mode must come from create(), not from the umask
     try:
         segs = [Segment.create(n, SIZE, layout.KIND_BLOCK) for n in names]
     finally:
         os.umask(old)
-    pattern = re.compile(r"^shmdirty-[0-9a-f]{12}-(hdr|t\d+|b\d+|ram\d+)$")
+    pattern = re.compile(r"^shmdirty-[0-9a-f]{12}-"
+                         r"(hdr|t\d+\.[0-9a-f]{8}|b\d+|ram\d+\.[0-9a-f]{8})$")
     for seg in segs:
         assert pattern.match(seg.name), seg.name
         st = os.stat(_path(seg.name))
@@ -127,14 +128,14 @@ def test_names_and_mode(map_name: str) -> None:
 def test_check_map_name() -> None:
     assert segment.check_map_name("abc_1.x") == "abc_1.x"
     assert segment.check_map_name("shmdirty-abc") == "abc"
-    for bad in ["", "a-b", "../x", "a/b", "x" * 101, "shmdirty-", None, 7]:
+    for bad in ["", "a-b", "../x", "a/b", "x" * (layout.MAX_MAP_NAME + 1), "shmdirty-", None, 7]:
         with pytest.raises(ValueError):
             segment.check_map_name(bad)  # type: ignore[arg-type]
 
 
 def test_list_segments_list_maps_map_of(map_name: str) -> None:
     other = segment.new_map_name()
-    mine = [layout.header_name(map_name), layout.table_name(map_name, 0),
+    mine = [layout.header_name(map_name), layout.table_name(map_name, 0, 0xabc),
             layout.block_name(map_name, 0), layout.block_name(map_name, 1)]
     theirs = [layout.header_name(other)]
     segs = [Segment.create(n, SIZE, layout.KIND_BLOCK) for n in mine + theirs]

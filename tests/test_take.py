@@ -306,7 +306,7 @@ def test_pool_recycles_zeroed_blocks(map_name: str) -> None:
             assert np.array_equal(got, np.arange(ram_pages, ram_pages + 2 * bp)), c
         # The tables of all those generations go too.
         dm.rcu.barrier(timeout=WAIT)
-        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation)]
+        assert segs(map_name, "t") == [layout.table_name(map_name, dm.generation, dm.table.tag)]
     finally:
         dm.destroy()
     assert segment.list_segments(map_name) == []

@@ -35,7 +35,7 @@ from shmdirty import segment
 from . import guest_kvm as gk
 from . import kvm, kvm_run, migration, receive_service
 from .config import MigrateConfig
-from .guest import PAGE_BITS
+from .guest import MAX_MIGRATE_NAME, PAGE_BITS
 from .kvm_run import KvmGuest
 from .lifecycle import (
     EXIT_STREAM,
@@ -143,6 +143,11 @@ def check_config(cfg: MigrateConfig) -> None:
     if need > free * 0.9:
         raise Usage(f"guest RAM and its copy need {need >> 20} MiB of {segment.SHM_DIR}, "
                     f"only {free >> 20} MiB is free")
+    if cfg.name is not None:
+        try:   # <name>_dst, the loopback receiver's map, must fit too (issue 17.4)
+            segment.check_map_name(cfg.name, MAX_MIGRATE_NAME)
+        except ValueError as e:
+            raise Usage(f"--name: {e}") from None
     if cfg.name is not None and segment.list_segments(cfg.name):
         raise Usage(f"map {cfg.name} already exists")
 

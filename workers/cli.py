@@ -48,9 +48,11 @@ from .lifecycle import (
 )
 from .maps_cli import cmd_gc, cmd_inspect, cmd_ls
 from .options import (
+    MAX_MIGRATE_NAME,
     count,
     fraction,
     map_arg,
+    migrate_name_arg,
     non_negative,
     page_size_arg,
     parse_schedule,
@@ -366,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=whole, default=1, help="random seed of the vCPUs (default 1)")
     m.add_argument("--json", type=writable_file, metavar="PATH",
                    help="write the results as JSON to PATH")
-    m.add_argument("--name", type=map_arg, default=None, help="map name (default: random)")
+    m.add_argument("--name", type=migrate_name_arg, default=None,
+                   help=f"map name, at most {MAX_MIGRATE_NAME} characters (default: random)")
     m.add_argument("--timeout", type=positive, default=300.0, metavar="SECONDS",
                    help="give up after this long (default 300)")
     m.add_argument("--peer-timeout", type=positive, default=PEER_TIMEOUT, metavar="S",

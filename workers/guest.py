@@ -1,8 +1,10 @@
 """Guest RAM and the destination image: one shared segment per RAM block.
 
 RAM block ``i`` of a map (the i-th by offset in ``DirtyMemory.ram_blocks()``)
-lives in segment ``layout.ram_name(map, i)`` = ``shmdirty-<map>-ram<i>``; the
-destination copy of it in ``shmdirty-<map>-dst<i>``.  Both are KIND_RAM
+lives in segment ``layout.ram_name(map, i, tag)`` = ``shmdirty-<map>-ram<i>.<tag>``
+(a random tag: nobody can squat the name of the next block; its users find
+it by listing, this user's only); the destination copy of it in
+``shmdirty-<map>-dst<i>.<tag>``.  Both are KIND_RAM
 segments whose prefix records the block's offset (arg0) and size (arg1);
 guest page ``k`` of the block is at byte ``RAM_DATA + k * page_size``,
 page-aligned like host RAM.  They share the map's prefix, so
@@ -30,12 +32,18 @@ import numpy as np
 from shmdirty import layout, segment
 from shmdirty.errors import CorruptSegment
 from shmdirty.segment import Segment
+from shmdirty.table import CREATE_TRIES
 
 # The guest's page: x86's 4 KiB page, the unit of KVM's dirty log; every map
 # `shmdirty migrate` makes (source and destination, either guest) has it.
 PAGE_BITS = 12
 RAM_DATA = 4096          # byte offset of guest page 0 in a RAM segment
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23   # <linux/mman.h>
+
+# The map of a loopback receiver: ``<map>_dst`` (workers/migration.py); so a
+# migrate run's own map name is at most this long (issue 17.4).
+DST_MAP_SUFFIX = "_dst"
+MAX_MIGRATE_NAME = layout.MAX_MAP_NAME - len(DST_MAP_SUFFIX)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -47,13 +55,27 @@ _MIX = np.uint64(0x9E37_79B9_7F4A_7C15)
 U64Pages = np.ndarray[Any, np.dtype[np.uint64]]
 
 
-def dst_name(map_name: str, index: int) -> str:
-    """The destination segment of RAM block ``index``."""
-    return layout.dst_name(map_name, index)
+def new_segment_name(map_name: str, role: str, index: int) -> str:
+    """A fresh name for RAM block ``index`` (``role`` ram or dst): a random
+    tag, so nobody can squat it in advance (issue 18.7)."""
+    make = layout.ram_name if role == "ram" else layout.dst_name
+    return make(map_name, index, layout.new_table_tag())
 
 
-def segment_name(map_name: str, role: str, index: int) -> str:
-    return layout.ram_name(map_name, index) if role == "ram" else dst_name(map_name, index)
+def segment_names(map_name: str, role: str, index: int) -> list[str]:
+    """The names in /dev/shm that may be RAM block ``index``'s segment: this
+    user's (a stranger's segment of that shape is never ours)."""
+    prefix = layout.ram_names_prefix(map_name, role, index)
+    uid = os.geteuid()
+    out = []
+    for n in segment.list_segments(map_name):
+        if n.startswith(prefix):
+            try:
+                if os.stat(os.path.join(segment.SHM_DIR, n)).st_uid == uid:
+                    out.append(n)
+            except FileNotFoundError:
+                pass
+    return out
 
 
 def stamp(view: U64Pages, pages: np.ndarray[Any, Any], tag: int,
@@ -110,8 +132,14 @@ class GuestRam:
 
     def create_segment(self, index: int, offset: int, size: int, boot_fill: bool) -> Segment:
         """Create, optionally stamp, and seal the segment of block ``index``."""
-        name = segment_name(self.map_name, self.role, index)
-        seg = Segment.create(name, RAM_DATA + size, layout.KIND_RAM, offset, size)
+        for attempt in range(CREATE_TRIES):
+            name = new_segment_name(self.map_name, self.role, index)
+            try:
+                seg = Segment.create(name, RAM_DATA + size, layout.KIND_RAM, offset, size)
+                break
+            except FileExistsError:      # taken anyway: another random tag
+                if attempt == CREATE_TRIES - 1:
+                    raise
         try:
             if boot_fill:
                 first = offset >> self.page_bits
@@ -128,7 +156,18 @@ class GuestRam:
 
     def attach_segment(self, index: int, offset: int, size: int) -> Segment:
         """Attach the segment of block ``index`` and check it is that block."""
-        name = segment_name(self.map_name, self.role, index)
+        names = segment_names(self.map_name, self.role, index)
+        if not names:
+            raise CorruptSegment(layout.ram_names_prefix(self.map_name, self.role, index) + "*",
+                                 "does not exist (removed, or never created)")
+        for name in names[:-1]:   # more than one: the one that is this block
+            try:
+                return self._attach(name, offset, size)
+            except CorruptSegment:
+                pass
+        return self._attach(names[-1], offset, size)
+
+    def _attach(self, name: str, offset: int, size: int) -> Segment:
         seg = Segment.attach(name, layout.KIND_RAM, RAM_DATA + size)
         got = (seg.read_word(layout.P_ARG0), seg.read_word(layout.P_ARG1))
         if got != (offset, size):
@@ -143,7 +182,7 @@ class GuestRam:
         mapping cost a fraction of a page fault per first store into each
         4 KiB page."""
         offset, size = self.blocks[index]
-        fd = os.open(os.path.join(segment.SHM_DIR, segment_name(self.map_name, self.role, index)),
+        fd = os.open(os.path.join(segment.SHM_DIR, self._segs[index].name),
                      os.O_RDWR | os.O_CLOEXEC)
         try:
             os.posix_fallocate(fd, RAM_DATA, size)

@@ -18,6 +18,8 @@
 #   +56  hotplug   4 steps (u64, increasing; 0 = none) at which to ask for a hot-add
 #   +88  spin      LCG iterations per step of the random and hot patterns (>= 1)
 #   +96  regions   up to 8 x (first guest page, pages): this vCPU's RAM, in order
+#   +224 answered  hot-add requests the VM owner answered (made or refused; the
+#                  program never reads it: a refused one leaves nregions as is)
 #
 # Step n (0-based) of the random and hot patterns (the LCG runs `spin` times,
 # so a step costs time, not memory traffic; the model jumps ahead instead):

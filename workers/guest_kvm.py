@@ -45,6 +45,11 @@ PORT_DONE = 0x11
 # offsets in a parameter block (guest_kvm.S)
 P_PATTERN, P_STEPS, P_SEED, P_HOT, P_NREG, P_STEP, P_CHECKSUM = 0, 8, 16, 24, 32, 40, 48
 P_HOTPLUG, P_SPIN, P_REGIONS = 56, 88, 96
+# Written by the VM owner only (the program never reads it): how many of
+# this vCPU's hot-add requests were answered, made or refused.  It travels
+# with guest RAM, so a destination knows which were refused (nregions - 1
+# of them were made).
+P_ANSWERED = 224
 
 PATTERNS = {"random": 0, "sequential": 1, "hot": 2}
 LCG_A = 6364136223846793005

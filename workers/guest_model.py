@@ -57,21 +57,25 @@ def _lcg_tables(n: int, step: tuple[int, int]) -> tuple[U64Array, U64Array]:
     return powers, c
 
 
-def expected(cfg: GuestConfig) -> list[dict[str, int]]:
-    """Per vCPU: {"checksum", and the registers the program leaves}."""
+def expected(cfg: GuestConfig, made: int | None = None) -> list[dict[str, int]]:
+    """Per vCPU: {"checksum", and the registers the program leaves}.
+    ``made``: how many hot-adds were made (None: every one the guest asks
+    for); the ones asked for after a refused one are refused too, and a
+    refused hot-add leaves the guest's region table as it was."""
     steps = cfg.total_steps
     hot_steps = [s for s, _ in cfg.hotplug if s < steps]
+    made = len(hot_steps) if made is None else min(made, len(hot_steps))
     a_tab, c_tab = _lcg_tables(min(BATCH, steps) or 1, _lcg_step(cfg.total_spin))
     out = []
     for v in range(cfg.vcpus):
-        final = cfg.regions(v, len(hot_steps))
+        final = cfg.regions(v, made)
         sizes = [pages for _, pages in final]
         mem = np.zeros(sum(sizes) * _Q, np.uint64)     # the regions, concatenated
         x = cfg.seed_of(v)
         bounds = [0, *hot_steps, steps]
         for k in range(len(bounds) - 1):               # between two hot-adds
             lo, hi = bounds[k], bounds[k + 1]
-            npages = sum(sizes[:k + 1])
+            npages = sum(sizes[:min(k, made) + 1])
             if cfg.pattern == "sequential":
                 continue
             if cfg.pattern == "hot":
@@ -84,7 +88,7 @@ def expected(cfg: GuestConfig) -> list[dict[str, int]]:
                 word = page * np.uint64(_Q) + ((xs >> np.uint64(23)) & np.uint64(511))
                 np.add.at(mem, word.astype(np.intp), xs)
         if cfg.pattern == "sequential":
-            _sweep(mem, final, x, bounds)
+            _sweep(mem, final, x, [*bounds[:made + 1], steps])
         checksum = 0
         pos = 0
         for first, pages in final:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from shmdirty import segment
 
 from . import receiver
+from .guest import DST_MAP_SUFFIX
 from .lifecycle import (
     DestinationGone,
     Failed,
@@ -105,7 +106,7 @@ class Migration:
     @property
     def dst_name(self) -> str:
         """The map of a loopback receiver."""
-        return f"{self.map_name}_dst"
+        return self.map_name + DST_MAP_SUFFIX
 
     # -- processes -----------------------------------------------------------------------
     def start(self, role: str, target: Callable[..., None], *args: Any, duplex: bool = True,

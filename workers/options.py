@@ -15,11 +15,12 @@ from typing import Any
 
 from shmdirty import segment
 
-from .guest import PAGE_BITS  # the pages of `shmdirty migrate`
+# PAGE_BITS: the pages of `shmdirty migrate`
+from .guest import DST_MAP_SUFFIX, MAX_MIGRATE_NAME, PAGE_BITS
 
-__all__ = ["PAGE_BITS", "count", "fraction", "map_arg", "natural", "non_negative",
-           "page_size_arg", "parse_schedule", "parse_size", "positive", "positive_whole",
-           "whole", "writable_file"]
+__all__ = ["MAX_MIGRATE_NAME", "PAGE_BITS", "count", "fraction", "map_arg", "migrate_name_arg",
+           "natural", "non_negative", "page_size_arg", "parse_schedule", "parse_size",
+           "positive", "positive_whole", "whole", "writable_file"]
 
 # --- sizes ------------------------------------------------------------------------
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
@@ -155,3 +156,14 @@ def map_arg(text: str) -> str:
             except ValueError:
                 pass
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def migrate_name_arg(text: str) -> str:
+    """``migrate --name``: a map name short enough that its loopback
+    receiver's map (``<name>_dst``) has room for every segment name too."""
+    name = map_arg(text)
+    try:
+        return segment.check_map_name(name, MAX_MIGRATE_NAME)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{e} (migrate: its receiver's map is <name>{DST_MAP_SUFFIX})") from None

@@ -28,6 +28,7 @@ from .reports import (
     GuestHotadd,
     GuestStarted,
     Hotplug,
+    HotplugRefused,
     HotplugSkipped,
     Report,
     RoundEnd,
@@ -154,6 +155,10 @@ class Progress:
         self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s skipped: "
                    "the guest is stopping")
 
+    def _hotplug_refused(self, ev: HotplugRefused) -> None:
+        self._note(f"hot-add of {fmt_bytes(ev.size)} at {ev.at:g} s refused, the guest runs "
+                   f"on: {ev.why}")
+
     def _stopping(self, ev: Stopping) -> None:
         why = (f"converged (at most {self.cfg.threshold} dirty pages)"
                if ev.reason == "converged" else f"{self.cfg.max_rounds} rounds done")
@@ -180,8 +185,8 @@ class Progress:
         Started: _started, GuestStarted: _guest_started, GuestHotadd: _guest_hotadd,
         Switchover: _switchover, DestinationLost: _destination_lost, RoundEnd: _round_end,
         RoundStart: _round_start, Sent: _sent, Hotplug: _hotplug,
-        HotplugSkipped: _hotplug_skipped, Stopping: _stopping, Downtime: _downtime,
-        Done: _done}
+        HotplugSkipped: _hotplug_skipped, HotplugRefused: _hotplug_refused,
+        Stopping: _stopping, Downtime: _downtime, Done: _done}
 
     def _note(self, text: str) -> None:
         con = self.progress.console if self.progress is not None else self.out

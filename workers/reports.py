@@ -95,6 +95,17 @@ class HotplugSkipped:
 
 
 @dataclass(frozen=True)
+class HotplugRefused:
+    """A scheduled hot-add could not be made (/dev/shm full, its segment's
+    name taken by someone else...): it failed alone, the guest runs on
+    with the RAM it has."""
+
+    at: float
+    size: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Stopping:
     """Pre-copy ended (``reason``: converged | max rounds); the vCPUs stop."""
 
@@ -295,6 +306,7 @@ class Resumed:
 DestinationReport = StreamHello | BlocksReady | RoundReceived | Abandoned | Resumed
 
 Report = (Ready | WorkerFailed | Started | RoundStart | Sent | Hotplug | HotplugSkipped
+          | HotplugRefused
           | Stopping | Downtime | VcpuDone | Done | Connected | Switchover | Handover
           | DestinationLost | GuestHotadd | GuestDone | HandedOver | DataplaneDone
           | GuestStarted | Listening | Received)

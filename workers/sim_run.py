@@ -25,7 +25,17 @@ from .config import MigrateConfig
 from .guest import PAGE_BITS, TAG_MASK, TAG_VCPU, GuestRam
 from .lifecycle import DestinationGone, Usage, after_resume
 from .migration import Migration
-from .reports import DestinationLost, Done, Handover, Hotplug, Report, Started, Switchover, VcpuDone
+from .reports import (
+    DestinationLost,
+    Done,
+    Handover,
+    Hotplug,
+    HotplugRefused,
+    Report,
+    Started,
+    Switchover,
+    VcpuDone,
+)
 
 JOIN_TIMEOUT = 5.0        # seconds workers get to exit after an abort before SIGTERM
 POLL = 0.01               # seconds the coordinator loop waits for a report
@@ -60,6 +70,7 @@ class SimGuest:
         self.dm: DirtyMemory | None = None
         self.src: GuestRam | None = None
         self.hotplugs: list[Hotplug] = []
+        self.refused: list[HotplugRefused] = []   # hot-adds that failed alone
         self.vcpu_stats: list[VcpuDone] = []
 
     def prepare(self, run: Migration) -> str:
@@ -116,6 +127,8 @@ class SimGuest:
     def on_report(self, run: Migration, role: str, report: Report) -> None:
         if isinstance(report, Hotplug):
             self.hotplugs.append(report)
+        elif isinstance(report, HotplugRefused):
+            self.refused.append(report)
         elif isinstance(report, VcpuDone):
             self.vcpu_stats.append(report)
         elif isinstance(report, DestinationLost):
@@ -185,6 +198,7 @@ class SimGuest:
             "last_check": last,
             "downtime": asdict(d.downtime),
             "hotplug": hotplugs,
+            "hotplug_refused": [asdict(r) for r in self.refused],
             "vcpus": [asdict(v) for v in sorted(self.vcpu_stats, key=lambda v: v.index)],
             "vcpu_rate": vcpu_rate(self.cfg.dirty_rate, self.vcpu_stats),
             "precopy_seconds": d.t_stop - t0,

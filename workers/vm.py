@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdirty import DIRTY_CLIENTS_ALL, DirtyMemory
+from shmdirty import DIRTY_CLIENTS_ALL, DirtyMemory, ShmDirtyError
 
 from . import guest_kvm as g
 from . import kvm
@@ -130,6 +130,10 @@ class GuestVM:
         self.parked: set[int] = set()
         self.hotadds: list[tuple[int, int, float]] = []   # (offset, size, monotonic time)
         self.hotadd_counts = [0] * cfg.vcpus
+        # The first hot-add that could not be made (None: none yet); it and
+        # every later one are refused.  (index, bytes, why, monotonic time).
+        self.refused_from: int | None = None
+        self.refusals: list[tuple[int, int, str, float]] = []
         self.errors: list[str] = []
         self._kvm = kvm.Kvm()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -161,7 +165,14 @@ class GuestVM:
             offset = self.dm.ram_block_add(blk[1])
             if offset != blk[0]:
                 raise ValueError(f"RAM block {i} went to {offset:#x}, expected {blk[0]:#x}")
-        new = self.ram.update(self.dm.ram_blocks(), create=True)
+        try:
+            new = self.ram.update(self.dm.ram_blocks(), create=True)
+        except BaseException:
+            # No segment for the blocks just added (ShmFull...): the map
+            # forgets them again, as it was.
+            for offset, _ in self.dm.ram_blocks()[len(self.ram.blocks):]:
+                self.dm.ram_block_remove(offset)
+            raise
         for i in new:
             self.ram.preallocate(i)
             offset, size = self.ram.blocks[i]
@@ -216,6 +227,16 @@ class GuestVM:
             if st.done:
                 self.done[st.index] = time.monotonic()
         self.hotadd_counts = list(hotadds)
+        # Requests answered beyond the regions made were refused at the
+        # source: so are they, and every later one, here.
+        raw = self.ram.views[0].reshape(-1)
+        for v in range(self.cfg.vcpus):
+            answered = int(raw[(g.params_addr(v) + g.P_ANSWERED) // 8])
+            if answered > self.hotadd_counts[v]:
+                made = self.hotadd_counts[v]
+                self.refused_from = made if self.refused_from is None else min(
+                    made, self.refused_from)
+                self.hotadd_counts[v] = answered
 
     def start(self) -> None:
         """Start a thread per vCPU that is not done."""
@@ -272,12 +293,20 @@ class GuestVM:
             raise GuestError(f"vCPU {vcpu} asked for hot-add {k}, expected "
                              f"{self.hotadd_counts[vcpu]} of {len(self.cfg.hotplug)}")
         want = self.cfg.block_offsets()[:k + 2]
-        if len(self.ram.blocks) < len(want):
-            self.ensure_blocks(want)
-            self.hotadds.append((*want[-1], time.monotonic()))
-        addr, entry = g.region_entry(self.cfg, vcpu, k + 1)
-        self.write(addr, entry)
-        self.write(g.params_addr(vcpu) + g.P_NREG, (k + 2).to_bytes(8, "little"))
+        if self.refused_from is None and len(self.ram.blocks) < len(want):
+            try:
+                self.ensure_blocks(want)
+                self.hotadds.append((*want[-1], time.monotonic()))
+            except (ShmDirtyError, OSError) as e:
+                # Fails alone (issues 17.3, 18.7): the guest runs on with the
+                # RAM it has; this and every later hot-add is refused.
+                self.refused_from = k
+                self.refusals.append((k, want[-1][1], str(e), time.monotonic()))
+        if self.refused_from is None or k < self.refused_from:
+            addr, entry = g.region_entry(self.cfg, vcpu, k + 1)
+            self.write(addr, entry)
+            self.write(g.params_addr(vcpu) + g.P_NREG, (k + 2).to_bytes(8, "little"))
+        self.write(g.params_addr(vcpu) + g.P_ANSWERED, (k + 1).to_bytes(8, "little"))
         self.hotadd_counts[vcpu] = k + 1
 
     @property

@@ -33,7 +33,15 @@ from shmdirty import DirtyMemory
 
 from . import guest_kvm as g
 from .messages import Abort, Cont, Go, HandOver, LogSync, Quit, Stop, Stopped, Synced
-from .reports import GuestDone, GuestHotadd, HandedOver, Ready, Report, WorkerFailed
+from .reports import (
+    GuestDone,
+    GuestHotadd,
+    HandedOver,
+    HotplugRefused,
+    Ready,
+    Report,
+    WorkerFailed,
+)
 from .vm import GuestVM
 
 
@@ -54,6 +62,7 @@ class VmOwner:
         self.paused = False
         self.handed_over = False
         self.reported_hotadds = 0
+        self.reported_refusals = 0
         self.syncs = 0
         self.logged = 0
 
@@ -165,6 +174,10 @@ class VmOwner:
             offset, size, t = vm.hotadds[self.reported_hotadds]
             self.reported_hotadds += 1
             self.report(GuestHotadd(offset, size, t, tuple(vm.progress())))
+        while self.reported_refusals < len(vm.refusals):
+            k, size, why, _t = vm.refusals[self.reported_refusals]
+            self.reported_refusals += 1
+            self.report(HotplugRefused(float(k), size, why))
 
     def close(self) -> None:
         if self.dataplane is not None:
