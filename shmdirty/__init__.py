@@ -16,6 +16,8 @@ from .dirty import (
 )
 from .errors import (
     BadInput,
+    CallbackFailed,
+    CallbacksDropped,
     CoordinatorGone,
     CorruptSegment,
     GraceTimeout,
@@ -44,6 +46,8 @@ __all__ = [
     "CorruptSegment",
     "DirtyMemory",
     "DirtySnapshot",
+    "CallbackFailed",
+    "CallbacksDropped",
     "GraceTimeout",
     "HandleClosed",
     "MapExists",

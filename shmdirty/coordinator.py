@@ -32,6 +32,7 @@ from . import atomic, bitmap, layout, segment
 from .bitmap import Block
 from .clients import DIRTY_MEMORY_NUM, as_index
 from .errors import BadInput, CoordinatorGone, GraceTimeout, NotCoordinator, ShmFull
+from .grace import Reapable
 from .rcu import GracePeriods, Rcu, my_owner_word, owner_alive
 from .retired import Retired, give_back
 from .segment import Segment
@@ -209,9 +210,14 @@ class Coordinator:
             return
         try:
             self.shared.retired.give_back_due(self.view, self.rcu, timeout=1.0)
-            self.rcu.barrier(timeout=1.0)
         except GraceTimeout:
             pass  # an adopter reaps what is left
+        # Deferred frees run while this process is still the coordinator (a
+        # reap gives blocks back to its pools).  Their errors, and the
+        # callers' callbacks still queued, are close()'s to report (Rcu.finish).
+        r = self.rcu.reader
+        with r.offline():
+            self.rcu.gp.drain(1.0)
         # release: the next coordinator sees all we published.
         atomic.compare_exchange(self.coord_ptr, my_owner_word(), 0,
                                 atomic.ACQ_REL, atomic.RELAXED)
@@ -221,8 +227,9 @@ class Coordinator:
         self.shared.retired.stop(self.view)
 
     def forget(self) -> None:
-        """destroy(): every segment is gone; drop deferred work on them."""
-        self.rcu.gp.drop_callbacks()
+        """destroy(): every segment is gone; drop the library's deferred work
+        on them (the callers' callbacks still run, at close)."""
+        self.rcu.gp.drop_callbacks(reapable_only=True)
         self.shared.retired.clear()
 
     # --- marking new RAM dirty: the one place -----------------------------------------
@@ -338,7 +345,7 @@ class Coordinator:
         atomic.store(self.ram_ptr, ram_size, atomic.RELEASE)
         v.set_table(new)
         old = layout.table_name(v.name, t.generation, t.tag)
-        self.rcu.call_rcu(lambda: segment.unlink(old))
+        self.rcu.call_rcu(Reapable(lambda: segment.unlink(old)))
         return retired
 
     def _size(self, size: Any, what: str) -> int:
@@ -555,4 +562,4 @@ class Coordinator:
             give_back(v, stale_blocks, published)
             for n in stale:
                 segment.unlink(n)
-        self.rcu.call_rcu(reap)
+        self.rcu.call_rcu(Reapable(reap))

@@ -43,7 +43,7 @@ from .clients import (
 from .coordinator import Coordinator, create_map
 from .errors import BadInput, HandleClosed, MapExists, RcuMisuse, check_timeout
 from .handles import MapState
-from .rcu import FLAVORS, Closed, Rcu
+from .rcu import CLOSE_TIMEOUT, FLAVORS, Closed, Rcu
 from .snapshot import DirtySnapshot, Taking
 from .table import MAX_BLOCKS, Table, find_ram_offset
 from .take import SWAP_GRACE_BUDGET, SWAP_MIN_WORDS, Words
@@ -135,7 +135,9 @@ class DirtyMemory(TableView):
             return dm
         except BaseException:
             with handles.lock:
-                handles.release(name, st)
+                last = handles.release(name, st)
+            if last:
+                handles.finish(st, 0.0)
             raise
 
     @classmethod
@@ -455,9 +457,17 @@ class DirtyMemory(TableView):
         return self._coordinator.serve_once()
 
     # --- leaving -----------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Leave: free this process's slots (every thread's, with its last
-        handle), unmap.  Other threads must not be using the handle."""
+        handle), unmap.  Other threads must not be using the handle.
+
+        With the last handle, as liburcu's rcu_barrier at exit: every
+        call_rcu callback of this process whose grace period ends within
+        ``timeout`` seconds runs first.  The handle is closed either way;
+        then CallbacksDropped (a GraceTimeout) says how many could not run
+        and who held them up, CallbackFailed (an ExceptionGroup) carries the
+        errors callbacks raised."""
+        timeout = check_timeout(timeout)
         d = self.__dict__
         if d.get("_pending_attach"):   # never attached: nothing to leave
             d.update(_pending_attach=False, _closed=True)
@@ -478,12 +488,17 @@ class DirtyMemory(TableView):
             # Every later op fails clearly (the header is unmapped below).
             self._rcu = self._local = self._coordinator = handles.CLOSED
             self.unmap_blocks()
-            handles.release(self.name, self._shared)
+            st = self._shared
+            last = handles.release(self.name, st)
             if type(self) is not _Unattached:
                 self.__class__ = _ClosedHandle   # the view's methods refuse from now on
+        if last:
+            handles.finish(st, timeout)
 
-    def destroy(self) -> None:
-        """Coordinator: unlink every segment of this map, then close."""
+    def destroy(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Coordinator: unlink every segment of this map, then close (which
+        runs this process's callbacks, or reports them: see close())."""
+        timeout = check_timeout(timeout)
         self._open_check()
         self._coordinator.require("destroy()")
         if self._rcu.nesting:  # as close(), refused before anything is unlinked
@@ -491,7 +506,7 @@ class DirtyMemory(TableView):
         for n in segment.list_segments(self.name):
             segment.unlink(n)
         self._coordinator.forget()
-        self.close()
+        self.close(timeout)
 
     def __repr__(self) -> str:
         if self._closed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -41,6 +42,37 @@ class NoReaderSlot(ShmDirtyError, RuntimeError):
 
 class GraceTimeout(ShmDirtyError, TimeoutError):
     """A grace period or a request did not complete in time."""
+
+
+class CallbacksDropped(GraceTimeout):
+    """close() or destroy() could not run ``count`` call_rcu callbacks: their
+    grace period did not end within its timeout (the readers holding it up
+    are named).  They will never run: the process has left the map."""
+
+    def __init__(self, count: int, why: str) -> None:
+        s, was = ("", "was") if count == 1 else ("s", "were")
+        super().__init__(f"{count} call_rcu callback{s} could not run and {was} dropped: {why}")
+        self._ctor_args = (count, why)
+        self.count = count
+        self.why = why
+
+
+class CallbackFailed(ExceptionGroup[Exception], ShmDirtyError):
+    """call_rcu callbacks raised: their exceptions (``exceptions``), kept by the
+    process that queued them and raised from its next ``rcu.barrier()``,
+    ``close()`` or ``destroy()`` (never from an unrelated ``serve_once()``).
+    Also an ExceptionGroup: ``except* KeyError`` picks one kind out."""
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> CallbackFailed:
+        return super().__new__(cls, message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> CallbackFailed:  # type: ignore[override]
+        return CallbackFailed(self.message, excs)
+
+    @classmethod
+    def of(cls, errors: Sequence[Exception], where: str) -> CallbackFailed:
+        n = len(errors)
+        return cls(f"{n} call_rcu callback{'' if n == 1 else 's'} of {where} raised", errors)
 
 
 class CorruptSegment(ShmDirtyError, OSError):

@@ -25,7 +25,15 @@ from typing import NamedTuple
 import psutil
 
 from . import atomic, layout
-from .errors import BadInput, GraceTimeout, HandleClosed, RcuMisuse, check_timeout
+from .errors import (
+    BadInput,
+    CallbackFailed,
+    CallbacksDropped,
+    GraceTimeout,
+    HandleClosed,
+    RcuMisuse,
+    check_timeout,
+)
 from .segment import Segment
 
 _SPINS = 4                 # busy checks before a waiter starts sleeping: one check
@@ -86,6 +94,21 @@ def owner_alive(word: int) -> bool:
         return False
 
 
+class Reapable:
+    """A library callback (the swap's old-table unlink, an adoption's reap)
+    that an adopter, ``destroy()`` or ``shmdirty gc`` redoes if it never runs:
+    teardown may leave it without a report.  Every other callback is the
+    caller's work, and teardown runs it or says it could not."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> object:
+        return self.fn()
+
+
 class ReaderInfo(NamedTuple):
     slot: int
     pid: int
@@ -108,6 +131,10 @@ class GracePeriods:
         self._callbacks: deque[Callable[[], object]] = deque()
         self._batch: deque[Callable[[], object]] = deque()
         self._batch_token = 0
+        # Exceptions raised by callbacks, kept for their owner: the next
+        # barrier() or close() of this process raises them (take_errors), an
+        # unrelated caller that happened to run them (serve_once) never does.
+        self._errors: list[Exception] = []
         # Callbacks run in one thread at a time; _running_in is that thread
         # (a callback that calls call_rcu re-enters: see run_callbacks).
         self._cb_lock = threading.Lock()
@@ -134,9 +161,14 @@ class GracePeriods:
     # --- lifetime -------------------------------------------------------------------
     def close(self) -> None:
         """The header is about to be unmapped: every later call raises
-        HandleClosed.  Queued callbacks are dropped (nobody will run them)."""
+        HandleClosed.  Queued callbacks are dropped (nobody will run them):
+        run drain() first, and report what it left."""
         self._closed = True
         self.drop_callbacks()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:
@@ -303,8 +335,12 @@ class GracePeriods:
                 elif not self._batch_done():
                     return ran
                 while self._batch:
-                    self._batch.popleft()()
+                    fn = self._batch.popleft()
                     ran += 1
+                    try:
+                        fn()
+                    except Exception as e:  # the owner's, not this caller's
+                        self._errors.append(e)
             if not self._callbacks:
                 return ran
             # One grace period for every callback queued so far.
@@ -327,15 +363,66 @@ class GracePeriods:
         self._look_every = min(self._look_every * 2, _CALLBACK_POLL_MAX)
         return False
 
-    def drop_callbacks(self) -> None:
-        """Forget every queued callback (the map is being destroyed)."""
-        self._callbacks.clear()
-        self._batch.clear()
+    def drop_callbacks(self, reapable_only: bool = False) -> None:
+        """Forget queued callbacks: every one (a forked child's copy of its
+        parent's, or after drain()), or only the library's (destroy(): the
+        segments they would unlink are gone)."""
+        if not reapable_only:
+            self._callbacks.clear()
+            self._batch.clear()
+            return
+        for q in (self._callbacks, self._batch):
+            keep = [fn for fn in q if not isinstance(fn, Reapable)]
+            q.clear()
+            q.extend(keep)
 
     @property
     def pending(self) -> int:
         """How many callbacks wait for their grace period."""
         return len(self._callbacks) + len(self._batch)
+
+    @property
+    def pending_owned(self) -> int:
+        """How many of them are the caller's (not Reapable): what teardown
+        must run or report."""
+        return sum(1 for q in (self._callbacks, self._batch)
+                   for fn in q if not isinstance(fn, Reapable))
+
+    def take_errors(self) -> list[Exception]:
+        """The exceptions callbacks raised since the last call (and forget them)."""
+        errors, self._errors = self._errors, []
+        return errors
+
+    def drain(self, timeout: float | None = 0.0) -> GraceTimeout | None:
+        """Teardown's rcu_barrier: run every callback whose grace period ends
+        within ``timeout`` seconds (callbacks they queue included).  Never
+        raises a callback's error (take_errors has them); returns the
+        GraceTimeout that stopped it, or None.  Waits only while callbacks of
+        the caller's are queued: the library's alone are left to an adopter."""
+        self._check_open()
+        self.run_callbacks()
+        if not self.pending_owned:
+            return None
+        try:
+            self.run_callbacks(block=True, timeout=timeout)
+        except GraceTimeout as e:
+            return e
+        return None
+
+    def report(self, where: str = "", stopped: GraceTimeout | None = None) -> None:
+        """After drain(): raise what the owner must hear (the callbacks' errors
+        as CallbackFailed, those that could not run as CallbacksDropped;
+        both: a CallbackFailed holding the CallbacksDropped too)."""
+        self._check_open()
+        errors: list[Exception] = self.take_errors()
+        left = self.pending_owned
+        if left:
+            why = f"{where}: {stopped}" if stopped is not None else where
+            errors.append(CallbacksDropped(left, why))
+        if len(errors) == 1 and isinstance(errors[0], CallbacksDropped):
+            raise errors[0]
+        if errors:
+            raise CallbackFailed.of(errors, where)
 
     def readers(self) -> list[ReaderInfo]:
         """Every claimed slot: slot, pid, alive, epoch."""

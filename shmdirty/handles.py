@@ -89,14 +89,25 @@ def acquire(name: str, flavor: str, header: Segment | None = None) -> MapState:
         return st
 
 
-def release(name: str, st: MapState) -> None:
-    """Give a reference back (call with ``lock`` held); the last one closes
-    the Rcu and unmaps the header."""
+def release(name: str, st: MapState) -> bool:
+    """Give a reference back (call with ``lock`` held).  The last one frees
+    every thread's slot and returns True: the caller then calls finish()
+    (without ``lock``: callbacks may attach maps)."""
     st.refs -= 1
-    if st.refs == 0:
-        if states.get(name) is st:
-            del states[name]
-        st.rcu.close()   # every thread's slot
+    if st.refs:
+        return False
+    if states.get(name) is st:
+        del states[name]
+    st.rcu.leave()   # every thread's slot
+    return True
+
+
+def finish(st: MapState, timeout: float | None) -> None:
+    """After the last release(): run the callbacks that can run (Rcu.finish:
+    CallbackFailed, CallbacksDropped), unmap the header."""
+    try:
+        st.rcu.finish(timeout)
+    finally:
         st.header.close()
 
 

@@ -71,7 +71,14 @@ from typing import NoReturn, Protocol, cast
 import numpy as np
 
 from . import atomic
-from .errors import BadInput, HandleClosed, NoReaderSlot, RcuMisuse, check_timeout
+from .errors import (
+    BadInput,
+    CallbackFailed,
+    HandleClosed,
+    NoReaderSlot,
+    RcuMisuse,
+    check_timeout,
+)
 from .grace import (
     GracePeriods,
     ReaderInfo,
@@ -85,6 +92,7 @@ __all__ = ["FLAVORS", "GracePeriods", "Rcu", "Reader", "ReaderInfo", "my_owner_w
            "owner_alive", "start_ticks"]
 
 FLAVORS = ("memb", "qsbr")
+CLOSE_TIMEOUT = 5.0  # how long close() waits for queued callbacks' grace periods (s)
 _SEQ_CST, _RELEASE = atomic.SEQ_CST, atomic.RELEASE
 
 
@@ -504,8 +512,34 @@ class Rcu:
                 self._release(r)
         r.left = True
 
-    def close(self) -> None:
-        """Free every thread's slot; every later use raises HandleClosed
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Free every thread's slot, run the callbacks that can run (see
+        finish); every later use raises HandleClosed (idempotent).
+        RcuMisuse if a thread is inside a section."""
+        self.leave()
+        self.finish(timeout)
+
+    def finish(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """After leave(): liburcu's rcu_barrier at exit.  Runs every queued
+        callback whose grace period ends within ``timeout`` seconds (this
+        process's slots are free, so none waits for this process), then
+        closes the grace periods.  Raises CallbackFailed with the callbacks'
+        errors, CallbacksDropped naming how many could not run (idempotent)."""
+        timeout = check_timeout(timeout)
+        gp = self.gp
+        if gp.closed:
+            return
+        try:
+            stopped = gp.drain(timeout)
+        finally:
+            # report() reads the queue: close (drop it) only after.
+            try:
+                gp.report(f"{gp.header.name} (closing)", stopped)
+            finally:
+                gp.close()
+
+    def leave(self) -> None:
+        """Free every thread's slot; no reader of this Rcu claims one again
         (idempotent).  RcuMisuse if a thread is inside a section."""
         if self._closed:
             return
@@ -517,7 +551,6 @@ class Rcu:
             for r in list(self._claimed):
                 self._release(r)
             self._closed = True
-            self.gp.close()
 
     def sections_open(self) -> int:
         """How many of this process's threads are inside a read-side section."""
@@ -564,14 +597,20 @@ class Rcu:
         self.gp.call_rcu(fn)
 
     def barrier(self, timeout: float | None = None) -> None:
-        """Wait until every callback queued by this process has run.
-        GraceTimeout after ``timeout`` seconds; BadInput unless it is None or
-        a finite number >= 0."""
+        """Wait until every callback queued by this process has run (liburcu's
+        rcu_barrier).  GraceTimeout after ``timeout`` seconds; BadInput unless
+        it is None or a finite number >= 0.  CallbackFailed (an ExceptionGroup)
+        if callbacks raised since the last barrier, wherever they ran (a
+        serve_once(), a quiescent()): errors go to the owner, not to the
+        unrelated call that happened to run them."""
         timeout = check_timeout(timeout)
         r = self.reader
         r.check_outside("barrier()")
         with r.offline():
             self.gp.run_callbacks(block=True, timeout=timeout)
+        errors = self.gp.take_errors()
+        if errors:
+            raise CallbackFailed.of(errors, self.gp.header.name)
 
     def readers(self) -> list[ReaderInfo]:
         """slot, pid, alive, epoch for every claimed slot."""

@@ -181,3 +181,26 @@ def rename_self(comm: str, conn: Any) -> None:
         conn.recv()
     except EOFError:
         pass
+
+
+def close_with_callback_due(map_name: str, conn: Any) -> None:
+    """issue 17.2: an attached process queues a callback while another reader
+    of its own is inside a section, lets that reader leave (the grace period
+    can now end), closes its last handle and reports whether it ran."""
+    import shmdirty as sd
+
+    ran: list[str] = []
+    try:
+        dm = sd.DirtyMemory.attach(map_name)
+        hdr = attach_header(map_name, dm.max_readers)
+        other = rcu.Rcu(hdr, dm.max_readers, "memb")
+        other.read_lock()
+        dm.rcu.call_rcu(lambda: ran.append("ran"))
+        queued = dm.rcu.gp.pending
+        other.read_unlock()
+        other.close()
+        hdr.close()
+        dm.close()
+        conn.send(("ok", (queued, ran)))
+    except BaseException as e:  # reported to the test, which fails on it
+        conn.send(("error", repr(e)))

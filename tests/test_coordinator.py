@@ -267,3 +267,37 @@ def test_two_maps_made_alike_have_different_segment_names() -> None:
         with sd.DirtyMemory.create(BP * PS, block_pages=BP) as dm:
             names.append({n.split("-", 2)[2] for n in segment.list_segments(dm.name)} - {"hdr"})
     assert names[0] and not names[0] & names[1]
+
+
+def test_the_old_table_outlives_every_section_that_may_read_it(map_name: str) -> None:
+    """issue 17.6(d): a reader parked in a section (a reader of its own in this
+    process, so nothing races); the coordinator grows the map (a new table
+    published).  The old table's segment stays until the reader leaves:
+    serve_once() and a barrier that times out do not unlink it; after the
+    reader leaves, the next barrier does."""
+    from shmdirty.rcu import Rcu
+    from shmdirty.segment import Segment
+
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    hdr = Segment.attach(layout.header_name(map_name), layout.KIND_HEADER, layout.HEADER_FIXED)
+    reader = Rcu(hdr, dm.max_readers, "memb")
+    try:
+        old = layout.table_name(map_name, dm.generation, dm.table.tag)
+        reader.read_lock()                      # may be reading the old table
+        dm.extend(4 * BP * PS)                  # publishes a new one
+        assert layout.table_name(map_name, dm.generation, dm.table.tag) != old
+        for _ in range(3):
+            dm.serve_once()
+            assert old in segment.list_segments(map_name), "unlinked under a reader"
+        with pytest.raises(sd.GraceTimeout):
+            dm.rcu.barrier(timeout=0.05)
+        assert old in segment.list_segments(map_name), "unlinked under a reader"
+        reader.read_unlock()
+        dm.rcu.barrier(timeout=10.0)
+        assert old not in segment.list_segments(map_name), "never unlinked"
+    finally:
+        while reader.nesting:         # a failed assertion left it inside
+            reader.read_unlock()
+        reader.close()
+        hdr.close()
+        dm.destroy()

@@ -41,9 +41,10 @@ MAY_RETURN = {
     ("DirtyMemory", "page_bits"), ("DirtyMemory", "block_pages"),
     ("Rcu", "unregister"), ("Rcu", "close"), ("Rcu", "closed"), ("Rcu", "reader"),
     ("Rcu", "slot"), ("Rcu", "nesting"), ("Rcu", "online"), ("Rcu", "seen"),
-    ("Rcu", "sections_open"),
+    ("Rcu", "sections_open"), ("Rcu", "leave"), ("Rcu", "finish"),
     ("GracePeriods", "pending"), ("GracePeriods", "close"), ("GracePeriods", "forked"),
-    ("GracePeriods", "drop_callbacks"),
+    ("GracePeriods", "drop_callbacks"), ("GracePeriods", "closed"),
+    ("GracePeriods", "pending_owned"), ("GracePeriods", "take_errors"),
 }
 
 

@@ -84,3 +84,75 @@ def test_a_killed_destination_fails_the_migration_not_the_guest(map_name: str) -
     assert "destination" in str(ei.value)
     assert out["source_ok"] is True          # the source guest ran on to the right end
     assert out["checksums"]["source"] == out["checksums"]["expected"]
+
+
+def test_the_owner_answers_stop_only_after_the_dataplanes_last_mark(
+        map_name: str, spawn_ctx: Any, children: list[Any]) -> None:
+    """issue 17.6(b): the VM owner, told ``Stop`` by the migrator, must wait for
+    the dataplane's ``Stopped`` (sent after its last write and mark) before
+    it answers: the migrator's final sync comes right after that answer.  The
+    test plays the migrator; the dataplane's knob ``late_after_stop`` holds
+    its last request after ``Stop`` until the test lets it go.  An owner that
+    answers without waiting (the mutation in docs/TESTING.md) answers while
+    the request is held, and the late page is missing from the final sync."""
+    import multiprocessing.connection as mpc
+
+    import numpy as np
+
+    import shmdirty as sd
+    from shmdirty.workers import dataplane, vm_owner
+    from shmdirty.workers.messages import Go, HandOver, Stop, Stopped
+    from shmdirty.workers.reports import Ready
+
+    guest = g.GuestConfig(ram=16 * MiB, pattern="random", steps=10_000_000, spin=2_000,
+                          dataplane_pages=64)
+    first, pages = guest.dataplane_region()
+    late = spawn_ctx.Event()
+    parent, parent_owner = spawn_ctx.Pipe()
+    mig, mig_owner = spawn_ctx.Pipe()
+    dp_owner, dp_end = spawn_ctx.Pipe()
+    dp_parent, dp_parent_child = spawn_ctx.Pipe()
+    owner = spawn_ctx.Process(target=vm_owner.main, args=(
+        vm_owner.OwnerConfig(guest, map_name, 1024), mig_owner, dp_owner, parent_owner))
+    owner.start()
+    children.append(owner)
+    for c in (mig_owner, dp_owner, parent_owner):
+        c.close()     # the owner's ends: it sees EOF when its peers go
+    dm = None
+    try:
+        assert parent.poll(60), "the VM owner never reported"
+        assert isinstance(parent.recv(), Ready)
+        dp = spawn_ctx.Process(target=dataplane.main, args=(
+            dataplane.DataplaneConfig(map_name, first, pages, rate=0.0,
+                                      late_after_stop=late), dp_end, dp_parent_child))
+        dp.start()
+        children.append(dp)
+        dp_end.close()
+        dp_parent_child.close()
+        assert dp_parent.poll(60), "the dataplane never reported"
+        assert isinstance(dp_parent.recv(), Ready)
+        dm = sd.DirtyMemory.attach(map_name)
+        synced = np.zeros((dm.ram_size >> dm.page_bits) // 64 + 1, np.uint64)
+        parent.send(Go())
+        dm.sync_dirty_bitmap(synced, 0, dm.ram_size)      # the migrator's bulk stage
+        assert not dm.get_dirty_flag(first << dm.page_bits, sd.DIRTY_MEMORY_MIGRATION)
+        mig.send(Stop())
+        answered_early = bool(mpc.wait([mig], 2.0))     # the request is still held
+        late.set()
+        assert mig.poll(60), "the VM owner never answered Stop"
+        assert isinstance(mig.recv(), Stopped)
+        synced[:] = 0
+        dm.sync_dirty_bitmap(synced, 0, dm.ram_size)      # the final sync
+        got = bool(int(synced[first // 64]) >> (first % 64) & 1)
+        assert not answered_early, "the VM owner answered Stop before the dataplane stopped"
+        assert got, "the dataplane's last page is missing from the final sync"
+        mig.send(HandOver())
+    finally:
+        late.set()
+        if dm is not None:
+            dm.close()
+        for c in (parent, mig):
+            c.close()
+        owner.join(60)
+    assert owner.exitcode == 0
+    assert segment.list_segments(map_name) == []

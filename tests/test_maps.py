@@ -56,3 +56,39 @@ def test_segment_kinds_counts_roles() -> None:
     names = [layout.header_name("m"), layout.table_name("m", 1, 0xabc), layout.block_name("m", 0),
              layout.block_name("m", 1), layout.ram_name("m", 0, 0xabc)]
     assert maps.segment_kinds(names) == {"hdr": 1, "t": 1, "b": 2, "ram": 1}
+
+
+def test_a_map_whose_coordinator_died_is_live_while_a_reader_is(
+        map_name: str, spawn_ctx: Any, children: list[Any]) -> None:
+    """issue 17.6(c): the coordinator (a spawned child) is SIGKILLed; this
+    process still reads the map.  ls / gc must call it live and gc --yes
+    (maps.collect) must leave every segment: a map is dead only when its
+    coordinator AND every reader are gone."""
+    import dirty_workers
+
+    created, go, grown, stop = (spawn_ctx.Event() for _ in range(4))
+    p = spawn_ctx.Process(target=dirty_workers.growing_coordinator,
+                          args=(map_name, 128, 64, 0, 2, go, created, grown, -1, stop))
+    p.start()
+    children.append(p)
+    assert created.wait(30), "the coordinator never created the map"
+    dm = sd.DirtyMemory.attach(map_name)
+    try:
+        dm.set_dirty_flag(3 * PS, sd.DIRTY_MEMORY_VGA)    # a reader: this process's slot
+        p.kill()
+        p.join(30)
+        assert p.exitcode == -9
+        before = sorted(segment.list_segments(map_name))
+        st = maps.map_status(map_name)
+        assert not st.coordinator_alive and st.coordinator_pid == p.pid
+        assert any(r.alive for r in st.readers)
+        assert st.state == "live" and not st.garbage, st.why
+        st, removed = maps.collect(map_name)
+        assert removed == 0, "gc removed a map under its live reader"
+        assert sorted(segment.list_segments(map_name)) == before
+        assert dm.get_dirty_flag(3 * PS, sd.DIRTY_MEMORY_VGA)   # still usable
+    finally:
+        dm.close()
+    # Now nobody is alive: garbage, collected.
+    assert maps.map_status(map_name).garbage
+    assert maps.collect(map_name)[1] == len(before)

@@ -4,7 +4,8 @@ Like virtio-blk completing requests in an IOThread, it writes into guest
 RAM on its own, without the VM owner, and marks what it wrote with
 ``set_dirty_range``: KVM's dirty log never sees host stores, so a page it
 forgot to mark would be lost by the migration.  ``forget_marks`` (testing)
-is that bug, which the switchover comparison must catch.
+is that bug, which the switchover comparison must catch; ``late_after_stop``
+(testing) makes its last request finish only after ``Stop``.
 
 Request ``k`` fills page ``first + k % pages`` of its region (a part of RAM
 block 0 that no vCPU touches) with words derived from ``k`` and the page,
@@ -41,6 +42,11 @@ class DataplaneConfig:
     pages: int
     rate: float = 2000.0          # requests (pages) per second
     forget_marks: bool = False    # testing: write without marking dirty
+    # testing (tests/test_kvm_run.py): an Event.  On ``Stop``, wait for it
+    # (30 s at most), then write and mark one page of the region, THEN answer
+    # ``Stopped``: a dataplane slow to finish its last request.  The VM owner
+    # must not answer the migrator's ``Stop`` before that last mark is in.
+    late_after_stop: Any = None
 
 
 def fill(row: np.ndarray[Any, Any], k: int, page: int) -> None:
@@ -66,6 +72,13 @@ def run(cfg: DataplaneConfig, owner: Connection, parent: Connection) -> int:
             if owner.poll(TICK):
                 msg = owner.recv()
                 if isinstance(msg, Stop):
+                    if cfg.late_after_stop is not None and cfg.pages:
+                        cfg.late_after_stop.wait(30.0)
+                        page = cfg.first_page
+                        fill(block0[page], k, page)
+                        dm.set_dirty_range(page << dm.page_bits, dm.page_size,
+                                           DIRTY_CLIENTS_ALL)
+                        k += 1
                     owner.send(Stopped())
                     msg = owner.recv()
                     t0 = time.monotonic() - k / cfg.rate if cfg.rate else t0
