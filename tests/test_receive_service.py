@@ -305,6 +305,7 @@ def test_a_resumed_kvm_guest_that_fails_is_exit_10(code: bytes, args: tuple[str,
         ch.recv_expect(s.LOADED)
         ch.recv_expect(s.DIGESTS)
         ch.send(s.RESUME)
+        ch.recv_expect(s.RUNNING)        # the commit point: the guest was started there
         rtype, _, payload = ch.recv_expect(s.ERROR, s.RESULT)
     out, err = finish(rx)
     assert rtype == s.ERROR and words in bytes(payload), bytes(payload)

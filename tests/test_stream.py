@@ -110,6 +110,7 @@ def test_a_whole_sim_stream_is_loaded_then_cleaned_up(
     ours = s.ram_digests([data])
     assert count == len(ours) and bytes(payload) == b"".join(ours)
     ch.send(s.RESUME)
+    ch.recv_expect(s.RUNNING)   # the commit point (docs/STREAM.md)
     ch.recv_expect(s.RESULT)
     out["thread"].join(30)
     assert "error" not in out and out["result"]["pages"] == 64

@@ -8,7 +8,9 @@ The suite runs a few seconds of it (``SHMDIRTY_FUZZ_EXAMPLES``, default
 40); ``make fuzz`` runs thousands.  Regressions and seeds live in
 ``tests/data/stream_corpus/`` (one raw stream per ``.bin`` file, replayed
 by ``test_the_corpus_replays``); ``write_corpus()`` below re-creates the
-hand-made ones."""
+hand-made ones.  The corpus is stream version 2 (``stream.VERSION``), so
+each file still reaches the check it was made for; ``version_1`` keeps a
+version 1 stream, which must be refused cleanly at the preamble."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from shmdirty.workers.stream import Channel, PeerGone, StreamError
 
 CORPUS = Path(__file__).parent / "data" / "stream_corpus"
 EXAMPLES = int(os.environ.get("SHMDIRTY_FUZZ_EXAMPLES", "40"))
-LIMITS = Limits(max_ram=64 << 20, handshake_timeout=2.0, recv_timeout=2.0, guest_timeout=5.0)
+LIMITS = Limits(max_ram=64 << 20, handshake_timeout=2.0, peer_timeout=2.0, guest_timeout=5.0)
 HANG = 15.0          # seconds one stream may take at most (the timeouts above, and slack)
 DOCUMENTED = (StreamError, PeerGone, HostFailure, GuestFailed)
 pytestmark = pytest.mark.timeout(300)
@@ -180,6 +182,15 @@ def write_corpus(folder: Path = CORPUS) -> None:
         "unknown_type": sim + record(99, 0, b""),
         "idle_after_hello": sim,
         "tiny_complete": sim + record(s.BLOCKS, 1, s.pack_blocks([(0, 1 << 20)]))
+        + record(s.VCPUS, 0, b"") + record(s.END_OF_STREAM, 0, s.END.pack(0, 0)),
+        # version 2 (the commit point): a version 1 source is refused at the preamble
+        "version_1": s.PREAMBLE.pack(s.MAGIC, 1, 0) + record(s.HELLO, 0, json.dumps(
+            {"page_bits": 12, "guest": None}).encode()),
+        "heartbeat_with_payload": sim + record(s.HEARTBEAT, 0, bytes(8)),
+        "heartbeat_claims_1gib": sim + s.RECORD.pack(s.HEARTBEAT, 0, 0, 1 << 30),
+        "running_to_the_receiver": sim + record(s.RUNNING, 0, b""),
+        "heartbeats_then_complete": sim + record(s.HEARTBEAT, 0, b"") * 3
+        + record(s.BLOCKS, 1, s.pack_blocks([(0, 1 << 20)])) + record(s.HEARTBEAT, 0, b"")
         + record(s.VCPUS, 0, b"") + record(s.END_OF_STREAM, 0, s.END.pack(0, 0)),
     }
     folder.mkdir(parents=True, exist_ok=True)

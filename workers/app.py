@@ -124,7 +124,8 @@ def kvm_config(cfg: MigrateConfig) -> kvm_run.KvmRunConfig:
         dataplane=bool(cfg.dataplane_rate), dataplane_rate=cfg.dataplane_rate,
         dataplane_forget=cfg.dataplane_forget, drop_round=cfg.drop_round,
         kill_destination_at=cfg.kill_destination_at, name=cfg.name,
-        block_pages=cfg.block_pages, timeout=cfg.timeout, tls_creds=cfg.tls_creds)
+        block_pages=cfg.block_pages, timeout=cfg.timeout, peer_timeout=cfg.peer_timeout,
+        tls_creds=cfg.tls_creds)
 
 
 class StreamRefused(RunError):

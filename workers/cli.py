@@ -39,7 +39,6 @@ from shmdirty.maps import CLIENT_NAMES, inspect_map, map_status
 # The application: the command line reaches it through this one import.
 from . import app, receiver, transport
 from .lifecycle import (
-    EXIT_DESTINATION_LOST,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_MISMATCH,
@@ -67,21 +66,30 @@ from .receiver import Limits
 from .render import Progress, error, say, summary
 from .reports import Abandoned, BlocksReady, DestinationReport, Resumed
 
+PEER_TIMEOUT = 5.0       # workers.peer.DEFAULT_PEER_TIMEOUT (cli imports only workers.app)
+PEER_TIMEOUT_HELP = ("seconds of silence (no byte, no heartbeat, nothing taken) after which "
+                     "the peer is lost: hung, dead or unreachable (default 5)")
 MIGRATE_EXITS = """\
 exit codes:
   0        identical (kvm: and the guest resumed to its expected end)
   1        they differ (the summary names the first differing pages)
   2        bad options, or the map cannot be made (nothing was started)
   3        a worker failed, or --json / --plot could not be written
-  4        the destination was lost before the handover
+  4        the destination was lost before the commit: the source guest runs on
   6        the run took longer than --timeout
-  130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed"""
+  7        the guest's fate is UNKNOWN: RESUME sent, then the destination fell
+           silent before RUNNING; the source's copy was discarded (never two)
+  8        the destination committed (ran the guest), then was lost
+  130/143  interrupted by Ctrl-C / SIGTERM: workers stopped, every segment removed
+--json is written on every exit but 2: exit_code, and guest_on (source,
+destination, unknown, none) says which side holds the guest."""
 RECEIVE_EXITS = """\
 exit codes:
   0    received, resumed, and the guest ran to its end
   2    bad options, unreadable --tls-creds, or the address cannot be listened on
   5    the stream was refused or broke: not TLS or not authorized, malformed
        (not the format of docs/STREAM.md), truncated, or the source went away
+       or fell silent before the commit (--peer-timeout)
   9    this host cannot hold the guest: KVM or memory failed, or more RAM
        than --max-ram
   10   the resumed guest did not run to its end (a vCPU fault such as HLT,
@@ -170,7 +178,7 @@ def _migrate_config(args: argparse.Namespace, guest: str, why: str) -> app.Migra
         steps=args.steps or 0,
         dataplane_rate=1000 if args.dataplane_rate is None else args.dataplane_rate,
         dataplane_forget=args.dataplane_forget, kill_destination_at=args.kill_destination_at,
-        tls_creds=args.tls_creds)
+        peer_timeout=args.peer_timeout, tls_creds=args.tls_creds)
 
 
 def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) -> bool:
@@ -190,6 +198,12 @@ def _write_outputs(args: argparse.Namespace, res: dict[str, Any], out: Console) 
     return True
 
 
+def _write_failure(args: argparse.Namespace, e: app.RunError, code: int, out: Console) -> None:
+    """--json for a run that ended early: its code, and which side holds the guest."""
+    _write_outputs(args, {"exit_code": code, "outcome": type(e).__name__, "error": str(e),
+                          "guest_on": e.guest_on, "map": e.map_name}, out)
+
+
 def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
     try:
         cfg = _migrate_config(args, *app.choose_guest(args.guest))
@@ -205,6 +219,7 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
     except app.Interrupted as e:
         error(out, f"interrupted by {e}: workers stopped, map {e.map_name} removed "
                    f"({e.removed} segments)")
+        _write_failure(args, e, 128 + e.signum, out)
         return 128 + e.signum
     except app.DestinationGone as e:
         error(out, f"migration FAILED: {e}")
@@ -213,21 +228,27 @@ def cmd_migrate(args: argparse.Namespace, out: Console) -> int:
             out.print(f"the source guest ran on to its end: "
                       f"{'as the model says' if src else 'NOT as the model says'}",
                       highlight=False, soft_wrap=True)
-        e.result["exit_code"] = EXIT_DESTINATION_LOST
         _write_outputs(args, e.result, out)
-        return EXIT_DESTINATION_LOST
+        return e.exit_code
     except app.TimedOut as e:
         error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        _write_failure(args, e, EXIT_TIMEOUT, out)
         return EXIT_TIMEOUT
     except app.Failed as e:
         error(out, f"{e}\nmap {e.map_name} removed ({e.removed} segments)")
+        _write_failure(args, e, EXIT_FAILED, out)
         return EXIT_FAILED
     except app.Usage as e:
         error(out, str(e))
         return EXIT_USAGE
-    summary(res, out)
     ok = res["identical"] and res["resumed_ok"] is not False
     res["exit_code"] = code = EXIT_OK if ok else EXIT_MISMATCH
+    try:
+        summary(res, out)
+    except KeyboardInterrupt:     # the run is done: its result, with the code of the exit
+        res["exit_code"] = EXIT_INTERRUPTED
+        _write_outputs(args, res, out)
+        raise
     if not _write_outputs(args, res, out):
         return EXIT_FAILED
     return code
@@ -260,6 +281,7 @@ def cmd_receive(args: argparse.Namespace, out: Console) -> int:
     cfg = app.ServiceConfig(ep, args.tls_creds, transport.parse_authz(args.tls_authz or ()),
                             Limits(max_ram=args.max_ram,
                                    handshake_timeout=args.handshake_timeout,
+                                   peer_timeout=args.peer_timeout,
                                    guest_timeout=args.guest_timeout), once=args.once)
     try:
         res = app.receive(cfg, progress,
@@ -350,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"map name, at most {MAX_MIGRATE_NAME} characters (default: random)")
     m.add_argument("--timeout", type=positive, default=300.0, metavar="SECONDS",
                    help="give up after this long (default 300)")
+    m.add_argument("--peer-timeout", type=positive, default=PEER_TIMEOUT, metavar="S",
+                   help=PEER_TIMEOUT_HELP)
     # Testing: the migrator forgets the dirty pages of this round, so the
     # final comparison must fail.
     m.add_argument("--drop-round", type=count, default=0, help=argparse.SUPPRESS)
@@ -387,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end after the first connection, whatever becomes of it")
     r.add_argument("--json", type=writable_file, metavar="PATH",
                    help="write the result as JSON to PATH")
+    r.add_argument("--peer-timeout", type=positive, default=PEER_TIMEOUT, metavar="S",
+                   help=PEER_TIMEOUT_HELP)
     r.set_defaults(func=cmd_receive)
 
     i = sub.add_parser("inspect", help="show a map: header, RAM, dirty counts, reader slots",

@@ -32,3 +32,4 @@ class MigrateConfig:
     dataplane_rate: float = 1000.0      # KVM: dataplane requests/s, 0: no dataplane
     dataplane_forget: bool = False      # testing: a dataplane that forgets to mark
     kill_destination_at: int = 0        # testing: SIGKILL the loopback receiver at round N
+    peer_timeout: float = 5.0   # seconds of silence after which a peer is lost (workers.peer)

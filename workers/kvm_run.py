@@ -34,7 +34,7 @@ from shmdirty import segment
 from . import dataplane, migration, sender, vm_owner
 from . import guest_kvm as g
 from .guest_model import expected
-from .lifecycle import DestinationGone, Failed
+from .lifecycle import DestinationGone, Failed, after_resume
 from .messages import Go
 from .migration import Migration, OnEvent
 from .reports import (
@@ -73,6 +73,7 @@ class KvmRunConfig:
     name: str | None = None
     block_pages: int = 1 << 15
     timeout: float = 600.0
+    peer_timeout: float = sender.DEFAULT_PEER_TIMEOUT
 
 
 class KvmGuest:
@@ -87,7 +88,7 @@ class KvmGuest:
 
     def __init__(self, cfg: KvmRunConfig) -> None:
         self.cfg = cfg
-        self.timeout, self.to = cfg.timeout, cfg.to
+        self.timeout, self.to, self.peer_timeout = cfg.timeout, cfg.to, cfg.peer_timeout
         self.hotadds: list[GuestHotadd] = []
         self.refused: list[HotplugRefused] = []   # hot-adds that failed alone
         self.rounds: list[RoundEnd] = []
@@ -121,7 +122,8 @@ class KvmGuest:
                       self._dp_owner)
         scfg = sender.SenderConfig(host, port, cfg.guest.to_json(), cfg.bandwidth,
                                    cfg.threshold, cfg.max_rounds, local=cfg.to is None,
-                                   drop_round=cfg.drop_round, tls_creds=cfg.tls_creds)
+                                   drop_round=cfg.drop_round, peer_timeout=cfg.peer_timeout,
+                                   tls_creds=cfg.tls_creds)
         run.start("migrator", sender.main, scfg, run.map_name, self._mig_owner)
         for c in self._pipes:     # the VM owner, the migrator and the dataplane hold them
             c.close()
@@ -232,10 +234,13 @@ def _verdict(kind: KvmGuest, run: Migration, t0: float) -> dict[str, Any]:
                         "source": [v.get("checksum") for v in src]}
     out["total_s"] = out["wall_seconds"] = time.monotonic() - t0
     if lost is not None:
-        out["failure"] = lost.message
-        raise DestinationGone(f"the destination was lost: {lost.message}", out)
+        raise DestinationGone(f"the destination was lost before the commit: {lost.message}",
+                              out)
     if sw is None or ho is None:
         raise Failed("the migrator ended without a switchover")
+    out["outcome"] = ho.outcome
+    after_resume(ho.outcome, ho.error, out)
+    out["guest_on"] = "destination"
     return out
 
 

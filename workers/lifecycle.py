@@ -18,16 +18,25 @@ EXIT_FAILED = 3
 EXIT_DESTINATION_LOST = 4
 EXIT_STREAM = 5
 EXIT_TIMEOUT = 6
+EXIT_FATE_UNKNOWN = 7     # RESUME sent, then silence: the guest may or may not run there
+EXIT_LOST_AFTER_COMMIT = 8   # the destination committed (ran the guest), then was lost
+# ``shmdirty receive``'s own codes (besides 0, 2, 5 and 128 + signal), apart
+# from migrate's 7 and 8 so that no number means two things:
+EXIT_HOST = 9       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
+EXIT_GUEST = 10     # the resumed guest did not run to its end (a fault, --guest-timeout)
 EXIT_INTERRUPTED = 130    # 128 + SIGINT; SIGTERM gives 143
 
 
 # --- how a run ends early -------------------------------------------------------------
 class RunError(Exception):
     """A run that did not finish; ``map_name`` and ``removed`` (segments
-    removed by teardown) are set once teardown is done."""
+    removed by teardown) are set once teardown is done; ``guest_on``: which
+    side holds the guest (``source``, ``destination``, ``unknown``, or
+    ``none``: teardown destroyed it)."""
 
     map_name = ""
     removed = 0
+    guest_on = "none"
 
 
 class Interrupted(RunError):
@@ -96,15 +105,43 @@ def sigint_held() -> Iterator[None]:
 
 
 class DestinationGone(RunError):
-    """The destination went away (or refused the stream) before the
-    handover; ``result`` holds what the run knows (for KVM: how the source
-    guest, which ran on, ended)."""
+    """The destination went away (or refused the stream) before the commit
+    point; ``result`` holds what the run knows (for KVM: how the source
+    guest, which ran on, ended).  Its subclasses are the outcomes after
+    RESUME (docs/STREAM.md), each with its own exit code."""
+
+    exit_code = EXIT_DESTINATION_LOST
+    guest_on = "source"
 
     def __init__(self, message: str, result: dict[str, Any]) -> None:
         super().__init__(message)
         self.result = result
+        result.update(exit_code=self.exit_code, guest_on=self.guest_on, failure=message)
 
 
-# ``shmdirty receive``'s own codes (besides 0, 2, 5 and 128 + signal):
-EXIT_HOST = 9       # this host cannot hold the guest: KVM, /dev/shm, --max-ram
-EXIT_GUEST = 10     # the resumed guest did not run to its end (a fault, --guest-timeout)
+class FateUnknown(DestinationGone):
+    """RESUME was sent, then the destination fell silent before RUNNING:
+    it may be running the guest or not; the source discarded its copy so
+    that the guest never runs twice."""
+
+    exit_code = EXIT_FATE_UNKNOWN
+    guest_on = "unknown"
+
+
+class LostAfterCommit(DestinationGone):
+    """The destination said RUNNING (the commit), then died or fell silent
+    before its RESULT: the guest was on the destination, its end unknown here."""
+
+    exit_code = EXIT_LOST_AFTER_COMMIT
+    guest_on = "destination"
+
+
+def after_resume(outcome: str, error: str | None, result: dict[str, Any]) -> None:
+    """Raise the outcome of a handover (``reports.Handover.outcome``) that is not ``done``."""
+    if outcome == "unknown":
+        raise FateUnknown(f"the guest's fate is UNKNOWN: RESUME was sent, then {error}; the "
+                          "destination may be running it; the source's paused copy was "
+                          "discarded so that it never runs twice", result)
+    if outcome != "done":
+        raise LostAfterCommit(f"the destination committed (its guest was running), then: "
+                              f"{error}", result)

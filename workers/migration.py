@@ -37,9 +37,25 @@ from shmdirty import segment
 
 from . import receiver
 from .guest import DST_MAP_SUFFIX
-from .lifecycle import Failed, RunError, Signals, TimedOut, sigint_held
+from .lifecycle import (
+    DestinationGone,
+    Failed,
+    FateUnknown,
+    RunError,
+    Signals,
+    TimedOut,
+    sigint_held,
+)
 from .messages import Abort
-from .reports import DestinationLost, Handover, Listening, Ready, Report, WorkerFailed
+from .reports import (
+    DestinationLost,
+    HandedOver,
+    Handover,
+    Listening,
+    Ready,
+    Report,
+    WorkerFailed,
+)
 
 OnEvent = Callable[[Report], None]
 LOOPBACK = "127.0.0.1"
@@ -63,6 +79,7 @@ class GuestKind(Protocol):
 
     name: str            # "sim" or "kvm"
     timeout: float       # seconds the whole run may take
+    peer_timeout: float  # seconds of silence after which a peer is lost (workers.peer)
     to: tuple[str, int] | None   # a receiver elsewhere; None: one on loopback
     poll: float          # seconds one step of the wait loop waits for a report
     join_timeout: float  # seconds processes get to exit when asked, before signals
@@ -198,8 +215,20 @@ class Migration:
             self.ready.add(report.role)
         elif isinstance(report, WorkerFailed):
             raise Failed(f"worker {report.role} failed:\n{report.traceback}")
+        elif isinstance(report, DestinationLost) or (isinstance(report, Handover)
+                                                     and report.outcome != "done"):
+            self._stop_receiver()
         self.kind.on_report(self, role, report)
         self.on_event(report)
+
+    def _stop_receiver(self) -> None:
+        """The source gave up on its loopback receiver (lost before the
+        commit, or silent after RESUME): a hung one (SIGSTOP) would hold the
+        run for ever, and its guest must not start after the source decided
+        (docs/STREAM.md), so it is killed now."""
+        p = self.procs.get("receiver")
+        if p is not None and p.exitcode is None:
+            p.kill()
 
     # -- the run -------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -207,7 +236,8 @@ class Migration:
         t_begin = time.monotonic()
         self.map_name = kind.prepare(self)
         if kind.to is None:
-            self.start("receiver", receiver.main, LOOPBACK, 0, self.dst_name)
+            self.start("receiver", receiver.main, LOOPBACK, 0, self.dst_name,
+                       kind.peer_timeout)
         kind.start(self)
         if kind.to is None:
             self.wait(lambda: Listening in self.got, "the receiver to listen")
@@ -269,4 +299,12 @@ def run(kind: GuestKind, on_event: OnEvent) -> dict[str, Any]:
             return result
         except RunError as e:
             e.map_name, e.removed = m.map_name, m.removed
+            if isinstance(e, FateUnknown) and kind.to is None:
+                # the source could not know; the run does: it killed its own receiver
+                e.result.update(guest_on="none", receiver="the loopback receiver was killed "
+                                "by the run: the guest runs nowhere")
+            elif not isinstance(e, DestinationGone):
+                # the source guest is torn down; after the commit, a destination
+                # elsewhere holds it (a loopback receiver is torn down too)
+                e.guest_on = "destination" if HandedOver in m.got and kind.to else "none"
             raise

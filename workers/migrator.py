@@ -43,6 +43,7 @@ class MigratorConfig:
     chunk_pages: int = 64           # pages per PAGES record (between two rate-limit checks)
     drop_round: int = 0             # testing: forget this round's dirty pages
     hotplug: bool = False           # a hot-plug worker runs: wait for it to stop too
+    peer_timeout: float = 5.0       # seconds of silence after which the destination is lost
     tls_creds: str | None = None    # TLS with both ends verified (workers.transport)
 
 
@@ -84,7 +85,8 @@ def main(dm: DirtyMemory, cfg: MigratorConfig, ctl: Control) -> None:
     with worker("migrator", ctl):
         sender = Sender(dm, SenderConfig(cfg.host, cfg.port, None, cfg.bandwidth,
                                          cfg.threshold, cfg.max_rounds, cfg.chunk_pages,
-                                         cfg.local, cfg.drop_round, cfg.tls_creds),
+                                         cfg.local, cfg.drop_round, cfg.peer_timeout,
+                                         tls_creds=cfg.tls_creds),
                         SimControl(ctl, cfg.hotplug), ctl.report, ctl.aborted)
         try:
             if ctl.start("migrator"):

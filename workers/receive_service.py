@@ -4,12 +4,13 @@ keep listening until one migration completes.
 One connection at a time.  Each accepted connection goes through the TLS
 handshake and the ``--tls-authz`` check (``workers.transport``), then the
 stream (``workers.receiver``), each within ``Limits``.  A connection that
-is refused or breaks before the handover (exit-code-like reasons 5, the
-stream, and 9, this host) is logged, the receiver's VM and segments for it
-are gone, and the service accepts the next one: a stranger's idle or
+is refused, breaks or falls silent (``--peer-timeout``) before the
+handover (exit-code-like reasons 5, the stream, and 9, this host) is
+logged, the receiver's VM and segments for it are gone, and the service
+accepts the next one: a stranger's idle or
 garbage connection cannot take the port away from the real migration.
 The service ends when one migration completed (the guest resumed and ran
-to its end: 0; or failed: 8), or after the first connection whatever
+to its end: 0; or failed: 10), or after the first connection whatever
 happened to it when ``once`` is set.
 """
 
@@ -61,7 +62,7 @@ def serve(cfg: ServiceConfig, on_event: Callable[[DestinationReport], None],
     with transport.Listener(cfg.endpoint, rcvbuf=SOCKET_BUFFER) as listener:
         on_listening(listener.address)
         while True:
-            conn = receiver.accept(listener.sock)
+            conn = receiver.accept(listener.sock, peer_timeout=cfg.limits.peer_timeout)
             assert conn is not None       # no should_stop, no timeout: a connection
             peer = _peer(conn)
             try:

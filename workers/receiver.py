@@ -5,8 +5,13 @@ its own, whose RAM blocks it creates as the stream announces them (same
 offsets and sizes as the source's, hot-added blocks included); pages land
 in those segments.  For a KVM guest it also builds its own VM over them
 (``GuestVM`` without dirty logging), loads the vCPU state at the end of the
-stream and, once the source says RESUME, runs the guest to completion and
-sends back its result.  For the simulated guest there is nothing to resume.
+stream and, once the source says RESUME, starts the guest, says RUNNING
+(the commit point of docs/STREAM.md: from here the guest is this side's),
+runs it to completion and sends back its result; a source that is gone by
+then does not stop the guest.  For the simulated guest there is nothing to
+resume (RUNNING follows RESUME at once).  Every wait for the source ends
+within ``peer_timeout`` (``workers.peer``); a heartbeat thread keeps this
+side audible while it loads, digests or runs the guest.
 
 Whatever happens, the receiver's VM is closed and every segment of its map
 is unlinked before ``receive()`` returns or raises: a refused or truncated
@@ -27,8 +32,10 @@ from shmdirty import DirtyMemory
 from shmdirty.errors import ShmDirtyError
 
 from . import guest_kvm as g
+from . import pause
 from . import stream as s
 from .guest import PAGE_BITS, GuestRam
+from .peer import DEFAULT_PEER_TIMEOUT, Heartbeat, tune
 from .reports import (
     Abandoned,
     BlocksReady,
@@ -37,9 +44,8 @@ from .reports import (
     RoundReceived,
     StreamHello,
 )
-from .stream import Channel, PeerGone, StreamError
+from .stream import Channel, PeerGone, PeerSilent, StreamError
 
-RECV_TIMEOUT = 120.0     # seconds without a byte from the source before giving up
 HANDSHAKE_TIMEOUT = 10.0  # seconds from the accept to a whole HELLO (TLS included)
 GUEST_TIMEOUT = 600.0    # seconds the resumed guest may run (--guest-timeout)
 
@@ -64,7 +70,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: False,
-           timeout: float | None = None) -> socket.socket | None:
+           timeout: float | None = None, peer_timeout: float = DEFAULT_PEER_TIMEOUT
+           ) -> socket.socket | None:
     """Wait for the source; None if ``should_stop()`` or ``timeout`` first."""
     listener.settimeout(ACCEPT_POLL)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -75,14 +82,14 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
             conn, _ = listener.accept()
         except TimeoutError:
             continue
-        conn.settimeout(RECV_TIMEOUT)
+        tune(conn, peer_timeout)
         return conn
     return None
 
 
 class HostFailure(ShmDirtyError, OSError):
-    """This host cannot hold the guest: KVM or /dev/shm failed after the
-    accept, or the guest needs more RAM than ``--max-ram``."""
+    """This host cannot hold the guest: KVM, memory (guest RAM's memfds) or
+    /dev/shm (the map's bitmap) failed after the accept, or the guest needs more RAM than ``--max-ram``."""
 
 
 class GuestFailed(ShmDirtyError, RuntimeError):
@@ -96,7 +103,7 @@ class Limits:
 
     max_ram: int = 0                    # bytes of guest RAM; 0: what this host can hold
     handshake_timeout: float = HANDSHAKE_TIMEOUT   # accept to HELLO
-    recv_timeout: float = RECV_TIMEOUT  # then: seconds without a byte from the source
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT  # then: seconds of silence (--peer-timeout)
     guest_timeout: float = GUEST_TIMEOUT  # the resumed guest's run
 
 
@@ -162,12 +169,15 @@ class Destination:
         self.records = 0
 
     def run(self) -> dict[str, Any]:
-        ch = self.ch
+        with Heartbeat(self.ch, self.limits.peer_timeout):
+            return self._run(self.ch)
+
+    def _run(self, ch: Channel) -> dict[str, Any]:
         ch.sock.settimeout(self.limits.handshake_timeout)   # accept to HELLO
         ch.expect_preamble()
         _, _, payload = ch.recv_expect(s.HELLO)
         bits, self.cfg, digests = parse_hello(payload)
-        ch.sock.settimeout(self.limits.recv_timeout)
+        ch.sock.settimeout(self.limits.peer_timeout)     # then: bounded waits (workers.peer)
         self.page_size = 1 << bits
         ch.limits[s.PAGES] = s.MAX_CHUNK_PAGES * (8 + self.page_size) + s.CRC.size
         if self.cfg is not None:
@@ -181,22 +191,29 @@ class Destination:
         else:
             self.ram = GuestRam(self.dm.name, self.dm.page_bits, "ram")
         states = self._load()
+        pause.at("end")
         t_loaded = time.monotonic()
         ch.send_json(s.LOADED, {"map": self.dm.name, "blocks": self.ram.blocks,
                                 "pages": self.pages})
         digest_list = s.ram_digests(self.ram.views) if digests else []
         ch.send(s.DIGESTS, [b"".join(digest_list)], count=len(digest_list))
+        pause.at("digests")
         rtype, _, _ = ch.recv_expect(s.RESUME, s.ABANDON)
         result: dict[str, Any] = {"map": self.dm.name, "pages": self.pages,
                                   "blocks": list(self.ram.blocks), "resumed": False}
         if rtype == s.ABANDON:
             self.report(Abandoned())
             return dict(result, abandoned=True)
+        pause.at("resumed")
         if self.vm is not None:
             raw = self.ram.views[0].reshape(-1)
             hotadds = [int(raw[(g.params_addr(v) + g.P_NREG) // 8]) - 1
                        for v in range(self.cfg.vcpus)] if self.cfg else []
             self.vm.restore(states, hotadds)
+            self.vm.start()
+        ch.send(s.RUNNING)     # the commit point: the guest is ours from here
+        pause.at("running")
+        if self.vm is not None:
             self.report(Resumed(len(states)))
             t0 = time.monotonic()
             try:
@@ -208,7 +225,10 @@ class Destination:
             result.update(resumed=True, vcpus=self.vm.results(), run_seconds=time.monotonic() - t0,
                           hotadds=[(o, z) for o, z, _ in self.vm.hotadds],
                           blocks=list(self.ram.blocks), loaded_at=t_loaded)
-        ch.send_json(s.RESULT, {k: v for k, v in result.items() if k != "loaded_at"})
+        try:
+            ch.send_json(s.RESULT, {k: v for k, v in result.items() if k != "loaded_at"})
+        except PeerGone as e:      # the guest ran here all the same: it was ours
+            result["source_gone"] = str(e)
         return result
 
     def _load(self) -> list[Any]:
@@ -219,6 +239,8 @@ class Destination:
             try:
                 rtype, count, payload = self.ch.recv_expect(s.BLOCKS, s.PAGES, s.ROUND,
                                                             s.VCPUS, s.END_OF_STREAM)
+            except PeerSilent:
+                raise
             except PeerGone as e:
                 raise StreamError(f"stream truncated before its end marker: {e}") from None
             if rtype == s.PAGES:
@@ -235,6 +257,7 @@ class Destination:
                 self._blocks(s.unpack_blocks(count, payload))
             elif rtype == s.ROUND:
                 self.report(RoundReceived(count, self.pages))
+                pause.at("precopy")
             elif rtype == s.VCPUS:
                 states = [VcpuState(i, d, r, sr) for i, d, r, sr in s.unpack_vcpus(count, payload)]
                 n = self.cfg.vcpus if self.cfg is not None else 0
@@ -285,8 +308,9 @@ class Destination:
 def receive(conn: socket.socket, report: Report, map_name: str | None = None,
             limits: Limits = Limits()) -> dict[str, Any]:
     """Receive one migration on ``conn`` and resume it.  StreamError /
-    PeerGone (the stream), HostFailure (this host), GuestFailed (the resumed
-    guest); the source is sent an ERROR record first where it still listens."""
+    PeerGone (the stream; PeerSilent: nothing for ``limits.peer_timeout``),
+    HostFailure (this host), GuestFailed (the resumed guest); the source is
+    sent an ERROR record first where it still listens."""
     dest = Destination(Channel(conn), report, map_name, limits)
     try:
         return dest.run()
@@ -308,7 +332,8 @@ def receive(conn: socket.socket, report: Report, map_name: str | None = None,
         dest.close()
 
 
-def main(host: str, port: int, map_name: str | None, parent: Connection) -> None:
+def main(host: str, port: int, map_name: str | None, peer_timeout: float,
+         parent: Connection) -> None:
     """Process entry point of a receiver started by ``shmdirty migrate``:
     reports ``Listening`` (with the bound port), then ``Received``, or
     ``DestinationLost`` (the stream was refused) or ``WorkerFailed``.  It
@@ -321,9 +346,10 @@ def main(host: str, port: int, map_name: str | None, parent: Connection) -> None
     try:
         with listen(host, port) as listener:
             parent.send(Listening(host, listener.getsockname()[1]))
-            conn = accept(listener, should_stop=parent.poll)
+            conn = accept(listener, should_stop=parent.poll, peer_timeout=peer_timeout)
         if conn is not None:
-            parent.send(Received(receive(conn, lambda ev: None, map_name)))
+            parent.send(Received(receive(conn, lambda ev: None, map_name,
+                                         Limits(peer_timeout=peer_timeout))))
     except (StreamError, PeerGone) as e:
         parent.send(DestinationLost(f"the destination refused the stream: {e}"))
         raise SystemExit(1) from None

@@ -180,8 +180,12 @@ class Switchover:
 
 @dataclass(frozen=True)
 class Handover:
-    """The destination resumed the guest and reported how it ended (KVM);
-    ``result`` is its RESULT record, None if it never came (``error``)."""
+    """The source handed the guest over.  ``outcome``: ``done`` (the
+    destination committed, ran the guest and reported how it ended:
+    ``result``, its RESULT record), ``lost after commit`` (it committed,
+    then died or fell silent: ``error``; the guest was there), ``unknown``
+    (RESUME sent, then silence: it may or may not run the guest; the source
+    discarded its copy)."""
 
     pages_sent: int
     bytes_sent: int
@@ -190,6 +194,7 @@ class Handover:
     result: dict[str, Any] | None
     error: str | None
     vcpu_states: tuple[dict[str, int], ...]   # registers at the switchover
+    outcome: str = "done"
 
 
 @dataclass(frozen=True)

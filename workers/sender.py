@@ -19,11 +19,18 @@ end marker follow.  The destination answers LOADED (the downtime ends
 there) and its RAM digests; the source RAM, still paused, is compared with
 the destination's: byte for byte when the destination's segments are on
 this machine (``local``), else chunk digest by chunk digest.  Then the
-source hands over and the destination resumes the guest (RESUME) and
-reports how it ended (RESULT).
+handover with its commit point (docs/STREAM.md): the source sends RESUME
+and keeps its paused guest until the destination answers RUNNING (its
+guest runs there: the commit); only then is the source guest discarded
+(``handover``), and the destination reports how the guest ended (RESULT).
 
-A destination that goes away before the handover fails the migration:
-the owner lets the source guest run on (``cont``), as QEMU does.
+A destination that goes away (or refuses) before the commit fails the
+migration: the owner lets the source guest run on (``cont``), as QEMU
+does.  Every wait is bounded by ``peer_timeout`` (``workers.peer``).  The
+one case that cannot be decided: RESUME sent, then silence (no RUNNING, no
+close) for ``peer_timeout``: the destination may be running the guest, so
+the source discards its copy (never two running) and reports the guest's
+fate as unknown (``Handover.outcome``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from . import stream as s
 from .guest import GuestRam, compare
 from .messages import Cont, Go, HandOver, LogSync, Stop, Stopped, Synced
 from .migration_bitmap import MigrationBitmap
+from .peer import DEFAULT_PEER_TIMEOUT, Heartbeat, tune
 from .reports import (
     Connected,
     DestinationLost,
@@ -61,11 +69,12 @@ from .reports import (
     Switchover,
     WorkerFailed,
 )
-from .stream import Channel, PeerGone, StreamError
+from .stream import Channel, PeerGone, PeerSilent, StreamError
 from .transport import Endpoint, connect
 
+__all__ = ["DEFAULT_PEER_TIMEOUT", "Lost", "Sender", "SenderConfig"]
+
 CONNECT_TIMEOUT = 10.0
-RESULT_TIMEOUT = 600.0     # seconds the destination may take to run the guest to its end
 REPORT_EVERY = 0.05
 STOP_AND_COPY = -1       # drop_round value that drops the stop-and-copy set (testing)
 FIRST_DIFFS = 10         # how many differing pages (or chunks) a mismatch names
@@ -139,6 +148,7 @@ class SenderConfig:
     local: bool = True              # the destination's segments are on this machine
     drop_round: int = 0             # testing: forget this round's dirty pages
                                     # (STOP_AND_COPY: the final set)
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT   # seconds of silence that mean the peer is lost
     tls_creds: str | None = None    # TLS with both ends verified (workers.transport)
 
 
@@ -168,7 +178,7 @@ class Sender:
             sock = connect(ep, cfg.tls_creds, CONNECT_TIMEOUT)
         except OSError as e:    # Refused (the TLS handshake) included
             raise Lost(f"cannot connect to {ep}: {e.strerror or e}") from None
-        sock.settimeout(None)
+        tune(sock, cfg.peer_timeout)
         ch = Channel(sock)
         try:
             ch.preamble()
@@ -228,16 +238,20 @@ class Sender:
 
     def run(self) -> None:
         """Migrate; the outcome is reported (``Done``, ``Switchover``, ``Handover``).
-        Raises ``Lost`` if the destination goes away before the handover."""
+        Raises ``Lost`` if the destination goes away before the commit."""
+        self.ch = self.connect()
+        with Heartbeat(self.ch, self.cfg.peer_timeout):
+            self._run(self.ch)
+
+    def _run(self, ch: Channel) -> None:
         cfg = self.cfg
-        self.ch = ch = self.connect()
         self.report(Connected(cfg.host, cfg.port))
         t_go = last_sync = time.monotonic()
         rounds: list[RoundEnd] = []
         reason = "max rounds"
         round_no = 0
         check: RoundStart | None = None
-        stopped = False
+        stopped = resume_sent = False
         try:
             while round_no < cfg.max_rounds:
                 round_no += 1
@@ -291,9 +305,19 @@ class Sender:
                 seconds=t_loaded - t_stop, stop_wait=t_stopped - t_stop,
                 copy_seconds=seconds)))
             self.report(self.verify(json.loads(bytes(payload))))
-            self.control.handover()
-            ch.send(s.RESUME)
+            ch.send(s.RESUME)      # the source guest stays paused: not committed yet
+            resume_sent = True
+            ch.recv_expect(s.RUNNING)   # the commit point: the guest runs there
+        except PeerSilent as e:
+            if resume_sent:        # it may be running there, or not: never run it twice
+                self.control.handover()
+                self._handover(states, None, "unknown", f"{e}")
+                return
+            if stopped:
+                self.control.cont()
+            raise Lost(f"{e}") from None
         except (PeerGone, StreamError, OSError) as e:
+            # closed, reset or refused before RUNNING: its guest died with it or never ran
             if stopped:
                 self.control.cont()
             raise Lost(f"{e}") from None
@@ -306,17 +330,20 @@ class Sender:
                 except (PeerGone, OSError):
                     pass
             raise
-        ch.sock.settimeout(RESULT_TIMEOUT)
-        try:
+        self.control.handover()    # committed: the source guest is discarded
+        try:   # the destination's heartbeats bound each wait; --timeout the whole
             _, _, payload = ch.recv_expect(s.RESULT)
-            result: dict[str, Any] | None = json.loads(bytes(payload))
-            error = None
-        except (PeerGone, StreamError) as e:
-            result, error = None, str(e)
+            self._handover(states, json.loads(bytes(payload)), "done", None)
+        except (PeerGone, StreamError, OSError) as e:
+            self._handover(states, None, "lost after commit", f"{e}")
+
+    def _handover(self, states: list[Any], result: dict[str, Any] | None, outcome: str,
+                  error: str | None) -> None:
+        assert self.ch is not None
         self.report(Handover(self.pages_sent, self.pages_sent * self.dm.page_size,
-                             self.send_seconds, ch.bytes_sent, result, error,
+                             self.send_seconds, self.ch.bytes_sent, result, error,
                              tuple(dict(st.reg_dict(), index=st.index, done=st.done)
-                                   for st in states)))
+                                   for st in states), outcome))
 
     def verify(self, loaded: dict[str, Any]) -> Switchover:
         """Source RAM (paused) against the destination's, while it waits for RESUME."""

@@ -23,7 +23,7 @@ from shmdirty import DirtyMemory, ShmDirtyError
 from . import Control, Flags, hotplug, migrator, vcpu
 from .config import MigrateConfig
 from .guest import PAGE_BITS, TAG_MASK, TAG_VCPU, GuestRam
-from .lifecycle import DestinationGone, Usage
+from .lifecycle import DestinationGone, Usage, after_resume
 from .migration import Migration
 from .reports import (
     DestinationLost,
@@ -65,7 +65,7 @@ class SimGuest:
 
     def __init__(self, cfg: MigrateConfig) -> None:
         self.cfg = cfg
-        self.timeout, self.to = cfg.timeout, cfg.to
+        self.timeout, self.to, self.peer_timeout = cfg.timeout, cfg.to, cfg.peer_timeout
         self.flags: Flags | None = None
         self.dm: DirtyMemory | None = None
         self.src: GuestRam | None = None
@@ -102,7 +102,8 @@ class SimGuest:
             host=host, port=port, local=cfg.to is None,
             bandwidth=cfg.bandwidth * (1 << 20), threshold=cfg.threshold,
             max_rounds=cfg.max_rounds, drop_round=cfg.drop_round,
-            hotplug=bool(cfg.hotplug), tls_creds=cfg.tls_creds)))
+            hotplug=bool(cfg.hotplug), peer_timeout=cfg.peer_timeout,
+            tls_creds=cfg.tls_creds)))
         return jobs
 
     def spawn(self, run: Migration, host: str, port: int) -> None:
@@ -161,6 +162,8 @@ class SimGuest:
         d: Done = run.got[Done]
         sw: Switchover = run.got[Switchover]
         ho: Handover = run.got[Handover]
+        after_resume(ho.outcome, ho.error, {"guest": "sim", "identical": sw.identical,
+                                            "resumed_ok": None, "outcome": ho.outcome})
         t0 = d.t_go
         written = sum(int(np.count_nonzero(v[:, 0] & np.uint64(TAG_MASK) == np.uint64(TAG_VCPU)))
                       for v in src.views)
@@ -178,6 +181,8 @@ class SimGuest:
         return {
             "guest": "sim",
             "guest_why": self.cfg.guest_why,
+            "guest_on": "destination",
+            "outcome": ho.outcome,
             "identical": sw.identical,
             "resumed_ok": None,
             "downtime_ms": d.downtime.seconds * 1e3,

@@ -1,14 +1,20 @@
 """The migration stream: framing, records, and both ends' reads and writes.
 
-The format is documented in docs/STREAM.md (version 1).  In short: a
+The format is documented in docs/STREAM.md (version 2).  In short: a
 16-byte preamble (magic, version), then records, each a 16-byte header
 (type u16, flags u16, count u32, payload length u64, little-endian) and its
 payload.  Page records carry a CRC-32 of their payload (the per-chunk
 digest), so a corrupted chunk is caught where it lands.
 
-``Channel`` wraps one connected TCP socket.  A peer that goes away shows up
-as ``PeerGone`` (EOF, reset, broken pipe); a stream that breaks its own
-rules (other version, bad record, truncated) as ``StreamError``.
+``Channel`` wraps one connected socket (TCP, TLS or Unix:
+``workers.transport``).  A peer that goes away shows up as ``PeerGone``
+(EOF, reset, broken pipe), one that says nothing for the socket's timeout
+(hung, or unreachable: ``workers.peer``) as ``PeerSilent``; a stream that
+breaks its own rules (other version, bad record, truncated, a TLS record
+that does not decrypt) as ``StreamError``.  HEARTBEAT records (either
+direction) are skipped by ``recv``: they only prove the peer alive.
+Records are sent whole under a lock, so a heartbeat thread may send
+between two records of the main thread.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import json
 import socket
 import ssl
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,7 +35,7 @@ import numpy as np
 from shmdirty.errors import ShmDirtyError
 
 MAGIC = b"SHMDMIG\n"
-VERSION = 1
+VERSION = 2
 PREAMBLE = struct.Struct("<8sII")     # magic, version, reserved (0)
 RECORD = struct.Struct("<HHIQ")       # type, flags, count, payload length
 CRC = struct.Struct("<I")
@@ -49,10 +57,13 @@ SOCKET_BUFFER = 1 << 20
 # source -> destination
 HELLO, BLOCKS, PAGES, ROUND, VCPUS, END_OF_STREAM, RESUME, ABANDON = 1, 2, 3, 4, 5, 6, 7, 8
 # destination -> source
-LOADED, DIGESTS, RESULT, ERROR, READY = 16, 17, 18, 19, 20
+LOADED, DIGESTS, RESULT, ERROR, READY, RUNNING = 16, 17, 18, 19, 20, 21
+# either direction
+HEARTBEAT = 32
 NAMES = {HELLO: "HELLO", BLOCKS: "BLOCKS", PAGES: "PAGES", ROUND: "ROUND", VCPUS: "VCPUS",
          END_OF_STREAM: "END", RESUME: "RESUME", ABANDON: "ABANDON", LOADED: "LOADED",
-         DIGESTS: "DIGESTS", RESULT: "RESULT", ERROR: "ERROR", READY: "READY"}
+         DIGESTS: "DIGESTS", RESULT: "RESULT", ERROR: "ERROR", READY: "READY",
+         RUNNING: "RUNNING", HEARTBEAT: "HEARTBEAT"}
 
 
 # The largest payload of each record type, checked against the header before
@@ -63,11 +74,12 @@ MAX_LENGTH = {HELLO: MAX_JSON, BLOCKS: MAX_RAM_BLOCKS * 16, ROUND: 8,
               PAGES: MAX_CHUNK_PAGES * (8 + (1 << MAX_PAGE_BITS)) + 4, VCPUS: MAX_VCPUS * 464,
               END_OF_STREAM: 16,
               RESUME: 0, ABANDON: 0, LOADED: MAX_JSON, DIGESTS: MAX_PAYLOAD, RESULT: MAX_JSON,
-              ERROR: MAX_JSON, READY: 0}
+              ERROR: MAX_JSON, READY: 0, RUNNING: 0, HEARTBEAT: 0}
 
 
 # Records whose payload has one size only: anything else is refused from the header.
-EXACT_LENGTH = {ROUND: 8, END_OF_STREAM: END.size, RESUME: 0, ABANDON: 0, READY: 0}
+EXACT_LENGTH = {ROUND: 8, END_OF_STREAM: END.size, RESUME: 0, ABANDON: 0, READY: 0,
+                RUNNING: 0, HEARTBEAT: 0}
 
 
 class StreamError(ShmDirtyError, ValueError):
@@ -79,6 +91,11 @@ class PeerGone(ShmDirtyError, ConnectionError):
     """The other end closed or reset the connection."""
 
 
+class PeerSilent(PeerGone):
+    """Nothing from the other end, or nothing it took, for the socket's
+    timeout (``--peer-timeout``): hung or unreachable, its state unknown."""
+
+
 class Channel:
     """One end of a migration connection."""
 
@@ -88,7 +105,9 @@ class Channel:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self._buf = bytearray(1 << 20)
-        self.limits = dict(MAX_LENGTH)     # per record type; see MAX_LENGTH
+        self._send_lock = threading.Lock()   # one record at a time (module doc)
+        self.last_sent = time.monotonic()    # when a record last went out
+        self.limits = dict(MAX_LENGTH)       # per record type; see MAX_LENGTH
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -112,6 +131,9 @@ class Channel:
                     else:
                         views[0] = views[0][n:]
                         n = 0
+        except TimeoutError:
+            raise PeerSilent(f"the other end took nothing for {self.sock.gettimeout()} s "
+                             "(--peer-timeout): hung or unreachable") from None
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
             raise PeerGone(f"the other end went away while sending: {e.strerror}") from None
         except ssl.SSLError as e:
@@ -123,7 +145,21 @@ class Channel:
     def send(self, rtype: int, payload: Sequence[Any] = (), count: int = 0) -> None:
         """One record: header, then the payload buffers in order."""
         length = sum(memoryview(b).nbytes for b in payload)
-        self._sendall([RECORD.pack(rtype, 0, count, length), *payload])
+        with self._send_lock:
+            self._sendall([RECORD.pack(rtype, 0, count, length), *payload])
+            self.last_sent = time.monotonic()
+
+    def heartbeat(self) -> bool:
+        """Send a HEARTBEAT unless a record is being sent (then that one
+        proves us alive); False if the lock was busy."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            self._sendall([RECORD.pack(HEARTBEAT, 0, 0, 0)])
+            self.last_sent = time.monotonic()
+        finally:
+            self._send_lock.release()
+        return True
 
     def send_json(self, rtype: int, obj: Any) -> None:
         self.send(rtype, [json.dumps(obj).encode()])
@@ -145,8 +181,9 @@ class Channel:
                 raise PeerGone(f"the other end reset the connection during {what}: "
                                f"{e.strerror}") from None
             except TimeoutError:
-                raise PeerGone(f"nothing from the other end for {self.sock.gettimeout()} s "
-                               f"during {what}") from None
+                raise PeerSilent(f"nothing from the other end for {self.sock.gettimeout()} s "
+                                 f"(--peer-timeout) during {what}: hung or unreachable"
+                                 ) from None
             except ssl.SSLError as e:     # a TLS record that does not decrypt: broken
                 raise StreamError(f"TLS error during {what}: {e.reason or e}") from None
             if n == 0:
@@ -172,13 +209,16 @@ class Channel:
                               f"{VERSION} only")
 
     def recv(self, types: tuple[int, ...] = ()) -> tuple[int, int, memoryview]:
-        """The next record: (type, count, payload).  The payload view is only
-        valid until the next ``recv``.  With ``types``, a record of another
-        type (ERROR aside) is refused from its header, before its payload is
-        read or a buffer allocated for it."""
+        """The next record but heartbeats: (type, count, payload).  The
+        payload view is only valid until the next ``recv``.  With ``types``,
+        a record of another type (ERROR aside) is refused from its header,
+        before its payload is read or a buffer allocated for it."""
         head = bytearray(RECORD.size)
-        self._recv_into(memoryview(head), "a record header")
-        rtype, _, count, length = RECORD.unpack(head)
+        while True:
+            self._recv_into(memoryview(head), "a record header")
+            rtype, _, count, length = RECORD.unpack(head)
+            if rtype != HEARTBEAT or length:
+                break
         if rtype not in NAMES:
             raise StreamError(f"unknown record type {rtype}")
         if types and rtype not in types and rtype != ERROR:

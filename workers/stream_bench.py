@@ -85,6 +85,7 @@ def one_run(ram: np.ndarray[Any, Any], creds: str | None) -> float:
         seconds = time.monotonic() - t0
         ch.recv_expect(stream.DIGESTS)
         ch.send(stream.RESUME)
+        ch.recv_expect(stream.RUNNING)   # the commit point (docs/STREAM.md)
         ch.recv_expect(stream.RESULT)
         ch.close()
         return seconds
