@@ -122,15 +122,17 @@ class MapExists(ShmDirtyError, FileExistsError):
 
 
 class ShmFull(ShmDirtyError, OSError):
-    """/dev/shm cannot hold what is asked (errno ENOSPC): ``needed`` bytes,
-    ``free`` bytes free.  Raised before anything is written; nothing half
-    made is left behind and a live map is unchanged."""
+    """/dev/shm (``where``; or "memory", for guest RAM in memfds) cannot
+    hold what is asked (errno ENOSPC): ``needed`` bytes, ``free`` bytes free.
+    Raised before anything is written; nothing half made is left behind and
+    a live map is unchanged."""
 
     def __init__(self, what: str, needed: int, free: int, where: str = "/dev/shm") -> None:
+        hint = ("enlarge it, e.g. docker --shm-size, or free some: `shmdirty gc`"
+                if where.startswith("/") else "free some, or ask for less")
         super().__init__(errno.ENOSPC,
                          f"{what}: needs {needed} bytes of {where}, only {free} bytes are "
-                         f"free (enlarge it, e.g. docker --shm-size, or free some: "
-                         f"`shmdirty gc`)")
+                         f"{'free' if where.startswith('/') else 'available'} ({hint})")
         self._ctor_args = (what, needed, free, where)
         self.what, self.needed, self.free, self.where = what, needed, free, where
 

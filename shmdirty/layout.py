@@ -130,18 +130,21 @@ def block_size(block_pages: int) -> int:
 # the table records the ids; a table name carries a random tag, the header
 # records it (``H_TABLE_TAGS``).  Creators retry on EEXIST with a fresh one.
 #
-# Guest RAM segments (workers/guest.py) carry a random tag too
-# (``ram<index>.<tag>``); their users find them by listing, owner checked.
+# Guest RAM (``ram<index>`` / ``dst<index>``) is not in /dev/shm at all: it
+# lives in memfds (workers/memfd.py), whose names nobody can squat, so it
+# needs no tag; it is found through a live holder's /proc/<pid>/fd.
 #
 # The longest name (issue 17.4): the platform's NAME_MAX for /dev/shm minus
-# ``shmdirty-``, the ``-`` and the longest role: ``ram`` / ``dst``, an index
-# below 2**32 (10 digits), ``.`` and the tag (8): 22 characters (``b`` and a
-# block id below 2**63 is 20, ``t``, a generation below 2**32 and its tag 20).
+# ``shmdirty-``, the ``-`` and the longest role in /dev/shm: ``b`` and a
+# block id below 2**63 (20 characters), or ``t``, a generation below 2**32,
+# ``.`` and its tag (20).  A memfd name of the longest map
+# (``dst4294967295``, 13) stays within memfd_create's 249 bytes.
 BLOCK_ID_COUNTER_BITS = 32     # low bits of a block id: the header's counter
 BLOCK_ID_RANDOM_BITS = 31      # high bits: random (ids stay below 2**63)
 TABLE_TAG_BITS = 32
 GENERATION_LIMIT = 1 << 32     # generations fit beside their tag in one word
-LONGEST_ROLE = 22              # len("ram4294967295.ffffffff")
+LONGEST_ROLE = 20              # len("t4294967295.ffffffff"), len("b" + str(2**63 - 1))
+MEMFD_NAME_MAX = 249           # memfd_create(2)
 
 
 def _name_max() -> int:
@@ -231,14 +234,11 @@ def block_name(map_name: str, block_id: int) -> str:
     return f"{PREFIX}{map_name}-b{block_id}"
 
 
-def ram_name(map_name: str, index: int, tag: int) -> str:
-    return f"{PREFIX}{map_name}-ram{index}.{tag:08x}"
+def ram_name(map_name: str, index: int) -> str:
+    """The memfd of guest RAM block ``index`` (workers/memfd.py)."""
+    return f"{PREFIX}{map_name}-ram{index}"
 
 
-def dst_name(map_name: str, index: int, tag: int) -> str:
-    return f"{PREFIX}{map_name}-dst{index}.{tag:08x}"
-
-
-def ram_names_prefix(map_name: str, role: str, index: int) -> str:
-    """What the names of guest RAM segment ``index`` (``ram``/``dst``) start with."""
-    return f"{PREFIX}{map_name}-{role}{index}."
+def dst_name(map_name: str, index: int) -> str:
+    """The memfd of the destination copy of RAM block ``index``."""
+    return f"{PREFIX}{map_name}-dst{index}"

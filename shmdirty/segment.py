@@ -66,15 +66,23 @@ class Segment:
         try:
             os.ftruncate(fd, size)
             reserve(fd, size, f"segment {name}")
-            mm = mmap.mmap(fd, size)
+            return cls.create_fd(name, fd, size, kind, arg0, arg1)
         except BaseException:
-            os.close(fd)
             _unlink_quietly(name)
             raise
-        os.close(fd)
-        seg = cls(name, mm)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create_fd(cls, name: str, fd: int, size: int, kind: int, arg0: int = 0,
+                  arg1: int = 0) -> Segment:
+        """Map the first ``size`` bytes of the open, zeroed file ``fd`` (a
+        segment, or a memfd that has no name in /dev/shm) as a segment called
+        ``name`` and write its prefix; the caller still closes ``fd``."""
+        size = max(size, layout.PREFIX_BYTES)
+        seg = cls(name, mmap.mmap(fd, size))
         w = seg.words
-        # Plain-order stores: nobody reads these before the magic below.
+        # Plain-order stores: nobody reads these before the magic (seal()).
         w.store(layout.P_VERSION, layout.LAYOUT_VERSION, atomic.RELAXED)
         w.store(layout.P_KIND, kind, atomic.RELAXED)
         w.store(layout.P_SIZE, size, atomic.RELAXED)
@@ -99,17 +107,24 @@ class Segment:
         except PermissionError:
             raise CorruptSegment(name, "is not accessible to this user") from None
         try:
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid():
-                raise CorruptSegment(name, f"is owned by uid {st.st_uid}, not {os.geteuid()}")
-            if st.st_size < max(min_size, layout.PREFIX_BYTES):
-                raise CorruptSegment(
-                    name, f"is {st.st_size} bytes, smaller than {max(min_size, 64)}"
-                )
-            mm = mmap.mmap(fd, st.st_size)
+            return cls.attach_fd(name, fd, kind, min_size)
         finally:
             os.close(fd)
-        seg = cls(name, mm)
+
+    @classmethod
+    def attach_fd(cls, name: str, fd: int, kind: int,
+                  min_size: int = layout.PREFIX_BYTES) -> Segment:
+        """``attach()`` over an open file ``fd`` (a segment, or a memfd
+        another process holds): the same owner, size and prefix checks; the
+        caller still closes ``fd``."""
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise CorruptSegment(name, f"is owned by uid {st.st_uid}, not {os.geteuid()}")
+        if st.st_size < max(min_size, layout.PREFIX_BYTES):
+            raise CorruptSegment(
+                name, f"is {st.st_size} bytes, smaller than {max(min_size, 64)}"
+            )
+        seg = cls(name, mmap.mmap(fd, st.st_size))
         try:
             seg._check(kind, min_size)
         except BaseException:

@@ -286,10 +286,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float) -> None:
     assert path.exists(), proc.communicate()
 
 
-def test_squatted_ram_names_do_not_stop_a_hot_add(map_name: str, tmp_path: Path) -> None:
-    """A stranger squats what the next guest RAM segment's name would be,
-    once the run made its map (the old name ``ram1``, and one of the new
-    shape): the hot-adds are made anyway, the migration ends identical."""
+def test_a_squatter_in_dev_shm_cannot_touch_memfd_ram(map_name: str, tmp_path: Path) -> None:
+    """A stranger squats, once the run made its map, every /dev/shm name the
+    next guest RAM block ever had (``ram1``, ``ram1.<tag>``): guest RAM is in
+    memfds (no name in /dev/shm), so the squat touches nothing; the hot-adds
+    are made and the migration ends identical."""
     out = tmp_path / "run.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest", "sim", "--name",
@@ -298,7 +299,8 @@ def test_squatted_ram_names_do_not_stop_a_hot_add(map_name: str, tmp_path: Path)
     try:
         _wait_for(Path(segment.SHM_DIR) / layout.header_name(map_name), proc, 30)
         Segment.create(f"{layout.PREFIX}{map_name}-ram1", 4096, layout.KIND_RAM).close()
-        Segment.create(layout.ram_name(map_name, 1, 0), 4096, layout.KIND_RAM).close()
+        Segment.create(f"{layout.PREFIX}{map_name}-ram1.00000000", 4096,
+                       layout.KIND_RAM).close()
         stdout, stderr = proc.communicate(timeout=80)
     finally:
         if proc.poll() is None:
@@ -310,33 +312,55 @@ def test_squatted_ram_names_do_not_stop_a_hot_add(map_name: str, tmp_path: Path)
     assert res["hotplug_refused"] == []
 
 
-def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on() -> None:
+# Guest RAM is in memfds (host memory), so a small /dev/shm no longer makes a
+# hot-add's RAM fail; what a hot-add still needs from /dev/shm is the bitmap's
+# growth (new bitmap blocks and a new table, made by the coordinator).  Filling
+# the private tmpfs completely once the destination's RAM exists, and keeping
+# it full (the source's map frees its pages at the handover), makes that
+# growth fail for real (ShmFull from the coordinator's room check): the
+# hot-add cannot be made and must fail alone.  (A real memfd shortage would need a
+# cgroup memory limit, not available here; RLIMIT_FSIZE does not apply to
+# memfds.  That path, memfd.create -> ShmFull naming available memory, is
+# tests/test_memfd.py's.)
+FILL_SHM = """\
+        import threading
+        from shmdirty.workers import memfd
+        deadline = time.monotonic() + 30  # the destination's RAM (a memfd) appears first
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(True for _ in memfd.holders("shmdirty-full_dst-ram0")):
+                break
+            time.sleep(0.005)
+        def keep_full():   # and keeps it full: what the source frees at its end too
+            with open("/dev/shm/filler", "wb") as f:
+                while proc.poll() is None:
+                    st = os.statvfs("/dev/shm")
+                    if st.f_bavail:
+                        try:
+                            os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size,
+                                               st.f_bavail * st.f_frsize)
+                        except OSError:   # the run took some meanwhile: look again
+                            pass
+                    time.sleep(0.001)
+        threading.Thread(target=keep_full, daemon=True).start()
+"""
+
+
+def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on(tmp_path: Path) -> None:
     """In a private 40 MiB /dev/shm, once the destination's RAM exists, a
-    filler leaves 256 KiB: both hot-adds are refused (ShmFull, reported),
-    the migration still ends identical (exit 0)."""
+    filler takes all that is left and all that is freed: the bitmap cannot grow, so both hot-adds
+    are refused (ShmFull, reported), the migration still ends identical
+    (exit 0)."""
+    js = tmp_path / "run.json"      # outside the full tmpfs
     script = textwrap.dedent(f"""\
         import json, os, subprocess, sys, time
         from pathlib import Path
         argv = {["migrate", "--guest", "sim", "--name", "full", *HOTADD_RUN]!r}
         proc = subprocess.Popen([sys.executable, "-m", "shmdirty.workers.cli", *argv,
-                                 "--json", "/dev/shm/run.json"],
+                                 "--json", {str(js)!r}],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(n.startswith("shmdirty-full_dst-ram0.") for n in os.listdir("/dev/shm")):
-                break
-            os.stat("/dev/shm")
-        with open("/dev/shm/filler", "wb") as f:
-            for _ in range(50):           # the run may still be reserving: look again
-                st = os.statvfs("/dev/shm")
-                try:
-                    os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize
-                                       - (256 << 10))
-                    break
-                except OSError:
-                    os.ftruncate(f.fileno(), 0)
+    """) + textwrap.dedent(FILL_SHM) + textwrap.dedent(f"""\
         out, err = proc.communicate(timeout=80)
-        res = json.loads(Path("/dev/shm/run.json").read_text())
+        res = json.loads(Path({str(js)!r}).read_text())
         print(json.dumps({{"code": proc.returncode, "out": out, "err": err,
                           "refused": res["hotplug_refused"], "hotplug": res["hotplug"]}}))
     """)
@@ -350,12 +374,14 @@ def test_a_hot_add_without_room_is_refused_and_the_guest_runs_on() -> None:
 
 
 def test_a_guest_that_does_not_fit_is_refused_before_anything_starts() -> None:
-    """A private 4 MiB /dev/shm: an 8 MiB guest is refused with exit 2 and one
-    line with the numbers; nothing is made."""
+    """A guest whose RAM and its copy do not fit the host's available memory
+    (guest RAM is in memfds, not /dev/shm) is refused with exit 2 and one
+    line with the numbers; nothing is made (checked in a private /dev/shm)."""
+    ram = f"{2 * psutil.virtual_memory().total >> 20}M"
     script = textwrap.dedent(f"""\
         import json, os, subprocess, sys
         r = subprocess.run([sys.executable, "-m", "shmdirty.workers.cli", "migrate", "--guest",
-                            "sim", "--name", "big", *{SMALL!r}, "--ram", "8M"],
+                            "sim", "--name", "big", *{SMALL!r}, "--ram", {ram!r}],
                            capture_output=True, text=True, timeout=60)
         print(json.dumps({{"code": r.returncode, "err": r.stderr, "shm": os.listdir("/dev/shm")}}))
     """)
@@ -363,4 +389,5 @@ def test_a_guest_that_does_not_fit_is_refused_before_anything_starts() -> None:
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["code"] == 2 and got["shm"] == [], got
-    assert len(got["err"].strip().splitlines()) == 1 and "MiB is free" in got["err"], got["err"]
+    err = got["err"]
+    assert len(err.strip().splitlines()) == 1 and "MiB is available" in err, err

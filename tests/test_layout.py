@@ -14,8 +14,8 @@ def test_names_parse_back() -> None:
     for name, role, index in ((layout.header_name(m), "hdr", None),
                               (layout.table_name(m, 12, 0xabc), "t", 12),
                               (layout.block_name(m, 0), "b", 0),
-                              (layout.ram_name(m, 3, 7), "ram", 3),
-                              (layout.dst_name(m, 4, 0xffffffff), "dst", 4)):
+                              (layout.ram_name(m, 3), "ram", 3),
+                              (layout.dst_name(m, 4), "dst", 4)):
         assert name.startswith(layout.map_prefix(m)) and name.startswith(layout.map_prefix())
         assert layout.map_of(name) == m
         assert layout.role_of(name) == (role, index)
@@ -54,10 +54,11 @@ def test_longest_map_name_fits_every_derived_segment_name() -> None:
     longest = "n" * layout.MAX_MAP_NAME
     assert layout.check_map_name(longest) == longest
     worst = [layout.header_name(longest), layout.block_name(longest, (1 << 63) - 1),
-             layout.table_name(longest, (1 << 32) - 1, (1 << 32) - 1),
-             layout.ram_name(longest, (1 << 32) - 1, (1 << 32) - 1),
-             layout.dst_name(longest, (1 << 32) - 1, (1 << 32) - 1)]
+             layout.table_name(longest, (1 << 32) - 1, (1 << 32) - 1)]
     assert max(len(n) for n in worst) == layout.NAME_MAX    # no slack, no overflow
+    # Guest RAM is in memfds (no /dev/shm name): their names fit memfd_create's limit.
+    memfds = [layout.ram_name(longest, (1 << 32) - 1), layout.dst_name(longest, (1 << 32) - 1)]
+    assert max(len(n) for n in memfds) <= layout.MEMFD_NAME_MAX
     with pytest.raises(sd.BadInput, match=f"at most {layout.MAX_MAP_NAME} characters"):
         layout.check_map_name(longest + "n")
 

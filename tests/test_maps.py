@@ -54,7 +54,7 @@ def test_absent_and_headerless_maps(map_name: str) -> None:
 
 def test_segment_kinds_counts_roles() -> None:
     names = [layout.header_name("m"), layout.table_name("m", 1, 0xabc), layout.block_name("m", 0),
-             layout.block_name("m", 1), layout.ram_name("m", 0, 0xabc)]
+             layout.block_name("m", 1), layout.ram_name("m", 0)]
     assert maps.segment_kinds(names) == {"hdr": 1, "t": 1, "b": 2, "ram": 1}
 
 

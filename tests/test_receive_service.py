@@ -151,7 +151,7 @@ def test_the_default_ram_bound_is_this_hosts(monkeypatch: pytest.MonkeyPatch) ->
     real = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=3 << 20))
     receiver.check_ram(3 << 20, receiver.Limits())
-    with pytest.raises(receiver.HostFailure, match=r"3 MiB of memory available, \d+ MiB free"):
+    with pytest.raises(receiver.HostFailure, match=r"3 MiB of memory available"):
         receiver.check_ram((3 << 20) + 1, receiver.Limits())
 
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("trustme", reason="the [test] extra's trustme makes the benchmark's certificates")
+pytest.importorskip("trustme",
+                    reason="the [test] extra's trustme makes the benchmark's certificates")
 
 
 @pytest.mark.timeout(120)

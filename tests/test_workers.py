@@ -34,9 +34,12 @@ def guest(map_name: str) -> Iterator[tuple[sd.DirtyMemory, GuestRam]]:
     ram = GuestRam(map_name, dm.page_bits)
     try:
         ram.update(dm.ram_blocks(), create=True, boot_fill=True)
-        ram.create_segment(1, 100 * PAGE, 60 * PAGE, boot_fill=True).close()
+        # As the hot-plug worker: the creator holds the memfd until another
+        # mapping of it exists (here this process's second one).
+        seg = ram.create_segment(1, 100 * PAGE, 60 * PAGE, boot_fill=True)
         dm.extend(160 * PAGE)
         ram.update(dm.ram_blocks())
+        seg.close()
         for c in range(sd.DIRTY_MEMORY_NUM):
             dm.test_and_clear_dirty(0, 160 * PAGE, c)
         yield dm, ram

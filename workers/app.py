@@ -21,16 +21,25 @@ carries the map name and how many segments teardown removed.  Whatever
 happens, every worker is stopped (asked first, then signalled) and every
 segment of the run (its map, and a loopback receiver's) is removed before
 ``run`` returns or raises.
+
+Guest RAM lives in memfds (``workers.memfd``), never in /dev/shm: a killed
+process's RAM goes with it.  What a killed coordinator leaves is the small
+bitmap of a dead map; ``run`` and ``receive`` begin with a cheap gc of
+those (``collect_dead_maps``), as ``shmdirty gc`` does.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
-from shmdirty import segment
+import psutil
+
+from shmdirty import layout, maps, segment
+from shmdirty.errors import ShmDirtyError
 
 from . import guest_kvm as gk
 from . import kvm, kvm_run, migration, receive_service
@@ -60,6 +69,27 @@ __all__ = ["FIRST_DIFFS", "PAGE_BITS", "DestinationGone", "Failed", "Interrupted
            "choose_guest", "plot_rounds", "receive", "run", "vcpu_rate"]
 
 MAX_READERS = 64          # reader slots of the map (DirtyMemory.create's default)
+# A map that died this recently may be one someone is looking at (``shmdirty
+# inspect`` after a crash, a test): the start-up gc leaves it to ``shmdirty gc``.
+GC_MIN_AGE = 10.0         # seconds since the map's header was created
+
+
+def collect_dead_maps(min_age: float = GC_MIN_AGE) -> list[str]:
+    """The start-up gc of ``migrate`` and ``receive``: remove every map whose
+    coordinator and readers are all dead (``shmdirty.maps.collect``, which
+    looks once more before it unlinks) and whose header is at least
+    ``min_age`` seconds old; the names removed.  Headerless leftovers are
+    ``shmdirty gc``'s.  Never fails a run."""
+    removed = []
+    now = time.time()
+    for name in segment.list_maps():
+        try:
+            age = now - os.stat(os.path.join(segment.SHM_DIR, layout.header_name(name))).st_ctime
+            if age >= min_age and maps.collect(name)[1]:
+                removed.append(name)
+        except (OSError, ShmDirtyError):
+            continue     # gone meanwhile, or not ours to judge
+    return removed
 
 
 def choose_guest(requested: str) -> tuple[str, str]:
@@ -118,6 +148,7 @@ def receive(cfg: ServiceConfig, on_event: Callable[[DestinationReport], None],
     def interrupt(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)    # unwinds receive(), whose finally tears down
 
+    collect_dead_maps()
     old = {s_: signal.signal(s_, interrupt) for s_ in Signals.SIGNALS}
     try:
         return receive_service.serve(cfg, on_event, on_listening, on_refused)
@@ -137,12 +168,12 @@ def check_config(cfg: MigrateConfig) -> None:
     if cfg.vcpus + 3 > MAX_READERS:
         raise Usage(f"--vcpus {cfg.vcpus}: at most {MAX_READERS - 3} (the map has "
                     f"{MAX_READERS} reader slots)")
+    # Guest RAM and its copy are memfds (workers.memfd): host memory, not /dev/shm.
     need = 2 * (cfg.ram + sum(size for _, size in cfg.hotplug))  # source + destination
-    st = os.statvfs(segment.SHM_DIR)
-    free = st.f_bavail * st.f_frsize
+    free = psutil.virtual_memory().available
     if need > free * 0.9:
-        raise Usage(f"guest RAM and its copy need {need >> 20} MiB of {segment.SHM_DIR}, "
-                    f"only {free >> 20} MiB is free")
+        raise Usage(f"guest RAM and its copy need {need >> 20} MiB of memory, "
+                    f"only {free >> 20} MiB is available")
     if cfg.name is not None:
         try:   # <name>_dst, the loopback receiver's map, must fit too (issue 17.4)
             segment.check_map_name(cfg.name, MAX_MIGRATE_NAME)
@@ -154,6 +185,7 @@ def check_config(cfg: MigrateConfig) -> None:
 
 def run(cfg: MigrateConfig, on_event: OnEvent) -> dict[str, Any]:
     """One migration (module doc); the result dict, or a RunError."""
+    collect_dead_maps()
     check_config(cfg)
     kind: GuestKind = KvmGuest(kvm_config(cfg)) if cfg.guest == "kvm" else SimGuest(cfg)
     return migration.run(kind, on_event)

@@ -90,7 +90,7 @@ exit codes:
   5    the stream was refused or broke: not TLS or not authorized, malformed
        (not the format of docs/STREAM.md), truncated, or the source went away
        or fell silent before the commit (--peer-timeout)
-  9    this host cannot hold the guest: KVM or /dev/shm failed, or more RAM
+  9    this host cannot hold the guest: KVM or memory failed, or more RAM
        than --max-ram
   10   the resumed guest did not run to its end (a vCPU fault such as HLT,
        or --guest-timeout)
@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--insecure", action="store_true",
                    help="allow a plain TCP listener on a non-loopback address (one warning)")
     r.add_argument("--max-ram", type=page_size_arg, default=0, metavar="SIZE",
-                   help="refuse guests with more RAM (default: what this host's memory and "
-                        "/dev/shm can hold when the guest arrives)")
+                   help="refuse guests with more RAM (default: this host's available "
+                        "memory when the guest arrives; guest RAM is in memfds)")
     r.add_argument("--handshake-timeout", type=positive, default=receiver.HANDSHAKE_TIMEOUT,
                    metavar="SECONDS", help="from the accept to the stream's HELLO, TLS "
                    f"included (default {receiver.HANDSHAKE_TIMEOUT:g})")

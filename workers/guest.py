@@ -1,14 +1,15 @@
-"""Guest RAM and the destination image: one shared segment per RAM block.
+"""Guest RAM and the destination image: one memfd per RAM block.
 
 RAM block ``i`` of a map (the i-th by offset in ``DirtyMemory.ram_blocks()``)
-lives in segment ``layout.ram_name(map, i, tag)`` = ``shmdirty-<map>-ram<i>.<tag>``
-(a random tag: nobody can squat the name of the next block; its users find
-it by listing, this user's only); the destination copy of it in
-``shmdirty-<map>-dst<i>.<tag>``.  Both are KIND_RAM
-segments whose prefix records the block's offset (arg0) and size (arg1);
-guest page ``k`` of the block is at byte ``RAM_DATA + k * page_size``,
-page-aligned like host RAM.  They share the map's prefix, so
-``DirtyMemory.destroy()`` and ``shmdirty gc`` remove them with the map.
+lives in a memfd called ``layout.ram_name(map, i)`` = ``shmdirty-<map>-ram<i>``
+(``workers.memfd``: no name in /dev/shm, freed when the last process holding
+it exits, so no kill leaves guest RAM behind); a destination copy of it in
+one called ``shmdirty-<map>-dst<i>``.  Both are KIND_RAM segments whose
+prefix records the block's offset (arg0) and size (arg1); guest page ``k``
+of the block is at byte ``RAM_DATA + k * page_size``, page-aligned like
+host RAM.  The creator of a block keeps it mapped for as long as it needs
+it, and at least until another process of the run holds it; others open it
+through a holder (``memfd.open_block``).
 
 Blocks are only ever appended (``extend`` / ``request_extend`` put the new
 block at the end), so block ``i`` keeps its index for the whole run.
@@ -29,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from shmdirty import layout, segment
+from shmdirty import layout
 from shmdirty.errors import CorruptSegment
 from shmdirty.segment import Segment
-from shmdirty.table import CREATE_TRIES
+
+from . import memfd
 
 # The guest's page: x86's 4 KiB page, the unit of KVM's dirty log; every map
 # `shmdirty migrate` makes (source and destination, either guest) has it.
@@ -55,27 +57,13 @@ _MIX = np.uint64(0x9E37_79B9_7F4A_7C15)
 U64Pages = np.ndarray[Any, np.dtype[np.uint64]]
 
 
-def new_segment_name(map_name: str, role: str, index: int) -> str:
-    """A fresh name for RAM block ``index`` (``role`` ram or dst): a random
-    tag, so nobody can squat it in advance (issue 18.7)."""
-    make = layout.ram_name if role == "ram" else layout.dst_name
-    return make(map_name, index, layout.new_table_tag())
+def dst_name(map_name: str, index: int) -> str:
+    """The destination memfd of RAM block ``index``."""
+    return layout.dst_name(map_name, index)
 
 
-def segment_names(map_name: str, role: str, index: int) -> list[str]:
-    """The names in /dev/shm that may be RAM block ``index``'s segment: this
-    user's (a stranger's segment of that shape is never ours)."""
-    prefix = layout.ram_names_prefix(map_name, role, index)
-    uid = os.geteuid()
-    out = []
-    for n in segment.list_segments(map_name):
-        if n.startswith(prefix):
-            try:
-                if os.stat(os.path.join(segment.SHM_DIR, n)).st_uid == uid:
-                    out.append(n)
-            except FileNotFoundError:
-                pass
-    return out
+def segment_name(map_name: str, role: str, index: int) -> str:
+    return layout.ram_name(map_name, index) if role == "ram" else dst_name(map_name, index)
 
 
 def stamp(view: U64Pages, pages: np.ndarray[Any, Any], tag: int,
@@ -131,15 +119,16 @@ class GuestRam:
         return new
 
     def create_segment(self, index: int, offset: int, size: int, boot_fill: bool) -> Segment:
-        """Create, optionally stamp, and seal the segment of block ``index``."""
-        for attempt in range(CREATE_TRIES):
-            name = new_segment_name(self.map_name, self.role, index)
-            try:
-                seg = Segment.create(name, RAM_DATA + size, layout.KIND_RAM, offset, size)
-                break
-            except FileExistsError:      # taken anyway: another random tag
-                if attempt == CREATE_TRIES - 1:
-                    raise
+        """The one place guest RAM is allocated: a memfd for block ``index``,
+        reserved before anything is written (``memfd.create``), its prefix,
+        optionally the boot stamps, sealed.  The returned segment holds the
+        memfd: keep it mapped until another process holds it too."""
+        name = segment_name(self.map_name, self.role, index)
+        fd = memfd.create(name, RAM_DATA + size)
+        try:
+            seg = Segment.create_fd(name, fd, RAM_DATA + size, layout.KIND_RAM, offset, size)
+        finally:
+            os.close(fd)     # the mapping keeps its own descriptor
         try:
             if boot_fill:
                 first = offset >> self.page_bits
@@ -149,26 +138,19 @@ class GuestRam:
                 del view
             seg.seal()
         except BaseException:
-            seg.close()
-            segment.unlink(name)
+            seg.close()      # the last holder: the kernel frees it
             raise
         return seg
 
     def attach_segment(self, index: int, offset: int, size: int) -> Segment:
-        """Attach the segment of block ``index`` and check it is that block."""
-        names = segment_names(self.map_name, self.role, index)
-        if not names:
-            raise CorruptSegment(layout.ram_names_prefix(self.map_name, self.role, index) + "*",
-                                 "does not exist (removed, or never created)")
-        for name in names[:-1]:   # more than one: the one that is this block
-            try:
-                return self._attach(name, offset, size)
-            except CorruptSegment:
-                pass
-        return self._attach(names[-1], offset, size)
-
-    def _attach(self, name: str, offset: int, size: int) -> Segment:
-        seg = Segment.attach(name, layout.KIND_RAM, RAM_DATA + size)
+        """Open block ``index``'s memfd through a process that holds it and
+        check it is that block."""
+        name = segment_name(self.map_name, self.role, index)
+        fd = memfd.open_block(name)
+        try:
+            seg = Segment.attach_fd(name, fd, layout.KIND_RAM, RAM_DATA + size)
+        finally:
+            os.close(fd)
         got = (seg.read_word(layout.P_ARG0), seg.read_word(layout.P_ARG1))
         if got != (offset, size):
             seg.close()
@@ -177,17 +159,9 @@ class GuestRam:
         return seg
 
     def preallocate(self, index: int) -> None:
-        """Give block ``index``'s segment its memory now (``posix_fallocate``)
-        and map it here (``populate``): on this machine batch allocation and
-        mapping cost a fraction of a page fault per first store into each
-        4 KiB page."""
-        offset, size = self.blocks[index]
-        fd = os.open(os.path.join(segment.SHM_DIR, self._segs[index].name),
-                     os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, RAM_DATA, size)
-        finally:
-            os.close(fd)
+        """Map block ``index``'s pages here now (its memory was reserved at
+        creation): on this machine batch mapping costs a fraction of a page
+        fault per first store into each 4 KiB page."""
         self.populate(index, write=True)
 
     def populate(self, index: int, write: bool = False) -> None:
@@ -219,7 +193,7 @@ class GuestRam:
             yield b, pages[sel] - self._starts[b], sel
 
     def close(self) -> None:
-        """Unmap every segment (never unlinks)."""
+        """Unmap every block (the last process to do so frees it)."""
         self.views.clear()
         for seg in self._segs:
             seg.close()

@@ -13,12 +13,19 @@ Their reports (``workers.reports``) go to ``on_event`` as they arrive.
 ``RunError`` carrying the map name and how many segments teardown removed.
 Whatever happens, every process is stopped (asked first, then signalled)
 and every segment of the run (its map, and a loopback receiver's
-``<map>_dst``) is removed before ``run`` returns or raises.
+``<map>_dst``) is removed before ``run`` returns or raises.  If this
+process is killed, every process it spawned is killed with it
+(``PR_SET_PDEATHSIG``): their guest RAM (memfds, ``workers.memfd``) goes
+with them, and the small bitmap segments they leave are a dead map's, which
+the next ``migrate`` / ``receive`` or ``shmdirty gc`` removes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -52,6 +59,19 @@ from .reports import (
 
 OnEvent = Callable[[Report], None]
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1      # <linux/prctl.h>
+
+
+def _tied(parent: int, target: Callable[..., None], *args: Any) -> None:
+    """A spawned process's entry: die with the run (SIGKILL when the thread
+    that spawned it exits: the run's main thread), then ``target(*args)``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:   # the run died before the prctl: follow it now
+        os._exit(1)
+    target(*args)
 
 
 class GuestKind(Protocol):
@@ -114,8 +134,8 @@ class Migration:
         """Spawn ``target(*args, pipe)``: its end of a pipe of its own comes
         last (``wrap``ped, e.g. in a ``Control``); one-way unless ``duplex``."""
         mine, theirs = self.ctx.Pipe(duplex)
-        p = self.ctx.Process(target=target, args=(*args, wrap(theirs) if wrap else theirs),
-                             name=role, daemon=True)
+        p = self.ctx.Process(target=_tied, name=role, daemon=True,
+                             args=(os.getpid(), target, *args, wrap(theirs) if wrap else theirs))
         self.conns[role] = mine
         if duplex:
             self.duplex[role] = mine

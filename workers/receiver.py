@@ -21,7 +21,6 @@ stream leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from shmdirty import DirtyMemory, segment
+from shmdirty import DirtyMemory
 from shmdirty.errors import ShmDirtyError
 
 from . import guest_kvm as g
@@ -89,8 +88,8 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
 
 
 class HostFailure(ShmDirtyError, OSError):
-    """This host cannot hold the guest: KVM or /dev/shm failed after the
-    accept, or the guest needs more RAM than ``--max-ram``."""
+    """This host cannot hold the guest: KVM, memory (guest RAM's memfds) or
+    /dev/shm (the map's bitmap) failed after the accept, or the guest needs more RAM than ``--max-ram``."""
 
 
 class GuestFailed(ShmDirtyError, RuntimeError):
@@ -109,14 +108,11 @@ class Limits:
 
 
 def host_ram_limit() -> tuple[int, str]:
-    """(bytes, why): the guest RAM this host can hold now, the smaller of
-    its available memory and the free space of /dev/shm."""
+    """(bytes, why): the guest RAM this host can hold now: its available
+    memory (guest RAM is in memfds, workers.memfd, not in /dev/shm)."""
     import psutil
     mem = int(psutil.virtual_memory().available)
-    st = os.statvfs(segment.SHM_DIR)
-    shm = st.f_bavail * st.f_frsize
-    return min(mem, shm), (f"{mem >> 20} MiB of memory available, {shm >> 20} MiB free in "
-                           f"{segment.SHM_DIR}")
+    return mem, f"{mem >> 20} MiB of memory available"
 
 
 def check_ram(need: int, limits: Limits) -> None:

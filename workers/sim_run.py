@@ -127,6 +127,9 @@ class SimGuest:
     def on_report(self, run: Migration, role: str, report: Report) -> None:
         if isinstance(report, Hotplug):
             self.hotplugs.append(report)
+            # Hold the new block's memfd (workers.memfd): its creator waits for that.
+            if self.dm is not None and self.src is not None:
+                self.src.update(self.dm.ram_blocks())
         elif isinstance(report, HotplugRefused):
             self.refused.append(report)
         elif isinstance(report, VcpuDone):
