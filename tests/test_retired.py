@@ -107,6 +107,26 @@ def test_the_pool_is_handed_out_again(dm: sd.DirtyMemory, other_reader: Rcu) -> 
     assert pooled <= {b for ids in dm.table.block_ids for b in ids}
 
 
+def test_a_pooled_block_placed_again_says_where_it_sits_now(dm: sd.DirtyMemory,
+                                                            other_reader: Rcu) -> None:
+    """Every block of a published table holds its (client, index) in its
+    position words (what an adopter's give_back reads), also a pooled block
+    placed for another client than the one it was made for."""
+    late_swap(dm, other_reader)
+    other_reader.read_unlock()
+    retired = shared_of(dm).retired
+    retired.give_back_due(dm, dm.rcu, timeout=10.0)
+    pooled = set(retired.pool)                       # made for MIG
+    dm.extend(dm.ram_size + BP * PS)                 # reused at index 2 of other clients
+    placed = {(c, idx) for c, ids in enumerate(dm.table.block_ids)
+              for idx, bid in enumerate(ids) if bid in pooled}
+    assert len(placed) == 2 and any(c != MIG for c, _ in placed)
+    for c, ids in enumerate(dm.table.block_ids):
+        for idx, bid in enumerate(ids):
+            w = dm.block_segment(bid).words
+            assert (w.load(layout.P_ARG0), w.load(layout.P_ARG2)) == (c, idx), (c, idx, bid)
+
+
 def test_give_back_after_adoption_uses_the_position_words(dm: sd.DirtyMemory,
                                                           other_reader: Rcu) -> None:
     """give_back (what an adopter runs for blocks no table lists): the bits
