@@ -8,7 +8,7 @@ mutants: every mutant of MODULES' functions listed (all of a module's if
 the list is None), a seeded random sample of at most ``--per-module`` of
 each module's (``--per-module 0``: all), runs them in chunks until
 ``--budget`` seconds are spent, and prints the score per module
-(killed / tried; a timeout counts as killed: the test did not pass).
+(killed / tried; a timeout or a crash counts as killed: the test did not pass).
 docs/TESTING.md records a run and argues the survivors.
 
     .venv/bin/python tests/mutation_run.py [--per-module N] [--seed S] [--budget SECONDS]
@@ -37,7 +37,8 @@ MODULES: dict[str, list[str] | None] = {
     "retired": None,
     "handles": ["acquire", "release", "finish", "_after_fork_in_child"],
 }
-KILLED = {"killed", "timeout"}
+# A timeout or a crash (mutmut: "segfault") is a kill too: the tests did not pass.
+KILLED = {"killed", "timeout", "segfault"}
 LINE = re.compile(r"^\s*(shmdirty\.(\w+)\.(\S+?)__mutmut_\d+): (.+)$")
 
 

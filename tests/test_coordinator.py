@@ -301,3 +301,42 @@ def test_the_old_table_outlives_every_section_that_may_read_it(map_name: str) ->
         reader.close()
         hdr.close()
         dm.destroy()
+
+
+# --- issue 17.6: mutants of publish and reap_unreachable ----------------------------------------
+def test_removing_the_last_ram_block_leaves_no_ram(map_name: str) -> None:
+    """A table of no RAM blocks has RAM size 0: every address is outside."""
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    try:
+        dm.ram_block_remove(0)
+        assert dm.ram_blocks() == [] and dm.ram_size == 0 and dm.table.ram_size == 0
+        with pytest.raises(sd.BadInput, match="outside guest RAM"):
+            dm.set_dirty_flag(0, VGA)
+    finally:
+        dm.destroy()
+
+
+def test_an_adopter_reaps_every_stale_table(map_name: str) -> None:
+    """Tables a coordinator left behind: one newer than the published
+    generation (never published: unlinked at once) and an older one (a
+    reader may still hold it: unlinked after a grace period).  The adopter
+    reaps both and keeps the published table."""
+    dm = sd.DirtyMemory.create(BP * PS, block_pages=BP, name=map_name)
+    g = dm.generation
+    dm.close()                                       # resigns; the map stays
+    older = layout.table_name(map_name, g - 1, 0x5EED)
+    newer = layout.table_name(map_name, g + 1, 0x5EED)
+    for n in (older, newer):
+        segment.Segment.create(n, 4096, layout.KIND_TABLE).close()
+    ad = sd.DirtyMemory.adopt(map_name)
+    try:
+        assert ad.generation == g
+        names = segment.list_segments(map_name)
+        assert newer not in names, "a table that was never published outlived the adoption"
+        ad.rcu.barrier(timeout=WAIT)                 # the reap, after a grace period
+        names = segment.list_segments(map_name)
+        assert older not in names, "a stale table outlived the adopter's reap"
+        assert [n for n in names if layout.role_of(n)[0] == "t"] == [
+            layout.table_name(map_name, g, ad.table.tag)]
+    finally:
+        ad.destroy()

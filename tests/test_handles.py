@@ -129,3 +129,74 @@ def test_serve_once_on_a_closed_handle_raises(
     assert p.exitcode == 0, f"the child died with exit code {p.exitcode}"
     assert got == ("HandleClosed", True)    # a ShmDirtyError (issue 10)
     assert segment.list_segments(map_name) == []
+
+
+# --- the handle count (issue 17.6: mutants of handles.acquire / release) ----------------------
+def test_the_process_state_lives_exactly_as_long_as_its_handles(map_name: str) -> None:
+    """Three handles of one map in one process share one state, counted:
+    it stays while any is open, goes with the last (its reader slots free),
+    and a later attach in the same process makes a fresh one that works."""
+    from shmdirty import handles
+    dm = sd.DirtyMemory.create(2 * BP * PS, block_pages=BP, name=map_name)
+    try:
+        st = handles.known(map_name)
+        assert st is not None and st.refs == 1
+        a = sd.DirtyMemory.attach(map_name)
+        b = sd.DirtyMemory.attach(map_name)
+        assert handles.known(map_name) is st and st.refs == 3
+        a.close()
+        assert handles.known(map_name) is st and st.refs == 2
+        a.close()                                    # idempotent: counts once
+        assert st.refs == 2
+        b.close()
+        assert handles.known(map_name) is st and st.refs == 1
+        # The creator still works: its state was not closed under it.
+        dm.set_dirty_flag(5 * PS, sd.DIRTY_MEMORY_MIGRATION)
+        c = sd.DirtyMemory.attach(map_name)
+        assert c.get_dirty_flag(5 * PS, sd.DIRTY_MEMORY_MIGRATION) and st.refs == 2
+        c.close()
+    finally:
+        dm.close()
+    assert handles.known(map_name) is None, "the last handle left the state behind"
+    assert st.refs == 0 and st.rcu.closed
+    # A later attach in this process starts afresh (the map is still there).
+    d = sd.DirtyMemory.attach(map_name)
+    try:
+        st2 = handles.known(map_name)
+        assert st2 is not None and st2 is not st and st2.refs == 1
+        assert d.get_dirty_flag(5 * PS, sd.DIRTY_MEMORY_MIGRATION)
+    finally:
+        d.close()
+    assert handles.known(map_name) is None
+
+
+def test_an_attach_that_lost_the_race_joins_the_winners_state(map_name: str,
+                                                              monkeypatch: Any) -> None:
+    """Two threads attach a map this process has no state of: the one that
+    finds the other's state made meanwhile (between its header's mapping and
+    its second look) drops its header and counts itself in that state.  The
+    race is forced: the first attach's header mapping runs the second attach."""
+    from shmdirty import handles
+    sd.DirtyMemory.create(2 * BP * PS, block_pages=BP, name=map_name).close()
+    assert handles.known(map_name) is None
+    real = handles.open_header
+    inner: list[sd.DirtyMemory] = []
+
+    def open_header(name: str) -> Any:
+        hdr = real(name)
+        monkeypatch.setattr(handles, "open_header", real)
+        inner.append(sd.DirtyMemory.attach(name))   # the other thread wins meanwhile
+        return hdr
+
+    monkeypatch.setattr(handles, "open_header", open_header)
+    outer = sd.DirtyMemory.attach(map_name)
+    try:
+        st = handles.known(map_name)
+        assert st is not None and len(inner) == 1 and st.refs == 2
+        inner[0].close()
+        assert handles.known(map_name) is st and st.refs == 1
+        outer.set_dirty_flag(3 * PS, sd.DIRTY_MEMORY_MIGRATION)   # still works
+        assert outer.get_dirty_flag(3 * PS, sd.DIRTY_MEMORY_MIGRATION)
+    finally:
+        outer.close()
+    assert handles.known(map_name) is None and st.refs == 0

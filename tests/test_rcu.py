@@ -22,7 +22,7 @@ import pytest
 import rcu_workers as W
 
 from shmdirty import atomic, layout, rcu, segment
-from shmdirty.errors import GraceTimeout, NoReaderSlot, ShmDirtyError
+from shmdirty.errors import GraceTimeout, NoReaderSlot, RcuMisuse, ShmDirtyError
 from shmdirty.rcu import GracePeriods, Rcu
 from shmdirty.segment import Segment
 
@@ -661,3 +661,49 @@ def test_no_section_after_unregister(
     c("unlock")
     assert m.gp.poll(tok)
     c.close()
+
+
+# --- misuse names the call (issue 17.6: mutants of the messages) ------------------------------
+def test_each_misuse_error_names_its_call(new_map: Callable[[int], Map]) -> None:
+    """The misuse errors say which call was misused, word for word (the
+    looser ``match`` of test_misuse_raises lets a garbled name through)."""
+    m = new_map(2)
+    r = m.rcu()
+    with r.read_section():
+        with pytest.raises(RcuMisuse, match=r"^barrier\(\) inside a read-side section "
+                                            r"would wait for itself$"):
+            r.barrier(timeout=1)
+        with pytest.raises(RcuMisuse,
+                           match=r"^thread_offline\(\) inside a read-side section$"):
+            r.thread_offline()
+    r.synchronize(timeout=10)
+
+
+def test_leave_counts_the_threads_inside_and_refuses(new_map: Callable[[int], Map]) -> None:
+    """sections_open() counts this process's threads inside a section of
+    the map; leave() refuses while any is, saying how many and where."""
+    import threading
+    m = new_map(4)
+    r = m.rcu()
+    inside, out = threading.Event(), threading.Event()
+
+    def park() -> None:
+        with r.read_section():
+            inside.set()
+            out.wait(ANSWER)
+
+    t = threading.Thread(target=park, name="parked")
+    t.start()
+    try:
+        assert inside.wait(ANSWER)
+        assert r.sections_open() == 1
+        with r.read_section():
+            assert r.sections_open() == 2
+        assert r.sections_open() == 1
+        with pytest.raises(RcuMisuse, match=rf"^1 thread\(s\) of this process are inside a "
+                                            rf"read-side section of {m.hdr.name}$"):
+            r.leave()
+    finally:
+        out.set()
+        t.join(ANSWER)
+    assert not t.is_alive() and r.sections_open() == 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shmdirty as sd
-from shmdirty import bitmap, layout
+from shmdirty import bitmap, layout, segment
 from shmdirty.coordinator import Shared
 from shmdirty.rcu import Rcu
 from shmdirty.retired import Retired, give_back
@@ -107,6 +107,26 @@ def test_the_pool_is_handed_out_again(dm: sd.DirtyMemory, other_reader: Rcu) -> 
     assert pooled <= {b for ids in dm.table.block_ids for b in ids}
 
 
+def test_a_pooled_block_placed_again_says_where_it_sits_now(dm: sd.DirtyMemory,
+                                                            other_reader: Rcu) -> None:
+    """Every block of a published table holds its (client, index) in its
+    position words (what an adopter's give_back reads), also a pooled block
+    placed for another client than the one it was made for."""
+    late_swap(dm, other_reader)
+    other_reader.read_unlock()
+    retired = shared_of(dm).retired
+    retired.give_back_due(dm, dm.rcu, timeout=10.0)
+    pooled = set(retired.pool)                       # made for MIG
+    dm.extend(dm.ram_size + BP * PS)                 # reused at index 2 of other clients
+    placed = {(c, idx) for c, ids in enumerate(dm.table.block_ids)
+              for idx, bid in enumerate(ids) if bid in pooled}
+    assert len(placed) == 2 and any(c != MIG for c, _ in placed)
+    for c, ids in enumerate(dm.table.block_ids):
+        for idx, bid in enumerate(ids):
+            w = dm.block_segment(bid).words
+            assert (w.load(layout.P_ARG0), w.load(layout.P_ARG2)) == (c, idx), (c, idx, bid)
+
+
 def test_give_back_after_adoption_uses_the_position_words(dm: sd.DirtyMemory,
                                                           other_reader: Rcu) -> None:
     """give_back (what an adopter runs for blocks no table lists): the bits
@@ -123,6 +143,60 @@ def test_give_back_after_adoption_uses_the_position_words(dm: sd.DirtyMemory,
     assert not dm.get_dirty_flag((BP + 9) * PS, MIG)
     other_reader.read_unlock()
 
+
+
+def test_give_back_goes_on_past_a_block_that_was_never_sealed(dm: sd.DirtyMemory,
+                                                              other_reader: Rcu) -> None:
+    """A growth that died half way leaves a block segment that was never
+    sealed among the stale ones an adopter gives back: it is skipped, and
+    the blocks listed after it still give their bits back (mutation:
+    ``continue`` -> ``break`` there loses the bits of every later block)."""
+    late_swap(dm, other_reader)
+    retired = shared_of(dm).retired
+    e0, e1 = retired.waiting
+    retired.clear()                                  # as if the coordinator had died
+    bitmap.set_range(dm.map_block(e0.block_id), 7, 1)
+    bitmap.set_range(dm.map_block(e1.block_id), 9, 1)
+    dead = layout.new_block_id(1 << 20)              # made, never sealed: the growth died
+    seg = Segment.create(layout.block_name(dm.name, dead), layout.block_size(BP),
+                         layout.KIND_BLOCK, MIG, 2)
+    try:
+        give_back(dm, [dead, e0.block_id, e1.block_id], published=2)
+    finally:
+        seg.close()
+        segment.unlink(layout.block_name(dm.name, dead))
+        other_reader.read_unlock()
+    assert dm.get_dirty_flag(7 * PS, MIG)            # listed after the unsealed block
+    assert dm.get_dirty_flag((BP + 9) * PS, MIG)
+    assert dm.dirty_pages(MIG) == 2
+
+
+def test_a_coordinator_resigns_in_bounded_time_under_a_parked_reader(
+        dm: sd.DirtyMemory, other_reader: Rcu) -> None:
+    """close() of the coordinator's last handle gives retired blocks back
+    (``resign``), waiting for their grace period at most its timeout: a
+    reader parked inside for good must not hang the close (mutation: the
+    wait in ``give_back_due`` without its timeout).  The blocks stay for
+    an adopter's reap."""
+    import threading
+    late_swap(dm, other_reader)
+    retired = shared_of(dm).retired
+    assert len(retired.waiting) == 2
+    done = threading.Event()
+
+    def close() -> None:
+        dm.close()
+        done.set()
+    t = threading.Thread(target=close, name="test-close", daemon=True)
+    t.start()
+    try:
+        # resign's own bound is 1 s: WAIT leaves room for a loaded machine.
+        closed_in_time = done.wait(WAIT)
+    finally:
+        other_reader.read_unlock()                   # a hung close ends now
+        t.join(WAIT)
+    assert closed_in_time, "close() waited for a reader parked inside its section"
+    assert not t.is_alive() and dm._closed
 
 # --- issue 17 item 1: a late bit is visible once its writer leaves --------------------------
 LATE_BP = 32768          # the issue's block: 32768 pages, 512 words (a swap pays for it)
