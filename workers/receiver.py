@@ -89,7 +89,8 @@ def accept(listener: socket.socket, should_stop: Callable[[], bool] = lambda: Fa
 
 class HostFailure(ShmDirtyError, OSError):
     """This host cannot hold the guest: KVM, memory (guest RAM's memfds) or
-    /dev/shm (the map's bitmap) failed after the accept, or the guest needs more RAM than ``--max-ram``."""
+    /dev/shm (the map's bitmap) failed after the accept, or the guest needs
+    more RAM than ``--max-ram``."""
 
 
 class GuestFailed(ShmDirtyError, RuntimeError):
