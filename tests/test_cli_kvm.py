@@ -178,7 +178,10 @@ def test_the_simulated_guest_goes_to_a_receiver_elsewhere_too(map_name: str,
     ("source", "50:8M", ["--bandwidth", "2"]),   # pre-copy lasts: the source hot-adds
     ("destination", "90:8M", []),                 # done first: the resumed guest hot-adds
 ])
-@pytest.mark.xfail(strict=False, reason="a race in the test, seen once under CI's two side-by-side suites: its /dev/shm filler can take the space before the VM owner has made its map header (ShmFull at start-up); to be fixed by starting the filler only after the run reports Ready")
+# A race in the test, seen once under CI's two side-by-side suites: its
+# /dev/shm filler can take the space before the VM owner has made its map
+# header (ShmFull at start-up).  Fix: start the filler after the run is Ready.
+@pytest.mark.xfail(strict=False, reason="the /dev/shm filler may race the VM owner's start-up")
 def test_a_kvm_hot_add_without_room_fails_alone(side: str, hotplug: str,
                                                 extra: list[str], tmp_path: Path) -> None:
     """Issues 17.3 / 18.7 for the KVM guest: in a private 96 MiB /dev/shm,
